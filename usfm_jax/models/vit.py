@@ -1,0 +1,289 @@
+"""Vision Transformer encoder in Flax NNX, in the two layouts this project interoperates with.
+
+* ``variant="beit"``: the USFM / BEiT / SimMIM backbone. No absolute position embedding; a
+  relative position bias (one table shared by all blocks, as in the released USFM weights, or one
+  per block, as in timm's ``Beit``); layer scale; a bias-free qkv projection plus learned q and v
+  biases (the k bias is always zero).
+* ``variant="vit"``: timm's plain ``VisionTransformer`` (URFM's layout): absolute position
+  embedding, qkv with bias, no layer scale.
+
+Both use pre-norm blocks, LayerNorm eps 1e-6 and exact (erf) GELU. Parameter names follow timm's
+so that conversion to and from PyTorch is a rename and a transpose. Parameters are float32; the
+compute dtype is configurable (bfloat16 on accelerators).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Variant = Literal["beit", "vit"]
+RelPos = Literal["shared", "per_block"]
+
+# name -> (width, depth, heads); patch 16 for every size.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "micro": (64, 2, 2),  # for tests only
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+LN_EPS = 1e-6
+_init = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, kernel_init=_init, rngs=rngs)
+
+
+def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=16)
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+    """BEiT's index into the relative position table, int32 [1 + N, 1 + N] for a grid of N patches.
+
+    Rows of the table: (2*gh - 1) * (2*gw - 1) patch-to-patch offsets, then token->cls, cls->token,
+    cls->cls (the layout of timm's Beit and the released USFM weights).
+    """
+    gh, gw = grid
+    coords = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)  # [N, N, 2]
+    rel = rel + np.array([gh - 1, gw - 1])
+    num_offsets = (2 * gh - 1) * (2 * gw - 1)
+    index = np.zeros((gh * gw + 1, gh * gw + 1), np.int32)
+    index[1:, 1:] = rel[..., 0] * (2 * gw - 1) + rel[..., 1]
+    index[0, :] = num_offsets
+    index[:, 0] = num_offsets + 1
+    index[0, 0] = num_offsets + 2
+    return index
+
+
+def table_rows(grid: tuple[int, int]) -> int:
+    """Number of rows of a relative position table for ``grid``."""
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+class RelativePositionBias(nnx.Module):
+    """A learned table of per-head biases indexed by the relative offset of two tokens."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        self.grid = grid
+        self.relative_position_bias_table = nnx.Param(jnp.zeros((table_rows(grid), num_heads)))
+
+    def __call__(self) -> jax.Array:
+        index = relative_position_index(self.grid)
+        bias = self.relative_position_bias_table[...][index]  # [T, T, heads]
+        return jnp.transpose(bias, (2, 0, 1))[None]  # [1, heads, T, T]
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, variant: Variant, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs, use_bias=variant == "vit")
+        if variant == "beit":
+            self.q_bias = nnx.Param(jnp.zeros((dim,)))
+            self.v_bias = nnx.Param(jnp.zeros((dim,)))
+        self.proj = _linear(dim, dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+        b, t, d = x.shape
+        qkv = self.qkv(x)  # [B, T, 3D]
+        if hasattr(self, "q_bias"):
+            q_bias, v_bias = self.q_bias[...], self.v_bias[...]
+            qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias=bias)
+        return self.proj(out.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden, dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drops the whole residual branch per example; identity without a key."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block, with BEiT's layer scale and relative position bias if asked."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        variant: Variant,
+        mlp_ratio: float = 4.0,
+        layer_scale_init: float | None = None,
+        rel_pos_grid: tuple[int, int] | None = None,
+        drop_path_rate: float = 0.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = _layer_norm(dim, dtype, rngs)
+        self.attn = Attention(dim, num_heads, variant, dtype, rngs)
+        self.norm2 = _layer_norm(dim, dtype, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
+        self.drop_path_rate = drop_path_rate
+        if layer_scale_init is not None:
+            self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
+            self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
+        if rel_pos_grid is not None:
+            self.relative_position_bias = RelativePositionBias(rel_pos_grid, num_heads)
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
+        if hasattr(self, "relative_position_bias"):
+            bias = self.relative_position_bias()
+        keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+        branch = self.attn(self.norm1(x), bias)
+        if hasattr(self, "gamma_1"):
+            branch = branch * self.gamma_1[...].astype(branch.dtype)
+        x = x + drop_path(branch, self.drop_path_rate, keys[0])
+        branch = self.mlp(self.norm2(x))
+        if hasattr(self, "gamma_2"):
+            branch = branch * self.gamma_2[...].astype(branch.dtype)
+        return x + drop_path(branch, self.drop_path_rate, keys[1])
+
+
+class VisionTransformer(nnx.Module):
+    """ViT encoder: images [B, H, W, C] -> normalised tokens [B, 1 + N, D] (cls first).
+
+    ``mask`` ([B, N] bool), when given, replaces the embeddings of masked patches by the learned
+    mask token (SimMIM). ``dropout_key`` enables drop path; without it the model is deterministic.
+    """
+
+    def __init__(
+        self,
+        *,
+        variant: Variant = "beit",
+        image_size: tuple[int, int] = (224, 224),
+        patch_size: int = 16,
+        in_chans: int = 3,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        rel_pos: RelPos = "shared",
+        layer_scale_init: float = 0.1,
+        drop_path_rate: float = 0.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if variant not in ("beit", "vit"):
+            raise ValueError(f"variant must be 'beit' or 'vit', got {variant!r}")
+        if rel_pos not in ("shared", "per_block"):
+            raise ValueError(f"rel_pos must be 'shared' or 'per_block', got {rel_pos!r}")
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        h, w = image_size
+        if h % patch_size or w % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
+        self.variant = variant
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid = (h // patch_size, w // patch_size)
+        self.width = width
+        self.dtype = dtype
+        num_patches = self.grid[0] * self.grid[1]
+
+        self.patch_embed = nnx.Dict(
+            proj=nnx.Conv(
+                in_chans,
+                width,
+                (patch_size, patch_size),
+                strides=patch_size,
+                padding="VALID",
+                dtype=dtype,
+                kernel_init=_init,
+                rngs=rngs,
+            )
+        )
+        self.cls_token = nnx.Param(_init(rngs.params(), (1, 1, width)))
+        self.mask_token = nnx.Param(_init(rngs.params(), (1, 1, width)))
+        beit = variant == "beit"
+        if not beit:
+            self.pos_embed = nnx.Param(_init(rngs.params(), (1, num_patches + 1, width)))
+        elif rel_pos == "shared":
+            self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
+        rates = np.linspace(0.0, drop_path_rate, depth).tolist()
+        self.blocks = nnx.List(
+            [
+                Block(
+                    width,
+                    num_heads,
+                    variant=variant,
+                    mlp_ratio=mlp_ratio,
+                    layer_scale_init=layer_scale_init if beit else None,
+                    rel_pos_grid=self.grid if beit and rel_pos == "per_block" else None,
+                    drop_path_rate=rate,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for rate in rates
+            ]
+        )
+        self.norm = _layer_norm(width, dtype, rngs)
+
+    def embed(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Patch embedding + cls token (+ position embedding): [B, H, W, C] -> [B, 1 + N, D]."""
+        if images.shape[-1] == 1 and self.in_chans == 3:
+            images = jnp.repeat(images, 3, axis=-1)  # gray replicated to RGB, as USFM feeds it
+        if images.shape[-1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {images.shape[-1]}")
+        if images.shape[1:3] != (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size):
+            raise ValueError(
+                f"model built for {self.grid} patches of {self.patch_size} px, "
+                f"got images of shape {images.shape[1:3]}"
+            )
+        x = self.patch_embed["proj"](images.astype(self.dtype))  # [B, gh, gw, D]
+        b = x.shape[0]
+        x = x.reshape(b, -1, self.width)  # [B, N, D]
+        if mask is not None:
+            x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed[...].astype(x.dtype)
+        return x
+
+    def __call__(
+        self,
+        images: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        x = self.embed(images, mask)
+        bias = self.rel_pos_bias() if hasattr(self, "rel_pos_bias") else None
+        keys = (
+            jax.random.split(dropout_key, len(self.blocks))
+            if dropout_key is not None
+            else [None] * len(self.blocks)
+        )
+        for block, key in zip(self.blocks, keys, strict=True):
+            x = block(x, bias, key)
+        return self.norm(x)

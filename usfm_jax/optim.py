@@ -1,0 +1,55 @@
+"""Optimizer and learning-rate schedule of pre-training (and later fine-tuning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# Parameters that never get weight decay besides every vector (norms, biases, layer scales).
+NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "relative_position_bias_table"})
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the parameters AdamW decays: matrices and kernels, not tokens or position tables."""
+
+    def decays(path, leaf) -> bool:
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        return leaf.ndim >= 2 and not (names & NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def peak_learning_rate(cfg: ml_collections.ConfigDict, batch_size: int) -> float:
+    """The base lr is given per 512 images (linear scaling rule)."""
+    return cfg.base_lr * batch_size / 512
+
+
+def learning_rate_schedule(
+    cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int
+) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to ``min_lr_ratio`` of the peak."""
+    peak = peak_learning_rate(cfg, batch_size)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        end_value=peak * cfg.min_lr_ratio,
+    )
+
+
+def create_optimizer(
+    cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with decoupled weight decay on matrices only, after global-norm gradient clipping."""
+    schedule = learning_rate_schedule(cfg, batch_size, total_steps)
+    parts = []
+    if cfg.clip_norm:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    )
+    return optax.chain(*parts), schedule

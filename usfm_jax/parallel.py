@@ -1,0 +1,75 @@
+"""Device mesh and sharding rules: batches over the data axes, large weights over ``fsdp``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the global batch is split over every axis
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Axis sizes from ``config.mesh``; one axis may be -1 for "all remaining devices"."""
+    sizes = [cfg[name] for name in MESH_AXES]
+    described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes, strict=True))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {described}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+        raise ValueError(f"config.mesh ({described}) does not divide {num_devices} devices")
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"config.mesh ({described}) uses {math.prod(sizes)} devices, "
+            f"but {num_devices} are present"
+        )
+    return tuple(sizes)
+
+
+def create_mesh(
+    cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over all mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int) -> PartitionSpec:
+    """Shards the largest dimension divisible by the fsdp axis; small arrays stay replicated."""
+    if fsdp == 1 or int(np.prod(shape)) < min_size:
+        return PartitionSpec()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2**16) -> Any:
+    """Shardings for a pytree of arrays (parameters and optimizer state alike, by shape)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp, min_size)), abstract_state
+    )

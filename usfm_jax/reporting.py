@@ -1,0 +1,109 @@
+"""Training observability: console lines and progress bar, TensorBoard scalars and image grids.
+
+Metrics stay on device between logging points (no per-step host sync); at a logging point they
+are fetched together and averaged over the window. Branch losses arrive as per-step sums and
+counts so that windows in which a branch did not run every step (``combine=alternate``) still
+average correctly. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+from usfm_jax.objectives.dual import BRANCHES
+
+
+def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Averages a window of per-step metrics; branch losses are weighted by their counts."""
+    stacked = {k: np.asarray([m[k] for m in history], np.float64) for k in history[0]}
+    out = {}
+    for name, values in stacked.items():
+        if name.startswith("count_"):
+            continue
+        if name.removeprefix("loss_") in BRANCHES:
+            count = stacked[f"count_{name.removeprefix('loss_')}"].sum()
+            if count:
+                out[name] = float(values.sum() / count)
+        elif name == "lr":
+            out[name] = float(values[-1])
+        else:
+            out[name] = float(values.mean())
+    return out
+
+
+def image_grid(rows: np.ndarray, pad: int = 2) -> np.ndarray:
+    """[R, N, H, W, C] in [0, 1] -> one uint8 image [R*(H+pad), N*(W+pad), C] for TensorBoard."""
+    r, n, h, w, c = rows.shape
+    grid = np.ones((r, n, h + pad, w + pad, c), np.float32)
+    grid[:, :, :h, :w] = rows
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(r * (h + pad), n * (w + pad), c)
+    return (grid * 255).round().astype(np.uint8)
+
+
+class Reporter:
+    """Collects per-step metrics and writes them to stdout, TensorBoard and metrics.jsonl."""
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int, batch_size: int):
+        self.is_main = jax.process_index() == 0
+        self.batch_size = batch_size
+        self.history: list[Mapping[str, jax.Array]] = []
+        self.window_start = (start_step, time.perf_counter())
+        self.writer = self.jsonl = None
+        if self.is_main:
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            mode = "w" if start_step == 0 else "a"  # a fresh run starts a fresh log
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), mode)  # noqa: SIM115
+        self.progress = tqdm.tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not self.is_main,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
+
+    def step(self, metrics: Mapping[str, jax.Array]) -> None:
+        """Records one step's metrics (device arrays, not fetched yet)."""
+        self.history.append(metrics)
+        self.progress.update(1)
+
+    def flush(self, step: int) -> dict[str, float]:
+        """Averages the window since the last flush and writes it; returns the averages."""
+        if not self.history:
+            return {}
+        means = window_means(jax.device_get(self.history))
+        first_step, started = self.window_start
+        elapsed = time.perf_counter() - started
+        means["images_per_s"] = self.batch_size * (step - first_step) / max(elapsed, 1e-9)
+        self.history, self.window_start = [], (step, time.perf_counter())
+        if self.is_main:
+            for name, value in means.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            self.jsonl.write(json.dumps({"step": step, **means}) + "\n")
+            self.jsonl.flush()
+            line = " ".join(f"{k}={v:.4g}" for k, v in means.items())
+            self.progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+            self.progress.write(f"step {step}: {line}")
+        return means
+
+    def images(self, step: int, previews: Mapping[str, jax.Array]) -> None:
+        """One grid per branch: rows input / corrupted / prediction / target."""
+        if not self.is_main:
+            return
+        for branch, rows in jax.device_get(previews).items():
+            self.writer.add_image(f"preview/{branch}", image_grid(rows), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.is_main:
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,92 @@
+"""Pre-training entry point.
+
+    python -m usfm_jax.train --config configs/pretrain/demo.py --workdir runs/demo \
+        [--config.total_steps=1000 ...]
+
+Reads top to bottom as one run: config -> mesh -> objective, optimizer, state -> compiled step ->
+loop over the data (log, preview) -> summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from usfm_jax import parallel
+from usfm_jax.config_validation import validate
+from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
+from usfm_jax.objectives.dual import create_objective
+from usfm_jax.optim import create_optimizer
+from usfm_jax.reporting import Reporter
+from usfm_jax.train_step import init_state, jit_train_step, make_preview, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (python).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs pre-training; returns the metrics of the last logging window."""
+    validate(config, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    mesh = parallel.create_mesh(config.mesh)
+    objective = create_objective(config)
+    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    graphdef, state, shardings = init_state(config, tx, mesh)
+    train_step = jit_train_step(
+        make_train_step(config, graphdef, objective, tx, schedule), shardings, mesh
+    )
+    preview = jax.jit(make_preview(config, graphdef, objective))
+    logging.info(
+        "mesh %s, %d parameters, branches %s",
+        dict(mesh.shape),
+        sum(x.size for x in jax.tree.leaves(state.params)),
+        objective.branches,
+    )
+
+    data = iter(create_pretrain_dataset(config))
+    start = int(state.step)
+    reporter = Reporter(
+        workdir, total_steps=config.total_steps, start_step=start, batch_size=config.batch_size
+    )
+    compile_start = time.perf_counter()
+    means = {}
+    for step in range(start + 1, config.total_steps + 1):
+        batch = global_batch(next(data), mesh)
+        state, metrics = train_step(state, batch)
+        reporter.step(metrics)
+        if step == start + 1:
+            jax.block_until_ready(metrics)
+            logging.info("first step (compile + run): %.1f s", time.perf_counter() - compile_start)
+            reporter.window_start = (step, time.perf_counter())  # keep compile out of images/s
+            reporter.history.clear()
+        if step % config.log_every == 0 or step == config.total_steps:
+            means = reporter.flush(step)
+        if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
+            sample = {k: v[: config.num_preview_images] for k, v in batch.items()}
+            reporter.images(step, preview(state, sample))
+    reporter.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"step": config.total_steps, **means}, f, indent=2)
+    return means
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

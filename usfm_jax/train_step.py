@@ -1,0 +1,169 @@
+"""The pure core of pre-training: state initialisation and the train step.
+
+``train_step(state, batch) -> (state, metrics)`` is a function of its arguments only: the step's
+PRNG key is derived from the run seed and ``state.step``, masks are drawn on device from it, and
+the function is compiled once with ``jax.jit`` over a device mesh with explicit shardings. Nothing
+here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from usfm_jax import parallel
+from usfm_jax.models.factory import create_mim_model
+from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views
+from usfm_jax.patches import unpatchify
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: dict[str, Any]  # pure nested dict of float32 arrays
+    opt_state: optax.OptState
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The model's structure without allocating parameters."""
+    return nnx.eval_shape(
+        lambda: create_mim_model(config.model, tuple(config.image_size), nnx.Rngs(0))
+    )
+
+
+def init_state(
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """Creates the model graph and a freshly initialised, sharded train state.
+
+    Returns (graphdef, state, state_shardings).
+    """
+
+    def init() -> TrainState:
+        model = create_mim_model(
+            config.model, tuple(config.image_size), nnx.Rngs(params=config.seed)
+        )
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    graphdef = nnx.graphdef(abstract_model(config))
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def _micro_batches(views: Views, num: int) -> Views:
+    """[V, ...] -> [num, V / num, ...], micro-batch j holding views j, j + num, ...
+
+    The strided split keeps every micro-batch spread over all devices of the batch axes.
+    """
+    return jax.tree.map(lambda x: x.reshape(-1, num, *x.shape[1:]).swapaxes(0, 1), views)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    objective: DualMIM,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Returns the (un-jitted) train step for this run's model, objective and optimizer."""
+    accum = config.optimizer.grad_accum_steps
+    base_key = jax.random.key(config.seed)
+
+    def loss_fn(params, views: Views, counts: jax.Array, key: jax.Array):
+        model = nnx.merge(graphdef, params)
+        pred = model(views.inputs, views.token_mask, dropout_key=key)  # [V, N, P]
+        return objective.loss(pred, views, counts)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        k_views, k_drop = jax.random.split(jax.random.fold_in(base_key, state.step))
+        images = batch["image"].astype(jnp.float32) / 255.0  # [B, H, W, C] in [0, 1]
+        views = objective.views(images, k_views, state.step)
+        counts = objective.branch_counts(views)
+        if accum == 1:
+            (loss, sums), grads = grad_fn(state.params, views, counts, k_drop)
+        else:
+
+            def body(carry, inputs):
+                i, micro = inputs
+                out, g = grad_fn(state.params, micro, counts, jax.random.fold_in(k_drop, i))
+                return jax.tree.map(jnp.add, carry, (out, g)), None
+
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                (
+                    (jnp.zeros(()), dict.fromkeys([f"loss_{b}" for b in BRANCHES], jnp.zeros(()))),
+                    state.params,
+                ),
+            )
+            ((loss, sums), grads), _ = jax.lax.scan(
+                body, zeros, (jnp.arange(accum), _micro_batches(views, accum))
+            )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            **sums,
+            **{f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)},
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(
+    train_step: Callable, state_shardings: Any, mesh: Mesh
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Compiles the step with explicit shardings; the old state's buffers are donated."""
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_preview(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objective: DualMIM
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Returns fn(state, batch) -> {branch: [4, n, H, W, C]} rows input / corrupted / prediction /
+    target in [0, 1], for image summaries. Deterministic in the step; no dropout."""
+    patch = config.model.patch_size
+
+    def preview(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        model = nnx.merge(graphdef, state.params)
+        images = batch["image"].astype(jnp.float32) / 255.0
+        key = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+        out = {}
+        for name in objective.branches:
+            view_fn = objective.spatial_view if name == "spatial" else objective.frequency_view
+            views = view_fn(images, key)
+            pred = model(views.inputs, views.token_mask)
+            grid = (images.shape[1] // patch, images.shape[2] // patch)
+            rows = [
+                views.target,
+                views.inputs,
+                unpatchify(pred, patch, grid),
+                views.target,
+            ]
+            out[name] = jnp.clip(objective.denormalize(jnp.stack(rows)), 0.0, 1.0).at[0].set(images)
+        return out
+
+    return preview
