@@ -67,7 +67,7 @@ def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int) -> PartitionSpec:
     return PartitionSpec()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2**16) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
     """Shardings for a pytree of arrays (parameters and optimizer state alike, by shape)."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree.map(

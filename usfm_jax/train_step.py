@@ -58,7 +58,7 @@ def init_state(
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     graphdef = nnx.graphdef(abstract_model(config))
-    shardings = parallel.state_shardings(jax.eval_shape(init), mesh)
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 
@@ -117,7 +117,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             **sums,
             **{f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)},

@@ -96,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.min_lr_ratio = 0.01
     c.optimizer.grad_accum_steps = 1
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # Mesh axis sizes (-1: all remaining devices); arrays under fsdp_min_size stay replicated.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**16))
 
     c.log_every = 100
     c.image_every = 2000

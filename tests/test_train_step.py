@@ -1,0 +1,104 @@
+"""The jitted, sharded train step: device-count invariance, FSDP, gradient accumulation."""
+
+import jax
+import numpy as np
+from conftest import make_tiny_config
+from jax.sharding import PartitionSpec as P
+
+from usfm_jax import parallel
+from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
+from usfm_jax.objectives.dual import create_objective
+from usfm_jax.optim import create_optimizer, decay_mask
+from usfm_jax.train_step import init_state, jit_train_step, make_train_step
+
+
+def _run(config, devices, steps: int = 3):
+    """Runs ``steps`` steps on ``devices``; returns (per-step metrics, final params, state)."""
+    mesh = parallel.create_mesh(config.mesh, devices)
+    objective = create_objective(config)
+    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    graphdef, state, shardings = init_state(config, tx, mesh)
+    step_fn = jit_train_step(
+        make_train_step(config, graphdef, objective, tx, schedule), shardings, mesh
+    )
+    data = iter(create_pretrain_dataset(config, process_index=0, process_count=1))
+    history = []
+    for _ in range(steps):
+        state, metrics = step_fn(state, global_batch(next(data), mesh))
+        history.append(jax.device_get(metrics))
+    return history, jax.device_get(state.params), state
+
+
+def _assert_close(a, b, rtol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
+
+
+def test_eight_devices_match_one_device():
+    assert jax.device_count() == 8
+    config = make_tiny_config()
+    one, params_one, _ = _run(config, jax.devices()[:1])
+    config.mesh.update(data=4, fsdp=2, fsdp_min_size=1024)
+    eight, params_eight, state = _run(config, jax.devices())
+    fc1 = state.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]  # [32, 128]: sharded
+    assert fc1.sharding.spec == P(None, "fsdp") and len(fc1.sharding.device_set) == 8
+    for m1, m8 in zip(one, eight, strict=True):
+        for name in ("loss", "loss_spatial", "loss_frequency", "grad_norm"):
+            np.testing.assert_allclose(m8[name], m1[name], rtol=1e-5)
+    _assert_close(params_eight, params_one, rtol=1e-5)
+    assert one[-1]["loss"] != one[0]["loss"]  # the step really trains
+
+
+def test_fsdp_shards_large_weights_only():
+    config = make_tiny_config()
+    config.mesh.update(data=1, fsdp=8)
+    mesh = parallel.create_mesh(config.mesh)
+    tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    _, state, _ = init_state(config, tx, mesh)
+    assert parallel.fsdp_spec((4096, 64), 8, min_size=1024) == P("fsdp", None)
+    assert parallel.fsdp_spec((100,), 8, min_size=1024) == P()
+    assert parallel.fsdp_spec((3, 5000), 8, min_size=1024) == P(None, "fsdp")
+    adam_mu = state.opt_state[1][0].mu["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    np.testing.assert_array_equal(adam_mu.shape, (32, 128))
+    # optimizer moments take the sharding of their parameter: the rule depends on shape only
+    assert adam_mu.sharding.spec == parallel.fsdp_spec(adam_mu.shape, 8, min_size=2**16)
+    assert parallel.state_shardings(adam_mu, mesh, min_size=1024).spec == P(None, "fsdp")
+
+
+def test_gradient_accumulation_matches_full_batch():
+    config = make_tiny_config(**{"model.drop_path_rate": 0.0})
+    full, params_full, _ = _run(config, jax.devices()[:1], steps=2)
+    config.optimizer.grad_accum_steps = 4
+    accum, params_accum, _ = _run(config, jax.devices()[:1], steps=2)
+    for a, f in zip(accum, full, strict=True):
+        np.testing.assert_allclose(a["loss"], f["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], f["grad_norm"], rtol=1e-4)
+    _assert_close(params_accum, params_full, rtol=1e-4)
+
+
+def test_weight_decay_mask():
+    config = make_tiny_config()
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    _, state, _ = init_state(config, tx, mesh)
+    flat = {
+        jax.tree_util.keystr(path, simple=True, separator="/"): decays
+        for path, decays in jax.tree_util.tree_leaves_with_path(decay_mask(state.params))
+    }
+    assert flat["encoder/blocks/0/mlp/fc1/kernel"] and flat["encoder/patch_embed/proj/kernel"]
+    assert flat["head/proj/kernel"]
+    no_decay = [
+        "encoder/cls_token", "encoder/mask_token", "encoder/blocks/0/norm1/scale",
+        "encoder/blocks/0/attn/q_bias", "encoder/blocks/0/gamma_1", "encoder/blocks/0/mlp/fc1/bias",
+        "encoder/rel_pos_bias/relative_position_bias_table",
+    ]  # fmt: skip
+    assert not any(flat[name] for name in no_decay)
+
+
+def test_learning_rate_is_scaled_and_warmed_up():
+    config = make_tiny_config()
+    _, schedule = create_optimizer(config.optimizer, 1024, 100)
+    peak = config.optimizer.base_lr * 2
+    assert schedule(0) == 0
+    np.testing.assert_allclose(schedule(config.optimizer.warmup_steps), peak, rtol=1e-6)
+    np.testing.assert_allclose(schedule(100), peak * config.optimizer.min_lr_ratio, rtol=1e-5)
