@@ -26,3 +26,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             result[key] = type(default)(value)
     return result
+
+
+def ablation_base(arg: str | None) -> ml_collections.ConfigDict:
+    """The recipe an ablation modifies: the full ViT-B/16 one, or the CPU demo with ``demo``.
+
+    ``--config=configs/ablations/spatial_only.py:demo`` runs an ablation at demo scale.
+    """
+    from configs.pretrain import demo, usfm_vitb16  # here: both import this module
+
+    args = parse_arg(arg, demo=False)
+    return demo.get_config() if args.demo else usfm_vitb16.get_config()

@@ -6,10 +6,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-import ml_collections  # noqa: E402
-import pytest  # noqa: E402
+import ml_collections
+import pytest
 
-from configs.pretrain import demo  # noqa: E402
+from configs.pretrain import demo
 
 
 def make_tiny_config(**overrides) -> ml_collections.ConfigDict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -19,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from usfm_jax import parallel
-from usfm_jax.config_validation import validate
+from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.objectives.dual import create_objective
 from usfm_jax.optim import create_optimizer
@@ -81,12 +82,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return means
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error for a bad ``--config.field=value`` override."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).replace("\\n", " ").replace("\\", "").replace("'", "")
+        sys.exit(f"error: invalid --config override: {message}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,14 @@
+"""Ablation: half of each batch per branch instead of both views of every image.
+
+Argument ``demo`` applies it to the CPU demo recipe instead of the full ViT-B/16 one.
+"""
+
+import ml_collections
+
+from configs.common import ablation_base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ablation_base(arg)
+    c.objective.combine = "split"
+    return c

@@ -1,0 +1,13 @@
+"""Ablation: both branches every step (the USFM recipe itself, for sweeps).
+
+Argument ``demo`` applies it to the CPU demo recipe instead of the full ViT-B/16 one.
+"""
+
+import ml_collections
+
+from configs.common import ablation_base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ablation_base(arg)
+    return c

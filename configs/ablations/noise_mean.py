@@ -1,0 +1,14 @@
+"""Ablation: masked patches filled with the image mean (USFM code's block masking fill).
+
+Argument ``demo`` applies it to the CPU demo recipe instead of the full ViT-B/16 one.
+"""
+
+import ml_collections
+
+from configs.common import ablation_base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ablation_base(arg)
+    c.spatial.rule = "mean"
+    return c

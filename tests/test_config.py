@@ -1,0 +1,94 @@
+"""Configs: every shipped config validates; bad values fail early, naming the field."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_tiny_config
+
+from configs.common import parse_arg
+from usfm_jax.config_validation import ConfigError, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.py")))
+CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+
+
+def _load(path: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_validates(path):
+    validate(_load(path), num_devices=8)
+    if "ablations" in path:
+        demo_scale = _load(path, "demo")
+        validate(demo_scale, num_devices=1)
+        assert demo_scale.image_size == (64, 64)
+
+
+def test_ablations_change_what_they_name():
+    ablations = os.path.join(ROOT, "configs", "ablations")
+    base = _load(os.path.join(ablations, "dual.py"))
+    assert _load(os.path.join(ablations, "spatial_only.py")).frequency.enabled is False
+    assert _load(os.path.join(ablations, "frequency_only.py")).spatial.enabled is False
+    assert _load(os.path.join(ablations, "mask_token.py")).spatial.rule == "mask_token"
+    mfm = _load(os.path.join(ablations, "mfm_low_high_pass.py"))
+    assert mfm.frequency.kind == "low_high_pass" and base.frequency.kind == "band_stop"
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"spatial.ratio": 1.0}, r"config\.spatial\.ratio=1\.0"),
+        ({"spatial.ratio": -0.2}, r"config\.spatial\.ratio"),
+        ({"image_size": (40, 48)}, r"config\.image_size=\(40, 48\).*patch_size=16"),
+        ({"frequency.increase_factor": 0.1}, r"config\.frequency:.*increase_factor"),
+        ({"frequency.base_bw": 40}, r"config\.frequency:.*base_bw"),
+        ({"frequency.ratio": 0.05}, r"config\.frequency:.*ratio"),
+        ({"spatial.mask_patch_size": 24}, r"config\.spatial\.mask_patch_size=24"),
+        ({"model.size": "gigantic"}, r"config\.model\.size='gigantic'"),
+        ({"model.dtype": "float8"}, r"config\.model\.dtype"),
+        ({"optimizer.warmup_steps": 100}, r"config\.optimizer\.warmup_steps"),
+        ({"objective.combine": "sometimes"}, r"config\.objective:.*combine"),
+        ({"batch_size": 12}, r"config\.batch_size=12.*8 devices"),
+    ],
+)
+def test_invalid_settings_name_the_field(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(make_tiny_config(**overrides), num_devices=8)
+
+
+def test_parse_arg():
+    assert parse_arg("steps=5,demo", steps=1, demo=False).to_dict() == {"steps": 5, "demo": True}
+    with pytest.raises(ValueError, match="'stpes' is not one of"):
+        parse_arg("stpes=5", steps=1)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "usfm_jax.train", "--config", "configs/pretrain/demo.py"]
+    return subprocess.run(
+        [*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_rejects_a_misspelled_field(tmp_path):
+    result = _cli(f"--workdir={tmp_path}", "--config.spatial.ratoi=0.5")
+    assert result.returncode != 0
+    assert 'error: invalid --config override: ratoi Did you mean "ratio"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.listdir(tmp_path)  # nothing ran
+
+
+def test_cli_rejects_an_invalid_value_before_compiling(tmp_path):
+    result = _cli(f"--workdir={tmp_path}", "--config.frequency.increase_factor=0.01")
+    assert result.returncode != 0
+    assert "error: config.frequency: floor(base_bw * increase_factor)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Compiling" not in result.stderr and not os.listdir(tmp_path)
