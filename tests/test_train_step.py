@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from conftest import make_tiny_config
 from jax.sharding import PartitionSpec as P
 
@@ -102,3 +103,32 @@ def test_learning_rate_is_scaled_and_warmed_up():
     assert schedule(0) == 0
     np.testing.assert_allclose(schedule(config.optimizer.warmup_steps), peak, rtol=1e-6)
     np.testing.assert_allclose(schedule(100), peak * config.optimizer.min_lr_ratio, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model.variant": "vit"},
+        {"model.rel_pos": "per_block", "model.drop_path_rate": 0.2},
+        {"model.head": "transformer", "model.decoder.width": 32, "model.decoder.num_heads": 2},
+        {"model.dtype": "bfloat16", "model.in_chans": 3},
+        {"spatial.rule": "mask_token"},
+        {"frequency.kind": "low_high_pass", "objective.frequency_fft_weight": 1.0},
+        {"objective.combine": "alternate", "objective.norm_pix": True},
+        {"objective.combine": "split", "objective.pixel_loss": "l2"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_step_variants_train(overrides):
+    config = make_tiny_config(**overrides)
+    history, params, _ = _run(config, jax.devices()[:2], steps=2)
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    _, initial, _ = init_state(config, tx, mesh)
+    initial = jax.device_get(initial.params)
+    assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in history)
+    moved = jax.tree.map(lambda a, b: bool((a != b).any()), params, initial)
+    assert moved["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    # the mask token learns exactly when the encoder sees it
+    assert moved["encoder"]["mask_token"] == (config.spatial.rule == "mask_token")
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
