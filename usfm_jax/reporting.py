@@ -55,7 +55,7 @@ class Reporter:
         self.is_main = jax.process_index() == 0
         self.batch_size = batch_size
         self.history: list[Mapping[str, jax.Array]] = []
-        self.window_start = (start_step, time.perf_counter())
+        self.restart_timer(start_step)
         self.writer = self.jsonl = None
         if self.is_main:
             self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -70,6 +70,10 @@ class Reporter:
             mininterval=2.0,
         )
 
+    def restart_timer(self, step: int) -> None:
+        """Starts timing the window anew at ``step`` (e.g. to keep compilation out of images/s)."""
+        self.window_start = (step, time.perf_counter())
+
     def step(self, metrics: Mapping[str, jax.Array]) -> None:
         """Records one step's metrics (device arrays, not fetched yet)."""
         self.history.append(metrics)
@@ -83,7 +87,8 @@ class Reporter:
         first_step, started = self.window_start
         elapsed = time.perf_counter() - started
         means["images_per_s"] = self.batch_size * (step - first_step) / max(elapsed, 1e-9)
-        self.history, self.window_start = [], (step, time.perf_counter())
+        self.history = []
+        self.restart_timer(step)
         if self.is_main:
             for name, value in means.items():
                 self.writer.add_scalar(f"train/{name}", value, step)

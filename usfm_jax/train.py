@@ -68,8 +68,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if step == start + 1:
             jax.block_until_ready(metrics)
             logging.info("first step (compile + run): %.1f s", time.perf_counter() - compile_start)
-            reporter.window_start = (step, time.perf_counter())  # keep compile out of images/s
-            reporter.history.clear()
+            reporter.restart_timer(step)  # keep compilation out of images/s
         if step % config.log_every == 0 or step == config.total_steps:
             means = reporter.flush(step)
         if config.image_every and (step % config.image_every == 0 or step == config.total_steps):

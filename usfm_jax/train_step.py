@@ -103,16 +103,14 @@ def make_train_step(
                 out, g = grad_fn(state.params, micro, counts, jax.random.fold_in(k_drop, i))
                 return jax.tree.map(jnp.add, carry, (out, g)), None
 
+            micro = _micro_batches(views, accum)
             zeros = jax.tree.map(
-                jnp.zeros_like,
-                (
-                    (jnp.zeros(()), dict.fromkeys([f"loss_{b}" for b in BRANCHES], jnp.zeros(()))),
-                    state.params,
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                jax.eval_shape(
+                    grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), counts, k_drop
                 ),
             )
-            ((loss, sums), grads), _ = jax.lax.scan(
-                body, zeros, (jnp.arange(accum), _micro_batches(views, accum))
-            )
+            ((loss, sums), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -158,12 +156,12 @@ def make_preview(
             pred = model(views.inputs, views.token_mask)
             grid = (images.shape[1] // patch, images.shape[2] // patch)
             rows = [
-                views.target,
-                views.inputs,
-                unpatchify(pred, patch, grid),
-                views.target,
+                images,
+                objective.denormalize(views.inputs),
+                objective.denormalize(unpatchify(pred, patch, grid)),
+                objective.denormalize(views.target),
             ]
-            out[name] = jnp.clip(objective.denormalize(jnp.stack(rows)), 0.0, 1.0).at[0].set(images)
+            out[name] = jnp.clip(jnp.stack(rows), 0.0, 1.0)
         return out
 
     return preview
