@@ -29,9 +29,7 @@ from configs.pretrain import usfm_vitb16
 from usfm_jax import parallel
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.models.factory import encoder_dims
-from usfm_jax.objectives.dual import create_objective
-from usfm_jax.optim import create_optimizer
-from usfm_jax.train_step import init_state, jit_train_step, make_train_step
+from usfm_jax.train_step import create_training
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0}
@@ -79,12 +77,7 @@ def main() -> None:
     config.frequency.enabled = args.objective in ("frequency", "dual")
 
     mesh = parallel.create_mesh(config.mesh)
-    objective = create_objective(config)
-    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    graphdef, state, shardings = init_state(config, tx, mesh)
-    step = jit_train_step(
-        make_train_step(config, graphdef, objective, tx, schedule), shardings, mesh
-    )
+    objective, _, state, step = create_training(config, mesh)
     source = SyntheticUltrasound(config.batch_size, config.image_size)
     images = np.stack([source[i]["image"] for i in range(config.batch_size)])
     batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}

@@ -8,20 +8,14 @@ from jax.sharding import PartitionSpec as P
 
 from usfm_jax import parallel
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
-from usfm_jax.objectives.dual import create_objective
 from usfm_jax.optim import create_optimizer, decay_mask
-from usfm_jax.train_step import init_state, jit_train_step, make_train_step
+from usfm_jax.train_step import create_training, init_state
 
 
 def _run(config, devices, steps: int = 3):
     """Runs ``steps`` steps on ``devices``; returns (per-step metrics, final params, state)."""
     mesh = parallel.create_mesh(config.mesh, devices)
-    objective = create_objective(config)
-    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    graphdef, state, shardings = init_state(config, tx, mesh)
-    step_fn = jit_train_step(
-        make_train_step(config, graphdef, objective, tx, schedule), shardings, mesh
-    )
+    _, _, state, step_fn = create_training(config, mesh)
     data = iter(create_pretrain_dataset(config, process_index=0, process_count=1))
     history = []
     for _ in range(steps):

@@ -22,10 +22,8 @@ from ml_collections import config_flags
 from usfm_jax import parallel
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
-from usfm_jax.objectives.dual import create_objective
-from usfm_jax.optim import create_optimizer
 from usfm_jax.reporting import Reporter
-from usfm_jax.train_step import init_state, jit_train_step, make_preview, make_train_step
+from usfm_jax.train_step import create_training, make_preview
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (python).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
@@ -40,12 +38,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             f.write(config.to_json_best_effort(indent=2))
 
     mesh = parallel.create_mesh(config.mesh)
-    objective = create_objective(config)
-    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    graphdef, state, shardings = init_state(config, tx, mesh)
-    train_step = jit_train_step(
-        make_train_step(config, graphdef, objective, tx, schedule), shardings, mesh
-    )
+    objective, graphdef, state, train_step = create_training(config, mesh)
     preview = jax.jit(make_preview(config, graphdef, objective))
     logging.info(
         "mesh %s, %d parameters, branches %s",

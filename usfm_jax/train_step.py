@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 
 from usfm_jax import parallel
 from usfm_jax.models.factory import create_mim_model
-from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views
+from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views, create_objective
+from usfm_jax.optim import create_optimizer
 from usfm_jax.patches import unpatchify
 
 Batch = dict[str, jax.Array]
@@ -136,6 +137,19 @@ def jit_train_step(
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def create_training(
+    config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple[
+    DualMIM, nnx.GraphDef, TrainState, Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+]:
+    """Everything a run needs to step: objective, model graph, initial state, compiled step."""
+    objective = create_objective(config)
+    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    graphdef, state, shardings = init_state(config, tx, mesh)
+    step = make_train_step(config, graphdef, objective, tx, schedule)
+    return objective, graphdef, state, jit_train_step(step, shardings, mesh)
 
 
 def make_preview(

@@ -64,6 +64,7 @@ def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
     index[0, :] = num_offsets
     index[:, 0] = num_offsets + 1
     index[0, 0] = num_offsets + 2
+    index.setflags(write=False)  # shared through the cache
     return index
 
 
