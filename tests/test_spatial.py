@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from usfm_jax.masking.spatial import RULES, SpatialMasking, exact_count_mask
+from usfm_jax.masking.sampling import exact_count_mask
+from usfm_jax.masking.spatial import RULES, SpatialMasking
 
 
 def _masking(**kw) -> SpatialMasking:

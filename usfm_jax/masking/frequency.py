@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from usfm_jax.masking.sampling import exact_count_mask
+
 __all__ = [
     "BandStop",
     "LowHighPass",
@@ -218,11 +220,7 @@ def _sample_rings(
 
     ``gather`` [H, W] is the ring id per bin with never-masked bins set to ``num_rings``.
     """
-    scores = jax.random.uniform(key, (batch, num_rings))  # [B, K]
-    # Rank of each ring's score within its image: the num_drop smallest are dropped,
-    # i.e. a uniformly random num_drop-subset of the K rings.
-    ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)  # [B, K]
-    drop = ranks < num_drop  # [B, K]
+    drop = exact_count_mask(key, batch, num_rings, num_drop)  # [B, K]
     # Extra always-False column K for the never-masked bins.
     drop = jnp.pad(drop, ((0, 0), (0, 1)), constant_values=False)  # [B, K + 1]
     return jnp.take(drop, gather, axis=1)  # [B, H, W]

@@ -22,14 +22,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from usfm_jax.masking.sampling import exact_count_mask
+
 RULES = ("gaussian", "speckle", "replace", "mean", "mask_token")
-
-
-def exact_count_mask(key: jax.Array, batch: int, n: int, count: int) -> jax.Array:
-    """bool [B, n] with exactly ``count`` True entries per row, uniformly chosen."""
-    scores = jax.random.uniform(key, (batch, n))
-    ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
-    return ranks < count
 
 
 @dataclasses.dataclass(frozen=True)
