@@ -126,8 +126,8 @@ def ref_forward(params: dict, images: np.ndarray, *, heads: int, patch: int, mas
     for i in sorted(params["blocks"]):
         blk = params["blocks"][i]
         bias = shared
-        if "relative_position_bias" in blk:
-            bias = ref_rel_bias(blk["relative_position_bias"]["relative_position_bias_table"], grid)
+        if "relative_position_bias_table" in blk["attn"]:  # timm Beit's per-block table
+            bias = ref_rel_bias(blk["attn"]["relative_position_bias_table"], grid)
         branch = ref_attention(ref_layer_norm(x, blk["norm1"]), blk["attn"], heads, bias)
         if "gamma_1" in blk:
             branch = branch * blk["gamma_1"]
@@ -535,7 +535,7 @@ def test_parameter_layout_beit_per_block():
     rows = (2 * 2 - 1) * (2 * 3 - 1) + 3
     assert not any(n.startswith("rel_pos_bias") for n in names)
     for i in range(DEPTH):
-        key = f"blocks/{i}/relative_position_bias/relative_position_bias_table"
+        key = f"blocks/{i}/attn/relative_position_bias_table"  # as in timm's Beit
         assert names[key] == (rows, HEADS)
     assert sum("relative_position_bias_table" in n for n in names) == DEPTH
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
-from usfm_jax.models.vit import Block, _init, _layer_norm, _linear
+from usfm_jax.models.vit import Block, dense, layer_norm, trunc_normal
 
 
 class LinearPixelHead(nnx.Module):
     """SimMIM's head: one linear map from each token to its patch's pixels."""
 
-    def __init__(self, dim: int, patch_size: int, out_chans: int, *, dtype, rngs: nnx.Rngs):
-        self.proj = _linear(dim, patch_size * patch_size * out_chans, dtype, rngs)
+    def __init__(
+        self, dim: int, patch_size: int, out_chans: int, *, dtype: DTypeLike, rngs: nnx.Rngs
+    ):
+        self.proj = dense(dim, patch_size * patch_size * out_chans, dtype, rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, P]
         return self.proj(tokens)
@@ -32,16 +35,16 @@ class TransformerPixelHead(nnx.Module):
         width: int,
         depth: int,
         num_heads: int,
-        dtype,
+        dtype: DTypeLike,
         rngs: nnx.Rngs,
     ):
-        self.embed = _linear(dim, width, dtype, rngs)
-        self.pos_embed = nnx.Param(_init(rngs.params(), (1, num_patches, width)))
+        self.embed = dense(dim, width, dtype, rngs)
+        self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, num_patches, width)))
         self.blocks = nnx.List(
             [Block(width, num_heads, variant="vit", dtype=dtype, rngs=rngs) for _ in range(depth)]
         )
-        self.norm = _layer_norm(width, dtype, rngs)
-        self.proj = _linear(width, patch_size * patch_size * out_chans, dtype, rngs)
+        self.norm = layer_norm(width, dtype, rngs)
+        self.proj = dense(width, patch_size * patch_size * out_chans, dtype, rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, P]
         x = self.embed(tokens) + self.pos_embed[...].astype(tokens.dtype)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 Variant = Literal["beit", "vit"]
 RelPos = Literal["shared", "per_block"]
@@ -36,14 +37,20 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 LN_EPS = 1e-6
-_init = nnx.initializers.truncated_normal(stddev=0.02)
+trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
 
-def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, kernel_init=_init, rngs=rngs)
+def dense(
+    d_in: int, d_out: int, dtype: DTypeLike, rngs: nnx.Rngs, use_bias: bool = True
+) -> nnx.Linear:
+    """A linear layer with the ViT initialisation (truncated normal, std 0.02)."""
+    return nnx.Linear(
+        d_in, d_out, use_bias=use_bias, dtype=dtype, kernel_init=trunc_normal, rngs=rngs
+    )
 
 
-def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with eps 1e-6 (timm's ViTs; PyTorch's default would be 1e-5)."""
     return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
 
@@ -73,32 +80,58 @@ def table_rows(grid: tuple[int, int]) -> int:
     return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
 
 
+def position_bias_table(grid: tuple[int, int], num_heads: int) -> nnx.Param:
+    """A zero-initialised relative position table [rows, heads] for ``grid``."""
+    return nnx.Param(jnp.zeros((table_rows(grid), num_heads)))
+
+
+def position_bias(table: nnx.Param, grid: tuple[int, int]) -> jax.Array:
+    """Per-head attention bias [1, heads, T, T] looked up from a relative position table."""
+    bias = table[...][relative_position_index(grid)]  # [T, T, heads]
+    return jnp.transpose(bias, (2, 0, 1))[None]
+
+
 class RelativePositionBias(nnx.Module):
-    """A learned table of per-head biases indexed by the relative offset of two tokens."""
+    """The table shared by all blocks (``rel_pos_bias`` of BEiT and the released USFM weights)."""
 
     def __init__(self, grid: tuple[int, int], num_heads: int):
         self.grid = grid
-        self.relative_position_bias_table = nnx.Param(jnp.zeros((table_rows(grid), num_heads)))
+        self.relative_position_bias_table = position_bias_table(grid, num_heads)
 
     def __call__(self) -> jax.Array:
-        index = relative_position_index(self.grid)
-        bias = self.relative_position_bias_table[...][index]  # [T, T, heads]
-        return jnp.transpose(bias, (2, 0, 1))[None]  # [1, heads, T, T]
+        return position_bias(self.relative_position_bias_table, self.grid)
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, variant: Variant, dtype, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.qkv = _linear(dim, 3 * dim, dtype, rngs, use_bias=variant == "vit")
-        if variant == "beit":
-            self.q_bias = nnx.Param(jnp.zeros((dim,)))
-            self.v_bias = nnx.Param(jnp.zeros((dim,)))
-        self.proj = _linear(dim, dim, dtype, rngs)
+    """Multi-head self-attention; BEiT's q/v biases and per-block position table if asked."""
 
-    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        variant: Variant,
+        dtype: DTypeLike,
+        rngs: nnx.Rngs,
+        rel_pos_grid: tuple[int, int] | None = None,
+    ):
+        self.num_heads = num_heads
+        self.qkv = dense(dim, 3 * dim, dtype, rngs, use_bias=variant == "vit")
+        beit = variant == "beit"
+        self.q_bias = nnx.Param(jnp.zeros((dim,))) if beit else None
+        self.v_bias = nnx.Param(jnp.zeros((dim,))) if beit else None
+        self.grid = rel_pos_grid
+        self.relative_position_bias_table = (
+            position_bias_table(rel_pos_grid, num_heads) if rel_pos_grid else None
+        )
+        self.proj = dense(dim, dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D]; ``bias`` [1, heads, T, T] from a shared table, if any."""
         b, t, d = x.shape
+        if self.relative_position_bias_table is not None:
+            bias = position_bias(self.relative_position_bias_table, self.grid)
         qkv = self.qkv(x)  # [B, T, 3D]
-        if hasattr(self, "q_bias"):
+        if self.q_bias is not None:
             q_bias, v_bias = self.q_bias[...], self.v_bias[...]
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 3, axis=2)
@@ -109,9 +142,9 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(dim, hidden, dtype, rngs)
-        self.fc2 = _linear(hidden, dim, dtype, rngs)
+    def __init__(self, dim: int, hidden: int, dtype: DTypeLike, rngs: nnx.Rngs):
+        self.fc1 = dense(dim, hidden, dtype, rngs)
+        self.fc2 = dense(hidden, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -138,34 +171,34 @@ class Block(nnx.Module):
         layer_scale_init: float | None = None,
         rel_pos_grid: tuple[int, int] | None = None,
         drop_path_rate: float = 0.0,
-        dtype=jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.norm1 = _layer_norm(dim, dtype, rngs)
-        self.attn = Attention(dim, num_heads, variant, dtype, rngs)
-        self.norm2 = _layer_norm(dim, dtype, rngs)
+        self.norm1 = layer_norm(dim, dtype, rngs)
+        self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid)
+        self.norm2 = layer_norm(dim, dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
         self.drop_path_rate = drop_path_rate
-        if layer_scale_init is not None:
-            self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
-            self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
-        if rel_pos_grid is not None:
-            self.relative_position_bias = RelativePositionBias(rel_pos_grid, num_heads)
+        scale = layer_scale_init is not None
+        self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32)) if scale else None
+        self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32)) if scale else None
 
     def __call__(
         self, x: jax.Array, bias: jax.Array | None = None, dropout_key: jax.Array | None = None
     ) -> jax.Array:
-        if hasattr(self, "relative_position_bias"):
-            bias = self.relative_position_bias()
+        """x [B, T, D]; ``bias`` the shared relative position bias, if the model has one."""
         keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        branch = self.attn(self.norm1(x), bias)
-        if hasattr(self, "gamma_1"):
-            branch = branch * self.gamma_1[...].astype(branch.dtype)
-        x = x + drop_path(branch, self.drop_path_rate, keys[0])
-        branch = self.mlp(self.norm2(x))
-        if hasattr(self, "gamma_2"):
-            branch = branch * self.gamma_2[...].astype(branch.dtype)
-        return x + drop_path(branch, self.drop_path_rate, keys[1])
+        x = x + drop_path(
+            self._scaled(self.attn(self.norm1(x), bias), self.gamma_1), self.drop_path_rate, keys[0]
+        )
+        x = x + drop_path(
+            self._scaled(self.mlp(self.norm2(x)), self.gamma_2), self.drop_path_rate, keys[1]
+        )
+        return x
+
+    @staticmethod
+    def _scaled(branch: jax.Array, gamma: nnx.Param | None) -> jax.Array:
+        return branch if gamma is None else branch * gamma[...].astype(branch.dtype)
 
 
 class VisionTransformer(nnx.Module):
@@ -189,7 +222,7 @@ class VisionTransformer(nnx.Module):
         rel_pos: RelPos = "shared",
         layer_scale_init: float = 0.1,
         drop_path_rate: float = 0.0,
-        dtype=jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if variant not in ("beit", "vit"):
@@ -219,17 +252,18 @@ class VisionTransformer(nnx.Module):
                 strides=patch_size,
                 padding="VALID",
                 dtype=dtype,
-                kernel_init=_init,
+                kernel_init=trunc_normal,
                 rngs=rngs,
             )
         )
-        self.cls_token = nnx.Param(_init(rngs.params(), (1, 1, width)))
-        self.mask_token = nnx.Param(_init(rngs.params(), (1, 1, width)))
+        self.cls_token = nnx.Param(trunc_normal(rngs.params(), (1, 1, width)))
+        self.mask_token = nnx.Param(trunc_normal(rngs.params(), (1, 1, width)))
         beit = variant == "beit"
-        if not beit:
-            self.pos_embed = nnx.Param(_init(rngs.params(), (1, num_patches + 1, width)))
-        elif rel_pos == "shared":
-            self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
+        self.pos_embed = (
+            None if beit else nnx.Param(trunc_normal(rngs.params(), (1, num_patches + 1, width)))
+        )
+        shared = beit and rel_pos == "shared"
+        self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if shared else None
         rates = np.linspace(0.0, drop_path_rate, depth).tolist()
         self.blocks = nnx.List(
             [
@@ -247,7 +281,7 @@ class VisionTransformer(nnx.Module):
                 for rate in rates
             ]
         )
-        self.norm = _layer_norm(width, dtype, rngs)
+        self.norm = layer_norm(width, dtype, rngs)
 
     def embed(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Patch embedding + cls token (+ position embedding): [B, H, W, C] -> [B, 1 + N, D]."""
@@ -267,7 +301,7 @@ class VisionTransformer(nnx.Module):
             x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
-        if hasattr(self, "pos_embed"):
+        if self.pos_embed is not None:
             x = x + self.pos_embed[...].astype(x.dtype)
         return x
 
@@ -279,7 +313,7 @@ class VisionTransformer(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         x = self.embed(images, mask)
-        bias = self.rel_pos_bias() if hasattr(self, "rel_pos_bias") else None
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         keys = (
             jax.random.split(dropout_key, len(self.blocks))
             if dropout_key is not None
