@@ -126,3 +126,18 @@ def test_step_variants_train(overrides):
     # the mask token learns exactly when the encoder sees it
     assert moved["encoder"]["mask_token"] == (config.spatial.rule == "mask_token")
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
+
+
+def test_ffts_and_views_stay_on_each_devices_share_of_the_batch():
+    """XLA would gather the whole batch for an FFT, and a concatenation of views shuffles them."""
+    config = make_tiny_config(**{"objective.frequency_fft_weight": 1.0})
+    config.mesh.update(data=4, fsdp=2)
+    mesh = parallel.create_mesh(config.mesh)
+    _, _, state, step_fn = create_training(config, mesh)
+    batch = global_batch({"image": np.zeros((16, 32, 48, 1), np.uint8)}, mesh)
+    hlo = step_fn.lower(state, batch).compile().as_text().splitlines()
+    ffts = [line for line in hlo if " fft(" in line]
+    # band-stop filter: 16 images / 8 devices; spectral loss: 32 views / 8 devices
+    assert {line.split("c64[")[1].split(",")[0] for line in ffts} == {"2", "4"}
+    assert not [line for line in hlo if "all-gather" in line and "c64" in line]
+    assert not [line for line in hlo if "all-to-all" in line]

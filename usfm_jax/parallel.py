@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -73,3 +74,36 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
     return jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp, min_size)), abstract_state
     )
+
+
+def jit_in_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
+    """``jax.jit(fn)``, traced with ``mesh`` as the context mesh (for ``per_batch_shard``)."""
+
+    @functools.wraps(fn)
+    def in_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return jax.jit(in_mesh, **jit_kwargs)
+
+
+def per_batch_shard(fn: Callable) -> Callable:
+    """Runs ``fn`` on each device's slice of the leading (batch) axis of all its arguments.
+
+    For batch-wise ops that XLA's SPMD partitioner does not split: it runs the FFT on the whole
+    gathered batch on every device. Without a context mesh (see ``jit_in_mesh``), or when the
+    batch does not divide over the batch axes (e.g. a few preview images), ``fn`` runs as is.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: jax.Array) -> Any:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return fn(*args)
+        shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+        if shards == 1 or any(x.shape[0] % shards for x in args):
+            return fn(*args)
+        spec = PartitionSpec(BATCH_AXES)
+        return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
+
+    return wrapped

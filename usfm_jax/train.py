@@ -39,7 +39,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     mesh = parallel.create_mesh(config.mesh)
     objective, graphdef, state, train_step = create_training(config, mesh)
-    preview = jax.jit(make_preview(config, graphdef, objective))
+    preview = parallel.jit_in_mesh(
+        make_preview(config, graphdef, objective), mesh, out_shardings=parallel.replicated(mesh)
+    )
     logging.info(
         "mesh %s, %d parameters, branches %s",
         dict(mesh.shape),
@@ -55,7 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     compile_start = time.perf_counter()
     means = {}
     for step in range(start + 1, config.total_steps + 1):
-        batch = global_batch(next(data), mesh)
+        batch = global_batch({"image": next(data)["image"]}, mesh)
         state, metrics = train_step(state, batch)
         reporter.step(metrics)
         if step == start + 1:
@@ -65,8 +67,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if step % config.log_every == 0 or step == config.total_steps:
             means = reporter.flush(step)
         if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
-            sample = {k: v[: config.num_preview_images] for k, v in batch.items()}
-            reporter.images(step, preview(state, sample))
+            reporter.images(step, preview(state, batch))
+            reporter.restart_timer(step)  # keep previews (and their compilation) out of images/s
     reporter.close()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -22,8 +22,9 @@ from jax.sharding import Mesh
 from usfm_jax import parallel
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views, create_objective
+from usfm_jax.objectives.pixel import denormalize_patches
 from usfm_jax.optim import create_optimizer
-from usfm_jax.patches import unpatchify
+from usfm_jax.patches import patchify, unpatchify
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -131,8 +132,9 @@ def jit_train_step(
     train_step: Callable, state_shardings: Any, mesh: Mesh
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Compiles the step with explicit shardings; the old state's buffers are donated."""
-    return jax.jit(
+    return parallel.jit_in_mesh(
         train_step,
+        mesh,
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
@@ -155,20 +157,23 @@ def create_training(
 def make_preview(
     config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objective: DualMIM
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Returns fn(state, batch) -> {branch: [4, n, H, W, C]} rows input / corrupted / prediction /
-    target in [0, 1], for image summaries. Deterministic in the step; no dropout."""
+    """Returns fn(state, batch) -> {branch: [4, n, H, W, C]}: rows input / corrupted input /
+    prediction / target in [0, 1] for the first ``config.num_preview_images`` images, for image
+    summaries. Deterministic in the step; no dropout."""
     patch = config.model.patch_size
 
     def preview(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, state.params)
-        images = batch["image"].astype(jnp.float32) / 255.0
+        images = batch["image"][: config.num_preview_images].astype(jnp.float32) / 255.0
+        grid = (images.shape[1] // patch, images.shape[2] // patch)
         key = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
         out = {}
         for name in objective.branches:
             view_fn = objective.spatial_view if name == "spatial" else objective.frequency_view
             views = view_fn(images, key)
-            pred = model(views.inputs, views.token_mask)
-            grid = (images.shape[1] // patch, images.shape[2] // patch)
+            pred = model(views.inputs, views.token_mask)  # [n, N, P]
+            if objective.norm_pix:  # back from per-patch standardised to image values
+                pred = denormalize_patches(pred, patchify(views.target, patch))
             rows = [
                 images,
                 objective.denormalize(views.inputs),

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from usfm_jax.masking.sampling import exact_count_mask
+from usfm_jax.parallel import per_batch_shard
 
 __all__ = [
     "BandStop",
@@ -212,6 +213,11 @@ def _filter(images: jax.Array, removed: jax.Array, *, output: str, clip: bool) -
     return out.astype(images.dtype)
 
 
+def _sharded_filter(images: jax.Array, removed: jax.Array, *, output: str, clip: bool):
+    """``_filter`` on each device's share of the batch (XLA would gather it for the FFT)."""
+    return per_batch_shard(functools.partial(_filter, output=output, clip=clip))(images, removed)
+
+
 @functools.partial(jax.jit, static_argnames=("batch", "num_rings", "num_drop"))
 def _sample_rings(
     key: jax.Array, gather: jax.Array, *, batch: int, num_rings: int, num_drop: int
@@ -329,7 +335,7 @@ class BandStop:
         """Filter ``images`` [B, H, W, C] -> (filtered [B, H, W, C], removed [B, H, W])."""
         _check_images(images, self.size)
         removed = self.sample(key, images.shape[0])  # [B, H, W]
-        return _filter(images, removed, output=self.output, clip=False), removed
+        return _sharded_filter(images, removed, output=self.output, clip=False), removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,4 +370,4 @@ class LowHighPass:
         """Filter ``images`` [B, H, W, C] -> (filtered [B, H, W, C], removed [B, H, W])."""
         _check_images(images, self.size)
         removed = self.sample(key, images.shape[0])  # [B, H, W]
-        return _filter(images, removed, output=self.output, clip=self.clip), removed
+        return _sharded_filter(images, removed, output=self.output, clip=self.clip), removed

@@ -127,25 +127,33 @@ class DualMIM:
         )
 
     def views(self, images: jax.Array, key: jax.Array, step: jax.Array) -> Views:
-        """Clean images [B, H, W, C] in [0, 1] -> the step's model inputs and targets."""
+        """Clean images [B, H, W, C] in [0, 1] -> the step's model inputs and targets.
+
+        With two branches, views alternate spatial / frequency along the batch axis (``both``:
+        both views of image i at 2i and 2i + 1; ``split``: image i gets branch i % 2). The
+        interleaving keeps each device's views on that device: no cross-device shuffle.
+        """
         k_spatial, k_frequency = jax.random.split(key)
         if self.frequency is None:
             return self.spatial_view(images, k_spatial)
         if self.spatial is None:
             return self.frequency_view(images, k_frequency)
-        spatial = self.spatial_view(images, k_spatial)
-        frequency = self.frequency_view(images, k_frequency)
+        if self.combine == "alternate":  # one branch per step: only that one is computed
+            return jax.lax.cond(
+                step % 2 == 0,
+                lambda: self.spatial_view(images, k_spatial),
+                lambda: self.frequency_view(images, k_frequency),
+            )
         if self.combine == "both":
-            return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), spatial, frequency)
-        if self.combine == "split":
-            use_frequency = jnp.arange(images.shape[0]) % 2 == 1  # [B]
-        else:  # alternate
-            use_frequency = jnp.full((images.shape[0],), step % 2 == 1)
-
-        def select(a: jax.Array, b: jax.Array) -> jax.Array:
-            return jnp.where(use_frequency.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
-
-        return jax.tree.map(select, spatial, frequency)
+            spatial = self.spatial_view(images, k_spatial)
+            frequency = self.frequency_view(images, k_frequency)
+        else:  # split: even images to the spatial branch, odd ones to the frequency branch
+            pairs = images.reshape(-1, 2, *images.shape[1:])  # [B / 2, 2, H, W, C]
+            spatial = self.spatial_view(pairs[:, 0], k_spatial)
+            frequency = self.frequency_view(pairs[:, 1], k_frequency)
+        return jax.tree.map(
+            lambda a, b: jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:]), spatial, frequency
+        )
 
     def branch_counts(self, views: Views) -> jax.Array:
         """[2] number of views per branch (spatial, frequency)."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from usfm_jax.parallel import per_batch_shard
 
+
+@per_batch_shard  # XLA does not split FFTs over the batch by itself
 def fft_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
     """Mean spectral distance per example.
 

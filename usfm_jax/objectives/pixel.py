@@ -8,11 +8,25 @@ import jax.numpy as jnp
 DISTANCES = ("l1", "l2")
 
 
-def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Per-patch standardised targets (MAE's norm_pix_loss): [B, N, P] -> [B, N, P]."""
+NORM_EPS = 1e-6
+
+
+def _patch_stats(patches: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-patch mean and std: [B, N, P] -> ([B, N, 1], [B, N, 1])."""
     mean = patches.mean(axis=-1, keepdims=True)
-    var = patches.var(axis=-1, keepdims=True)
-    return (patches - mean) / jnp.sqrt(var + eps)
+    return mean, jnp.sqrt(patches.var(axis=-1, keepdims=True) + NORM_EPS)
+
+
+def normalize_patches(patches: jax.Array) -> jax.Array:
+    """Per-patch standardised targets (MAE's norm_pix_loss): [B, N, P] -> [B, N, P]."""
+    mean, std = _patch_stats(patches)
+    return (patches - mean) / std
+
+
+def denormalize_patches(normalized: jax.Array, reference: jax.Array) -> jax.Array:
+    """Inverse of ``normalize_patches`` with the statistics of ``reference`` (for display)."""
+    mean, std = _patch_stats(reference)
+    return normalized * std + mean
 
 
 def patch_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, distance: str) -> jax.Array:
