@@ -47,6 +47,15 @@ def test_processes_read_disjoint_slices_that_cover_the_data():
     assert set(seen) == {SyntheticUltrasound(64, (32, 48))[i]["image"].tobytes() for i in range(64)}
 
 
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    config = make_tiny_config()
+    one = _fingerprints(config, 0, 1, 2)  # two global batches of 16
+    four = [_fingerprints(config, p, 4, 2) for p in range(4)]  # 2 x 4 rows per process
+    for k in range(2):
+        rows = [f for p in range(4) for f in four[p][4 * k : 4 * k + 4]]
+        assert rows == one[16 * k : 16 * (k + 1)]
+
+
 def test_batch_not_divisible_by_processes_is_rejected():
     config = make_tiny_config()
     with pytest.raises(ValueError, match="batch_size=16 is not divisible by the 3 processes"):

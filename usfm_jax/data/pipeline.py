@@ -1,7 +1,8 @@
-"""grain input pipeline of pre-training: source -> shuffle -> host shard -> batch -> prefetch.
+"""grain input pipeline of pre-training: source -> shuffle -> batch -> host shard -> prefetch.
 
-Every process reads a disjoint, deterministic slice of the shuffled stream and yields its part of
-the global batch; ``global_batch`` assembles those parts into one ``jax.Array`` on the mesh.
+Every process reads a disjoint, deterministic block of each global batch of the shuffled stream;
+``global_batch`` assembles those blocks into one ``jax.Array`` on the mesh. The global batches do
+not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def create_pretrain_dataset(
         )
     source = create_source(config.data, config.image_size, config.seed)
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-    ds = ds[process_index::process_count]
+    # Global batch k is items [k B, (k + 1) B) of the stream whatever the number of processes;
+    # process p holds its p-th block of rows, the rows its devices own in the global array.
     ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+    ds = ds[process_index::process_count]
     return ds.to_iter_dataset(
         grain.ReadOptions(
             num_threads=config.data.num_threads,
