@@ -1,9 +1,9 @@
 """The pure core of pre-training: state initialisation and the train step.
 
-``train_step(state, batch) -> (state, metrics)`` is a function of its arguments only: the step's
-PRNG key is derived from the run seed and ``state.step``, masks are drawn on device from it, and
-the function is compiled once with ``jax.jit`` over a device mesh with explicit shardings. Nothing
-here does I/O.
+``train_step(state, batch) -> (state, metrics)`` is a function of its arguments only: the state
+carries the run's PRNG key, the step's key is ``fold_in(state.rng, state.step)``, masks are drawn
+on device from it, and the function is compiled once with ``jax.jit`` over a device mesh with
+explicit shardings. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class TrainState:
     step: jax.Array  # int32 scalar
     params: dict[str, Any]  # pure nested dict of float32 arrays
     opt_state: optax.OptState
+    rng: jax.Array  # uint32 [2]: raw data of the run's key; step keys are fold_in(rng, step)
+
+    def step_key(self) -> jax.Array:
+        """The PRNG key of the current step: a function of the run's key and the step alone."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -57,7 +62,12 @@ def init_state(
             config.model, tuple(config.image_size), nnx.Rngs(params=config.seed)
         )
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(config.seed)),
+        )
 
     graphdef = nnx.graphdef(abstract_model(config))
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
@@ -82,7 +92,6 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns the (un-jitted) train step for this run's model, objective and optimizer."""
     accum = config.optimizer.grad_accum_steps
-    base_key = jax.random.key(config.seed)
 
     def loss_fn(params, views: Views, counts: jax.Array, key: jax.Array):
         model = nnx.merge(graphdef, params)
@@ -92,7 +101,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        k_views, k_drop = jax.random.split(jax.random.fold_in(base_key, state.step))
+        k_views, k_drop = jax.random.split(state.step_key())
         images = batch["image"].astype(jnp.float32) / 255.0  # [B, H, W, C] in [0, 1]
         views = objective.views(images, k_views, state.step)
         counts = objective.branch_counts(views)
@@ -166,7 +175,7 @@ def make_preview(
         model = nnx.merge(graphdef, state.params)
         images = batch["image"][: config.num_preview_images].astype(jnp.float32) / 255.0
         grid = (images.shape[1] // patch, images.shape[2] // patch)
-        key = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+        key = jax.random.fold_in(state.step_key(), 1)  # not the training step's masks
         out = {}
         for name in objective.branches:
             view_fn = objective.spatial_view if name == "spatial" else objective.frequency_view
