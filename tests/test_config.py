@@ -58,11 +58,27 @@ def test_ablations_change_what_they_name():
         ({"optimizer.warmup_steps": 100}, r"config\.optimizer\.warmup_steps"),
         ({"objective.combine": "sometimes"}, r"config\.objective:.*combine"),
         ({"batch_size": 12}, r"config\.batch_size=12.*8 devices"),
+        ({"optimizer.clip_norm": -1.0}, r"config\.optimizer\.clip_norm=-1\.0"),
+        ({"optimizer.b2": 1.0}, r"config\.optimizer\.b2=1\.0: expected \[0, 1\)"),
+        ({"objective.spatial_weight": -1.0}, r"config\.objective\.spatial_weight"),
+        ({"spatial.ratio": 0.0}, r"config\.spatial\.ratio=0\.0: masks nothing"),
+        ({"model.out_chans": 3}, r"config\.model\.out_chans=3"),
+        ({"model.depth": 0}, r"config\.model\.depth=0"),
+        ({"model.head": "transformer", "model.decoder.width": 100}, r"model\.decoder\.width"),
+        ({"num_preview_images": 0}, r"config\.num_preview_images=0"),
+        ({"data.source": "dicom"}, r"config\.data\.source='dicom'"),
+        ({"objective.norm_pix": True, "objective.frequency_fft_weight": 1.0}, r"norm_pix"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(make_tiny_config(**overrides), num_devices=8)
+
+
+def test_configs_are_locked():
+    config = make_tiny_config()
+    with pytest.raises(AttributeError, match="ratoi"):
+        config.spatial.ratoi = 0.5
 
 
 def test_parse_arg():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from usfm_jax.data.pipeline import SOURCES
 from usfm_jax.models.factory import DTYPES, encoder_dims
 from usfm_jax.objectives import dual
 from usfm_jax.parallel import mesh_shape
@@ -23,6 +24,18 @@ def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> No
     for part in field.split("."):
         value = value[part]
     _require(value in allowed, field, value, f"expected one of {allowed}")
+
+
+def _in_range(
+    config: ml_collections.ConfigDict, field: str, low: float, high: float, interval: str = "[]"
+) -> None:
+    """Checks ``low <= value <= high``; ``interval`` says which ends are open, e.g. "[)"."""
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[1] == "]" else value < high
+    _require(above and below, field, value, f"expected {interval[0]}{low}, {high}{interval[1]}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -45,6 +58,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("batch_size", "total_steps", "log_every"):
         _require(config[field] > 0, field, config[field], "expected > 0")
     _require(config.image_every >= 0, "image_every", config.image_every, "expected >= 0")
+    if config.image_every:
+        _require(
+            config.num_preview_images >= 1,
+            "num_preview_images",
+            config.num_preview_images,
+            "expected >= 1 (or image_every=0)",
+        )
+
+    _one_of(config, "data.source", SOURCES)
+    _require(config.data.num_images >= 1, "data.num_images", config.data.num_images, ">= 1")
+    for field in ("num_threads", "prefetch"):
+        _require(config.data[field] >= 0, f"data.{field}", config.data[field], "expected >= 0")
 
     m = config.model
     _one_of(config, "model.variant", ("beit", "vit"))
@@ -52,16 +77,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _one_of(config, "model.head", ("linear", "transformer"))
     _one_of(config, "model.dtype", tuple(DTYPES))
     _one_of(config, "model.in_chans", (1, 3))
+    _one_of(config, "model.out_chans", (1,))  # the images are single-channel
+    for field in ("width", "depth", "num_heads"):
+        value = m.get(field)
+        _require(value is None or value > 0, f"model.{field}", value, "expected > 0 (or None)")
     try:
         width, _, heads = encoder_dims(m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _require(width % heads == 0, "model.width", width, f"must be divisible by num_heads={heads}")
-    _require(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "expected [0, 1)")
+    _in_range(config, "model.drop_path_rate", 0, 1, "[)")
+    if m.head == "transformer":
+        d = m.decoder
+        _require(d.depth >= 1, "model.decoder.depth", d.depth, "expected >= 1")
+        _require(
+            d.width > 0 and d.num_heads > 0 and d.width % d.num_heads == 0,
+            "model.decoder.width",
+            d.width,
+            f"must be divisible by decoder.num_heads={d.num_heads}",
+        )
 
     s = config.spatial
     if s.enabled:
-        _require(0 <= s.ratio < 1, "spatial.ratio", s.ratio, "mask ratio must be in [0, 1)")
+        _in_range(config, "spatial.ratio", 0, 1, "[)")
+        _require(
+            s.ratio > 0 or config.objective.spatial_loss_on == "all",
+            "spatial.ratio",
+            s.ratio,
+            "masks nothing, so the masked-pixel loss is always 0 "
+            "(use a ratio > 0 or objective.spatial_loss_on='all')",
+        )
+        _require(s.sigma >= 0, "spatial.sigma", s.sigma, "expected >= 0")
         _require(
             s.mask_patch_size > 0 and s.mask_patch_size % patch == 0,
             "spatial.mask_patch_size",
@@ -79,7 +125,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _one_of(config, "frequency.kind", ("band_stop", "low_high_pass"))
         _one_of(config, "frequency.output", ("abs", "real"))
         if f.kind == "band_stop":
-            _require(0 < f.ratio <= 1, "frequency.ratio", f.ratio, "expected (0, 1]")
+            _in_range(config, "frequency.ratio", 0, 1, "(]")
     _require(
         s.enabled or f.enabled,
         "spatial.enabled",
@@ -87,8 +133,39 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "at least one of spatial.enabled and frequency.enabled must be True",
     )
 
+    ob = config.objective
+    for field in ("spatial_weight", "frequency_weight", "frequency_pixel_weight",
+                  "frequency_fft_weight"):  # fmt: skip
+        _require(ob[field] >= 0, f"objective.{field}", ob[field], "expected >= 0")
+    if f.enabled:
+        _require(
+            ob.frequency_pixel_weight + ob.frequency_fft_weight > 0,
+            "objective.frequency_pixel_weight",
+            ob.frequency_pixel_weight,
+            "the frequency branch needs a pixel or a spectral loss (frequency_fft_weight)",
+        )
+    _require(
+        not (ob.norm_pix and ob.frequency_fft_weight),
+        "objective.norm_pix",
+        ob.norm_pix,
+        "per-patch normalised targets cannot be compared in frequency space: "
+        "set objective.frequency_fft_weight=0",
+    )
+    if s.enabled and f.enabled and ob.combine == "split":
+        _require(
+            config.batch_size % 2 == 0,
+            "batch_size",
+            config.batch_size,
+            "must be even with objective.combine='split'",
+        )
+
     o = config.optimizer
     _require(o.base_lr > 0, "optimizer.base_lr", o.base_lr, "expected > 0")
+    _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "expected >= 0 (0: off)")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "expected >= 0")
+    _in_range(config, "optimizer.b1", 0, 1, "[)")
+    _in_range(config, "optimizer.b2", 0, 1, "[)")
+    _in_range(config, "optimizer.min_lr_ratio", 0, 1)
     _require(
         0 <= o.warmup_steps < config.total_steps,
         "optimizer.warmup_steps",

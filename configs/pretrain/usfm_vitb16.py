@@ -102,4 +102,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 100
     c.image_every = 2000
     c.num_preview_images = 4
-    return c
+    return c.lock()  # a misspelled field in a derived config is an error, not a new field

@@ -17,7 +17,11 @@ def encoder_dims(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
     if cfg.size not in SIZES:
         raise ValueError(f"config.model.size={cfg.size!r}: expected one of {sorted(SIZES)}")
     width, depth, heads = SIZES[cfg.size]
-    return (cfg.get("width") or width, cfg.get("depth") or depth, cfg.get("num_heads") or heads)
+    overrides = (cfg.get("width"), cfg.get("depth"), cfg.get("num_heads"))
+    return tuple(  # type: ignore[return-value]
+        default if value is None else value
+        for value, default in zip(overrides, (width, depth, heads), strict=True)
+    )
 
 
 def create_encoder(
