@@ -5,8 +5,9 @@ choice (marked "ours"), mostly taken from SimMIM, the authors' lineage:
 - spatial branch: 32 px mask-patches, ratio 0.6, L1 on masked pixels (SimMIM); corruption by
   additive Gaussian noise of std 0.5 on [0, 1] intensities (ours: the paper's "noise addition").
 - frequency branch: band-stop with center_protect 5, base_bw 10, increase_factor 0.5,
-  max_increase 20 (the worked example of usfm_reference.md; ours), half of the rings removed
-  (ours), magnitude of the inverse FFT (official code); L1 over the whole image (ours).
+  max_increase 20 (the worked example of the official generator's description; ours), half of
+  the rings removed (ours), magnitude of the inverse FFT (official code); L1 over the whole
+  image (ours).
 - both branches every step, equal weights (ours).
 - optimizer: AdamW (0.9, 0.999), weight decay 0.05, clip 5.0, base lr 1e-4 per 512 images,
   drop path 0.1 (SimMIM ViT-B); 100k steps with 10k warmup (ours: about 100 epochs of 2M images).
