@@ -144,13 +144,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             ob.frequency_pixel_weight,
             "the frequency branch needs a pixel or a spectral loss (frequency_fft_weight)",
         )
-    _require(
-        not (ob.norm_pix and ob.frequency_fft_weight),
-        "objective.norm_pix",
-        ob.norm_pix,
-        "per-patch normalised targets cannot be compared in frequency space: "
-        "set objective.frequency_fft_weight=0",
-    )
     if s.enabled and f.enabled and ob.combine == "split":
         _require(
             config.batch_size % 2 == 0,

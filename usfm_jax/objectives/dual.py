@@ -77,6 +77,11 @@ class DualMIM:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+        if self.norm_pix and self.frequency_fft_weight:
+            raise ValueError(
+                "norm_pix targets cannot be compared in frequency space: "
+                "set frequency_fft_weight=0 or norm_pix=False"
+            )
         if self.std <= 0:
             raise ValueError(f"normalization std must be > 0, got {self.std}")
 
@@ -179,10 +184,9 @@ class DualMIM:
                     views.target.shape[1] // self.patch_size,
                     views.target.shape[2] // self.patch_size,
                 )
+                # against the clean image (norm_pix targets are rejected with a spectral loss)
                 spectral = fft_loss(
-                    unpatchify(pred, self.patch_size, grid),
-                    unpatchify(target, self.patch_size, grid),
-                    views.freq_weight,
+                    unpatchify(pred, self.patch_size, grid), views.target, views.freq_weight
                 )
                 per_view = per_view + jnp.where(
                     is_frequency, self.frequency_fft_weight * spectral, 0
