@@ -19,7 +19,9 @@ from usfm_jax.data.synthetic import SyntheticUltrasound
 SOURCES = ("synthetic",)
 
 
-def create_source(cfg: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int):
+def create_source(
+    cfg: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int
+) -> grain.sources.RandomAccessDataSource:
     """The random-access source named by ``config.data.source``."""
     if cfg.source == "synthetic":
         return SyntheticUltrasound(cfg.num_images, tuple(image_size), seed=seed)
