@@ -1,15 +1,21 @@
 """The grain pre-training pipeline: shapes, determinism, disjoint per-process shards."""
 
+import collections
+import io
 import itertools
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 from conftest import make_tiny_config
 
 from usfm_jax import parallel
-from usfm_jax.data.pipeline import create_pretrain_dataset, create_source, global_batch
-from usfm_jax.data.synthetic import SyntheticUltrasound
+from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.data.ingest import Options, ingest
+from usfm_jax.data.pipeline import create_pretrain_dataset, create_stream, global_batch
+from usfm_jax.data.synthetic import SyntheticUltrasound, generate
+from usfm_jax.train import train
 
 
 def _fingerprints(config, process_index: int, process_count: int, batches: int) -> list[bytes]:
@@ -62,7 +68,7 @@ def test_batch_not_divisible_by_processes_is_rejected():
         create_pretrain_dataset(config, process_index=0, process_count=3)
     config.data.source = "dicom"
     with pytest.raises(ValueError, match=r"config\.data\.source='dicom'"):
-        create_source(config.data, config.image_size, 0)
+        create_stream(config)
 
 
 def test_global_batch_is_sharded_over_the_mesh():
@@ -75,3 +81,90 @@ def test_global_batch_is_sharded_over_the_mesh():
     assert len(batch["image"].addressable_shards) == 8
     assert batch["image"].addressable_shards[0].data.shape == (2, 32, 48, 1)
     np.testing.assert_array_equal(jax.device_get(batch["image"]), local["image"])
+
+
+COUNTS = {"breast": 1, "heart": 3, "kidney": 12, "liver": 40}
+
+
+@pytest.fixture(scope="module")
+def ingested_dir(tmp_path_factory) -> str:
+    """A small ingested dataset with very uneven organ counts (synthetic PNG exports)."""
+    root = tmp_path_factory.mktemp("exports")
+    for organ_id, (organ, count) in enumerate(COUNTS.items()):
+        (root / organ).mkdir()
+        for i in range(count):
+            image, _ = generate(11, 100 * organ_id + i, (80, 96), organ=organ_id % 6)
+            buf = io.BytesIO()
+            PIL.Image.fromarray(image).save(buf, format="PNG")
+            (root / organ / f"{i}.png").write_bytes(buf.getvalue())
+    out = tmp_path_factory.mktemp("tfds")
+    card = ingest(str(root), str(out), "mix_test", Options(resize=0, crop="none"), workers=1)
+    return card["data_dir"]
+
+
+def _tfds_config(data_dir: str, **data):
+    config = make_tiny_config(**{"data.source": "tfds", "data.tfds_dir": data_dir})
+    config.data.update(data)
+    return config
+
+
+def test_tfds_stream_is_organ_balanced_and_augmented(ingested_dir):
+    config = _tfds_config(ingested_dir, weighting="balanced")
+    ds = create_pretrain_dataset(config, process_index=0, process_count=1)
+    batches = list(itertools.islice(iter(ds), 25))  # 400 images
+    assert batches[0]["image"].shape == (16, 32, 48, 1) and batches[0]["image"].dtype == np.uint8
+    drawn = collections.Counter(int(o) for b in batches for o in b["organ"])
+    assert sorted(drawn) == [0, 1, 2, 3] and all(70 <= c <= 130 for c in drawn.values())
+    proportional = _tfds_config(ingested_dir, weighting="proportional")
+    ds = create_pretrain_dataset(proportional, process_index=0, process_count=1)
+    drawn = collections.Counter(int(o) for b in itertools.islice(iter(ds), 28) for o in b["organ"])
+    assert drawn[3] > 5 * drawn[1] > 0  # liver (40 records) vs heart (3)
+
+
+def test_tfds_streams_per_process_are_disjoint_blocks_of_the_global_batch(ingested_dir):
+    config = _tfds_config(ingested_dir)
+    one = next(iter(create_pretrain_dataset(config, process_index=0, process_count=1)))
+    parts = [
+        next(iter(create_pretrain_dataset(config, process_index=p, process_count=2)))
+        for p in range(2)
+    ]
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), one["image"])
+
+
+def test_restored_iterator_yields_the_same_batches(ingested_dir):
+    config = _tfds_config(ingested_dir)
+    it = iter(create_pretrain_dataset(config, process_index=0, process_count=1))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["image"] for _ in range(2)]
+    restored = iter(create_pretrain_dataset(config, process_index=0, process_count=1))
+    restored.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(restored)["image"], want)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    config = _tfds_config(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"config\.data\.tfds_dir=.*dataset_card\.json"):
+        create_stream(config)
+
+
+def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
+    validate(_tfds_config(ingested_dir), num_devices=1)
+    cases = [
+        (dict(tfds_dir=str(tmp_path)), r"config\.data\.tfds_dir=.*no dataset_card\.json"),
+        (dict(split="val"), r"config\.data\.split='val': the dataset has \['train'\]"),
+        (dict(weighting="uniform"), r"config\.data\.weighting='uniform'"),
+        (dict(weighting="explicit", organ_weights="liver=1"), r"config\.data\.organ_weights"),
+        (dict(organ_weights="liver:1"), r"config\.data: config\.data\.organ_weights"),
+    ]
+    for data, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            validate(_tfds_config(ingested_dir, **data), num_devices=1)
+
+
+def test_training_reads_an_ingested_dataset(ingested_dir, tmp_path):
+    config = _tfds_config(ingested_dir)
+    means = train(config, str(tmp_path))
+    assert np.isfinite(means["loss"]) and means["loss_spatial"] > 0

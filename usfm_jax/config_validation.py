@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from usfm_jax.data.pipeline import SOURCES
+from usfm_jax.data.augment import AugmentConfig
+from usfm_jax.data.mixing import WEIGHTINGS
+from usfm_jax.data.pipeline import SOURCES, parse_organ_weights, read_card
 from usfm_jax.models.factory import DTYPES, encoder_dims
 from usfm_jax.objectives import dual
 from usfm_jax.parallel import mesh_shape
@@ -38,6 +40,32 @@ def _in_range(
     _require(above and below, field, value, f"expected {interval[0]}{low}, {high}{interval[1]}")
 
 
+def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
+    """The ingested dataset exists and the sampling and augmentation settings make sense."""
+    d = config.data
+    try:
+        card = read_card(d.tfds_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    splits = [split for split, ranges in card["organ_ranges"].items() if ranges]
+    _require(d.split in splits, "data.split", d.split, f"the dataset has {splits}")
+    _one_of(config, "data.weighting", WEIGHTINGS)
+    _require(d.temperature >= 0, "data.temperature", d.temperature, "expected >= 0")
+    try:
+        weights = parse_organ_weights(d.organ_weights)
+        AugmentConfig.from_mapping(config.image_size, d.augment)
+    except ValueError as e:
+        raise ConfigError(f"config.data: {e}") from None
+    if d.weighting == "explicit":
+        organs = sorted(card["organ_ranges"][d.split])
+        _require(
+            weights is not None and sorted(weights) == organs,
+            "data.organ_weights",
+            d.organ_weights,
+            f"name a weight for each of {organs}",
+        )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first invalid setting of a pre-training config."""
     size = tuple(config.image_size)
@@ -67,6 +95,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
 
     _one_of(config, "data.source", SOURCES)
+    if config.data.source == "tfds":
+        _check_tfds_data(config)
     _require(config.data.num_images >= 1, "data.num_images", config.data.num_images, ">= 1")
     for field in ("num_threads", "prefetch"):
         _require(config.data[field] >= 0, f"data.{field}", config.data[field], "expected >= 0")

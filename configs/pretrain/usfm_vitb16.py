@@ -33,10 +33,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 100_000
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # the embedded phantom generator
-    c.data.num_images = 100_000
+    c.data.source = "synthetic"  # the embedded phantom generator, or "tfds" (ingested data)
+    c.data.num_images = 100_000  # synthetic only
+    c.data.tfds_dir = ""  # tfds: DATA_DIR/NAME/1.0.0 written by usfm_jax.data.ingest
+    c.data.split = "train"
+    c.data.weighting = "balanced"  # organ-balanced (USFM) | proportional | temperature | explicit
+    c.data.temperature = 0.5  # weighting=temperature: p ~ count ** t
+    c.data.organ_weights = ""  # weighting=explicit: "liver=2,kidney=1,..."
+    c.data.augment = ml_collections.ConfigDict(  # tfds only (ours: mild, speckle-preserving)
+        dict(crop_scale=(0.4, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, gamma=(0.8, 1.25),
+             contrast=(0.8, 1.2), brightness=0.0)
+    )  # fmt: skip
     c.data.num_threads = 16
     c.data.prefetch = 2
+    c.data.worker_count = 0  # > 0: decode and augment in that many worker processes
 
     c.normalization = ml_collections.ConfigDict(dict(mean=0.5, std=0.25))
 

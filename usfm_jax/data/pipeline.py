@@ -1,11 +1,22 @@
-"""grain input pipeline of pre-training: source -> shuffle -> batch -> host shard -> prefetch.
+"""grain input pipeline of pre-training.
 
-Every process reads a disjoint, deterministic block of each global batch of the shuffled stream;
-``global_batch`` assembles those blocks into one ``jax.Array`` on the mesh. The global batches do
-not depend on the number of processes.
+    synthetic: generated images -> per-epoch shuffle
+    tfds:      one source per organ (slices of an ingested dataset) -> organ mix (balanced, ...)
+               -> augment (random resized crop, flip, gamma / contrast)
+    then:      batch -> this process's block -> threads (+ optional worker processes) prefetch
+
+Element i of the stream is a pure function of (seed, i), so every process reads a disjoint,
+deterministic block of each global batch, the global batches do not depend on the number of
+processes, and the iterator's state (``get_state`` / ``set_state``, or grain's orbax checkpoint
+handler) resumes on the exact next batch. ``global_batch`` assembles the blocks into one
+``jax.Array`` on the mesh.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from typing import Any
 
 import grain
 import jax
@@ -14,17 +25,84 @@ import numpy as np
 from jax.sharding import Mesh
 
 from usfm_jax import parallel
+from usfm_jax.data.augment import Augment, AugmentConfig
+from usfm_jax.data.mixing import mix_organs, organ_weights
 from usfm_jax.data.synthetic import SyntheticUltrasound
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "tfds")
+CARD = "dataset_card.json"
 
 
-def create_source(
-    cfg: ml_collections.ConfigDict, image_size: tuple[int, int], seed: int
-) -> grain.sources.RandomAccessDataSource:
-    """The random-access source named by ``config.data.source``."""
+def parse_organ_weights(text: str) -> dict[str, float] | None:
+    """``"liver=2,kidney=1"`` -> {"liver": 2.0, "kidney": 1.0}; empty -> None."""
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        organ, sep, value = item.partition("=")
+        try:
+            weights[organ.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(
+                f"config.data.organ_weights: expected 'organ=weight,...', got {item!r}"
+            )
+    return weights
+
+
+def read_card(tfds_dir: str) -> dict[str, Any]:
+    """The dataset card written by ``usfm_jax.data.ingest`` next to the TFDS files."""
+    path = os.path.join(tfds_dir, CARD)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"config.data.tfds_dir={tfds_dir!r}: no {CARD} there; point it at the versioned "
+            "directory written by `python -m usfm_jax.data.ingest` (DATA_DIR/NAME/1.0.0)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def organ_datasets(cfg: ml_collections.ConfigDict) -> dict[str, grain.MapDataset]:
+    """One MapDataset per organ of the ingested dataset's split (records are grouped by organ)."""
+    import tensorflow_datasets as tfds  # imported here: slow, and only this source needs it
+
+    card = read_card(cfg.tfds_dir)
+    ranges = card["organ_ranges"].get(cfg.split)
+    if not ranges:
+        raise ValueError(
+            f"config.data.split={cfg.split!r}: the dataset has "
+            f"{[s for s, r in card['organ_ranges'].items() if r]}"
+        )
+    source = grain.MapDataset.source(
+        tfds.builder_from_directory(cfg.tfds_dir).as_data_source(split=cfg.split)
+    )
+    return {organ: source[start:end] for organ, (start, end) in ranges.items()}
+
+
+def _image_and_organ(record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Keeps what training reads of an ingested record (ids and hashes stay on disk)."""
+    return {"image": record["image"], "organ": np.int32(record["organ"])}
+
+
+def create_stream(config: ml_collections.ConfigDict) -> grain.MapDataset:
+    """The endless, random-access stream of single examples {"image" [H, W, 1], "organ"}."""
+    cfg = config.data
     if cfg.source == "synthetic":
-        return SyntheticUltrasound(cfg.num_images, tuple(image_size), seed=seed)
+        source = SyntheticUltrasound(cfg.num_images, tuple(config.image_size), seed=config.seed)
+        return grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+    if cfg.source == "tfds":
+        datasets = organ_datasets(cfg)
+        weights = organ_weights(
+            {organ: len(ds) for organ, ds in datasets.items()},
+            cfg.weighting,
+            temperature=cfg.temperature,
+            explicit=parse_organ_weights(cfg.organ_weights),
+        )
+        ds = mix_organs(datasets, weights, seed=config.seed)
+        ds = ds.map(_image_and_organ)
+        augment = AugmentConfig.from_mapping(config.image_size, cfg.augment)
+        return ds.random_map(Augment(augment), seed=config.seed)
     raise ValueError(f"config.data.source={cfg.source!r}: expected one of {SOURCES}")
 
 
@@ -34,11 +112,8 @@ def create_pretrain_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """An endless dataset of this process's share of each global batch.
-
-    Elements are dicts of numpy arrays: ``image`` uint8 [B_local, H, W, 1], ``organ`` int32
-    [B_local]; reshuffled every epoch.
-    """
+    """This process's share of each global batch: dicts of ``image`` uint8 [B_local, H, W, 1]
+    and ``organ`` int32 [B_local]."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if config.batch_size % process_count:
@@ -46,18 +121,19 @@ def create_pretrain_dataset(
             f"config.batch_size={config.batch_size} is not divisible by "
             f"the {process_count} processes"
         )
-    source = create_source(config.data, config.image_size, config.seed)
-    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
     # Global batch k is items [k B, (k + 1) B) of the stream whatever the number of processes;
     # process p holds its p-th block of rows, the rows its devices own in the global array.
-    ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+    ds = create_stream(config).batch(config.batch_size // process_count, drop_remainder=True)
     ds = ds[process_index::process_count]
-    return ds.to_iter_dataset(
+    ids = ds.to_iter_dataset(
         grain.ReadOptions(
             num_threads=config.data.num_threads,
             prefetch_buffer_size=config.data.prefetch,
         )
     )
+    if config.data.worker_count:
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+    return ids
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

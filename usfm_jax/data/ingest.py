@@ -1,0 +1,392 @@
+"""Ingest ultrasound files (DICOM, PNG, JPEG, BMP, TIFF) into a TFDS array_record dataset.
+
+    python -m usfm_jax.data.ingest --input DIR_OR_MANIFEST.csv --output DATA_DIR --name NAME \
+        [--resize 256] [--frame_stride 1] [--max_frames 16] [--crop auto] [--val_fraction 0.1]
+
+Input: a directory whose first level names the organ (``DIR/liver/**/*.dcm``), or a CSV manifest
+with columns ``path`` (absolute or relative to the CSV) and ``organ``, optionally ``patient_id``,
+``study_id``, ``device``, ``center``.
+
+Every frame becomes a single-channel uint8 PNG (``readers.read_image_file``: colour to gray,
+windowing, scan-region crop; then the shorter side resized). Exact duplicates (same pixels) are
+kept once. No names or free text are stored: paths and patient / study ids only as salted SHA-256
+hashes. Patients are split between train and val as a whole (a hash of the patient decides).
+
+Output, in ``DATA_DIR/NAME/1.0.0``: the TFDS dataset (readable without TensorFlow through
+``tfds.builder_from_directory(...).as_data_source(split)``), records grouped by organ in each
+split; ``dataset_card.json`` (per-organ counts and index ranges per split, options, what was
+skipped and why) and ``skipped.csv`` (path, reason) beside it. Files run in parallel over the
+cores; a file that cannot be read is skipped and reported, never fatal. Exit status 0 unless no
+usable image was found.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import types
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import pydicom
+import tensorflow_datasets as tfds
+import tqdm
+from absl import app, flags, logging
+
+from usfm_jax.data import readers
+
+VERSION = "1.0.0"
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", "")
+MANIFEST_COLUMNS = ("path", "organ", "patient_id", "study_id", "device", "center")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What ingest does to every file; recorded in the dataset card."""
+
+    resize: int = 256  # shorter side in pixels; 0 keeps the size
+    frame_stride: int = 1
+    max_frames: int | None = 16
+    crop: str = "auto"
+    val_fraction: float = 0.0
+    salt: str = ""
+
+    def __post_init__(self):
+        if self.resize < 0:
+            raise ValueError(f"--resize must be >= 0, got {self.resize}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input file and what the manifest (or the directory tree) says about it."""
+
+    path: str
+    organ: str
+    patient_id: str | None = None
+    study_id: str | None = None
+    device: str | None = None
+    center: str | None = None
+
+
+class NoUsableImages(RuntimeError):
+    """Nothing (or nothing for one split) could be read: see skipped.csv."""
+
+
+def salted_hash(value: str, salt: str) -> str:
+    """A pseudonym: the first 16 hex digits of SHA-256(salt, value)."""
+    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
+
+
+def list_items(input_path: str) -> list[Item]:
+    """Items from a directory tree (first level = organ) or a CSV manifest, in a stable order."""
+    if os.path.isdir(input_path):
+        items = []
+        for organ in sorted(os.listdir(input_path)):
+            top = os.path.join(input_path, organ)
+            if not os.path.isdir(top):
+                continue
+            for root, dirs, files in os.walk(top):
+                dirs.sort()
+                items.extend(
+                    Item(os.path.join(root, f), organ)
+                    for f in sorted(files)
+                    if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith(".")
+                )
+        return items
+    if os.path.isfile(input_path) and input_path.lower().endswith(".csv"):
+        return _read_manifest(input_path)
+    raise ValueError(f"--input {input_path!r} is neither a directory nor a .csv manifest")
+
+
+def _read_manifest(path: str) -> list[Item]:
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "organ"} <= set(rows[0]):
+        raise ValueError(f"manifest {path} needs a header with at least 'path' and 'organ' columns")
+    items = []
+    for line, row in enumerate(rows, start=2):
+        if not row["path"] or not row["organ"]:
+            raise ValueError(f"manifest {path}, line {line}: empty path or organ")
+        extra = {k: (row.get(k) or None) for k in MANIFEST_COLUMNS[2:]}
+        items.append(Item(os.path.join(base, row["path"]), row["organ"].strip(), **extra))
+    return items
+
+
+def patient_key(item: Item) -> str:
+    """The identity that keeps a patient's images in one split: the manifest's patient id, else
+    the DICOM PatientID (header only), else the file itself."""
+    if item.patient_id:
+        return item.patient_id
+    try:
+        ds = pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=["PatientID"])
+        if ds.get("PatientID"):
+            return str(ds.PatientID)
+    except Exception:  # not DICOM, or unreadable: the reader reports it later
+        pass
+    return f"file:{item.path}"
+
+
+def assign_split(patient: str, options: Options) -> str:
+    """train / val by a hash of the patient: deterministic, and a patient never straddles."""
+    if not options.val_fraction:
+        return "train"
+    bucket = int(salted_hash(patient, "split:" + options.salt), 16) / 16**16
+    return "val" if bucket < options.val_fraction else "train"
+
+
+def _png(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(frame).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def process_file(args: tuple[Item, Options]) -> tuple[list[dict], str | None]:
+    """Worker: one file -> (records without organ / split, None) or ([], reason it was skipped)."""
+    item, options = args
+    try:
+        image = readers.read_image_file(
+            item.path, frame_stride=options.frame_stride, max_frames=options.max_frames,
+            crop=options.crop,
+        )  # fmt: skip
+    except readers.UnreadableError as e:
+        return [], str(e)
+    except Exception as e:  # a reader bug must not stop a million-file run: report it
+        return [], f"unexpected {type(e).__name__}: {e}"
+    records = []
+    for index, frame in enumerate(image.frames):
+        if options.resize:
+            frame = readers.resize_shorter_side(frame, options.resize)
+        patient = item.patient_id or image.patient_id
+        study = item.study_id or image.study_id
+        records.append(
+            {
+                "image": _png(frame),
+                "content_hash": hashlib.sha256(
+                    np.asarray(frame.shape).tobytes() + frame.tobytes()
+                ).hexdigest(),
+                "path_hash": salted_hash(item.path, options.salt),
+                "patient_hash": salted_hash(patient, options.salt) if patient else "",
+                "study_hash": salted_hash(study, options.salt) if study else "",
+                "device": item.device or image.device or "",
+                "center": item.center or "",
+                "frame": index * options.frame_stride,
+                "height": frame.shape[0],
+                "width": frame.shape[1],
+            }
+        )
+    return records, None
+
+
+class Writer:
+    """Streams the worker pool's results into TFDS split generators, counting as it goes."""
+
+    def __init__(self, items: Sequence[Item], splits: Sequence[str], organs: Sequence[str],
+                 options: Options, workers: int):  # fmt: skip
+        self.items, self.splits, self.organs = items, splits, organs
+        self.options, self.workers = options, workers
+        self.seen_hashes: set[str] = set()
+        self.skipped: list[tuple[str, str]] = []
+        self.duplicates = 0
+        self.counts = {split: Counter() for split in SPLITS}
+        self.files_used = Counter()
+
+    def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        """Examples of one split, grouped by organ (the items are sorted by organ)."""
+        todo = [
+            (i, item)
+            for i, item in enumerate(self.items)
+            if self.splits[i] == split
+        ]  # fmt: skip
+        todo.sort(key=lambda t: (self.organs.index(t[1].organ), t[0]))
+        jobs = [(item, self.options) for _, item in todo]
+        with multiprocessing.get_context("spawn").Pool(self.workers) as pool:
+            results = pool.imap(process_file, jobs, chunksize=4)
+            bar = tqdm.tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
+                            desc=f"ingest {split}", dynamic_ncols=True)  # fmt: skip
+            for (index, item), (records, error) in bar:
+                if error is not None:
+                    self.skipped.append((item.path, error))
+                    continue
+                used = False
+                for record in records:
+                    if record["content_hash"] in self.seen_hashes:
+                        self.duplicates += 1
+                        continue
+                    self.seen_hashes.add(record["content_hash"])
+                    self.counts[split][item.organ] += 1
+                    used = True
+                    yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
+                self.files_used[split] += used
+
+
+def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
+    """A TFDS builder class named ``name`` whose splits stream from ``writer``."""
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Ultrasound images ingested by usfm_jax.data.ingest.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                    "organ": tfds.features.ClassLabel(names=list(organs)),
+                    "content_hash": tfds.features.Text(),
+                    "path_hash": tfds.features.Text(),
+                    "patient_hash": tfds.features.Text(),
+                    "study_hash": tfds.features.Text(),
+                    "device": tfds.features.Text(),
+                    "center": tfds.features.Text(),
+                    "frame": np.int32,
+                    "height": np.int32,
+                    "width": np.int32,
+                }
+            ),
+            disable_shuffling=True,  # keep records grouped by organ
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: writer.examples(split) for split in SPLITS if split in writer.splits}
+
+    def _generate_examples(self):  # unused: the split generators above are the examples
+        raise NotImplementedError
+
+    namespace = {
+        "name": name,
+        "VERSION": tfds.core.Version(VERSION),
+        "_info": _info,
+        "_split_generators": _split_generators,
+        "_generate_examples": _generate_examples,
+    }
+    return types.new_class(
+        f"Ingest_{name}",
+        (tfds.core.GeneratorBasedBuilder,),
+        {"skip_registration": True},
+        lambda ns: ns.update(namespace),
+    )
+
+
+def ingest(
+    input_path: str,
+    output: str,
+    name: str,
+    options: Options,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Runs the whole ingest; returns the dataset card (also written beside the dataset)."""
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
+    target = os.path.join(output, name)
+    if os.path.exists(target):
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        shutil.rmtree(target)
+    items = list_items(input_path)
+    if not items:
+        raise ValueError(f"no candidate files under {input_path}")
+    organs = sorted({item.organ for item in items})
+    splits = [assign_split(patient_key(item), options) for item in items]
+    writer = Writer(items, splits, organs, options, workers or os.cpu_count() or 1)
+    builder = _builder_class(name, organs, writer)(data_dir=output, file_format="array_record")
+    try:
+        builder.download_and_prepare()
+        failure = None
+    except AssertionError:  # TFDS refuses a split that received no example
+        empty = [split for split in set(splits) if not sum(writer.counts[split].values())]
+        if not empty:
+            raise
+        failure = f"no usable image in split(s) {sorted(empty)}"
+    data_dir = os.path.join(output, name, VERSION)
+    os.makedirs(data_dir, exist_ok=True)
+    card = dataset_card(name, input_path, organs, options, writer, data_dir)
+    with open(os.path.join(data_dir, "dataset_card.json"), "w") as f:
+        json.dump(card, f, indent=2)
+    with open(os.path.join(data_dir, "skipped.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("path", "reason"), *writer.skipped])
+    if failure:
+        raise NoUsableImages(f"{failure}; the reasons are in {data_dir}/skipped.csv")
+    return card
+
+
+def dataset_card(name, input_path, organs, options, writer, data_dir) -> dict:
+    """What the dataset holds and how it was made; the pipeline reads organ ranges from here."""
+    ranges = {}
+    for split in SPLITS:
+        start, ranges[split] = 0, {}
+        for organ in organs:
+            count = writer.counts[split][organ]
+            if count:
+                ranges[split][organ] = [start, start + count]
+            start += count
+    reasons = Counter(reason.split(":")[0] for _, reason in writer.skipped)
+    return {
+        "name": name,
+        "version": VERSION,
+        "data_dir": data_dir,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source": os.path.abspath(input_path),
+        "organs": list(organs),
+        "images": {split: dict(writer.counts[split]) for split in SPLITS},
+        "organ_ranges": ranges,
+        "files": {
+            "listed": len(writer.items),
+            "used": dict(writer.files_used),
+            "skipped": len(writer.skipped),
+        },
+        "skipped_reasons": dict(reasons),
+        "duplicates_removed": writer.duplicates,
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "salt"},
+    }
+
+
+_INPUT = flags.DEFINE_string("input", None, "Directory (first level = organ) or CSV manifest.")
+_OUTPUT = flags.DEFINE_string("output", None, "TFDS data directory to write into.")
+_NAME = flags.DEFINE_string("name", None, "Dataset name (lower-case identifier).")
+_RESIZE = flags.DEFINE_integer("resize", 256, "Shorter side in pixels (0: keep).")
+_STRIDE = flags.DEFINE_integer("frame_stride", 1, "Keep every n-th frame of a cine loop.")
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", 16, "At most this many frames per loop.")
+_CROP = flags.DEFINE_enum("crop", "auto", ["auto", "regions", "bbox", "none"], "Scan-region crop.")
+_VAL = flags.DEFINE_float("val_fraction", 0.0, "Fraction of patients in the val split.")
+_SALT = flags.DEFINE_string("salt", None, "Secret for the id hashes (default: $USFM_SALT or '').")
+_WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: all cores).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of this name.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    options = Options(
+        resize=_RESIZE.value,
+        frame_stride=_STRIDE.value,
+        max_frames=_MAX_FRAMES.value or None,
+        crop=_CROP.value,
+        val_fraction=_VAL.value,
+        salt=_SALT.value if _SALT.value is not None else os.environ.get("USFM_SALT", ""),
+    )
+    if not options.salt:
+        logging.warning("no --salt / $USFM_SALT: id hashes are unsalted (guessable for short ids)")
+    try:
+        card = ingest(_INPUT.value, _OUTPUT.value, _NAME.value, options,
+                      workers=_WORKERS.value, overwrite=_OVERWRITE.value)  # fmt: skip
+    except (ValueError, FileExistsError, NoUsableImages) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({k: card[k] for k in ("images", "files", "skipped_reasons")}, indent=2))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["input", "output", "name"])
+    app.run(main)
