@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import shutil
 import sys
@@ -195,9 +196,9 @@ class Writer:
     """Streams the worker pool's results into TFDS split generators, counting as it goes."""
 
     def __init__(self, items: Sequence[Item], splits: Sequence[str], organs: Sequence[str],
-                 options: Options, workers: int):  # fmt: skip
+                 options: Options, pool: multiprocessing.pool.Pool):  # fmt: skip
         self.items, self.splits, self.organs = items, splits, organs
-        self.options, self.workers = options, workers
+        self.options, self.pool = options, pool
         self.seen_hashes: set[str] = set()
         self.skipped: list[tuple[str, str]] = []
         self.duplicates = 0
@@ -213,24 +214,23 @@ class Writer:
         ]  # fmt: skip
         todo.sort(key=lambda t: (self.organs.index(t[1].organ), t[0]))
         jobs = [(item, self.options) for _, item in todo]
-        with multiprocessing.get_context("spawn").Pool(self.workers) as pool:
-            results = pool.imap(process_file, jobs, chunksize=4)
-            bar = tqdm.tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
-                            desc=f"ingest {split}", dynamic_ncols=True)  # fmt: skip
-            for (index, item), (records, error) in bar:
-                if error is not None:
-                    self.skipped.append((item.path, error))
+        results = self.pool.imap(process_file, jobs, chunksize=4)
+        bar = tqdm.tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
+                        desc=f"ingest {split}", dynamic_ncols=True)  # fmt: skip
+        for (index, item), (records, error) in bar:
+            if error is not None:
+                self.skipped.append((item.path, error))
+                continue
+            used = False
+            for record in records:
+                if record["content_hash"] in self.seen_hashes:
+                    self.duplicates += 1
                     continue
-                used = False
-                for record in records:
-                    if record["content_hash"] in self.seen_hashes:
-                        self.duplicates += 1
-                        continue
-                    self.seen_hashes.add(record["content_hash"])
-                    self.counts[split][item.organ] += 1
-                    used = True
-                    yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
-                self.files_used[split] += used
+                self.seen_hashes.add(record["content_hash"])
+                self.counts[split][item.organ] += 1
+                used = True
+                yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
+            self.files_used[split] += used
 
 
 def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
@@ -301,16 +301,18 @@ def ingest(
         raise ValueError(f"no candidate files under {input_path}")
     organs = sorted({item.organ for item in items})
     splits = [assign_split(patient_key(item), options) for item in items]
-    writer = Writer(items, splits, organs, options, workers or os.cpu_count() or 1)
-    builder = _builder_class(name, organs, writer)(data_dir=output, file_format="array_record")
-    try:
-        builder.download_and_prepare()
-        failure = None
-    except AssertionError:  # TFDS refuses a split that received no example
-        empty = [split for split in set(splits) if not sum(writer.counts[split].values())]
-        if not empty:
-            raise
-        failure = f"no usable image in split(s) {sorted(empty)}"
+    # Forked before TFDS starts any thread; unlike spawn it also works from an interactive session.
+    with multiprocessing.get_context("fork").Pool(workers or os.cpu_count() or 1) as pool:
+        writer = Writer(items, splits, organs, options, pool)
+        builder = _builder_class(name, organs, writer)(data_dir=output, file_format="array_record")
+        try:
+            builder.download_and_prepare()
+            failure = None
+        except AssertionError:  # TFDS refuses a split that received no example
+            empty = [split for split in set(splits) if not sum(writer.counts[split].values())]
+            if not empty:
+                raise
+            failure = f"no usable image in split(s) {sorted(empty)}"
     data_dir = os.path.join(output, name, VERSION)
     os.makedirs(data_dir, exist_ok=True)
     card = dataset_card(name, input_path, organs, options, writer, data_dir)
