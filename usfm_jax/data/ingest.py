@@ -301,8 +301,10 @@ def ingest(
         raise ValueError(f"no candidate files under {input_path}")
     organs = sorted({item.organ for item in items})
     splits = [assign_split(patient_key(item), options) for item in items]
-    # Forked before TFDS starts any thread; unlike spawn it also works from an interactive session.
-    with multiprocessing.get_context("fork").Pool(workers or os.cpu_count() or 1) as pool:
+    # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX, which
+    # is multithreaded and unsafe to fork, is loaded in this process (tests, notebooks).
+    context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+    with context.Pool(workers or os.cpu_count() or 1) as pool:
         writer = Writer(items, splits, organs, options, pool)
         builder = _builder_class(name, organs, writer)(data_dir=output, file_format="array_record")
         try:
