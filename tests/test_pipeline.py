@@ -121,14 +121,20 @@ def test_tfds_stream_is_organ_balanced_and_augmented(ingested_dir):
     assert drawn[3] > 5 * drawn[1] > 0  # liver (40 records) vs heart (3)
 
 
-def test_tfds_streams_per_process_are_disjoint_blocks_of_the_global_batch(ingested_dir):
+@pytest.mark.parametrize("processes", [2, 4])
+def test_tfds_streams_per_process_are_disjoint_blocks_of_the_global_batch(ingested_dir, processes):
     config = _tfds_config(ingested_dir)
-    one = next(iter(create_pretrain_dataset(config, process_index=0, process_count=1)))
-    parts = [
-        next(iter(create_pretrain_dataset(config, process_index=p, process_count=2)))
-        for p in range(2)
-    ]
-    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), one["image"])
+
+    def batches(index: int, count: int) -> list[np.ndarray]:
+        ds = create_pretrain_dataset(config, process_index=index, process_count=count)
+        return [b["image"] for b in itertools.islice(iter(ds), 3)]
+
+    one = batches(0, 1)
+    parts = [batches(p, processes) for p in range(processes)]
+    assert parts[0][0].shape[0] == 16 // processes
+    for k in range(3):  # global batch k = the processes' blocks, in process order
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), one[k])
+    assert [b.tobytes() for b in batches(1, processes)] == [b.tobytes() for b in parts[1]]
 
 
 def test_restored_iterator_yields_the_same_batches(ingested_dir):
