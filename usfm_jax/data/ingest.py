@@ -327,7 +327,14 @@ def ingest(
     return card
 
 
-def dataset_card(name, input_path, organs, options, writer, data_dir) -> dict:
+def dataset_card(
+    name: str,
+    input_path: str,
+    organs: Sequence[str],
+    options: Options,
+    writer: Writer,
+    data_dir: str,
+) -> dict:
     """What the dataset holds and how it was made; the pipeline reads organ ranges from here."""
     ranges = {}
     for split in SPLITS:
