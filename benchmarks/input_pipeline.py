@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from configs.pretrain import usfm_vitb16
 from usfm_jax.data.augment import AugmentConfig, augment
 from usfm_jax.data.ingest import Options, ingest
-from usfm_jax.data.pipeline import create_pretrain_dataset
+from usfm_jax.data.pipeline import create_pretrain_dataset, decode_image
 from usfm_jax.data.synthetic import generate
 
 
@@ -56,12 +56,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--png_compression", type=int, default=6, help="ingest's zlib level")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         write_exports(os.path.join(tmp, "exports"), args.images, tuple(args.source_size))
         card = ingest(os.path.join(tmp, "exports"), os.path.join(tmp, "tfds"), "bench",
-                      Options(resize=256, crop="none"), workers=os.cpu_count())  # fmt: skip
+                      Options(resize=256, crop="none", png_compression=args.png_compression),
+                      workers=os.cpu_count())  # fmt: skip
         config = usfm_vitb16.get_config()
         config.data.update(source="tfds", tfds_dir=card["data_dir"], num_threads=args.threads,
                            prefetch=4)  # fmt: skip
@@ -76,18 +78,23 @@ def main() -> None:
         assert batch["image"].shape == (args.batch, 224, 224, 1)
         rate = args.batches * args.batch / elapsed
 
-        source = tfds.builder_from_directory(card["data_dir"]).as_data_source(split="train")
+        source = tfds.builder_from_directory(card["data_dir"]).as_data_source(
+            split="train", decoders={"image": tfds.decode.SkipDecoding()}
+        )
         n = min(len(source), 200)
-        decode_ms = per_image_ms(lambda i: source[i % n], n)
-        raw = [source[i]["image"] for i in range(n)]
+        decode_ms = per_image_ms(lambda i: decode_image(source[i % n]["image"]), n)
+        raw = [decode_image(source[i]["image"]) for i in range(n)]
         cfg = AugmentConfig.from_mapping((224, 224), config.data.augment)
         rng = np.random.default_rng(0)
         augment_ms = per_image_ms(lambda i: augment(raw[i % n], rng, cfg), 4 * n)
         png = io.BytesIO()
-        PIL.Image.fromarray(raw[0][..., 0]).save(png, format="PNG")
+        PIL.Image.fromarray(raw[0][..., 0]).save(
+            png, format="PNG", compress_level=args.png_compression
+        )
 
     kib = len(png.getvalue()) / 1024
-    print(f"source {raw[0].shape[:2]} PNG ~{kib:.0f} KiB -> 224x224, batch {args.batch}, "
+    print(f"source {raw[0].shape[:2]} PNG (level {args.png_compression}) ~{kib:.0f} KiB -> "
+          f"224x224, batch {args.batch}, "
           f"{args.threads} thread(s) on {os.cpu_count()} cores")  # fmt: skip
     print(f"pipeline: {rate:.0f} images/s = {rate / args.threads:.0f} images/s per thread")
     bound = 1e3 / (decode_ms + augment_ms)

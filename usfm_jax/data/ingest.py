@@ -62,12 +62,15 @@ class Options:
     crop: str = "auto"
     val_fraction: float = 0.0
     salt: str = ""
+    png_compression: int = 6  # zlib level: 0 decodes ~2x faster at ~3x the disk of 6
 
     def __post_init__(self):
         if self.resize < 0:
             raise ValueError(f"--resize must be >= 0, got {self.resize}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.png_compression <= 9:
+            raise ValueError(f"--png_compression must be in [0, 9], got {self.png_compression}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +152,9 @@ def assign_split(patient: str, options: Options) -> str:
     return "val" if bucket < options.val_fraction else "train"
 
 
-def _png(frame: np.ndarray) -> bytes:
+def _png(frame: np.ndarray, level: int) -> bytes:
     buf = io.BytesIO()
-    PIL.Image.fromarray(frame).save(buf, format="PNG")
+    PIL.Image.fromarray(frame).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
 
 
@@ -175,7 +178,7 @@ def process_file(args: tuple[Item, Options]) -> tuple[list[dict], str | None]:
         study = item.study_id or image.study_id
         records.append(
             {
-                "image": _png(frame),
+                "image": _png(frame, options.png_compression),
                 "content_hash": hashlib.sha256(
                     np.asarray(frame.shape).tobytes() + frame.tobytes()
                 ).hexdigest(),
@@ -374,6 +377,9 @@ _MAX_FRAMES = flags.DEFINE_integer("max_frames", 16, "At most this many frames p
 _CROP = flags.DEFINE_enum("crop", "auto", ["auto", "regions", "bbox", "none"], "Scan-region crop.")
 _VAL = flags.DEFINE_float("val_fraction", 0.0, "Fraction of patients in the val split.")
 _SALT = flags.DEFINE_string("salt", None, "Secret for the id hashes (default: $USFM_SALT or '').")
+_PNG = flags.DEFINE_integer(
+    "png_compression", 6, "PNG zlib level 0-9: 0 decodes ~2x faster, ~3x larger files."
+)
 _WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: all cores).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of this name.")
 
@@ -386,6 +392,7 @@ def main(argv: list[str]) -> None:
         max_frames=_MAX_FRAMES.value or None,
         crop=_CROP.value,
         val_fraction=_VAL.value,
+        png_compression=_PNG.value,
         salt=_SALT.value if _SALT.value is not None else os.environ.get("USFM_SALT", ""),
     )
     if not options.salt:

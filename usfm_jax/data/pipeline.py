@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+import cv2
 import grain
 import jax
 import ml_collections
@@ -74,15 +75,25 @@ def organ_datasets(cfg: ml_collections.ConfigDict) -> dict[str, grain.MapDataset
             f"config.data.split={cfg.split!r}: the dataset has "
             f"{[s for s, r in card['organ_ranges'].items() if r]}"
         )
+    builder = tfds.builder_from_directory(cfg.tfds_dir)
+    # PNG bytes as stored: ``decode_image`` is ~2x faster than TFDS's own image decoding.
     source = grain.MapDataset.source(
-        tfds.builder_from_directory(cfg.tfds_dir).as_data_source(split=cfg.split)
+        builder.as_data_source(split=cfg.split, decoders={"image": tfds.decode.SkipDecoding()})
     )
     return {organ: source[start:end] for organ, (start, end) in ranges.items()}
 
 
+def decode_image(png: bytes) -> np.ndarray:
+    """PNG bytes of an ingested record -> uint8 [H, W, 1] (OpenCV's decoder, the fastest here)."""
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 2:
+        raise ValueError("an ingested image is not a single-channel PNG")
+    return image[..., None]
+
+
 def _image_and_organ(record: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Keeps what training reads of an ingested record (ids and hashes stay on disk)."""
-    return {"image": record["image"], "organ": np.int32(record["organ"])}
+    """Decodes what training reads of an ingested record (ids and hashes stay on disk)."""
+    return {"image": decode_image(record["image"]), "organ": np.int32(record["organ"])}
 
 
 def create_stream(config: ml_collections.ConfigDict) -> grain.MapDataset:
