@@ -57,13 +57,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--png_compression", type=int, default=6, help="ingest's zlib level")
+    ap.add_argument("--resize", type=int, default=256, help="ingest's shorter side")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         write_exports(os.path.join(tmp, "exports"), args.images, tuple(args.source_size))
-        card = ingest(os.path.join(tmp, "exports"), os.path.join(tmp, "tfds"), "bench",
-                      Options(resize=256, crop="none", png_compression=args.png_compression),
-                      workers=os.cpu_count())  # fmt: skip
+        options = Options(resize=args.resize, crop="none", png_compression=args.png_compression)
+        exports, out = os.path.join(tmp, "exports"), os.path.join(tmp, "tfds")
+        card = ingest(exports, out, "bench", options, workers=os.cpu_count())
         config = usfm_vitb16.get_config()
         config.data.update(source="tfds", tfds_dir=card["data_dir"], num_threads=args.threads,
                            prefetch=4)  # fmt: skip

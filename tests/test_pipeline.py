@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
+from absl import flags
 from conftest import make_tiny_config
 
 from usfm_jax import parallel
@@ -174,3 +175,17 @@ def test_training_reads_an_ingested_dataset(ingested_dir, tmp_path):
     config = _tfds_config(ingested_dir)
     means = train(config, str(tmp_path))
     assert np.isfinite(means["loss"]) and means["loss_spatial"] > 0
+
+
+def test_worker_processes_yield_the_same_batches():
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
+    config = make_tiny_config()
+    threads = _fingerprints(config, 0, 1, 3)
+    config.data.worker_count = 2
+    it = iter(create_pretrain_dataset(config, process_index=0, process_count=1))
+    try:
+        workers = [image.tobytes() for b in itertools.islice(it, 3) for image in b["image"]]
+    finally:
+        it.close()
+    assert workers == threads
