@@ -96,12 +96,19 @@ def test_every_valid_image_lands_and_counts_are_right(ingested):
 
 def test_bad_files_are_skipped_with_reasons(ingested, source_tree):
     _, card = ingested
-    with open(os.path.join(card["data_dir"], "skipped.csv")) as f:
+    out, _ = ingested
+    with open(os.path.join(out, "us_test_skipped_paths.csv")) as f:  # outside the dataset
         rows = {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
     assert set(rows) == {"empty.png", "truncated.dcm", "truncated.png", "notes.dcm", "report.dcm"}
     assert "empty" in rows["empty.png"]
     assert "pixel data" in rows["report.dcm"]
-    assert all(reason for reason in rows.values())
+    assert all(reason and source_tree not in reason for reason in rows.values())
+    with open(os.path.join(card["data_dir"], "skipped.csv")) as f:  # in it: hashes only
+        hashed = {r["path_hash"]: r["reason"] for r in csv.DictReader(f)}
+    key = os.path.join("thyroid", "bad", "report.dcm")
+    assert hashed[salted_hash(key, SALT)] == rows["report.dcm"]
+    with open(os.path.join(card["data_dir"], "skipped.csv"), "rb") as f:
+        assert source_tree.encode() not in f.read()
 
 
 def test_landed_dicom_pixels_match_pydicom(ingested, source_tree):
@@ -109,7 +116,7 @@ def test_landed_dicom_pixels_match_pydicom(ingested, source_tree):
     ds = _load(card)
     by_path = {ds[i]["path_hash"].decode(): ds[i] for i in range(len(ds))}
     # the JPEG 2000 file landed (its uncompressed twin was the duplicate): same pixels as the twin
-    landed = by_path[salted_hash(os.path.join(source_tree, "liver", "US1_J2KR.dcm"), SALT)]
+    landed = by_path[salted_hash(os.path.join("liver", "US1_J2KR.dcm"), SALT)]  # relative path
     expected = _luma(
         pydicom.dcmread(os.path.join(source_tree, "liver", "US1_UNCR.dcm")).pixel_array
     )

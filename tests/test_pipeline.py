@@ -165,6 +165,8 @@ def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
         (dict(weighting="uniform"), r"config\.data\.weighting='uniform'"),
         (dict(weighting="explicit", organ_weights="liver=1"), r"config\.data\.organ_weights"),
         (dict(organ_weights="liver:1"), r"config\.data: config\.data\.organ_weights"),
+        (dict(organ_weights="liver=1,liver=2"), r"'liver' is given twice"),
+        (dict(worker_count=-1), r"config\.data\.worker_count=-1"),
     ]
     for data, match in cases:
         with pytest.raises(ConfigError, match=match):

@@ -97,8 +97,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _one_of(config, "data.source", SOURCES)
     if config.data.source == "tfds":
         _check_tfds_data(config)
-    _require(config.data.num_images >= 1, "data.num_images", config.data.num_images, ">= 1")
-    for field in ("num_threads", "prefetch"):
+    if config.data.source == "synthetic":
+        _require(config.data.num_images >= 1, "data.num_images", config.data.num_images, ">= 1")
+    for field in ("num_threads", "prefetch", "worker_count"):
         _require(config.data[field] >= 0, f"data.{field}", config.data[field], "expected >= 0")
 
     m = config.model

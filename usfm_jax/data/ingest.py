@@ -15,9 +15,11 @@ hashes. Patients are split between train and val as a whole (a hash of the patie
 Output, in ``DATA_DIR/NAME/1.0.0``: the TFDS dataset (readable without TensorFlow through
 ``tfds.builder_from_directory(...).as_data_source(split)``), records grouped by organ in each
 split; ``dataset_card.json`` (per-organ counts and index ranges per split, options, what was
-skipped and why) and ``skipped.csv`` (path, reason) beside it. Files run in parallel over the
-cores; a file that cannot be read is skipped and reported, never fatal. Exit status 0 unless no
-usable image was found.
+skipped and why) and ``skipped.csv`` (path hash, reason) beside it. The raw paths of the skipped
+files, for the user to act on, go to ``DATA_DIR/NAME_skipped_paths.csv``, outside the dataset.
+Files run in parallel over the cores; a file that cannot be read is skipped and reported, never
+fatal. Exit status 0 unless no usable image was found. Pixels are not scrubbed: text burned into
+an image (outside the scan region when cropping) stays.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Item:
 
     path: str
     organ: str
+    key: str = ""  # the path relative to the input root: hashed, and stable across mounts
     patient_id: str | None = None
     study_id: str | None = None
     device: str | None = None
@@ -86,7 +89,7 @@ class Item:
 
 
 class NoUsableImages(RuntimeError):
-    """Nothing (or nothing for one split) could be read: see skipped.csv."""
+    """Nothing (or nothing for one split) could be read: see the skipped-files report."""
 
 
 def salted_hash(value: str, salt: str) -> str:
@@ -105,7 +108,11 @@ def list_items(input_path: str) -> list[Item]:
             for root, dirs, files in os.walk(top):
                 dirs.sort()
                 items.extend(
-                    Item(os.path.join(root, f), organ)
+                    Item(
+                        os.path.join(root, f),
+                        organ,
+                        os.path.relpath(os.path.join(root, f), input_path),
+                    )
                     for f in sorted(files)
                     if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith(".")
                 )
@@ -123,10 +130,11 @@ def _read_manifest(path: str) -> list[Item]:
         raise ValueError(f"manifest {path} needs a header with at least 'path' and 'organ' columns")
     items = []
     for line, row in enumerate(rows, start=2):
+        row = {k: (v or "").strip() for k, v in row.items() if k}
         if not row["path"] or not row["organ"]:
             raise ValueError(f"manifest {path}, line {line}: empty path or organ")
         extra = {k: (row.get(k) or None) for k in MANIFEST_COLUMNS[2:]}
-        items.append(Item(os.path.join(base, row["path"]), row["organ"].strip(), **extra))
+        items.append(Item(os.path.join(base, row["path"]), row["organ"], row["path"], **extra))
     return items
 
 
@@ -136,12 +144,15 @@ def patient_key(item: Item) -> str:
     if item.patient_id:
         return item.patient_id
     try:
-        ds = pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=["PatientID"])
-        if ds.get("PatientID"):
-            return str(ds.PatientID)
+        ds = pydicom.dcmread(
+            item.path, stop_before_pixels=True, specific_tags=["PatientID"], force=True
+        )  # force: like the reader, accept DICOM files without the preamble
+        patient = str(ds.get("PatientID") or "").strip()
+        if patient:
+            return patient
     except Exception:  # not DICOM, or unreadable: the reader reports it later
         pass
-    return f"file:{item.path}"
+    return f"file:{item.key}"
 
 
 def assign_split(patient: str, options: Options) -> str:
@@ -182,7 +193,7 @@ def process_file(args: tuple[Item, Options]) -> tuple[list[dict], str | None]:
                 "content_hash": hashlib.sha256(
                     np.asarray(frame.shape).tobytes() + frame.tobytes()
                 ).hexdigest(),
-                "path_hash": salted_hash(item.path, options.salt),
+                "path_hash": salted_hash(item.key, options.salt),
                 "patient_hash": salted_hash(patient, options.salt) if patient else "",
                 "study_hash": salted_hash(study, options.salt) if study else "",
                 "device": item.device or image.device or "",
@@ -203,7 +214,7 @@ class Writer:
         self.items, self.splits, self.organs = items, splits, organs
         self.options, self.pool = options, pool
         self.seen_hashes: set[str] = set()
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped: list[tuple[str, str, str]] = []  # (key, path, reason)
         self.duplicates = 0
         self.counts = {split: Counter() for split in SPLITS}
         self.files_used = Counter()
@@ -222,7 +233,7 @@ class Writer:
                         desc=f"ingest {split}", dynamic_ncols=True)  # fmt: skip
         for (index, item), (records, error) in bar:
             if error is not None:
-                self.skipped.append((item.path, error))
+                self.skipped.append((item.key, item.path, error.replace(item.path, "<file>")))
                 continue
             used = False
             for record in records:
@@ -295,13 +306,13 @@ def ingest(
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
     target = os.path.join(output, name)
-    if os.path.exists(target):
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-        shutil.rmtree(target)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     items = list_items(input_path)
     if not items:
         raise ValueError(f"no candidate files under {input_path}")
+    if os.path.exists(target):  # only once the new input is known to hold candidates
+        shutil.rmtree(target)
     organs = sorted({item.organ for item in items})
     splits = [assign_split(patient_key(item), options) for item in items]
     # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX, which
@@ -320,19 +331,23 @@ def ingest(
             failure = f"no usable image in split(s) {sorted(empty)}"
     data_dir = os.path.join(output, name, VERSION)
     os.makedirs(data_dir, exist_ok=True)
-    card = dataset_card(name, input_path, organs, options, writer, data_dir)
+    card = dataset_card(name, organs, options, writer, data_dir)
     with open(os.path.join(data_dir, "dataset_card.json"), "w") as f:
         json.dump(card, f, indent=2)
+    # The dataset keeps path hashes only; the raw paths, for the user to act on, stay outside it.
+    hashed = [(salted_hash(key, options.salt), reason) for key, _, reason in writer.skipped]
     with open(os.path.join(data_dir, "skipped.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("path", "reason"), *writer.skipped])
+        csv.writer(f).writerows([("path_hash", "reason"), *hashed])
+    report = os.path.join(output, f"{name}_skipped_paths.csv")
+    with open(report, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "reason"), *((p, r) for _, p, r in writer.skipped)])
     if failure:
-        raise NoUsableImages(f"{failure}; the reasons are in {data_dir}/skipped.csv")
+        raise NoUsableImages(f"{failure}; the reasons are in {report}")
     return card
 
 
 def dataset_card(
     name: str,
-    input_path: str,
     organs: Sequence[str],
     options: Options,
     writer: Writer,
@@ -347,13 +362,12 @@ def dataset_card(
             if count:
                 ranges[split][organ] = [start, start + count]
             start += count
-    reasons = Counter(reason.split(":")[0] for _, reason in writer.skipped)
+    reasons = Counter(reason.split(":")[0] for _, _, reason in writer.skipped)
     return {
         "name": name,
         "version": VERSION,
         "data_dir": data_dir,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "source": os.path.abspath(input_path),
         "organs": list(organs),
         "images": {split: dict(writer.counts[split]) for split in SPLITS},
         "organ_ranges": ranges,

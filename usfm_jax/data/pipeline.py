@@ -40,15 +40,18 @@ def parse_organ_weights(text: str) -> dict[str, float] | None:
         return None
     weights = {}
     for item in text.split(","):
-        organ, sep, value = item.partition("=")
+        organ, sep, value = (part.strip() for part in item.partition("="))
         try:
-            weights[organ.strip()] = float(value)
+            weight = float(value)
         except ValueError:
             sep = ""
-        if not sep:
+        if not sep or not organ:
             raise ValueError(
                 f"config.data.organ_weights: expected 'organ=weight,...', got {item!r}"
             )
+        if organ in weights:
+            raise ValueError(f"config.data.organ_weights: {organ!r} is given twice")
+        weights[organ] = weight
     return weights
 
 
