@@ -85,7 +85,9 @@ def test_every_valid_image_lands_and_counts_are_right(ingested):
     expected = {"liver": 1, "kidney": 2, "heart": 3, "breast": 1, "thyroid": 4}
     assert card["images"]["train"] == expected
     assert card["duplicates_removed"] == len(DUPLICATE_FILES)
-    assert card["files"] == {"listed": 16, "used": {"train": 9}, "skipped": 5}
+    assert card["files"] == {
+        "listed": 16, "used": {"train": 9}, "skipped": 5, "all_frames_duplicate": 2
+    }  # fmt: skip
     ds = _load(card)
     assert len(ds) == sum(expected.values())
     names = card["organs"]

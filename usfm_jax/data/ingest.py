@@ -218,6 +218,7 @@ class Writer:
         self.duplicates = 0
         self.counts = {split: Counter() for split in SPLITS}
         self.files_used = Counter()
+        self.files_all_duplicate = 0  # read fine, but every frame was already in the dataset
 
     def examples(self, split: str) -> Iterator[tuple[str, dict]]:
         """Examples of one split, grouped by organ (the items are sorted by organ)."""
@@ -245,6 +246,7 @@ class Writer:
                 used = True
                 yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
             self.files_used[split] += used
+            self.files_all_duplicate += not used
 
 
 def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
@@ -314,11 +316,12 @@ def ingest(
     if os.path.exists(target):  # only once the new input is known to hold candidates
         shutil.rmtree(target)
     organs = sorted({item.organ for item in items})
-    splits = [assign_split(patient_key(item), options) for item in items]
     # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX, which
     # is multithreaded and unsafe to fork, is loaded in this process (tests, notebooks).
     context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
     with context.Pool(workers or os.cpu_count() or 1) as pool:
+        patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
+        splits = [assign_split(patient, options) for patient in patients]
         writer = Writer(items, splits, organs, options, pool)
         builder = _builder_class(name, organs, writer)(data_dir=output, file_format="array_record")
         try:
@@ -375,6 +378,7 @@ def dataset_card(
             "listed": len(writer.items),
             "used": dict(writer.files_used),
             "skipped": len(writer.skipped),
+            "all_frames_duplicate": writer.files_all_duplicate,
         },
         "skipped_reasons": dict(reasons),
         "duplicates_removed": writer.duplicates,
