@@ -77,7 +77,7 @@ def main() -> None:
     config.frequency.enabled = args.objective in ("frequency", "dual")
 
     mesh = parallel.create_mesh(config.mesh)
-    objective, _, state, step = create_training(config, mesh)
+    objective, _, state, step, _ = create_training(config, mesh)
     source = SyntheticUltrasound(config.batch_size, config.image_size)
     images = np.stack([source[i]["image"] for i in range(config.batch_size)])
     batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}

@@ -15,7 +15,7 @@ from usfm_jax.train_step import create_training, init_state
 def _run(config, devices, steps: int = 3):
     """Runs ``steps`` steps on ``devices``; returns (per-step metrics, final params, state)."""
     mesh = parallel.create_mesh(config.mesh, devices)
-    _, _, state, step_fn = create_training(config, mesh)
+    _, _, state, step_fn, _ = create_training(config, mesh)
     data = iter(create_pretrain_dataset(config, process_index=0, process_count=1))
     history = []
     for _ in range(steps):
@@ -133,7 +133,7 @@ def test_ffts_and_views_stay_on_each_devices_share_of_the_batch():
     config = make_tiny_config(**{"objective.frequency_fft_weight": 1.0})
     config.mesh.update(data=4, fsdp=2)
     mesh = parallel.create_mesh(config.mesh)
-    _, _, state, step_fn = create_training(config, mesh)
+    _, _, state, step_fn, _ = create_training(config, mesh)
     batch = global_batch({"image": np.zeros((16, 32, 48, 1), np.uint8)}, mesh)
     hlo = step_fn.lower(state, batch).compile().as_text().splitlines()
     ffts = [line for line in hlo if " fft(" in line]

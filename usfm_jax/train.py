@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from usfm_jax import parallel
+from usfm_jax.checkpoint import Checkpointer
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.reporting import Reporter
@@ -29,8 +30,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (pyth
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs pre-training; returns the metrics of the last logging window."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+) -> dict[str, float]:
+    """Runs pre-training (resuming from the workdir's latest checkpoint if there is one);
+    returns the metrics of the last logging window. ``stop_after`` ends this invocation after
+    that many steps, with a checkpoint (a time-sliced job)."""
     validate(config, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -38,7 +43,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             f.write(config.to_json_best_effort(indent=2))
 
     mesh = parallel.create_mesh(config.mesh)
-    objective, graphdef, state, train_step = create_training(config, mesh)
+    objective, graphdef, state, train_step, shardings = create_training(config, mesh)
     preview = parallel.jit_in_mesh(
         make_preview(config, graphdef, objective), mesh, out_shardings=parallel.replicated(mesh)
     )
@@ -50,13 +55,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
     data = iter(create_pretrain_dataset(config))
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    state, _ = checkpointer.restore_latest(state, shardings, data)
     start = int(state.step)
+    end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
+    if start >= config.total_steps:
+        logging.info("%s already holds step %d of %d: nothing to do", workdir, start, end)
+        checkpointer.close()
+        return {}
     reporter = Reporter(
         workdir, total_steps=config.total_steps, start_step=start, batch_size=config.batch_size
     )
     compile_start = time.perf_counter()
     means = {}
-    for step in range(start + 1, config.total_steps + 1):
+    for step in range(start + 1, end + 1):
         batch = global_batch({"image": next(data)["image"]}, mesh)
         state, metrics = train_step(state, batch)
         reporter.step(metrics)
@@ -69,10 +81,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
             reporter.images(step, preview(state, batch))
             reporter.restart_timer(step)  # keep previews (and their compilation) out of images/s
+        checkpointer.save(step, state, data, config, force=step == end)
+    checkpointer.close()
     reporter.close()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump({"step": config.total_steps, **means}, f, indent=2)
+            json.dump({"step": end, **means}, f, indent=2)
     return means
 
 

@@ -153,14 +153,19 @@ def jit_train_step(
 def create_training(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> tuple[
-    DualMIM, nnx.GraphDef, TrainState, Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    DualMIM,
+    nnx.GraphDef,
+    TrainState,
+    Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    Any,
 ]:
-    """Everything a run needs to step: objective, model graph, initial state, compiled step."""
+    """Everything a run needs to step: objective, model graph, initial state, compiled step, and
+    the state's shardings (for restoring checkpoints onto this mesh)."""
     objective = create_objective(config)
     tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
     graphdef, state, shardings = init_state(config, tx, mesh)
     step = make_train_step(config, graphdef, objective, tx, schedule)
-    return objective, graphdef, state, jit_train_step(step, shardings, mesh)
+    return objective, graphdef, state, jit_train_step(step, shardings, mesh), shardings
 
 
 def make_preview(

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.spatial.mask_patch_size = 16
     c.frequency.update(center_protect=2, base_bw=4, max_increase=8)
     c.optimizer.update(base_lr=1.6e-2, warmup_steps=args.steps // 10)
+    c.checkpoint.every = 200
     c.log_every = 25
     c.image_every = args.steps // 4
     return c

@@ -110,6 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Mesh axis sizes (-1: all remaining devices); arrays under fsdp_min_size stay replicated.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**16))
 
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3))  # steps, checkpoints
+
     c.log_every = 100
     c.image_every = 2000
     c.num_preview_images = 4
