@@ -9,6 +9,8 @@ so a resumed run draws the same masks as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any
 
 import grain
@@ -78,3 +80,28 @@ class Checkpointer:
         """Waits for pending saves to finish."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a pre-emption notice) into a request to stop at the next step boundary.
+
+    The train loop checks ``requested`` after each step, saves a checkpoint of that step, waits
+    for it and returns normally, so the process exits 0 and the next run resumes there.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

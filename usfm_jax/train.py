@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from usfm_jax import parallel
-from usfm_jax.checkpoint import Checkpointer
+from usfm_jax.checkpoint import Checkpointer, PreemptionGuard
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.reporting import Reporter
@@ -68,20 +68,26 @@ def train(
     )
     compile_start = time.perf_counter()
     means = {}
-    for step in range(start + 1, end + 1):
-        batch = global_batch({"image": next(data)["image"]}, mesh)
-        state, metrics = train_step(state, batch)
-        reporter.step(metrics)
-        if step == start + 1:
-            jax.block_until_ready(metrics)
-            logging.info("first step (compile + run): %.1f s", time.perf_counter() - compile_start)
-            reporter.restart_timer(step)  # keep compilation out of images/s
-        if step % config.log_every == 0 or step == config.total_steps:
-            means = reporter.flush(step)
-        if config.image_every and (step % config.image_every == 0 or step == config.total_steps):
-            reporter.images(step, preview(state, batch))
-            reporter.restart_timer(step)  # keep previews (and their compilation) out of images/s
-        checkpointer.save(step, state, data, config, force=step == end)
+    with PreemptionGuard() as preemption:
+        for step in range(start + 1, end + 1):
+            batch = global_batch({"image": next(data)["image"]}, mesh)
+            state, metrics = train_step(state, batch)
+            reporter.step(metrics)
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                elapsed = time.perf_counter() - compile_start
+                logging.info("first step (compile + run): %.1f s", elapsed)
+                reporter.restart_timer(step)  # keep compilation out of images/s
+            last = step == end or preemption.requested
+            if step % config.log_every == 0 or last:
+                means = reporter.flush(step)
+            if config.image_every and (step % config.image_every == 0 or last):
+                reporter.images(step, preview(state, batch))
+                reporter.restart_timer(step)  # keep previews out of images/s
+            checkpointer.save(step, state, data, config, force=last)
+            if last:
+                end = step
+                break
     checkpointer.close()
     reporter.close()
     if jax.process_index() == 0:
