@@ -141,3 +141,24 @@ def test_ffts_and_views_stay_on_each_devices_share_of_the_batch():
     assert {line.split("c64[")[1].split(",")[0] for line in ffts} == {"2", "4"}
     assert not [line for line in hlo if "all-gather" in line and "c64" in line]
     assert not [line for line in hlo if "all-to-all" in line]
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    config = make_tiny_config()
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    _, _, state, step_fn, _ = create_training(config, mesh)
+    before = jax.device_get(state.params)
+    poisoned = np.full((16, 32, 48, 1), np.nan, np.float32)  # a batch forced to contain NaN
+    for bad in (1, 2):
+        state, metrics = step_fn(state, global_batch({"image": poisoned}, mesh))
+        assert int(metrics["skipped"]) == 1 and int(state.bad_steps) == bad
+    assert int(state.step) == 2
+    _assert_close(jax.device_get(state.params), before, rtol=0)  # parameters unchanged
+    clean = np.zeros((16, 32, 48, 1), np.uint8)
+    for _ in range(2):  # optax's schedule counts applied updates: the first one has lr 0
+        state, metrics = step_fn(state, global_batch({"image": clean}, mesh))
+        assert int(metrics["skipped"]) == 0 and int(state.bad_steps) == 0
+    fc1 = state.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    assert not np.array_equal(
+        jax.device_get(fc1), before["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    )

@@ -83,7 +83,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         size,
         f"must be a multiple of config.model.patch_size={patch}",
     )
-    for field in ("batch_size", "total_steps", "log_every"):
+    for field in ("batch_size", "total_steps", "log_every", "max_bad_steps"):
         _require(config[field] > 0, field, config[field], "expected > 0")
     _require(config.image_every >= 0, "image_every", config.image_every, "expected >= 0")
     if config.image_every:

@@ -34,6 +34,8 @@ def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
                 out[name] = float(values.sum() / count)
         elif name == "lr":
             out[name] = float(values[-1])
+        elif name == "skipped":
+            out[name] = float(values.sum())  # steps skipped in the window
         else:
             out[name] = float(values.mean())
     return out

@@ -26,6 +26,11 @@ from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.reporting import Reporter
 from usfm_jax.train_step import create_training, make_preview
 
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (python).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
 
@@ -81,6 +86,13 @@ def train(
             last = step == end or preemption.requested
             if step % config.log_every == 0 or last:
                 means = reporter.flush(step)
+                if int(state.bad_steps) >= config.max_bad_steps:
+                    checkpointer.close()  # the last good checkpoint stays the latest
+                    raise TrainingDiverged(
+                        f"{int(state.bad_steps)} consecutive steps had a non-finite loss or "
+                        f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
+                        f"checkpoint in {workdir}/checkpoints is from before them"
+                    )
             if config.image_every and (step % config.image_every == 0 or last):
                 reporter.images(step, preview(state, batch))
                 reporter.restart_timer(step)  # keep previews out of images/s
@@ -110,7 +122,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
+    except (ConfigError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
 
 

@@ -36,6 +36,7 @@ class TrainState:
     params: dict[str, Any]  # pure nested dict of float32 arrays
     opt_state: optax.OptState
     rng: jax.Array  # uint32 [2]: raw data of the run's key; step keys are fold_in(rng, step)
+    bad_steps: jax.Array  # int32: consecutive steps skipped for a non-finite loss or gradient
 
     def step_key(self) -> jax.Array:
         """The PRNG key of the current step: a function of the run's key and the step alone."""
@@ -67,6 +68,7 @@ def init_state(
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(config.seed)),
+            bad_steps=jnp.zeros((), jnp.int32),
         )
 
     graphdef = nnx.graphdef(abstract_model(config))
@@ -122,16 +124,26 @@ def make_train_step(
                 ),
             )
             ((loss, sums), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient skips the update: parameters and optimizer unchanged.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "skipped": 1 - finite.astype(jnp.int32),
             **sums,
             **{f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)},
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        )
         return new_state, metrics
 
     return train_step

@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**16))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3))  # steps, checkpoints
+    c.max_bad_steps = 100  # stop after this many consecutive non-finite (skipped) steps
 
     c.log_every = 100
     c.image_every = 2000
