@@ -1,9 +1,13 @@
 """Checkpoints of a run: train state, data-iterator state and config, with orbax (async).
 
-A run started in a workdir that holds checkpoints continues from the latest one: the state is
-restored into abstract arrays that carry this run's shardings (so the device count may differ),
-and the grain iterator into the exact next batch. The step's PRNG key is derived from the state,
-so a resumed run draws the same masks as an uninterrupted one.
+A run started in a workdir that holds checkpoints continues from the newest usable one: the state
+is restored into abstract arrays that carry this run's shardings (so the device count may
+differ), and the grain iterator to the exact next batch. The step's PRNG key is derived from the
+state, so a resumed run draws the same masks and batches as an uninterrupted one.
+
+Each checkpoint also holds a fingerprint of every array (a position-weighted wrapping sum of its
+bits), checked after restoring: a truncated or bit-flipped checkpoint is reported by name and set
+aside (moved, never deleted), and the one before it is used.
 """
 
 from __future__ import annotations
@@ -11,50 +15,216 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+_policies = ocp.checkpoint_managers
+UNUSABLE_DIR = "unusable_checkpoints"  # where corrupt checkpoints are moved, beside checkpoints/
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the workdir can be used; the message says why."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """The checkpoint was written by a run with other parameter shapes (another model/optimizer)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """The checkpoint's contents differ from what was saved."""
+
+
+def leaf_name(path: tuple) -> str:
+    """'params.encoder.blocks.0.attn.qkv.kernel' for a pytree key path (orbax's naming)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """{dotted name: leaf} of a pytree (a train state, or orbax's metadata of one)."""
+    return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """uint32: sum over elements of bits * (2 * flat_index + 1), wrapping. Any single changed bit
+    or zeroed run changes it, and integer sums are exact whatever the sharding."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = jnp.dtype(f"uint{x.dtype.itemsize * 8}")
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):  # flat index without a reshape (keeps the sharding)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * np.uint32(stride)
+        stride *= x.shape[dim]
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprint(tree: Any) -> dict[str, int]:
+    """{leaf name: uint32 fingerprint} of every array in ``tree``, computed on device."""
+    sums = named_leaves(_fingerprints(tree))
+    return {name: int(np.asarray(x.addressable_data(0))) for name, x in sums.items()}
+
+
+def check_fingerprint(tree: Any, saved: dict[str, int], where: str) -> None:
+    """Raises CorruptCheckpoint naming the arrays of ``tree`` whose fingerprint differs."""
+    bad = [name for name, value in fingerprint(tree).items() if saved.get(name) != value]
+    if bad:
+        raise CorruptCheckpoint(
+            f"{len(bad)} array(s) of {where} differ from their saved fingerprint (first: {bad[0]})"
+        )
+
+
+def _all_processes(ok: bool) -> bool:
+    """True if ``ok`` on every process (so all processes take the same checkpoint)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def describe_error(error: BaseException) -> str:
+    """One line about ``error`` for a warning (TensorStore's messages run to pages)."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    return f"{type(error).__name__}: {first}"[:300]
 
 
 class Checkpointer:
-    """Saves every ``config.checkpoint.every`` steps (and at the end), keeps the last ``keep``."""
+    """Saves every ``cfg.every`` steps, at the first step of a fresh run (an unwritable directory
+    shows at once) and on pre-emption; keeps the last ``cfg.keep`` plus every multiple of
+    ``cfg.keep_every`` (if > 0). Saves are asynchronous: training continues while they write."""
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+        root = workdir if "://" in workdir else os.path.abspath(workdir)
+        self.directory = epath.Path(root) / "checkpoints"
+        self.unusable_directory = epath.Path(root) / UNUSABLE_DIR
+        preserve = [_policies.LatestN(cfg.keep)]
+        if cfg.keep_every:
+            preserve.append(_policies.EveryNSteps(cfg.keep_every))
         self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            self.directory,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "fingerprint": ocp.JsonCheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=cfg.every,
-                max_to_keep=cfg.keep,
+                save_decision_policy=_policies.AnySavePolicy(
+                    [
+                        _policies.InitialSavePolicy(),
+                        _policies.FixedIntervalPolicy(cfg.every),
+                        _policies.PreemptionCheckpointingPolicy(),
+                    ]
+                ),
+                preservation_policy=_policies.AnyPreservationPolicy(preserve),
+                cleanup_tmp_directories=True,  # what a save killed midway left behind
                 enable_async_checkpointing=True,
             ),
         )
 
+    def step_path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
     def restore_latest(
         self, state: Any, shardings: Any, data: grain.DatasetIterator
-    ) -> tuple[Any, bool]:
-        """(restored state, True) from the latest checkpoint, or (``state``, False) if none.
+    ) -> tuple[Any, int | None]:
+        """(restored state, its step) from the newest usable checkpoint, or (``state``, None) if
+        there is none. ``data`` is moved to the saved position in place.
 
-        ``data`` is moved to the saved position in place.
+        Unreadable or corrupt checkpoints are reported, skipped and moved to
+        ``unusable_checkpoints/``; one written for other parameter shapes is an error.
         """
-        step = self.manager.latest_step()
-        if step is None:
-            return state, False
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                data=grain.checkpoint.CheckpointRestore(data),
-            ),
-        )
-        logging.info("resumed from %s, step %d", self.manager.directory, step)
-        return restored.state, True
+        unusable = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self._check_compatible(step, target)
+                restored, problem = self._restore(step, target, data), None
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:  # anything unreadable: fall back to the one before
+                restored, problem = None, describe_error(e)
+            if not _all_processes(problem is None):
+                problem = problem or "unreadable on another process"
+                logging.warning(
+                    "checkpoint %s is unusable (%s); trying the one before it",
+                    self.step_path(step),
+                    problem,
+                )
+                unusable.append((step, problem))
+                continue
+            self._set_aside([s for s, _ in unusable])
+            logging.info("resumed from %s", self.step_path(step))
+            return restored, step
+        if unusable:
+            details = "; ".join(f"{self.step_path(s)}: {p}" for s, p in unusable)
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory} ({details}). Move the directory away "
+                "to start afresh."
+            )
+        return state, None
+
+    def _check_compatible(self, step: int, target: Any) -> None:
+        metadata = self.manager.item_metadata(step)["state"]
+        if metadata is None:
+            raise CorruptCheckpoint("its state metadata is missing")
+        saved, wanted = named_leaves(metadata), named_leaves(target)
+        path = self.step_path(step)
+        for name in sorted(saved.keys() | wanted.keys()):
+            if name not in saved or name not in wanted:
+                where = "this run's state" if name in wanted else str(path)
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {path} does not fit this run: {name} is only in {where}. "
+                    "Was it written with another model or optimizer config? Use a new --workdir."
+                )
+            was, now = saved[name], wanted[name]
+            if tuple(was.shape) != tuple(now.shape) or np.dtype(was.dtype) != np.dtype(now.dtype):
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {path} does not fit this run: {name} is "
+                    f"{np.dtype(was.dtype).name}{list(was.shape)} there and "
+                    f"{np.dtype(now.dtype).name}{list(now.shape)} here. Was it written with "
+                    "another model or optimizer config? Use a new --workdir."
+                )
+
+    def _restore(self, step: int, target: Any, data: grain.DatasetIterator) -> Any:
+        items = {
+            "state": ocp.args.StandardRestore(target),
+            "data": grain.checkpoint.CheckpointRestore(data),
+            "fingerprint": ocp.args.JsonRestore(),
+        }
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        check_fingerprint(restored.state, restored.fingerprint, str(self.step_path(step)))
+        return restored.state
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unusable checkpoints out of the way (kept for inspection, never deleted)."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            self.unusable_directory.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                destination = self.unusable_directory / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.step_path(step).rename(destination)
+                logging.warning(
+                    "moved unusable checkpoint %s to %s", self.step_path(step), destination
+                )
+        multihost_utils.sync_global_devices("usfm_jax: unusable checkpoints set aside")
+        self.manager.reload()
 
     def save(
         self,
@@ -65,15 +235,26 @@ class Checkpointer:
         *,
         force: bool = False,
     ) -> bool:
-        """Saves if the interval (or ``force``) says so; returns whether a save started."""
+        """Saves if the policies (or ``force``) say so; returns whether a save started. Returns
+        as soon as the state is copied to host memory; the write continues in the background.
+
+        Interval saves wait while non-finite steps are being skipped, so that the latest
+        checkpoint stays the last good one if the run diverges.
+        """
+        if not (force or self.manager.should_save(step)):
+            return False
+        if not force and int(state.bad_steps):
+            logging.warning("step %d: not saving during a run of skipped (non-finite) steps", step)
+            return False
         return self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data),
                 config=ocp.args.JsonSave(config.to_dict()),
+                fingerprint=ocp.args.JsonSave(fingerprint(state)),
             ),
-            force=force,
+            force=True,
         )
 
     def close(self) -> None:
@@ -83,10 +264,13 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (a pre-emption notice) into a request to stop at the next step boundary.
+    """Turns a pre-emption notice (SIGTERM) into a stop at a step boundary.
 
-    The train loop checks ``requested`` after each step, saves a checkpoint of that step, waits
-    for it and returns normally, so the process exits 0 and the next run resumes there.
+    The train loop asks ``reached(step)`` after each step; when it says so, the loop saves a
+    checkpoint of that step, waits for it and returns normally: exit status 0, and the next run
+    resumes there. With several processes, JAX's distributed runtime receives the notice and
+    agrees on the step at which all processes stop (``reached_preemption_sync_point``); in a
+    single process a SIGTERM handler sets a flag.
     """
 
     def __init__(self):
@@ -94,13 +278,23 @@ class PreemptionGuard:
         self._previous = None
 
     def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is threading.main_thread():
+        single = jax.process_count() == 1
+        if single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to checkpoint ``step`` and stop (every process gets the same answer)."""
+        if self.requested or jax.process_count() == 1:
+            return self.requested
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # preemption service disabled: no notices
+            return False
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:

@@ -86,6 +86,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("batch_size", "total_steps", "log_every", "max_bad_steps"):
         _require(config[field] > 0, field, config[field], "expected > 0")
     _require(config.image_every >= 0, "image_every", config.image_every, "expected >= 0")
+    for field in ("every", "keep"):
+        value = config.checkpoint[field]
+        _require(value > 0, f"checkpoint.{field}", value, "expected > 0")
+    keep_every = config.checkpoint.keep_every
+    _require(keep_every >= 0, "checkpoint.keep_every", keep_every, "expected >= 0 (0: none)")
     if config.image_every:
         _require(
             config.num_preview_images >= 1,

@@ -50,6 +50,23 @@ def image_grid(rows: np.ndarray, pad: int = 2) -> np.ndarray:
     return (grid * 255).round().astype(np.uint8)
 
 
+def _open_log(path: str, start_step: int):
+    """Opens metrics.jsonl for appending, keeping only the rows of steps <= ``start_step``."""
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by a killed process
+    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here loses nothing
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
 class Reporter:
     """Collects per-step metrics and writes them to stdout, TensorBoard and metrics.jsonl."""
 
@@ -60,9 +77,12 @@ class Reporter:
         self.restart_timer(start_step)
         self.writer = self.jsonl = None
         if self.is_main:
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            mode = "w" if start_step == 0 else "a"  # a fresh run starts a fresh log
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), mode)  # noqa: SIM115
+            # A resumed run drops what was logged after its checkpoint (it logs those steps again).
+            self.writer = SummaryWriter(
+                os.path.join(workdir, "tensorboard"),
+                purge_step=start_step + 1 if start_step else None,
+            )
+            self.jsonl = _open_log(os.path.join(workdir, "metrics.jsonl"), start_step)
         self.progress = tqdm.tqdm(
             total=total_steps,
             initial=start_step,

@@ -1,7 +1,10 @@
 """Pre-training entry point.
 
     python -m usfm_jax.train --config configs/pretrain/demo.py --workdir runs/demo \
-        [--config.total_steps=1000 ...]
+        [--config.total_steps=1000 ...] [--stop_after=N]
+
+A workdir that holds checkpoints is resumed from its newest usable one. SIGTERM saves the
+current step and exits 0.
 
 Reads top to bottom as one run: config -> mesh -> objective, optimizer, state -> compiled step ->
 loop over the data (log, preview) -> summary.
@@ -20,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from usfm_jax import parallel
-from usfm_jax.checkpoint import Checkpointer, PreemptionGuard
+from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.reporting import Reporter
@@ -33,6 +36,13 @@ class TrainingDiverged(RuntimeError):
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (python).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after",
+    None,
+    "Stop this invocation after N steps, with a checkpoint (for time-sliced jobs); the next "
+    "invocation in the same workdir continues.",
+    lower_bound=1,
+)
 
 
 def train(
@@ -62,7 +72,7 @@ def train(
     data = iter(create_pretrain_dataset(config))
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state, _ = checkpointer.restore_latest(state, shardings, data)
-    start = int(state.step)
+    start = int(state.step)  # 0, or the restored checkpoint's step
     end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
     if start >= config.total_steps:
         logging.info("%s already holds step %d of %d: nothing to do", workdir, start, end)
@@ -83,7 +93,7 @@ def train(
                 elapsed = time.perf_counter() - compile_start
                 logging.info("first step (compile + run): %.1f s", elapsed)
                 reporter.restart_timer(step)  # keep compilation out of images/s
-            last = step == end or preemption.requested
+            last = step == end or preemption.reached(step)
             if step % config.log_every == 0 or last:
                 means = reporter.flush(step)
                 if int(state.bad_steps) >= config.max_bad_steps:
@@ -121,8 +131,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, TrainingDiverged) as e:
+        train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    except (CheckpointError, ConfigError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
 
 

@@ -110,7 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Mesh axis sizes (-1: all remaining devices); arrays under fsdp_min_size stay replicated.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**16))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3))  # steps, checkpoints
+    # Save every `every` steps (and at the first step and on pre-emption); keep the last `keep`
+    # and, for the record, every multiple of `keep_every` (0: none).
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, keep_every=10_000))
     c.max_bad_steps = 100  # stop after this many consecutive non-finite (skipped) steps
 
     c.log_every = 100

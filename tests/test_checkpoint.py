@@ -1,0 +1,308 @@
+"""Checkpoints: exact resume after SIGKILL, other device counts, corrupt checkpoints, retention,
+divergence, and exporting parameters alone."""
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import make_tiny_config
+
+from usfm_jax import checkpoint, train
+from usfm_jax.checkpoint import CheckpointError, IncompatibleCheckpoint, fingerprint
+from usfm_jax.export import export_params, load_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo recipe, short: 1 loss line per step, a checkpoint every 4 steps.
+DEMO_FLAGS = [
+    "--config", "configs/pretrain/demo.py", "--config.log_every=1", "--config.image_every=0",
+    "--config.checkpoint.every=4", "--config.optimizer.warmup_steps=3",
+]  # fmt: skip
+TOTAL = 24
+
+
+def _demo(workdir, *extra: str, devices: int = 8, **popen) -> subprocess.Popen:
+    """Starts the training CLI on ``devices`` fake CPU devices; stdout carries the step lines."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "usfm_jax.train", *DEMO_FLAGS, f"--workdir={workdir}", *extra]
+    stderr = open(os.path.join(workdir, "stderr.txt"), "a")  # noqa: SIM115
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, **popen
+    )
+
+
+def _finish(proc: subprocess.Popen, workdir) -> None:
+    proc.communicate(timeout=600)
+    with open(os.path.join(workdir, "stderr.txt")) as f:
+        assert proc.returncode == 0, f.read()[-3000:]
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Per-step losses from metrics.jsonl; a step logged twice fails the test."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict[int, float]:
+    """Losses of an uninterrupted demo run on 8 devices."""
+    workdir = tmp_path_factory.mktemp("straight")
+    _finish(_demo(workdir, f"--config.total_steps={TOTAL}"), workdir)
+    return _losses(workdir)
+
+
+def _kill_at_step(proc: subprocess.Popen, step: int) -> None:
+    for line in proc.stdout:
+        if line.startswith(f"step {step}:"):
+            break
+    proc.kill()
+    proc.wait()
+
+
+def _kill_during_save(proc: subprocess.Popen, workdir) -> str:
+    """SIGKILLs the run while an async save is being written; returns what was being written."""
+    pattern = os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")
+    deadline = time.monotonic() + 300
+    while not (writing := glob.glob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert writing, "no save seen in progress"
+    return writing[0]
+
+
+def test_sigkill_three_times_resumes_bit_exact(tmp_path, straight):
+    """Killed at two random steps and once in the middle of a save, and restarted each time:
+    the per-step losses equal the uninterrupted run's exactly, each step logged once."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    first, third = sorted(random.Random(seed).sample(range(2, TOTAL - 1), 2))
+    run = lambda: _demo(tmp_path, f"--config.total_steps={TOTAL}", bufsize=1)
+    _kill_at_step(run(), first)
+    resumed = max(_steps(tmp_path), default=0)  # 0: killed before the first save finished
+    writing = _kill_during_save(run(), tmp_path)  # the next save after the resumed step
+    assert int(os.path.basename(writing).split(".")[0]) > resumed
+    third = max(third, max(_steps(tmp_path), default=0) + 1)
+    _kill_at_step(run(), third)
+    _finish(run(), tmp_path)
+    assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*")), "partial save left behind"
+    pieces = _losses(tmp_path)
+    assert pieces == straight, f"seed {seed}: kills at step {first}, in save {writing}, {third}"
+
+
+@pytest.mark.parametrize("before, after", [(8, 4), (4, 8)])
+def test_resume_on_another_device_count(tmp_path, straight, before, after):
+    """Saved with one device count, resumed with another: every later loss matches the
+    uninterrupted 8-device run within 1e-5 relative."""
+    stop = 10
+    total = f"--config.total_steps={TOTAL}"
+    _finish(_demo(tmp_path, total, f"--stop_after={stop}", devices=before), tmp_path)
+    assert max(_steps(tmp_path)) == stop
+    _finish(_demo(tmp_path, total, devices=after), tmp_path)
+    losses = _losses(tmp_path)
+    assert sorted(losses) == list(range(1, TOTAL + 1))
+    for step in range(stop + 1, TOTAL + 1):
+        np.testing.assert_allclose(losses[step], straight[step], rtol=1e-5, err_msg=f"{step}")
+
+
+def _tiny(**overrides) -> ml_collections.ConfigDict:
+    config = make_tiny_config(
+        **{"log_every": 1, "image_every": 0, "checkpoint.every": 3, **overrides}
+    )
+    config.total_steps = 9
+    return config
+
+
+def _read_numpy(state_dir) -> dict:
+    """A saved train state as a dict of numpy arrays, read with orbax alone."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    to_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
+    layout = checkpointer.metadata(state_dir).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: to_numpy, layout)
+    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _corrupt(step_dir, how: str) -> None:
+    """Damages a checkpoint the way disks and killed copies do."""
+    if how == "truncated":  # the largest data file, cut in half
+        files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+        largest = max(files, key=os.path.getsize)
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
+    elif how == "bit flip":  # one bit of one weight, rewritten in valid orbax format
+        state = _read_numpy(os.path.join(step_dir, "state"))
+        state["params"]["encoder"]["patch_embed"]["proj"]["kernel"].view(np.uint32)[0, 0] ^= 1 << 9
+        shutil.rmtree(os.path.join(step_dir, "state"))
+        ocp.PyTreeCheckpointer().save(os.path.join(step_dir, "state"), state)
+    else:  # metadata lost
+        os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+@pytest.fixture(scope="module")
+def tiny_straight(tmp_path_factory) -> dict[int, float]:
+    """Losses of an uninterrupted tiny run."""
+    workdir = tmp_path_factory.mktemp("tiny_straight")
+    train.train(_tiny(), str(workdir))
+    return _losses(workdir)
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit flip", "metadata lost"])
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, how, caplog, tiny_straight):
+    config = _tiny()
+    workdir = tmp_path / "damaged"
+    train.train(config, str(workdir), stop_after=6)  # saved at 1, 3 and 6
+    _corrupt(workdir / "checkpoints" / "6", how)
+    with caplog.at_level("WARNING"):
+        train.train(config, str(workdir))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    named = [w for w in warnings if f"checkpoint {workdir}/checkpoints/6 is unusable" in w]
+    assert named, warnings
+    if how == "bit flip":  # readable, but not what was saved
+        assert "differ from their saved fingerprint" in named[0]
+    set_aside = os.listdir(workdir / checkpoint.UNUSABLE_DIR)
+    assert [name.split("-")[0] for name in set_aside] == ["6"]  # moved, not deleted
+    assert _losses(workdir) == tiny_straight  # resumed at 3: the same run
+
+
+def test_all_checkpoints_unusable_is_an_error_naming_them(tmp_path):
+    config = _tiny()
+    train.train(config, str(tmp_path), stop_after=3)  # saved at 1 and 3
+    for step in (1, 3):
+        _corrupt(tmp_path / "checkpoints" / str(step), "metadata lost")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*checkpoints/3: .*/1: "):
+        train.train(config, str(tmp_path))
+    assert _steps(tmp_path) == [1, 3]  # left in place for the user to decide
+
+
+def test_checkpoint_of_another_model_is_an_error_naming_the_first_key(tmp_path):
+    train.train(_tiny(), str(tmp_path), stop_after=3)
+    first_mismatch = r"opt_state\.\S+\.bias is float32\[32\] there and float32\[64\] here"
+    with pytest.raises(IncompatibleCheckpoint, match=first_mismatch):
+        train.train(_tiny(**{"model.width": 64}), str(tmp_path))
+    assert _steps(tmp_path) == [1, 3]
+
+
+def test_retention_keeps_the_last_n_and_every_kth(tmp_path):
+    config = _tiny(**{"checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.keep_every": 4})
+    config.total_steps = 10
+    train.train(config, str(tmp_path))
+    assert _steps(tmp_path) == [4, 8, 9, 10]
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """From step 5 on every batch holds NaN: those updates are skipped, interval saves wait, and
+    after max_bad_steps in a row the run stops with the step-4 checkpoint as its latest."""
+    config = _tiny(**{"checkpoint.every": 2, "max_bad_steps": 3})
+    clean = train.global_batch
+    calls = []
+
+    def poisoned(local, mesh):
+        calls.append(1)
+        images = local["image"].astype(np.float32)
+        if len(calls) >= 5:
+            images[0, 0, 0, 0] = np.nan
+        return clean({"image": images}, mesh)
+
+    monkeypatch.setattr(train, "global_batch", poisoned)
+    with pytest.raises(train.TrainingDiverged, match="3 consecutive steps"):
+        train.train(config, str(tmp_path))
+    assert _steps(tmp_path) == [1, 2, 4]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in logged] == [0, 0, 0, 0, 1, 1, 1]
+    saved = load_params(str(tmp_path)).params
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+
+
+def _numpy_fingerprint(x: np.ndarray) -> int:
+    """Independent reference: sum of bits * (2i + 1) over the C-order flat index i, mod 2**32."""
+    x = np.asarray(x)
+    bits = x.astype(np.uint8) if x.dtype == bool else x.view(f"uint{x.dtype.itemsize * 8}")
+    weights = 2 * np.arange(x.size, dtype=np.uint64) + 1
+    return int((bits.ravel().astype(np.uint64) * weights).sum() % 2**32)
+
+
+def test_fingerprint_matches_numpy_is_sharding_invariant_and_sees_one_bit():
+    rng = np.random.default_rng(0)
+    tree = {
+        "f32": rng.normal(size=(16, 24)).astype(np.float32),
+        "bf16": jnp.asarray(rng.normal(size=(8, 3, 5)), jnp.bfloat16),
+        "i32": rng.integers(-(2**31), 2**31 - 1, size=(40,), dtype=np.int32),
+        "flag": np.array([True, False, True]),
+        "scalar": np.float32(3.5),
+    }
+    got = fingerprint(tree)
+    assert got == {k: _numpy_fingerprint(np.asarray(v)) for k, v in tree.items()}
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = jax.device_put(tree["f32"], jax.NamedSharding(mesh, jax.P(None, "data")))
+    assert fingerprint({"f32": sharded}) == {"f32": got["f32"]}
+    flipped = tree["f32"].copy()
+    flipped.view(np.uint32)[7, 11] ^= 1 << 30
+    assert fingerprint({"f32": flipped})["f32"] != got["f32"]
+    swapped = tree["f32"].copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert fingerprint({"f32": swapped})["f32"] != got["f32"]
+
+
+def test_export_holds_the_parameters_alone_bit_for_bit(tmp_path):
+    train.train(_tiny(), str(tmp_path / "run"), stop_after=3)
+    state_dir = tmp_path / "run" / "checkpoints" / "3" / "state"
+    full = _read_numpy(state_dir)  # the whole train state, read independently
+    info = export_params(str(tmp_path / "run"), str(tmp_path / "export"))
+    assert info["step"] == 3
+    assert info["num_params"] == sum(x.size for x in jax.tree.leaves(full["params"]))
+    exported = load_params(str(tmp_path / "export"))
+    assert exported.step == 3 and exported.config["model"]["width"] == 32
+    for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(full["params"]), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    saved = ocp.PyTreeCheckpointer().metadata(tmp_path / "export" / "params").item_metadata.tree
+    assert set(saved) == {"encoder", "head"}  # no optimizer state, no step
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        export_params(str(tmp_path / "run"), str(tmp_path / "export"))
+    with pytest.raises(CheckpointError, match=r"no step 2 in .*; it has steps \[1, 3\]"):
+        load_params(str(tmp_path / "run"), step=2)
+
+
+def test_export_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "usfm_jax.export", f"--checkpoint={tmp_path}/nothing",
+           f"--out={tmp_path}/out"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no checkpoint at {tmp_path}/nothing: it does not exist"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+    proc = _demo(tmp_path, "--config.total_steps=5000", bufsize=1)
+    try:
+        for line in proc.stdout:  # wait until training runs
+            if line.startswith("step 10:"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _finish(proc, tmp_path)
+    finally:
+        proc.kill()
+    stopped = json.loads((tmp_path / "summary.json").read_text())["step"]
+    assert 10 <= stopped < 5000
+    assert max(_steps(tmp_path)) == stopped
+    more = _demo(tmp_path, f"--config.total_steps={stopped + 2}")  # the next run continues
+    _finish(more, tmp_path)
+    assert sorted(_losses(tmp_path))[-3:] == [stopped, stopped + 1, stopped + 2]

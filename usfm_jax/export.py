@@ -1,0 +1,133 @@
+"""A checkpoint's parameters alone, without the optimizer: for inference and conversion.
+
+    python -m usfm_jax.export --checkpoint runs/demo [--step 600] --out exports/demo-600
+
+``--checkpoint`` names a workdir, its ``checkpoints/`` directory or one step's directory; the
+newest step is taken unless ``--step`` says otherwise. An export directory holds ``params/`` (an
+orbax checkpoint of the model's parameter dict), ``config.json`` (the run's config) and
+``export.json`` (source, step, parameter count and the parameters' fingerprint). ``load_params``
+reads a training checkpoint or an export alike, verifying the fingerprint either way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from etils import epath
+
+from usfm_jax.checkpoint import CheckpointError, check_fingerprint, describe_error, fingerprint
+
+
+class Parameters(NamedTuple):
+    params: dict[str, Any]  # nested dict of numpy arrays, as in TrainState.params
+    config: dict[str, Any]  # the run's config, as saved
+    step: int
+    source: str  # the step or export directory read
+
+
+def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
+    """The step directory (holding ``state/``) or export directory (holding ``params/``) that
+    ``path`` and ``step`` name; a CheckpointError says what is missing."""
+    root = epath.Path(path)
+    if not root.exists():
+        raise CheckpointError(f"no checkpoint at {path}: it does not exist")
+    if (root / "params").exists() or (root / "state").exists():
+        if step is not None and root.name != str(step):
+            raise CheckpointError(f"{path} is the checkpoint of one step; do not pass a step")
+        return root
+    if (root / "checkpoints").exists():
+        root = root / "checkpoints"
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(root, options=options) as manager:
+        steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint in {path} (expected a workdir, its checkpoints/ directory, a step "
+            "directory or an export)"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"no step {step} in {root}; it has steps {steps}")
+    return root / str(step)
+
+
+def _read_numpy(directory: epath.Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An orbax PyTree checkpoint (or its entries ``keys``) as numpy arrays on the host."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(directory).item_metadata.tree
+    if keys:
+        tree = {key: tree[key] for key in keys}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    args = ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True)
+    return checkpointer.restore(directory, args=args)
+
+
+def load_params(path: str, step: int | None = None) -> Parameters:
+    """The model parameters of a training checkpoint or an export, fingerprint-checked."""
+    source = find_checkpoint(path, step)
+    try:
+        if (source / "params").exists():  # an export
+            info = json.loads((source / "export.json").read_text())
+            params = {"params": _read_numpy(source / "params")}
+            config = json.loads((source / "config.json").read_text())
+            saved, step = info["fingerprint"], info["step"]
+        else:
+            state = _read_numpy(source / "state", ("params", "step"))
+            params, step = {"params": state["params"]}, int(state["step"])
+            read_json = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore
+            config, saved = read_json(source / "config"), read_json(source / "fingerprint")
+    except Exception as e:  # unreadable: say which checkpoint and why, in one line
+        raise CheckpointError(f"cannot read {source}: {describe_error(e)}") from e
+    check_fingerprint(params, saved, str(source))
+    return Parameters(params["params"], config, step, str(source))
+
+
+def export_params(path: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Writes the parameters of ``path`` (at ``step``, default newest) to a new directory
+    ``out``; returns the contents of its export.json."""
+    destination = epath.Path(out)
+    if destination.exists() and any(destination.iterdir()):
+        raise CheckpointError(f"--out {out} exists and is not empty; choose another directory")
+    loaded = load_params(path, step)
+    destination.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(destination / "params", loaded.params)
+    (destination / "config.json").write_text(json.dumps(loaded.config, indent=2))
+    info = {
+        "source": loaded.source,
+        "step": loaded.step,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(loaded.params))),
+        "fingerprint": fingerprint({"params": loaded.params}),
+    }
+    (destination / "export.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A workdir, its checkpoints/ directory, or one step's directory."
+)
+_STEP = flags.DEFINE_integer("step", None, "The step to export (default: the newest).")
+_OUT = flags.DEFINE_string("out", None, "New directory for the export.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
+    try:
+        info = export_params(_CHECKPOINT.value, _OUT.value, _STEP.value)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"exported {info['num_params']:,} parameters of step {info['step']} to {_OUT.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["checkpoint", "out"])
+    app.run(main)
