@@ -44,6 +44,11 @@ class CorruptCheckpoint(CheckpointError):
     """The checkpoint's contents differ from what was saved."""
 
 
+def as_path(path: str) -> epath.Path:
+    """A local path made absolute (orbax needs that), or a URL such as gs://... as it is."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def leaf_name(path: tuple) -> str:
     """'params.encoder.blocks.0.attn.qkv.kernel' for a pytree key path (orbax's naming)."""
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -107,9 +112,8 @@ class Checkpointer:
     ``cfg.keep_every`` (if > 0). Saves are asynchronous: training continues while they write."""
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
-        root = workdir if "://" in workdir else os.path.abspath(workdir)
-        self.directory = epath.Path(root) / "checkpoints"
-        self.unusable_directory = epath.Path(root) / UNUSABLE_DIR
+        self.directory = as_path(workdir) / "checkpoints"
+        self.unusable_directory = as_path(workdir) / UNUSABLE_DIR
         preserve = [_policies.LatestN(cfg.keep)]
         if cfg.keep_every:
             preserve.append(_policies.EveryNSteps(cfg.keep_every))

@@ -12,16 +12,24 @@ reads a training checkpoint or an export alike, verifying the fingerprint either
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import sys
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 
-from usfm_jax.checkpoint import CheckpointError, check_fingerprint, describe_error, fingerprint
+from usfm_jax.checkpoint import (
+    CheckpointError,
+    as_path,
+    check_fingerprint,
+    describe_error,
+    fingerprint,
+)
+from usfm_jax.reporting import quiet_library_logs
 
 
 class Parameters(NamedTuple):
@@ -34,7 +42,7 @@ class Parameters(NamedTuple):
 def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
     """The step directory (holding ``state/``) or export directory (holding ``params/``) that
     ``path`` and ``step`` name; a CheckpointError says what is missing."""
-    root = epath.Path(path)
+    root = as_path(path)
     if not root.exists():
         raise CheckpointError(f"no checkpoint at {path}: it does not exist")
     if (root / "params").exists() or (root / "state").exists():
@@ -43,9 +51,7 @@ def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
         return root
     if (root / "checkpoints").exists():
         root = root / "checkpoints"
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(root, options=options) as manager:
-        steps = sorted(manager.all_steps())
+    steps = sorted(ocp.path.step.checkpoint_steps(root))  # finalized ones only
     if not steps:
         raise CheckpointError(
             f"no checkpoint in {path} (expected a workdir, its checkpoints/ directory, a step "
@@ -92,7 +98,7 @@ def load_params(path: str, step: int | None = None) -> Parameters:
 def export_params(path: str, out: str, step: int | None = None) -> dict[str, Any]:
     """Writes the parameters of ``path`` (at ``step``, default newest) to a new directory
     ``out``; returns the contents of its export.json."""
-    destination = epath.Path(out)
+    destination = as_path(out)
     if destination.exists() and any(destination.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; choose another directory")
     loaded = load_params(path, step)
@@ -120,7 +126,7 @@ _OUT = flags.DEFINE_string("out", None, "New directory for the export.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
+    quiet_library_logs(std_logging.ERROR)  # orbax warns of missing optional metadata files
     try:
         info = export_params(_CHECKPOINT.value, _OUT.value, _STEP.value)
     except CheckpointError as e:

@@ -9,6 +9,7 @@ average correctly. Only process 0 writes.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import time
 from collections.abc import Mapping
@@ -16,9 +17,22 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 import tqdm
+from absl import logging
 from tensorboardX import SummaryWriter
 
 from usfm_jax.objectives.dual import BRANCHES
+
+_CHATTY = ("/orbax/", "/grain/", "/jax/_src/")  # libraries that narrate every file and step
+
+
+def quiet_library_logs(level: int = std_logging.WARNING) -> None:
+    """Hides what orbax, grain and JAX log below ``level`` (a few hundred INFO lines per run);
+    usfm_jax's own lines still show."""
+    logging.get_absl_handler().python_handler.addFilter(
+        lambda record: (
+            record.levelno >= level or not any(part in record.pathname for part in _CHATTY)
+        )
+    )
 
 
 def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:

@@ -26,7 +26,7 @@ from usfm_jax import parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
-from usfm_jax.reporting import Reporter
+from usfm_jax.reporting import Reporter, quiet_library_logs
 from usfm_jax.train_step import create_training, make_preview
 
 
@@ -130,6 +130,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     try:
         train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
     except (CheckpointError, ConfigError, TrainingDiverged) as e:
