@@ -155,9 +155,11 @@ def test_non_finite_steps_are_skipped_and_counted():
     assert int(state.step) == 2
     _assert_close(jax.device_get(state.params), before, rtol=0)  # parameters unchanged
     clean = np.zeros((16, 32, 48, 1), np.uint8)
-    for _ in range(2):  # optax's schedule counts applied updates: the first one has lr 0
+    _, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    for applied in range(2):  # the schedule counts applied updates, and lr logs what was used
         state, metrics = step_fn(state, global_batch({"image": clean}, mesh))
         assert int(metrics["skipped"]) == 0 and int(state.bad_steps) == 0
+        assert float(metrics["lr"]) == float(schedule(applied)) != float(schedule(applied + 2))
     fc1 = state.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
     assert not np.array_equal(
         jax.device_get(fc1), before["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]

@@ -53,3 +53,10 @@ def create_optimizer(
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     )
     return optax.chain(*parts), schedule
+
+
+def applied_updates(opt_state: optax.OptState) -> jax.Array:
+    """The schedule's step: how many updates were applied (skipped steps do not count)."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    (state,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
+    return state.count

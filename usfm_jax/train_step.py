@@ -23,7 +23,7 @@ from usfm_jax import parallel
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views, create_objective
 from usfm_jax.objectives.pixel import denormalize_patches
-from usfm_jax.optim import create_optimizer
+from usfm_jax.optim import applied_updates, create_optimizer
 from usfm_jax.patches import patchify, unpatchify
 
 Batch = dict[str, jax.Array]
@@ -133,7 +133,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": schedule(state.step),
+            "lr": schedule(applied_updates(state.opt_state)),  # the lr of this update
             "skipped": 1 - finite.astype(jnp.int32),
             **sums,
             **{f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)},
