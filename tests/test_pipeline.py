@@ -19,12 +19,13 @@ from usfm_jax.data.synthetic import SyntheticUltrasound, generate
 from usfm_jax.train import train
 
 
+def _images(batches) -> list[bytes]:
+    return [image.tobytes() for batch in batches for image in batch["image"]]
+
+
 def _fingerprints(config, process_index: int, process_count: int, batches: int) -> list[bytes]:
     ds = create_pretrain_dataset(config, process_index=process_index, process_count=process_count)
-    out = []
-    for batch in itertools.islice(iter(ds), batches):
-        out.extend(image.tobytes() for image in batch["image"])
-    return out
+    return _images(itertools.islice(iter(ds), batches))
 
 
 def test_batches_have_the_configured_shape_and_type():
@@ -191,3 +192,15 @@ def test_worker_processes_yield_the_same_batches():
     finally:
         it.close()
     assert workers == threads
+
+
+def test_a_stream_opened_at_a_step_starts_at_that_global_batch():
+    config = make_tiny_config()
+    for process_count in (1, 2):
+        from_start = _fingerprints(config, process_count - 1, process_count, 5)
+        ds = create_pretrain_dataset(
+            config, process_index=process_count - 1, process_count=process_count, start_step=3
+        )
+        rows = config.batch_size // process_count
+        later = _images(itertools.islice(iter(ds), 2))
+        assert later == from_start[3 * rows : 5 * rows]  # batches 3 and 4 of this process

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -143,10 +144,13 @@ class Checkpointer:
         return self.directory / str(step)
 
     def restore_latest(
-        self, state: Any, shardings: Any, data: grain.DatasetIterator
-    ) -> tuple[Any, int | None]:
-        """(restored state, its step) from the newest usable checkpoint, or (``state``, None) if
-        there is none. ``data`` is moved to the saved position in place.
+        self, state: Any, shardings: Any, make_data: Callable[[int], grain.DatasetIterator]
+    ) -> tuple[Any, grain.DatasetIterator]:
+        """(state, data iterator) at the newest usable checkpoint, or (``state``,
+        ``make_data(0)``) if there is none. ``make_data(step)`` opens this process's data stream
+        at a global step; the saved iterator position is restored into ``make_data(0)``, unless
+        the checkpoint was written by another number of processes: then the stream is opened at
+        the restored step (global batches do not depend on the process count).
 
         Unreadable or corrupt checkpoints are reported, skipped and moved to
         ``unusable_checkpoints/``; one written for other parameter shapes is an error.
@@ -154,6 +158,7 @@ class Checkpointer:
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
+        data = make_data(0)
         unusable = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -174,14 +179,23 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
-            return restored, step
+            restored_state, data_restored = restored
+            if not data_restored:
+                logging.info(
+                    "%s was written by another number of processes: data stream opened at "
+                    "global step %d",
+                    self.step_path(step),
+                    step,
+                )
+                data = make_data(step)
+            return restored_state, data
         if unusable:
             details = "; ".join(f"{self.step_path(s)}: {p}" for s, p in unusable)
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory} ({details}). Move the directory away "
                 "to start afresh."
             )
-        return state, None
+        return state, data
 
     def _check_compatible(self, step: int, target: Any) -> None:
         metadata = self.manager.item_metadata(step)["state"]
@@ -205,15 +219,20 @@ class Checkpointer:
                     "another model or optimizer config? Use a new --workdir."
                 )
 
-    def _restore(self, step: int, target: Any, data: grain.DatasetIterator) -> Any:
+    def _restore(self, step: int, target: Any, data: grain.DatasetIterator) -> tuple[Any, bool]:
+        """(state, whether ``data`` was moved to the saved position)."""
         items = {
             "state": ocp.args.StandardRestore(target),
-            "data": grain.checkpoint.CheckpointRestore(data),
             "fingerprint": ocp.args.JsonRestore(),
         }
+        # grain saves one file per process: process_{i}-of-{n}.json
+        layout = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        same_processes = (self.step_path(step) / "data" / layout).exists()
+        if same_processes:
+            items["data"] = grain.checkpoint.CheckpointRestore(data)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         check_fingerprint(restored.state, restored.fingerprint, str(self.step_path(step)))
-        return restored.state
+        return restored.state, same_processes
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unusable checkpoints out of the way (kept for inspection, never deleted)."""

@@ -22,10 +22,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from usfm_jax import parallel
+from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
+from usfm_jax.distributed import DistributedError
 from usfm_jax.reporting import Reporter, quiet_library_logs
 from usfm_jax.train_step import create_training, make_preview
 
@@ -36,6 +37,14 @@ class TrainingDiverged(RuntimeError):
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (python).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    distributed.MODES,
+    "Multi-process runs. auto: join the cluster that USFM_COORDINATOR, USFM_NUM_PROCESSES and "
+    "USFM_PROCESS_ID describe, if set; on: let JAX find it (Cloud TPU, SLURM, Open MPI); off: "
+    "one process.",
+)
 _STOP_AFTER = flags.DEFINE_integer(
     "stop_after",
     None,
@@ -69,9 +78,10 @@ def train(
         objective.branches,
     )
 
-    data = iter(create_pretrain_dataset(config))
     checkpointer = Checkpointer(workdir, config.checkpoint)
-    state, _ = checkpointer.restore_latest(state, shardings, data)
+    state, data = checkpointer.restore_latest(
+        state, shardings, lambda step: iter(create_pretrain_dataset(config, start_step=step))
+    )
     start = int(state.step)  # 0, or the restored checkpoint's step
     end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
     if start >= config.total_steps:
@@ -132,8 +142,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
     try:
+        distributed.initialize(_DISTRIBUTED.value)
         train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
-    except (CheckpointError, ConfigError, TrainingDiverged) as e:
+    except (CheckpointError, ConfigError, DistributedError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
 
 

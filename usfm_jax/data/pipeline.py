@@ -125,9 +125,10 @@ def create_pretrain_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_step: int = 0,
 ) -> grain.IterDataset:
-    """This process's share of each global batch: dicts of ``image`` uint8 [B_local, H, W, 1]
-    and ``organ`` int32 [B_local]."""
+    """This process's share of each global batch from global batch ``start_step`` on: dicts of
+    ``image`` uint8 [B_local, H, W, 1] and ``organ`` int32 [B_local]."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if config.batch_size % process_count:
@@ -138,7 +139,7 @@ def create_pretrain_dataset(
     # Global batch k is items [k B, (k + 1) B) of the stream whatever the number of processes;
     # process p holds its p-th block of rows, the rows its devices own in the global array.
     ds = create_stream(config).batch(config.batch_size // process_count, drop_remainder=True)
-    ds = ds[process_index::process_count]
+    ds = ds[process_index::process_count][start_step:]
     ids = ds.to_iter_dataset(
         grain.ReadOptions(
             num_threads=config.data.num_threads,

@@ -1,0 +1,122 @@
+"""Several JAX processes on localhost (JAX's distributed runtime, gloo collectives on CPU)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from usfm_jax import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 12
+FLAGS = [
+    "--config", "configs/pretrain/demo.py", "--config.log_every=1", "--config.image_every=0",
+    "--config.checkpoint.every=4", "--config.optimizer.warmup_steps=3",
+    f"--config.total_steps={TOTAL}",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(workdir, processes: int, devices: int, *extra: str) -> None:
+    """Runs the training CLI as ``processes`` processes with ``devices`` CPU devices each."""
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if processes > 1:
+        env.update(USFM_COORDINATOR=f"127.0.0.1:{_free_port()}", USFM_NUM_PROCESSES=str(processes))
+    procs, logs = [], []
+    for i in range(processes):
+        logs.append(open(os.path.join(workdir, f"process_{i}.log"), "w"))  # noqa: SIM115
+        cmd = [sys.executable, "-m", "usfm_jax.train", *FLAGS, f"--workdir={workdir}", *extra]
+        env_i = dict(env, USFM_PROCESS_ID=str(i)) if processes > 1 else env
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env_i, stdout=logs[i], stderr=logs[i]))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p, log in zip(procs, logs, strict=True):
+            p.kill()
+            log.close()
+    for i, code in enumerate(codes):
+        with open(os.path.join(workdir, f"process_{i}.log")) as f:
+            assert code == 0, f"process {i} of {processes}:\n" + f.read()[-3000:]
+
+
+def _losses(workdir) -> dict[int, float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[int, float]:
+    """Losses of the demo recipe in one process with 8 devices."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    _run(workdir, 1, 8)
+    return _losses(workdir)
+
+
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, one_process):
+    """2 processes x 4 devices give the 1 x 8 loss curve (each process feeds its block of every
+    global batch: had both read the same rows, the losses would differ); the checkpoint they
+    write, with one data-iterator state per process, resumes in a single process."""
+    _run(tmp_path, 2, 4, "--stop_after=6")
+    two = _losses(tmp_path)
+    assert sorted(two) == list(range(1, 7))
+    for step, loss in two.items():
+        np.testing.assert_allclose(loss, one_process[step], rtol=1e-5, err_msg=f"step {step}")
+    data = sorted(os.listdir(tmp_path / "checkpoints" / "6" / "data"))
+    assert [n for n in data if n.endswith(".json")] == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+
+    _run(tmp_path, 1, 8)  # another process count: the data stream is opened at step 6
+    resumed = _losses(tmp_path)
+    assert sorted(resumed) == list(range(1, TOTAL + 1))
+    for step in range(7, TOTAL + 1):
+        np.testing.assert_allclose(resumed[step], one_process[step], rtol=1e-5, err_msg=f"{step}")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"USFM_COORDINATOR": "127.0.0.1:1234"}, "missing USFM_NUM_PROCESSES, USFM_PROCESS_ID"),
+        (
+            {"USFM_COORDINATOR": "localhost", "USFM_NUM_PROCESSES": "2", "USFM_PROCESS_ID": "0"},
+            "USFM_COORDINATOR='localhost': expected host:port",
+        ),
+        (
+            {"USFM_COORDINATOR": "h:1", "USFM_NUM_PROCESSES": "2", "USFM_PROCESS_ID": "2"},
+            r"USFM_PROCESS_ID=2 is not in \[0, USFM_NUM_PROCESSES=2\)",
+        ),
+        (
+            {"USFM_COORDINATOR": "h:1", "USFM_NUM_PROCESSES": "two", "USFM_PROCESS_ID": "0"},
+            "must be integers",
+        ),
+    ],
+)
+def test_incomplete_or_malformed_settings_are_named(monkeypatch, env, message):
+    for name in distributed.ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.DistributedError, match=message):
+        distributed.initialize("auto")
+
+
+def test_single_process_when_nothing_is_set(monkeypatch):
+    for name in distributed.ENV:
+        monkeypatch.delenv(name, raising=False)
+    distributed.initialize("auto")  # returns without starting a runtime
+    distributed.initialize("off")
+    with pytest.raises(distributed.DistributedError, match="expected one of"):
+        distributed.initialize("maybe")
+    assert jax.process_count() == 1
