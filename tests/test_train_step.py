@@ -6,10 +6,11 @@ import pytest
 from conftest import make_tiny_config
 from jax.sharding import PartitionSpec as P
 
+from configs.pretrain import usfm_vitl16
 from usfm_jax import parallel
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.optim import create_optimizer, decay_mask
-from usfm_jax.train_step import create_training, init_state
+from usfm_jax.train_step import create_training, init_state, state_initializer
 
 
 def _run(config, devices, steps: int = 3):
@@ -164,3 +165,67 @@ def test_non_finite_steps_are_skipped_and_counted():
     assert not np.array_equal(
         jax.device_get(fc1), before["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
     )
+
+
+def _vit_large_config(**overrides):
+    """The ViT-L/16 recipe (width 1024, 16 heads) at test scale: 32x32 images, batch 8."""
+    config = usfm_vitl16.get_config()
+    config.update(image_size=(32, 32), batch_size=8)
+    config.model.update(dtype="float32", drop_path_rate=0.0, in_chans=1, **overrides)
+    config.spatial.mask_patch_size = 16
+    config.frequency.update(center_protect=1, base_bw=2, max_increase=4)
+    config.data.num_images = 16
+    return config
+
+
+def test_vit_large_with_fsdp_8_holds_an_eighth_of_the_state_per_device():
+    config = _vit_large_config()  # all 24 blocks: shapes only, nothing allocated
+    mesh = parallel.create_mesh(config.mesh)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+    tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    state = jax.eval_shape(state_initializer(config, tx))
+    shardings = parallel.state_shardings(state, mesh, config.mesh.fsdp_min_size)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    assert 300e6 < total / 4 < 310e6  # ViT-L/16: ~304M float32 parameters
+    leaves = jax.tree.leaves(state.params)
+    per_device = sum(
+        np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+        for x, s in zip(leaves, jax.tree.leaves(shardings.params), strict=True)
+    )
+    assert 1 / 8 <= per_device / total < 1.01 / 8, per_device / total
+
+
+def test_fsdp_step_equals_the_data_parallel_step():
+    """ViT-L blocks (2 of them, to fit in CI memory): one step sharded over fsdp=8 gives the loss
+    and parameters of the same step over data=8, with each device holding ~1/8 of the params."""
+    config = _vit_large_config(depth=2)
+    fsdp, params_fsdp, state = _run(config, jax.devices(), steps=1)
+    qkv = state.params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]  # [1024, 3072]
+    assert qkv.sharding.spec == P(None, "fsdp") and qkv.addressable_shards[0].data.shape == (
+        1024,
+        384,
+    )
+    on_device_0 = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.params))
+    total = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert 1 / 8 <= on_device_0 / total < 1.05 / 8
+    config.mesh.update(data=8, fsdp=1)
+    data_parallel, params_dp, _ = _run(config, jax.devices(), steps=1)
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose(fsdp[0][name], data_parallel[0][name], rtol=1e-5)
+    _assert_close(params_fsdp, params_dp, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_recomputes_blocks_without_changing_the_numbers(remat):
+    config = make_tiny_config(**{"model.drop_path_rate": 0.1})
+    plain, params_plain, _ = _run(config, jax.devices()[:1], steps=2)
+    config.model.remat = remat
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    _, _, state, step_fn, _ = create_training(config, mesh)
+    batch = global_batch(next(iter(create_pretrain_dataset(config))), mesh)
+    jaxpr = str(jax.make_jaxpr(step_fn)(state, batch))
+    assert jaxpr.count("remat2[") >= config.model.depth  # jax.checkpoint around every block
+    recomputed, params_remat, _ = _run(config, jax.devices()[:1], steps=2)
+    for a, b in zip(recomputed, plain, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    _assert_close(params_remat, params_plain, rtol=1e-5)

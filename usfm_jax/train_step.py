@@ -50,13 +50,11 @@ def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
     )
 
 
-def init_state(
-    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh
-) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """Creates the model graph and a freshly initialised, sharded train state.
-
-    Returns (graphdef, state, state_shardings).
-    """
+def state_initializer(
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+) -> Callable[[], TrainState]:
+    """The function that creates a fresh train state: jit it with shardings to allocate one,
+    or ``jax.eval_shape`` it for the shapes alone (sharding plans, ahead-of-time compiles)."""
 
     def init() -> TrainState:
         model = create_mim_model(
@@ -71,6 +69,17 @@ def init_state(
             bad_steps=jnp.zeros((), jnp.int32),
         )
 
+    return init
+
+
+def init_state(
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """Creates the model graph and a freshly initialised, sharded train state.
+
+    Returns (graphdef, state, state_shardings).
+    """
+    init = state_initializer(config, tx)
     graphdef = nnx.graphdef(abstract_model(config))
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()

@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.layer_scale_init = 0.1
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
+    c.model.remat = "none"  # per-block rematerialisation: none | dots (keep matmuls) | full
     c.model.head = "linear"  # "linear" (SimMIM) or "transformer"
     c.model.decoder = ml_collections.ConfigDict(dict(width=256, depth=2, num_heads=8))
 

@@ -39,6 +39,7 @@ def create_encoder(
         rel_pos=cfg.rel_pos,
         layer_scale_init=cfg.layer_scale_init,
         drop_path_rate=cfg.drop_path_rate,
+        remat=cfg.remat,
         dtype=DTYPES[cfg.dtype],
         rngs=rngs,
     )

@@ -37,6 +37,13 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 LN_EPS = 1e-6
+
+# What a rematerialised block keeps from the forward pass for the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
 trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
 
@@ -222,6 +229,7 @@ class VisionTransformer(nnx.Module):
         rel_pos: RelPos = "shared",
         layer_scale_init: float = 0.1,
         drop_path_rate: float = 0.0,
+        remat: str = "none",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -231,6 +239,9 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"rel_pos must be 'shared' or 'per_block', got {rel_pos!r}")
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+        self.remat = remat
         h, w = image_size
         if h % patch_size or w % patch_size:
             raise ValueError(
@@ -319,6 +330,15 @@ class VisionTransformer(nnx.Module):
             if dropout_key is not None
             else [None] * len(self.blocks)
         )
+        run = _call_block
+        if self.remat != "none":  # trade compute for activation memory, block by block
+            run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
         for block, key in zip(self.blocks, keys, strict=True):
-            x = block(x, bias, key)
+            x = run(block, x, bias, key)
         return self.norm(x)
+
+
+def _call_block(
+    block: Block, x: jax.Array, bias: jax.Array | None, key: jax.Array | None
+) -> jax.Array:
+    return block(x, bias, key)

@@ -1,0 +1,25 @@
+"""USFM dual MIM with a ViT-L/16 encoder (304M parameters), sharded with FSDP.
+
+The recipe of ``usfm_vitb16`` with a larger encoder. Parameters and Adam moments take 3.6 GB in
+float32; FSDP splits every large weight over ``mesh.fsdp`` devices (8: one host of a v5p or H100
+node), so each holds about 1/8 of them, and blocks are rematerialised (``dots``: matmul outputs
+kept) to fit the activations of a 2048 batch. Argument: ``size=huge`` for ViT-H/16 (632M), which
+shards over 16 devices.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import parse_arg
+from configs.pretrain import usfm_vitb16
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg, size="large")
+    c = usfm_vitb16.get_config(f"size={args.size}")
+    c.mesh.fsdp = {"large": 8, "huge": 16}.get(args.size, 8)
+    c.mesh.data = -1  # the remaining devices (hosts, slices) split the batch
+    c.model.remat = "dots"
+    c.model.drop_path_rate = {"large": 0.2, "huge": 0.3}.get(args.size, 0.1)
+    return c
