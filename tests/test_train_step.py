@@ -45,6 +45,22 @@ def test_eight_devices_match_one_device():
     assert one[-1]["loss"] != one[0]["loss"]  # the step really trains
 
 
+def test_three_axis_mesh_matches_one_device():
+    """dcn x data x fsdp = 2 x 2 x 2 (two 'slices') gives the single-device losses."""
+    config = make_tiny_config()
+    one, params_one, _ = _run(config, jax.devices()[:1], steps=2)
+    config.mesh.update(dcn=2, data=2, fsdp=2, fsdp_min_size=1024)
+    eight, params_eight, state = _run(config, jax.devices(), steps=2)
+    assert dict(state.params["encoder"]["norm"]["scale"].sharding.mesh.shape) == {
+        "dcn": 2,
+        "data": 2,
+        "fsdp": 2,
+    }
+    for m1, m8 in zip(one, eight, strict=True):
+        np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    _assert_close(params_eight, params_one, rtol=1e-5)
+
+
 def test_fsdp_shards_large_weights_only():
     config = make_tiny_config()
     config.mesh.update(data=1, fsdp=8)
@@ -181,7 +197,7 @@ def _vit_large_config(**overrides):
 def test_vit_large_with_fsdp_8_holds_an_eighth_of_the_state_per_device():
     config = _vit_large_config()  # all 24 blocks: shapes only, nothing allocated
     mesh = parallel.create_mesh(config.mesh)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+    assert dict(mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 8}
     tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
     state = jax.eval_shape(state_initializer(config, tx))
     shardings = parallel.state_shardings(state, mesh, config.mesh.fsdp_min_size)

@@ -10,9 +10,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp")
+# dcn: data parallelism across TPU slices (or nodes), over the data-centre network;
+# data: data parallelism within a slice; fsdp: data parallelism that also shards parameters.
+MESH_AXES = ("dcn", "data", "fsdp")
 BATCH_AXES = MESH_AXES  # the global batch is split over every axis
 
 
@@ -37,14 +40,18 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, .
 def create_mesh(
     cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
+    """The mesh ``config.mesh`` describes. On multi-slice TPUs (devices with a ``slice_index``)
+    the ``dcn`` axis runs across slices and the others within one; elsewhere ``dcn`` is the
+    outermost axis of the device order (across processes first)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(
-        shape,
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if shape[0] > 1 and hasattr(devices[0], "slice_index"):
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (1, *shape[1:]), (shape[0], 1, 1), devices, allow_split_physical_axes=True
+        )
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -109,7 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.grad_accum_steps = 1
 
     # Mesh axis sizes (-1: all remaining devices); arrays under fsdp_min_size stay replicated.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**16))
+    # Device mesh: dcn (TPU slices / nodes) x data x fsdp; -1 = the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, fsdp_min_size=2**16))
 
     # Save every `every` steps (and at the first step and on pre-emption); keep the last `keep`
     # and, for the record, every multiple of `keep_every` (0: none).
