@@ -278,6 +278,8 @@ def mim_cfg(**kw) -> ml_collections.ConfigDict:
             rel_pos="shared",
             layer_scale_init=0.1,
             drop_path_rate=0.0,
+            remat="none",
+            scan_layers=False,
             dtype="float32",
             head="linear",
             decoder=dict(width=WIDTH, depth=1, num_heads=HEADS),

@@ -245,3 +245,17 @@ def test_remat_recomputes_blocks_without_changing_the_numbers(remat):
     for a, b in zip(recomputed, plain, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     _assert_close(params_remat, params_plain, rtol=1e-5)
+
+
+def test_scanned_blocks_give_the_same_numbers_and_compile_one_block():
+    config = make_tiny_config(**{"model.drop_path_rate": 0.2, "model.depth": 3})
+    plain, params_plain, _ = _run(config, jax.devices()[:1], steps=2)
+    config.model.update(scan_layers=True, remat="dots")
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    _, _, state, step_fn, _ = create_training(config, mesh)
+    batch = global_batch(next(iter(create_pretrain_dataset(config))), mesh)
+    assert "length=3" in str(jax.make_jaxpr(step_fn)(state, batch))  # one scan over 3 blocks
+    scanned, params_scanned, _ = _run(config, jax.devices()[:1], steps=2)
+    for a, b in zip(scanned, plain, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    _assert_close(params_scanned, params_plain, rtol=1e-5)  # same names, same values

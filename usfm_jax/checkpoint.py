@@ -12,7 +12,6 @@ aside (moved, never deleted), and the one before it is used.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -29,6 +28,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from usfm_jax.paths import as_path
+
 _policies = ocp.checkpoint_managers
 UNUSABLE_DIR = "unusable_checkpoints"  # where corrupt checkpoints are moved, beside checkpoints/
 
@@ -43,11 +44,6 @@ class IncompatibleCheckpoint(CheckpointError):
 
 class CorruptCheckpoint(CheckpointError):
     """The checkpoint's contents differ from what was saved."""
-
-
-def as_path(path: str) -> epath.Path:
-    """A local path made absolute (orbax needs that), or a URL such as gs://... as it is."""
-    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def leaf_name(path: tuple) -> str:

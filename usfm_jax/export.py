@@ -24,11 +24,11 @@ from etils import epath
 
 from usfm_jax.checkpoint import (
     CheckpointError,
-    as_path,
     check_fingerprint,
     describe_error,
     fingerprint,
 )
+from usfm_jax.paths import as_path
 from usfm_jax.reporting import quiet_library_logs
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
-import os
 import time
 from collections.abc import Mapping
 
@@ -18,9 +17,11 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from tensorboardX import SummaryWriter
 
 from usfm_jax.objectives.dual import BRANCHES
+from usfm_jax.paths import as_path, replace_text
 
 _CHATTY = ("/orbax/", "/grain/", "/jax/_src/")  # libraries that narrate every file and step
 
@@ -64,21 +65,28 @@ def image_grid(rows: np.ndarray, pad: int = 2) -> np.ndarray:
     return (grid * 255).round().astype(np.uint8)
 
 
-def _open_log(path: str, start_step: int):
-    """Opens metrics.jsonl for appending, keeping only the rows of steps <= ``start_step``."""
-    kept = []
-    if start_step and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
+class MetricsLog:
+    """metrics.jsonl: one JSON line per logging window. Written whole at every flush (object
+    stores such as GCS cannot append); a resumed run drops the rows after its checkpoint."""
+
+    def __init__(self, path: epath.Path, start_step: int):
+        self.path = path
+        self.lines: list[str] = []
+        if start_step and path.exists():
+            for line in path.read_text().splitlines():
                 try:
                     if json.loads(line)["step"] <= start_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
+                        self.lines.append(line)
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by a killed process
-    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here loses nothing
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
+        self._write()
+
+    def append(self, row: Mapping[str, float]) -> None:
+        self.lines.append(json.dumps(row))
+        self._write()
+
+    def _write(self) -> None:
+        replace_text(self.path, "".join(line + "\n" for line in self.lines))
 
 
 class Reporter:
@@ -89,14 +97,14 @@ class Reporter:
         self.batch_size = batch_size
         self.history: list[Mapping[str, jax.Array]] = []
         self.restart_timer(start_step)
-        self.writer = self.jsonl = None
+        self.writer = self.metrics_log = None
         if self.is_main:
             # A resumed run drops what was logged after its checkpoint (it logs those steps again).
+            root = as_path(workdir)
             self.writer = SummaryWriter(
-                os.path.join(workdir, "tensorboard"),
-                purge_step=start_step + 1 if start_step else None,
+                str(root / "tensorboard"), purge_step=start_step + 1 if start_step else None
             )
-            self.jsonl = _open_log(os.path.join(workdir, "metrics.jsonl"), start_step)
+            self.metrics_log = MetricsLog(root / "metrics.jsonl", start_step)
         self.progress = tqdm.tqdm(
             total=total_steps,
             initial=start_step,
@@ -128,8 +136,7 @@ class Reporter:
         if self.is_main:
             for name, value in means.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
-            self.jsonl.write(json.dumps({"step": step, **means}) + "\n")
-            self.jsonl.flush()
+            self.metrics_log.append({"step": step, **means})
             line = " ".join(f"{k}={v:.4g}" for k, v in means.items())
             self.progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
             self.progress.write(f"step {step}: {line}")
@@ -147,4 +154,3 @@ class Reporter:
         self.progress.close()
         if self.is_main:
             self.writer.close()
-            self.jsonl.close()

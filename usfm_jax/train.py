@@ -13,7 +13,6 @@ loop over the data (log, preview) -> summary.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -27,6 +26,7 @@ from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
+from usfm_jax.paths import as_path, replace_text
 from usfm_jax.reporting import Reporter, quiet_library_logs
 from usfm_jax.train_step import create_training, make_preview
 
@@ -61,10 +61,10 @@ def train(
     returns the metrics of the last logging window. ``stop_after`` ends this invocation after
     that many steps, with a checkpoint (a time-sliced job)."""
     validate(config, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    root = as_path(workdir)  # local, or gs://...
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        root.mkdir(parents=True, exist_ok=True)
+        replace_text(root / "config.json", config.to_json_best_effort(indent=2))
 
     mesh = parallel.create_mesh(config.mesh)
     objective, graphdef, state, train_step, shardings = create_training(config, mesh)
@@ -123,8 +123,7 @@ def train(
     checkpointer.close()
     reporter.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump({"step": end, **means}, f, indent=2)
+        replace_text(root / "summary.json", json.dumps({"step": end, **means}, indent=2))
     return means
 
 

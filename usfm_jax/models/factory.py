@@ -40,6 +40,7 @@ def create_encoder(
         layer_scale_init=cfg.layer_scale_init,
         drop_path_rate=cfg.drop_path_rate,
         remat=cfg.remat,
+        scan=cfg.scan_layers,
         dtype=DTYPES[cfg.dtype],
         rngs=rngs,
     )

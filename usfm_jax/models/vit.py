@@ -157,9 +157,10 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drops the whole residual branch per example; identity without a key."""
-    if key is None or rate == 0.0:
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drops the whole residual branch per example; identity without a key.
+    ``rate`` may be traced (a scan over blocks with different rates)."""
+    if key is None or (isinstance(rate, float) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
@@ -191,16 +192,18 @@ class Block(nnx.Module):
         self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32)) if scale else None
 
     def __call__(
-        self, x: jax.Array, bias: jax.Array | None = None, dropout_key: jax.Array | None = None
+        self,
+        x: jax.Array,
+        bias: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        drop_path_rate: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, T, D]; ``bias`` the shared relative position bias, if the model has one."""
+        """x [B, T, D]; ``bias`` the shared relative position bias, if the model has one;
+        ``drop_path_rate`` overrides the block's own (scanned blocks pass theirs as data)."""
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        x = x + drop_path(
-            self._scaled(self.attn(self.norm1(x), bias), self.gamma_1), self.drop_path_rate, keys[0]
-        )
-        x = x + drop_path(
-            self._scaled(self.mlp(self.norm2(x)), self.gamma_2), self.drop_path_rate, keys[1]
-        )
+        x = x + drop_path(self._scaled(self.attn(self.norm1(x), bias), self.gamma_1), rate, keys[0])
+        x = x + drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma_2), rate, keys[1])
         return x
 
     @staticmethod
@@ -230,6 +233,7 @@ class VisionTransformer(nnx.Module):
         layer_scale_init: float = 0.1,
         drop_path_rate: float = 0.0,
         remat: str = "none",
+        scan: bool = False,
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -242,6 +246,7 @@ class VisionTransformer(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
         self.remat = remat
+        self.scan = scan
         h, w = image_size
         if h % patch_size or w % patch_size:
             raise ValueError(
@@ -330,12 +335,33 @@ class VisionTransformer(nnx.Module):
             if dropout_key is not None
             else [None] * len(self.blocks)
         )
+        if self.scan:
+            return self.norm(self._scan_blocks(x, bias, dropout_key))
         run = _call_block
         if self.remat != "none":  # trade compute for activation memory, block by block
             run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
         for block, key in zip(self.blocks, keys, strict=True):
             x = run(block, x, bias, key)
         return self.norm(x)
+
+    def _scan_blocks(
+        self, x: jax.Array, bias: jax.Array | None, dropout_key: jax.Array | None
+    ) -> jax.Array:
+        """The blocks as one ``lax.scan`` (one block to compile, not ``depth``): their weights
+        are stacked inside the step, so parameter names and checkpoints stay per block."""
+        graphdef = nnx.graphdef(self.blocks[0])
+        weights = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in self.blocks])
+        rates = jnp.asarray([b.drop_path_rate for b in self.blocks], jnp.float32)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))
+
+        def body(x, inputs):
+            weights, rate, key = inputs
+            return nnx.merge(graphdef, weights)(x, bias, key, rate), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        x, _ = jax.lax.scan(body, x, (weights, rates, keys))
+        return x
 
 
 def _call_block(
