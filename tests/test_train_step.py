@@ -224,6 +224,12 @@ def test_fsdp_step_equals_the_data_parallel_step():
     on_device_0 = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.params))
     total = sum(x.nbytes for x in jax.tree.leaves(state.params))
     assert 1 / 8 <= on_device_0 / total < 1.05 / 8
+    mesh = state.params["encoder"]["norm"]["scale"].sharding.mesh
+    batch = global_batch(next(iter(create_pretrain_dataset(config))), mesh)
+    step_fn = create_training(config, mesh)[3]
+    hlo = step_fn.lower(state, batch).as_text()
+    # activations stay split over the batch: one constraint per block (and its backward)
+    assert hlo.count("sharding_constraint") >= config.model.depth
     config.mesh.update(data=8, fsdp=1)
     data_parallel, params_dp, _ = _run(config, jax.devices(), steps=1)
     for name in ("loss", "grad_norm"):

@@ -114,3 +114,16 @@ def per_batch_shard(fn: Callable) -> Callable:
         return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
 
     return wrapped
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (batch) axis to the mesh's batch axes, inside a step traced
+    with a context mesh (``jit_in_mesh``): with FSDP, XLA then gathers weights, never the batch.
+    A no-op without a mesh or when the batch does not divide over it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    if shards == 1 or x.shape[0] % shards:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))

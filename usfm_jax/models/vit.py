@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
+from usfm_jax import parallel
+
 Variant = Literal["beit", "vit"]
 RelPos = Literal["shared", "per_block"]
 
@@ -341,7 +343,7 @@ class VisionTransformer(nnx.Module):
         if self.remat != "none":  # trade compute for activation memory, block by block
             run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
         for block, key in zip(self.blocks, keys, strict=True):
-            x = run(block, x, bias, key)
+            x = parallel.constrain_batch(run(block, x, bias, key))  # [B, T, D] stays batch-sharded
         return self.norm(x)
 
     def _scan_blocks(
@@ -356,7 +358,7 @@ class VisionTransformer(nnx.Module):
 
         def body(x, inputs):
             weights, rate, key = inputs
-            return nnx.merge(graphdef, weights)(x, bias, key, rate), None
+            return parallel.constrain_batch(nnx.merge(graphdef, weights)(x, bias, key, rate)), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
