@@ -4,11 +4,14 @@ import jax
 import numpy as np
 import pytest
 from conftest import make_tiny_config
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import usfm_vitl16
 from usfm_jax import parallel
+from usfm_jax.config_validation import validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
+from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import create_optimizer, decay_mask
 from usfm_jax.train_step import create_training, init_state, state_initializer
 
@@ -265,3 +268,18 @@ def test_scanned_blocks_give_the_same_numbers_and_compile_one_block():
     for a, b in zip(scanned, plain, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     _assert_close(params_scanned, params_plain, rtol=1e-5)  # same names, same values
+
+
+@pytest.mark.parametrize(
+    "size, params", [("large", 303.3e6), ("huge", 631.3e6), ("giant", 1.011e9)]
+)
+def test_large_configs_have_their_published_sizes_and_validate(size, params):
+    """ViT-L/16, ViT-H/16 and ViT-g/14 encoders (shapes only): parameter counts within 1% of
+    timm's (BEiT variant: relative position tables instead of a position embedding)."""
+    config = usfm_vitl16.get_config(f"size={size}")
+    validate(config, num_devices=64)
+    model = nnx.eval_shape(
+        lambda: create_encoder(config.model, tuple(config.image_size), nnx.Rngs(0))
+    )
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(count / params - 1) < 0.01, count

@@ -15,7 +15,6 @@ handler) resumes on the exact next batch. ``global_batch`` assembles the blocks 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import cv2
@@ -29,6 +28,7 @@ from usfm_jax import parallel
 from usfm_jax.data.augment import Augment, AugmentConfig
 from usfm_jax.data.mixing import mix_organs, organ_weights
 from usfm_jax.data.synthetic import SyntheticUltrasound
+from usfm_jax.paths import as_path
 
 SOURCES = ("synthetic", "tfds")
 CARD = "dataset_card.json"
@@ -57,14 +57,13 @@ def parse_organ_weights(text: str) -> dict[str, float] | None:
 
 def read_card(tfds_dir: str) -> dict[str, Any]:
     """The dataset card written by ``usfm_jax.data.ingest`` next to the TFDS files."""
-    path = os.path.join(tfds_dir, CARD)
-    if not os.path.isfile(path):
+    path = as_path(tfds_dir) / CARD  # local or gs://
+    if not path.is_file():
         raise FileNotFoundError(
             f"config.data.tfds_dir={tfds_dir!r}: no {CARD} there; point it at the versioned "
             "directory written by `python -m usfm_jax.data.ingest` (DATA_DIR/NAME/1.0.0)"
         )
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def organ_datasets(cfg: ml_collections.ConfigDict) -> dict[str, grain.MapDataset]:

@@ -7,7 +7,7 @@ import ml_collections
 from flax import nnx
 
 from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, TransformerPixelHead
-from usfm_jax.models.vit import SIZES, VisionTransformer
+from usfm_jax.models.vit import MLP_RATIOS, SIZES, VisionTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,6 +36,7 @@ def create_encoder(
         width=width,
         depth=depth,
         num_heads=heads,
+        mlp_ratio=MLP_RATIOS.get(cfg.size, 4.0),
         rel_pos=cfg.rel_pos,
         layer_scale_init=cfg.layer_scale_init,
         drop_path_rate=cfg.drop_path_rate,

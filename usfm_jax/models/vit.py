@@ -36,7 +36,9 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
+    "giant": (1408, 40, 16),  # ViT-g/14: use patch_size 14
 }
+MLP_RATIOS = {"giant": 48 / 11}  # hidden 6144; every other size uses 4
 
 LN_EPS = 1e-6
 
