@@ -332,7 +332,7 @@ class VisionTransformer(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        x = self.embed(images, mask)
+        x = parallel.constrain_batch(self.embed(images, mask))  # [B, T, D], batch-sharded
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         keys = (
             jax.random.split(dropout_key, len(self.blocks))
