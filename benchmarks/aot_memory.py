@@ -8,7 +8,7 @@
 Runs on a machine without TPUs: libtpu describes the topology (``jax.experimental.topologies``)
 and XLA:TPU compiles the real train step (``usfm_jax.train_step.make_train_step`` with the run's
 shardings, donated state, bf16 compute) for its devices. The train state is never allocated: its
-shapes come from ``jax.eval_shape`` of the state's init function. Memory is XLA's
+shapes come from ``jax.eval_shape`` of ``train_step.state_initializer``. Memory is XLA's
 ``memory_analysis()`` of the compiled step, per device: arguments (the state shard, donated and
 updated in place, plus the device's slice of the batch), temporaries (activations, gradients,
 optimizer scratch, collectives' buffers), outputs not aliased to arguments (the metrics) and the
@@ -49,10 +49,14 @@ from flax import nnx
 
 from configs.pretrain import usfm_vitb16
 from usfm_jax import parallel
-from usfm_jax.models.factory import create_mim_model
 from usfm_jax.objectives.dual import create_objective
 from usfm_jax.optim import create_optimizer
-from usfm_jax.train_step import TrainState, abstract_model, jit_train_step, make_train_step
+from usfm_jax.train_step import (
+    abstract_model,
+    jit_train_step,
+    make_train_step,
+    state_initializer,
+)
 
 GiB = 2**30
 
@@ -66,7 +70,7 @@ MEGACORE = ("v4", "v5p", "v5")
 
 DEFAULT_TOPOLOGIES = ("v5p:2x2x1", "v4:2x2x1", "v5e:2x2")
 
-MODEL_NAMES = {"tiny": "ViT-T/16", "small": "ViT-S/16", "base": "ViT-B/16", "large": "ViT-L/16"}
+SIZE_LETTERS = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
 
 
 def topology_devices(name: str) -> list:
@@ -122,25 +126,6 @@ def make_config(size: str, batch: int, fsdp: int, args):
     return config
 
 
-def state_init_fn(config, tx):
-    """The train state's init function (``init_state``'s, without allocating anything)."""
-
-    def init() -> TrainState:
-        model = create_mim_model(
-            config.model, tuple(config.image_size), nnx.Rngs(params=config.seed)
-        )
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(config.seed)),
-            bad_steps=jnp.zeros((), jnp.int32),
-        )
-
-    return init
-
-
 def shard_bytes(abstract, shardings) -> int:
     """Bytes of one device's shards of a pytree (fsdp_spec only splits dimensions evenly)."""
     sizes = jax.tree.map(
@@ -177,7 +162,7 @@ def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> di
     mesh = parallel.create_mesh(config.mesh, devices)
     objective = create_objective(config)
     tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    abstract_state = jax.eval_shape(state_init_fn(config, tx))
+    abstract_state = jax.eval_shape(state_initializer(config, tx))
     shardings = parallel.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
     graphdef = nnx.graphdef(abstract_model(config))
     step = jit_train_step(
@@ -197,7 +182,7 @@ def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> di
         "topology": topology,
         "chip": kind,
         "chips": n,
-        "model": MODEL_NAMES.get(size, size),
+        "model": f"ViT-{SIZE_LETTERS.get(size, size)}/{config.model.patch_size}",
         "params_m": params / 1e6,
         "remat": config.model.get("remat", "none"),
         "batch": batch,
@@ -298,7 +283,7 @@ def main() -> None:
                     failed = True
                     message = " ".join(str(e).split())[:300]
                     print(
-                        f"| {topology} | {len(devices)} | {MODEL_NAMES.get(size, size)} "
+                        f"| {topology} | {len(devices)} | ViT-{SIZE_LETTERS.get(size, size)} "
                         f"| fsdp={fsdp} | compile failed: {type(e).__name__}: {message} |",
                         flush=True,
                     )

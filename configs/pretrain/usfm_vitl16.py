@@ -1,10 +1,11 @@
 """USFM dual MIM with a ViT-L/16 encoder (304M parameters), sharded with FSDP.
 
 The recipe of ``usfm_vitb16`` with a larger encoder. Parameters and Adam moments take 3.6 GB in
-float32; FSDP splits every large weight over ``mesh.fsdp`` devices (8: one host of a v5p or H100
-node), so each holds about 1/8 of them, and blocks are rematerialised (``dots``: matmul outputs
-kept) to fit the activations of a 2048 batch. Argument: ``size=huge`` for ViT-H/16 (632M, over 16
-devices) or ``size=giant`` for ViT-g/14 (1.0B, over 32), both with their blocks scanned.
+float32; FSDP splits every large weight over ``mesh.fsdp`` devices (8: two v5p hosts of 4 chips,
+or one 8-GPU node), so each holds about 1/8 of them, and blocks are rematerialised (``dots``:
+matmul outputs kept) to fit the activations of a 2048 batch. Argument: ``size=huge`` for
+ViT-H/16 (632M, over 16 devices) or ``size=giant`` for ViT-g/14 (1.0B, over 32), both with their
+blocks scanned.
 """
 
 from __future__ import annotations
