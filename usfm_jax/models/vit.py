@@ -334,13 +334,11 @@ class VisionTransformer(nnx.Module):
     ) -> jax.Array:
         x = parallel.constrain_batch(self.embed(images, mask))  # [B, T, D], batch-sharded
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        keys = (
-            jax.random.split(dropout_key, len(self.blocks))
-            if dropout_key is not None
-            else [None] * len(self.blocks)
-        )
+        # one drop-path key per block, or none (deterministic)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))
         if self.scan:
-            return self.norm(self._scan_blocks(x, bias, dropout_key))
+            return self.norm(self._scan_blocks(x, bias, keys))
+        keys = [None] * len(self.blocks) if keys is None else keys
         run = _call_block
         if self.remat != "none":  # trade compute for activation memory, block by block
             run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
@@ -349,14 +347,13 @@ class VisionTransformer(nnx.Module):
         return self.norm(x)
 
     def _scan_blocks(
-        self, x: jax.Array, bias: jax.Array | None, dropout_key: jax.Array | None
+        self, x: jax.Array, bias: jax.Array | None, keys: jax.Array | None
     ) -> jax.Array:
         """The blocks as one ``lax.scan`` (one block to compile, not ``depth``): their weights
         are stacked inside the step, so parameter names and checkpoints stay per block."""
         graphdef = nnx.graphdef(self.blocks[0])
         weights = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in self.blocks])
         rates = jnp.asarray([b.drop_path_rate for b in self.blocks], jnp.float32)
-        keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))
 
         def body(x, inputs):
             weights, rate, key = inputs
