@@ -27,8 +27,10 @@ import numpy as np
 
 from configs.pretrain import usfm_vitb16
 from usfm_jax import parallel
+from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.synthetic import SyntheticUltrasound
-from usfm_jax.models.factory import encoder_dims
+from usfm_jax.models.factory import DTYPES, encoder_dims
+from usfm_jax.models.vit import resolve_attention
 from usfm_jax.train_step import create_training
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
@@ -63,8 +65,12 @@ def main() -> None:
     ap.add_argument("--batch-per-device", type=int, default=64)
     ap.add_argument("--objective", choices=("spatial", "frequency", "dual"), default="dual")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU/TPU)")
+    ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
+    ap.add_argument("--remat", choices=("none", "dots", "full"), default="none")
+    ap.add_argument("--scan", action="store_true", help="one lax.scan over the blocks")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 steps")
     args = ap.parse_args()
 
     device = jax.devices()[0]
@@ -73,8 +79,13 @@ def main() -> None:
     config.image_size = (args.image, args.image)
     config.batch_size = args.batch_per_device * jax.device_count()
     config.model.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
+    config.model.update(attention=args.attention, remat=args.remat, scan_layers=args.scan)
     config.spatial.enabled = args.objective in ("spatial", "dual")
     config.frequency.enabled = args.objective in ("frequency", "dual")
+    try:
+        validate(config, jax.device_count())
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
     mesh = parallel.create_mesh(config.mesh)
     objective, _, state, step, _ = create_training(config, mesh)
@@ -96,6 +107,9 @@ def main() -> None:
     compile_s = time.perf_counter() - compile_start
     timed(run_step, args.warmup)
     step_s = statistics.median(timed(run_step, args.steps))
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            timed(run_step, 3)
     jax.block_until_ready(views(batch, jnp.int32(0)))
     views_s = statistics.median(timed(lambda: views(batch, jnp.int32(0)), args.steps))
 
@@ -105,13 +119,15 @@ def main() -> None:
     mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
     print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(f"compile + first step: {compile_s:.1f} s")
+    attention = resolve_attention(args.attention, DTYPES[config.model.dtype])
+    variant = f"attn {attention}, remat {args.remat}" + (", scan" if args.scan else "")
     print(
-        "| date | device | model | objective | dtype | batch/device | step ms | img/s/device "
-        "| TFLOP/s/device | MFU | views share |"
+        "| date | device | model | objective | dtype | options | batch/device | step ms "
+        "| img/s/device | TFLOP/s/device | MFU | views share |"
     )
     print(
         f"| {datetime.date.today()} | {device.device_kind} | ViT-{args.size}/16 {args.image} "
-        f"| {args.objective} | {config.model.dtype} | {args.batch_per_device} "
+        f"| {args.objective} | {config.model.dtype} | {variant} | {args.batch_per_device} "
         f"| {1e3 * step_s:.1f} | {args.batch_per_device / step_s:.1f} | {tflops:.3f} | {mfu} "
         f"| {100 * views_s / step_s:.1f}% |"
     )

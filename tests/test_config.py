@@ -68,6 +68,8 @@ def test_ablations_change_what_they_name():
         ({"num_preview_images": 0}, r"config\.num_preview_images=0"),
         ({"data.source": "dicom"}, r"config\.data\.source='dicom'"),
         ({"objective.norm_pix": True, "objective.frequency_fft_weight": 1.0}, r"norm_pix"),
+        ({"model.attention": "flash"}, r"config\.model\.attention='flash'"),
+        ({"model.attention": "cudnn"}, r"config\.model\.attention='cudnn'.*NVIDIA GPU.*'xla'"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, match):

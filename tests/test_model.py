@@ -19,7 +19,13 @@ from scipy.special import erf
 
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, TransformerPixelHead
-from usfm_jax.models.vit import VisionTransformer, drop_path, relative_position_index
+from usfm_jax.models.vit import (
+    VisionTransformer,
+    _pad_to_even_length,
+    drop_path,
+    relative_position_index,
+    resolve_attention,
+)
 from usfm_jax.patches import patchify, unpatchify
 
 IMAGE = (32, 48)  # non-square: grid (2, 3)
@@ -280,6 +286,7 @@ def mim_cfg(**kw) -> ml_collections.ConfigDict:
             drop_path_rate=0.0,
             remat="none",
             scan_layers=False,
+            attention="xla",
             dtype="float32",
             head="linear",
             decoder=dict(width=WIDTH, depth=1, num_heads=HEADS),
@@ -662,8 +669,35 @@ def test_create_mim_model_rejects_bad_config():
         (dict(image_size=(20, 32)), "multiple of patch_size"),
         (dict(variant="swin"), "variant"),
         (dict(rel_pos="global"), "rel_pos"),
+        (dict(attention="flash"), "attention"),
     ],
 )
 def test_invalid_encoder_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         make_vit(**kw)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Attention implementation
+# ----------------------------------------------------------------------------------------
+
+
+def test_auto_attention_is_xla_without_a_gpu():
+    assert jax.default_backend() == "cpu"
+    assert resolve_attention("auto", jnp.bfloat16) == "xla"
+    assert resolve_attention("xla", jnp.float32) == "xla"
+    assert resolve_attention("cudnn", jnp.bfloat16) == "cudnn"  # asked for: kept, fails later
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_padding_for_cudnn_leaves_attention_unchanged(with_bias):
+    """cuDNN trains only on even lengths: the padded key must get no weight and the real
+    queries the same outputs (checked here with XLA's implementation on both)."""
+    kq, kk, kv, kb = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (2, 17, 3, 8)) for key in (kq, kk, kv))
+    bias = jax.random.normal(kb, (1, 3, 17, 17)) if with_bias else None
+    expected = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    padded = _pad_to_even_length(q, k, v, bias)
+    assert padded[0].shape == (2, 18, 3, 8) and padded[3].shape[-2:] == (18, 18)
+    out = jax.nn.dot_product_attention(*padded)
+    np.testing.assert_allclose(out[:, :17], expected, atol=1e-6)

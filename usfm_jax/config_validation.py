@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
 from usfm_jax.data.pipeline import SOURCES, parse_organ_weights, read_card
 from usfm_jax.models.factory import DTYPES, encoder_dims
-from usfm_jax.models.vit import REMAT_POLICIES
+from usfm_jax.models.vit import (
+    ATTENTION_IMPLEMENTATIONS,
+    REMAT_POLICIES,
+    cudnn_attention_available,
+)
 from usfm_jax.objectives import dual
 from usfm_jax.parallel import mesh_shape
 
@@ -114,6 +119,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _one_of(config, "model.head", ("linear", "transformer"))
     _one_of(config, "model.dtype", tuple(DTYPES))
     _one_of(config, "model.remat", tuple(REMAT_POLICIES))
+    _one_of(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
+    if m.attention == "cudnn":
+        _require(
+            cudnn_attention_available(DTYPES[m.dtype]),
+            "model.attention",
+            m.attention,
+            f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
+            f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
+        )
     _one_of(config, "model.in_chans", (1, 3))
     _one_of(config, "model.out_chans", (1,))  # the images are single-channel
     for field in ("width", "depth", "num_heads"):

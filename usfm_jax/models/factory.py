@@ -42,6 +42,7 @@ def create_encoder(
         drop_path_rate=cfg.drop_path_rate,
         remat=cfg.remat,
         scan=cfg.scan_layers,
+        attention=cfg.attention,
         dtype=DTYPES[cfg.dtype],
         rngs=rngs,
     )

@@ -27,6 +27,9 @@ from usfm_jax import parallel
 
 Variant = Literal["beit", "vit"]
 RelPos = Literal["shared", "per_block"]
+# jax.nn.dot_product_attention's implementations: XLA's (any backend) or cuDNN's fused kernel
+# (NVIDIA GPUs, bf16 / fp16 compute); "auto" picks cuDNN wherever it can run.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 # name -> (width, depth, heads); patch 16 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -102,6 +105,20 @@ def position_bias(table: nnx.Param, grid: tuple[int, int]) -> jax.Array:
     return jnp.transpose(bias, (2, 0, 1))[None]
 
 
+def cudnn_attention_available(dtype: DTypeLike) -> bool:
+    """Whether cuDNN's fused attention can run here: an NVIDIA GPU and bf16 / fp16 compute."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def resolve_attention(attention: str, dtype: DTypeLike) -> str:
+    """The implementation ``attention`` ('auto', 'xla' or 'cudnn') means for ``dtype`` here."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+    if attention == "auto":
+        return "cudnn" if cudnn_attention_available(dtype) else "xla"
+    return attention
+
+
 class RelativePositionBias(nnx.Module):
     """The table shared by all blocks (``rel_pos_bias`` of BEiT and the released USFM weights)."""
 
@@ -124,8 +141,10 @@ class Attention(nnx.Module):
         dtype: DTypeLike,
         rngs: nnx.Rngs,
         rel_pos_grid: tuple[int, int] | None = None,
+        implementation: str = "xla",
     ):
         self.num_heads = num_heads
+        self.implementation = implementation
         self.qkv = dense(dim, 3 * dim, dtype, rngs, use_bias=variant == "vit")
         beit = variant == "beit"
         self.q_bias = nnx.Param(jnp.zeros((dim,))) if beit else None
@@ -146,10 +165,29 @@ class Attention(nnx.Module):
             q_bias, v_bias = self.q_bias[...], self.v_bias[...]
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, heads, D / heads]
         if bias is not None:
             bias = bias.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias=bias)
-        return self.proj(out.reshape(b, t, d))
+        if self.implementation == "cudnn" and t % 2:
+            q, k, v, bias = _pad_to_even_length(q, k, v, bias)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+        return self.proj(out[:, :t].reshape(b, t, d))
+
+
+def _pad_to_even_length(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None
+) -> tuple[jax.Array, ...]:
+    """One padding token for cuDNN, whose fused attention trains only on even lengths
+    (1 + 14 x 14 = 197 tokens). The padded key gets a large negative bias, so no query
+    attends to it; the padded query's output is dropped by the caller."""
+    t = q.shape[1]
+    pad = [(0, 0), (0, 1), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    if bias is None:
+        bias = jnp.zeros((1, 1, t, t), q.dtype)
+    bias = jnp.pad(bias, [(0, 0), (0, 0), (0, 1), (0, 0)])
+    bias = jnp.pad(bias, [(0, 0), (0, 0), (0, 0), (0, 1)], constant_values=-1e4)
+    return q, k, v, bias
 
 
 class Mlp(nnx.Module):
@@ -183,11 +221,12 @@ class Block(nnx.Module):
         layer_scale_init: float | None = None,
         rel_pos_grid: tuple[int, int] | None = None,
         drop_path_rate: float = 0.0,
+        attention: str = "xla",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.norm1 = layer_norm(dim, dtype, rngs)
-        self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid)
+        self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid, attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
         self.drop_path_rate = drop_path_rate
@@ -238,6 +277,7 @@ class VisionTransformer(nnx.Module):
         drop_path_rate: float = 0.0,
         remat: str = "none",
         scan: bool = False,
+        attention: str = "auto",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -249,6 +289,7 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+        attention = resolve_attention(attention, dtype)
         self.remat = remat
         self.scan = scan
         h, w = image_size
@@ -295,6 +336,7 @@ class VisionTransformer(nnx.Module):
                     layer_scale_init=layer_scale_init if beit else None,
                     rel_pos_grid=self.grid if beit and rel_pos == "per_block" else None,
                     drop_path_rate=rate,
+                    attention=attention,
                     dtype=dtype,
                     rngs=rngs,
                 )
