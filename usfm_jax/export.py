@@ -95,25 +95,39 @@ def load_params(path: str, step: int | None = None) -> Parameters:
     return Parameters(params["params"], config, step, str(source))
 
 
-def export_params(path: str, out: str, step: int | None = None) -> dict[str, Any]:
-    """Writes the parameters of ``path`` (at ``step``, default newest) to a new directory
-    ``out``; returns the contents of its export.json."""
+def check_new_directory(out: str) -> epath.Path:
+    """``out`` as a path, if it does not exist or is empty (nothing is ever overwritten)."""
     destination = as_path(out)
     if destination.exists() and any(destination.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; choose another directory")
-    loaded = load_params(path, step)
+    return destination
+
+
+def write_export(
+    out: str, params: dict[str, Any], config: dict[str, Any], **info: Any
+) -> dict[str, Any]:
+    """Writes ``params`` (numpy arrays) as an export directory that ``load_params`` reads;
+    ``info`` (source, step, ...) goes into export.json with the count and the fingerprint."""
+    destination = check_new_directory(out)
     destination.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(destination / "params", loaded.params)
-    (destination / "config.json").write_text(json.dumps(loaded.config, indent=2))
+        checkpointer.save(destination / "params", params)
+    (destination / "config.json").write_text(json.dumps(config, indent=2))
     info = {
-        "source": loaded.source,
-        "step": loaded.step,
-        "num_params": int(sum(x.size for x in jax.tree.leaves(loaded.params))),
-        "fingerprint": fingerprint({"params": loaded.params}),
+        **info,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "fingerprint": fingerprint({"params": params}),
     }
     (destination / "export.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def export_params(path: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Writes the parameters of ``path`` (at ``step``, default newest) to a new directory
+    ``out``; returns the contents of its export.json."""
+    check_new_directory(out)
+    loaded = load_params(path, step)
+    return write_export(out, loaded.params, loaded.config, source=loaded.source, step=loaded.step)
 
 
 _CHECKPOINT = flags.DEFINE_string(

@@ -12,8 +12,9 @@ import os
 from etils import epath
 
 
-def as_path(path: str) -> epath.Path:
+def as_path(path: str | os.PathLike) -> epath.Path:
     """A local path made absolute (orbax needs that), or a URL such as gs://... as it is."""
+    path = os.fspath(path)
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
 

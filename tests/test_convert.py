@@ -1,0 +1,480 @@
+"""Conversion to and from PyTorch, checked against timm's own models.
+
+Each parity test builds our encoder with random weights (every parameter, position tables and
+layer scales included, far from their initial values), converts it, loads the result into the
+timm model named by the card with ``strict=True`` and compares every output token on random
+gray images: max abs difference < 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_config
+from flax import nnx
+
+from usfm_jax import train
+from usfm_jax.convert import (
+    Architecture,
+    ConversionError,
+    Normalization,
+    import_torch_weights,
+    torch_to_export,
+)
+from usfm_jax.convert.adapt import PRESETS, adapt_encoder, fold_patch_embedding
+from usfm_jax.convert.cards import build_timm_model, make_card, timm_spec
+from usfm_jax.convert.files import read_state_dict, write_card, write_state_dict
+from usfm_jax.convert.formats import (
+    BLOCK_TABLE,
+    SHARED_TABLE,
+    flatten,
+    from_torch,
+    to_torch,
+    unflatten,
+)
+from usfm_jax.export import load_params
+from usfm_jax.pretrained import build_encoder, load_pretrained
+
+TOL = 1e-4
+OURS = Normalization((0.5,), (0.25,))
+SIZES = {"tiny": (192, 12, 3), "base": (768, 12, 12)}
+
+
+def _arch(variant="beit", size="tiny", rel_pos="shared", in_chans=3, image=224) -> Architecture:
+    width, depth, heads = SIZES.get(size, size)
+    return Architecture(
+        variant=variant,
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        patch_size=16,
+        in_chans=in_chans,
+        image_size=(image, image),
+        rel_pos=rel_pos,
+    )
+
+
+def _random_params(arch: Architecture, seed: int = 0) -> dict:
+    """Every parameter random: LayerNorm scales around 1, the rest around 0 (tables larger, so
+    that the attention bias matters)."""
+    rng = np.random.default_rng(seed)
+    shapes = arch.param_shapes()
+    flat = {}
+    for name, shape in shapes.items():
+        scale = 0.5 if "relative_position" in name else 0.05
+        value = rng.normal(0.0, scale, shape)
+        flat[name] = (1.0 + value if name.endswith(".scale") else value).astype(np.float32)
+    return unflatten(flat)
+
+
+def _gray(batch: int, image: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 1, (batch, image, image, 1)).astype(np.float32)
+
+
+def _flax_tokens(arch: Architecture, params: dict, gray: np.ndarray, norm: Normalization):
+    model = build_encoder(arch, params, attention="xla")
+    x = (gray - norm.mean[0]) / norm.std[0]  # our models take one mean / std
+    return np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+
+
+def _torch_tokens(model: torch.nn.Module, gray: np.ndarray, norm: Normalization) -> np.ndarray:
+    """timm's tokens after the final norm for gray images, replicated and normalised per
+    channel as the card says."""
+    chans = model.patch_embed.proj.weight.shape[1]
+    norm = norm.for_channels(chans)
+    x = (np.repeat(gray, chans, -1) - np.asarray(norm.mean)) / np.asarray(norm.std)
+    with torch.no_grad():
+        return model.forward_features(torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).numpy()
+
+
+def _load_timm(state: dict, arch: Architecture, fmt: str) -> torch.nn.Module:
+    model = build_timm_model({"timm": timm_spec(arch, fmt)}).eval()
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+    return model  # load_state_dict is strict by default: any missing / unexpected key raises
+
+
+def _assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    err = float(np.max(np.abs(a - b)))
+    assert err < TOL, f"max abs difference {err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Flax -> timm: strict load and the same tokens
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+@pytest.mark.parametrize(
+    ("variant", "fmt", "rel_pos"),
+    [
+        ("beit", "timm-beit", "shared"),
+        ("beit", "timm-beit", "per_block"),
+        ("beit", "usfm", "shared"),
+        ("vit", "timm-vit", "shared"),
+    ],
+)
+def test_converted_weights_load_strictly_into_timm_and_match(variant, fmt, rel_pos, size):
+    arch = _arch(variant, size, rel_pos)
+    params = _random_params(arch)
+    state, dropped = to_torch(params, arch, fmt)
+    gray = _gray(2, 224)
+    expected = _flax_tokens(arch, params, gray, OURS)
+    if fmt == "usfm":  # the released layout: one shared table plus mask_token
+        assert SHARED_TABLE in state and "mask_token" in state and dropped == []
+        assert not any(k.endswith("qkv.bias") or k == "pos_embed" for k in state)
+        # timm's shared-table Beit, after the documented remap: drop mask_token
+        shared = dict(state)
+        shared.pop("mask_token")
+        _assert_close(_torch_tokens(_load_timm(shared, arch, fmt), gray, OURS), expected)
+        # timm's per-block Beit, after copying the shared table into every block
+        per_block = {k: v for k, v in shared.items() if k != SHARED_TABLE}
+        per_block.update({BLOCK_TABLE.format(i): state[SHARED_TABLE] for i in range(arch.depth)})
+        model = _load_timm(per_block, arch, "timm-beit")
+    else:
+        assert dropped == ["mask_token"]
+        model = _load_timm(state, arch, fmt)
+    _assert_close(_torch_tokens(model, gray, OURS), expected)
+
+
+def test_parity_would_catch_a_wrong_map():
+    """The comparison is sensitive: swapping q and v biases, or not transposing one kernel,
+    breaks it."""
+    arch = _arch("beit", (64, 2, 2), image=64)
+    params = _random_params(arch)
+    gray = _gray(2, 64)
+    expected = _flax_tokens(arch, params, gray, OURS)
+    state, _ = to_torch(params, arch, "timm-beit")
+    swapped = dict(state)
+    swapped["blocks.1.attn.q_bias"], swapped["blocks.1.attn.v_bias"] = (
+        state["blocks.1.attn.v_bias"],
+        state["blocks.1.attn.q_bias"],
+    )
+    fc1 = "blocks.0.mlp.fc1.weight"
+    for broken in (swapped, {**state, fc1: -state[fc1]}):
+        tokens = _torch_tokens(_load_timm(broken, arch, "timm-beit"), gray, OURS)
+        assert np.max(np.abs(tokens - expected)) > 10 * TOL
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Round trips
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize(
+    ("variant", "fmt", "rel_pos"),
+    [
+        ("beit", "usfm", "shared"),
+        ("beit", "timm-beit", "shared"),
+        ("beit", "timm-beit", "per_block"),
+        ("vit", "timm-vit", "shared"),
+    ],
+)
+def test_round_trip_through_a_file_is_bit_exact(tmp_path, variant, fmt, rel_pos, suffix):
+    arch = _arch(variant, (64, 3, 2), rel_pos, image=64)
+    params = _random_params(arch)
+    state, dropped = to_torch(params, arch, fmt)
+    path = tmp_path / f"weights{suffix}"
+    write_state_dict(state, path)
+    back, back_arch, _ = from_torch(read_state_dict(path), fmt, num_heads=2)
+    assert back_arch == arch  # a shared table comes back shared, per-block ones per block
+    original, returned = flatten(params), flatten(back["encoder"])
+    assert set(returned) == set(original)
+    for name, value in original.items():
+        if name in dropped:  # not in that format: initialised, and said so
+            assert not returned[name].any()
+            continue
+        assert returned[name].dtype == value.dtype and np.array_equal(returned[name], value), name
+
+
+def _cli(args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "usfm_jax.convert", *args.split()],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_checkpoint_round_trip_through_the_cli(tmp_path):
+    """A real training checkpoint -> usfm .safetensors -> export -> the same parameters."""
+    config = make_tiny_config(**{"log_every": 1, "image_every": 0, "checkpoint.every": 2})
+    config.total_steps = 3
+    train.train(config, str(tmp_path / "run"), stop_after=2)
+    out = tmp_path / "usfm.safetensors"
+    done = _cli(
+        f"to-torch --checkpoint {tmp_path / 'run'} --format usfm --normalization 0.5/0.25 "
+        f"--in-chans 1 --out {out}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and "head.* (pre-training only)" in done.stdout
+    card = json.loads((tmp_path / "usfm.json").read_text())
+    assert card["format"] == "usfm" and card["source"]["step"] == 2
+    assert card["normalization"] == {"mean": [0.5], "std": [0.25]}
+    done = _cli(f"from-torch --weights {out} --format usfm --out {tmp_path / 'back'}")
+    assert done.returncode == 0, done.stderr
+    original, back = load_params(str(tmp_path / "run")), load_params(str(tmp_path / "back"))
+    assert back.step == 2 and back.config["normalization"] == {"mean": 0.5, "std": 0.25}
+    a, b = flatten(original.params["encoder"]), flatten(back.params["encoder"])
+    assert set(a) == set(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    # and the converted checkpoint builds the same encoder as the training config does
+    arch = Architecture.from_json(card["architecture"])
+    assert arch == Architecture.from_config(back.config["model"], back.config["image_size"])
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Other image sizes, channel counts and normalisations
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variant", "fmt"), [("beit", "timm-beit"), ("vit", "timm-vit")])
+def test_a_224_model_exported_for_512_matches_timm_at_512(variant, fmt):
+    arch = _arch(variant, "base" if variant == "beit" else "tiny")
+    params, arch512, notes = adapt_encoder(
+        _random_params(arch), arch, source=OURS, image_size=(512, 512)
+    )
+    assert arch512.image_size == (512, 512) and "resampled" in notes[0]
+    state, _ = to_torch(params, arch512, fmt)
+    model = _load_timm(state, arch512, fmt)
+    gray = _gray(1, 512)
+    _assert_close(_torch_tokens(model, gray, OURS), _flax_tokens(arch512, params, gray, OURS))
+
+
+def test_resampling_keeps_the_cls_rows_and_a_linear_ramp():
+    """Offsets are resampled as an image (pixel centres, as timm does): a linear ramp stays
+    the same ramp, sampled at the new centres, away from the two border cells."""
+    arch = _arch("beit", (64, 1, 2), image=64)  # 4x4 grid: 7x7 offsets + 3 rows
+    ramp = np.linspace(0, 1, 7)
+    table = np.stack([np.add.outer(ramp, ramp).ravel()] * 2, -1).astype(np.float32)
+    table = np.concatenate([table, np.full((3, 2), 9.0, np.float32)])
+    params = _random_params(arch)
+    params["rel_pos_bias"]["relative_position_bias_table"] = table
+    out, _, _ = adapt_encoder(params, arch, source=OURS, image_size=(128, 128))
+    resized = out["rel_pos_bias"]["relative_position_bias_table"]
+    assert resized.shape == (15 * 15 + 3, 2) and np.all(resized[-3:] == 9.0)
+    old = (np.arange(15) + 0.5) * 7 / 15 - 0.5  # new pixel centres in old coordinates
+    expected = np.add.outer(old / 6, old / 6)
+    np.testing.assert_allclose(resized[:-3, 0].reshape(15, 15)[3:-3, 3:-3], expected[3:-3, 3:-3],
+                               atol=1e-5)  # fmt: skip
+    assert not np.array_equal(resized[:-3, 0], resized[:-3, 1] + 1)  # both heads resampled
+
+
+@pytest.mark.parametrize(
+    ("src_chans", "dst_chans", "target"),
+    [(3, 1, None), (1, 3, None), (3, 3, "imagenet"), (1, 3, "imagenet"), (3, 1, "inception")],
+)
+def test_channel_folding_is_exact_for_gray_images(src_chans, dst_chans, target):
+    arch = _arch("beit", "tiny", in_chans=src_chans)
+    params = _random_params(arch)
+    target_norm = PRESETS[target] if target else OURS
+    folded, new, notes = adapt_encoder(
+        params, arch, source=OURS, target=target_norm, in_chans=dst_chans
+    )
+    assert new.in_chans == dst_chans and "exact for gray" in notes[0]
+    state, _ = to_torch(folded, new, "timm-beit")
+    gray = _gray(2, 224)
+    tokens = _torch_tokens(_load_timm(state, new, "timm-beit"), gray, target_norm)
+    _assert_close(tokens, _flax_tokens(arch, params, gray, OURS))
+
+
+def test_fold_patch_embedding_against_a_numpy_convolution():
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(size=(4, 4, 3, 5)), rng.normal(size=5)
+    src, dst = PRESETS["imagenet"], Normalization((0.3,), (0.2,))
+    gray = rng.uniform(size=(4, 4))  # one patch
+
+    def embed(k, b, norm):
+        c = k.shape[2]
+        norm = norm.for_channels(c)
+        x = (gray[..., None] - np.asarray(norm.mean)) / np.asarray(norm.std)  # [4, 4, C]
+        return np.einsum("hwc,hwcd->d", x, k) + b
+
+    new_kernel, new_bias = fold_patch_embedding(kernel, bias, src, dst, 1)
+    assert new_kernel.shape == (4, 4, 1, 5)
+    np.testing.assert_allclose(embed(new_kernel, new_bias, dst), embed(kernel, bias, src))
+
+
+# ----------------------------------------------------------------------------------------
+# 4. BiomedCLIP's visual trunk (open_clip) -> our plain ViT
+# ----------------------------------------------------------------------------------------
+
+
+def _open_clip_file(tmp_path, arch: Architecture) -> tuple:
+    """An open_clip checkpoint's layout: a timm ViT under visual.trunk., the projection, and a
+    text tower that the conversion must ignore."""
+    torch.manual_seed(0)
+    trunk = build_timm_model({"timm": timm_spec(arch, "timm-vit")}).eval()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    sd["visual.head.proj.weight"] = torch.randn(32, arch.width)
+    sd["text.transformer.embeddings.word_embeddings.weight"] = torch.randn(10, 16)
+    sd["logit_scale"] = torch.tensor(4.6)
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(sd, path)
+    return path, trunk, sd
+
+
+def test_open_clip_visual_trunk_imports_and_matches_timm(tmp_path):
+    arch = _arch("vit", (192, 2, 3))
+    path, trunk, sd = _open_clip_file(tmp_path, arch)
+    imported = import_torch_weights(path, "open-clip-visual")
+    assert imported.arch == arch and imported.format == "open-clip-visual"
+    assert any("ignored 2 keys" in n for n in imported.notes)
+    np.testing.assert_array_equal(
+        imported.params["projection"]["kernel"], sd["visual.head.proj.weight"].numpy().T
+    )
+    # CLIP's normalisation (3 different means) is re-expressed for one gray mean / std
+    assert imported.normalization == Normalization((0.5,), (0.25,))
+    gray = _gray(2, 224)
+    tokens = _flax_tokens(arch, imported.params["encoder"], gray, imported.normalization)
+    _assert_close(tokens, _torch_tokens(trunk, gray, PRESETS["clip"]))
+
+
+# ----------------------------------------------------------------------------------------
+# 5. load_pretrained: feature extraction without heads
+# ----------------------------------------------------------------------------------------
+
+
+def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path):
+    arch = _arch("beit", (64, 2, 2), image=64)
+    params = _random_params(arch)
+    state, _ = to_torch(params, arch, "usfm")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_state_dict(state, hub / "model.safetensors")
+    (hub / "config.json").write_text(
+        json.dumps({"architecture": "beit", "pretrained_cfg": OURS.for_channels(3).to_json()})
+    )
+    gray = _gray(2, 64)
+    expected = _flax_tokens(arch, params, gray, OURS)
+    from_hub = load_pretrained(str(hub))
+    assert from_hub.normalization == OURS
+    x = (gray - 0.5) / 0.25
+    _assert_close(np.asarray(from_hub(jnp.asarray(x))), expected)
+
+    weights = str(hub / "model.safetensors")
+    torch_to_export(weights, "usfm", str(tmp_path / "export"), input_normalization=OURS)
+    from_export = load_pretrained(str(tmp_path / "export"))
+    _assert_close(np.asarray(from_export(jnp.asarray(x))), expected)
+
+    at_128 = load_pretrained(str(hub), image_size=128)  # resampled tables
+    assert at_128(jnp.zeros((1, 128, 128, 1))).shape == (1, 1 + 64, 64)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Wrong inputs: clear errors naming the problem
+# ----------------------------------------------------------------------------------------
+
+
+def test_wrong_architecture_errors_name_the_first_mismatching_key(tmp_path):
+    beit = _arch("beit", (64, 2, 2), image=64)
+    vit = _arch("vit", (64, 2, 2), image=64)
+    with pytest.raises(ConversionError, match=r"timm-vit holds the plain ViT.*'beit'"):
+        to_torch(_random_params(beit), beit, "timm-vit")
+    per_block = beit.replace(rel_pos="per_block")
+    with pytest.raises(ConversionError, match=r"one per block.*use timm-beit"):
+        to_torch(_random_params(per_block), per_block, "usfm")
+    vit_state, _ = to_torch(_random_params(vit), vit, "timm-vit")
+    with pytest.raises(
+        ConversionError,
+        match=r"not a timm-beit state dict: no key 'blocks.0.attn.relative_position_bias_table'"
+        r"; it looks like timm-vit",
+    ):
+        from_torch(vit_state, "timm-beit")
+    beit_state, _ = to_torch(_random_params(beit), beit, "usfm")
+    narrow = {**beit_state, "blocks.1.mlp.fc1.weight": np.zeros((100, 64), np.float32)}
+    with pytest.raises(ConversionError, match=r"'blocks.1.mlp.fc1.weight' has shape \(100, 64\)"):
+        from_torch(narrow, "usfm")
+    with pytest.raises(ConversionError, match=r"lacks 'blocks.1.attn.q_bias'"):
+        from_torch({k: v for k, v in beit_state.items() if k != "blocks.1.attn.q_bias"}, "usfm")
+    with pytest.raises(ConversionError, match=r"unexpected key 'head.weight'"):
+        from_torch({**beit_state, "head.weight": np.zeros((2, 64), np.float32)}, "usfm")
+    # a checkpoint of another width than its config says
+    wrong = _random_params(beit)
+    wrong["norm"]["scale"] = np.ones(65, np.float32)
+    with pytest.raises(ConversionError, match=r"'norm.scale' has shape \(65,\), expected \(64,\)"):
+        to_torch(wrong, beit, "usfm")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ([1, 2, 3], "not a state dict: it holds a list"),
+        ({"epoch": 3, "optimizer": {"lr": 0.1}}, "not a state dict: a dict of 2 entries"),
+        (b"not a pickle", "cannot read .* as PyTorch weights"),
+    ],
+)
+def test_files_that_are_not_state_dicts_are_named(tmp_path, content, match):
+    path = tmp_path / "weights.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ConversionError, match=match):
+        read_state_dict(path)
+
+
+def test_nested_and_module_prefixed_weights_are_unwrapped(tmp_path):
+    """URFM's files hold the weights under 'ema_state_dict', prefixed 'module.'."""
+    path = tmp_path / "urfm.pth"
+    torch.save({"epoch": 1, "ema_state_dict": {"module.cls_token": torch.ones(1, 1, 4)}}, path)
+    assert list(read_state_dict(path)) == ["cls_token"]
+
+
+def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
+    (tmp_path / "taken.safetensors").write_bytes(b"keep me")
+    cases = [
+        (f"to-torch --checkpoint {tmp_path / 'none'} --format usfm --out {tmp_path / 'x.pth'}",
+         "no checkpoint at"),
+        (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path / 'taken.safetensors'}",
+         "exists; choose another"),
+        (f"from-torch --weights {tmp_path / 'missing.pth'} --format usfm --out {tmp_path / 'o'}",
+         "no weights file at"),
+        (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path / 'x.onnx'}",
+         "name it *.safetensors"),
+    ]  # fmt: skip
+    for args, message in cases:
+        done = _cli(args)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("error: ") and message in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr  # no traceback
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+
+
+def test_card_says_how_to_load(tmp_path):
+    arch = _arch("beit", (64, 2, 2), image=64)
+    card = make_card(
+        fmt="usfm",
+        arch=arch,
+        normalization=PRESETS["imagenet"],
+        dropped=[],
+        adapted=[],
+        source={"step": 5},
+    )
+    write_card(card, tmp_path / "m.safetensors")
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["timm"]["kwargs"]["use_shared_rel_pos_bias"] is True
+    assert saved["loaders"]["timm (card's class and kwargs)"]["unexpected"] == ["mask_token"]
+    assert saved["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    assert build_timm_model(saved).patch_embed.proj.weight.shape == (64, 3, 16, 16)
+
+
+def test_nnx_state_names_are_what_the_converter_expects():
+    """The converter's names come from the model itself; a renamed module would show here."""
+    arch = _arch("beit", (64, 2, 2), image=64)
+    names = set(flatten(nnx.to_pure_dict(nnx.state(arch.build(), nnx.Param))))
+    assert names == set(arch.param_shapes())
+    assert {"rel_pos_bias.relative_position_bias_table", "blocks.1.attn.q_bias"} <= names

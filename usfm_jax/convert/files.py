@@ -1,0 +1,114 @@
+"""Reading and writing PyTorch state dicts (safetensors or torch pickles) and their cards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from usfm_jax.convert.formats import ConversionError
+from usfm_jax.paths import as_path
+
+# Where training scripts nest the weights inside a saved dict (URFM: 'ema_state_dict').
+NESTED_KEYS = ("state_dict", "model", "ema_state_dict", "model_ema", "module", "params")
+SAFETENSORS = ".safetensors"
+PICKLES = (".pth", ".pt", ".bin")
+
+
+def card_path(weights: str | epath.Path) -> epath.Path:
+    """The card beside a weights file: ``model.safetensors`` -> ``model.json``."""
+    path = as_path(weights)
+    return path.with_suffix(".json")
+
+
+def check_weights_name(path: str | epath.Path) -> epath.Path:
+    """``path`` as a path, if its suffix names a weights format we write."""
+    path = as_path(path)
+    if path.suffix not in (SAFETENSORS, *PICKLES):
+        raise ConversionError(
+            f"--out {path}: name it *.safetensors (the default choice) or *.pth / *.pt / *.bin"
+        )
+    return path
+
+
+def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | epath.Path) -> None:
+    """Writes ``state_dict`` as safetensors (``.safetensors``) or a torch pickle (``.pth``)."""
+    path = check_weights_name(path)
+    arrays = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
+    if path.suffix == SAFETENSORS:
+        from safetensors.numpy import save
+
+        path.write_bytes(save(arrays, metadata={"format": "pt"}))  # "pt": loadable by timm / HF
+    else:
+        import torch
+
+        with path.open("wb") as f:
+            torch.save({name: torch.from_numpy(value) for name, value in arrays.items()}, f)
+
+
+def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
+    """A flat state dict as numpy arrays, from safetensors or a torch pickle (read with
+    ``weights_only=True``: no code runs). Weights nested under a training script's key
+    ('state_dict', 'model', 'ema_state_dict', ...) or prefixed 'module.' are unwrapped."""
+    path = as_path(path)
+    if not path.exists():
+        raise ConversionError(f"no weights file at {path}")
+    try:
+        if path.suffix == SAFETENSORS:
+            from safetensors.numpy import load
+
+            return load(path.read_bytes())
+        import torch
+
+        with path.open("rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
+    except Exception as e:  # unreadable: name the file and the reason in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"cannot read {path} as PyTorch weights: {first}") from e
+    return _as_state_dict(obj, str(path))
+
+
+def _as_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
+    import torch
+
+    while isinstance(obj, Mapping) and not _is_flat(obj):
+        nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            raise ConversionError(
+                f"{source} is not a state dict: a dict of {len(obj)} entries "
+                f"({', '.join(map(str, list(obj)[:4]))}) that are not all tensors and none of "
+                f"{NESTED_KEYS} holding one"
+            )
+        obj = obj[nested]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ConversionError(f"{source} is not a state dict: it holds a {type(obj).__name__}")
+    out = {}
+    for name, tensor in obj.items():
+        name = name[len("module.") :] if name.startswith("module.") else name
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        out[name] = tensor.detach().cpu().numpy()
+    return out
+
+
+def _is_flat(obj: Mapping) -> bool:
+    import torch
+
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def write_card(card: Mapping[str, Any], weights: str | epath.Path) -> epath.Path:
+    path = card_path(weights)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def read_card(weights: str | epath.Path) -> dict[str, Any] | None:
+    """The card beside ``weights``, if there is one."""
+    path = card_path(weights)
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,124 @@
+"""Pre-trained encoders for feature extraction: ``load_pretrained(path) -> VisionTransformer``.
+
+``path`` may be a usfm_jax workdir, step directory or export, a PyTorch weights file in any
+format of ``usfm_jax.convert`` (with or without its card), or a directory downloaded from a
+model hub holding one (timm's ``config.json`` or open_clip's ``open_clip_config.json`` give the
+input normalisation). The model has no head: ``model(images)`` returns the normalised tokens
+[B, 1 + N, D], the cls token first. Feed it gray images in [0, 1], [B, H, W, 1], normalised with
+``model.normalization`` ((x - mean) / std); a 3-channel model replicates them itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from etils import epath
+from flax import nnx
+
+from usfm_jax.convert import Architecture, ConversionError, Normalization, import_torch_weights
+from usfm_jax.convert.adapt import adapt_encoder
+from usfm_jax.convert.files import PICKLES, SAFETENSORS
+from usfm_jax.convert.formats import flatten, unflatten
+from usfm_jax.models.factory import DTYPES
+from usfm_jax.models.vit import VisionTransformer
+from usfm_jax.paths import as_path
+
+# Weight files looked for in a hub directory, in this order.
+HUB_WEIGHTS = ("*.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin", "*.pth", "*.pt")
+
+
+def build_encoder(
+    arch: Architecture,
+    params: dict[str, Any],
+    *,
+    dtype: str = "float32",
+    attention: str = "auto",
+) -> VisionTransformer:
+    """An encoder of ``arch`` holding ``params`` (nested numpy arrays, our names)."""
+    model = arch.build(dtype=DTYPES[dtype], attention=attention)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, unflatten(flatten(params)))  # block keys as ints
+    nnx.update(model, state)
+    return model
+
+
+def load_pretrained(
+    path: str,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    dtype: str = "float32",
+    attention: str = "auto",
+    step: int | None = None,
+    fmt: str = "auto",
+) -> VisionTransformer:
+    """The encoder stored at ``path`` (see the module doc), for inputs of ``image_size``
+    (default: its own; position tables are resampled otherwise). ``model.normalization`` is
+    the input normalisation it expects."""
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    root = as_path(path)
+    if not root.exists():
+        raise ConversionError(f"no pre-trained model at {path}")
+    weights = _torch_weights(root)
+    if weights is None:  # a usfm_jax checkpoint or export
+        from usfm_jax.export import load_params
+
+        loaded = load_params(path, step)
+        arch = Architecture.from_config(loaded.config["model"], loaded.config["image_size"])
+        normalization = Normalization.from_json(loaded.config["normalization"])
+        params, arch, _ = adapt_encoder(
+            loaded.params["encoder"], arch, source=normalization, image_size=image_size
+        )
+    else:
+        imported = import_torch_weights(
+            weights,
+            fmt,
+            image_size=image_size,
+            input_normalization=_hub_normalization(weights.parent),
+        )
+        params, arch, normalization = (
+            imported.params["encoder"],
+            imported.arch,
+            imported.normalization,
+        )
+    model = build_encoder(arch, params, dtype=dtype, attention=attention)
+    model.normalization = normalization
+    return model
+
+
+def _torch_weights(root: epath.Path) -> epath.Path | None:
+    """The PyTorch weights file that ``root`` is or holds, or None for a usfm_jax directory."""
+    if root.is_file():
+        if root.suffix not in (SAFETENSORS, *PICKLES):
+            raise ConversionError(f"{root}: expected .safetensors, .pth, .pt or .bin weights")
+        return root
+    if any((root / name).exists() for name in ("params", "state", "checkpoints")) or any(
+        root.glob("[0-9]*/state")
+    ):
+        return None
+    for pattern in HUB_WEIGHTS:
+        found = sorted(root.glob(pattern))
+        if len(found) > 1:
+            raise ConversionError(f"{root} holds several weights files {found}: name one")
+        if found:
+            return found[0]
+    raise ConversionError(
+        f"{root} is neither a usfm_jax checkpoint / export nor a directory with PyTorch weights"
+    )
+
+
+def _hub_normalization(directory: epath.Path) -> Normalization | None:
+    """The input normalisation from a hub directory's timm or open_clip config, if any."""
+    for name, section in (("config.json", "pretrained_cfg"), ("open_clip_config.json", None)):
+        path = directory / name
+        if not path.exists():
+            continue
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get(section, {}) if section else cfg.get("preprocess_cfg", {})
+        if "mean" in cfg and "std" in cfg:
+            return Normalization.from_json(cfg)
+    return None
+
+
+__all__ = ["build_encoder", "load_pretrained"]
