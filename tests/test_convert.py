@@ -427,11 +427,25 @@ def test_files_that_are_not_state_dicts_are_named(tmp_path, content, match):
         read_state_dict(path)
 
 
-def test_nested_and_module_prefixed_weights_are_unwrapped(tmp_path):
-    """URFM's files hold the weights under 'ema_state_dict', prefixed 'module.'."""
-    path = tmp_path / "urfm.pth"
-    torch.save({"epoch": 1, "ema_state_dict": {"module.cls_token": torch.ones(1, 1, 4)}}, path)
-    assert list(read_state_dict(path)) == ["cls_token"]
+def test_urfm_mae_file_imports_its_encoder(tmp_path):
+    """URFM's released files: an MAE (encoder + decoder) under 'ema_state_dict', the keys
+    prefixed 'module.'; the encoder alone is a timm ViT."""
+    arch = _arch("vit", (64, 2, 2), image=64)
+    params = _random_params(arch)
+    state, _ = to_torch(params, arch, "timm-vit")
+    mae = {f"module.{k}": torch.from_numpy(v) for k, v in state.items()}
+    mae["module.mask_token"] = torch.zeros(1, 1, 48)  # the decoder's
+    mae["module.decoder_embed.weight"] = torch.zeros(48, 64)
+    mae["module.decoder_blocks.0.norm1.weight"] = torch.ones(48)
+    path = tmp_path / "mae_vit_base_patch16_dec768d8b_all_biomedclip_1199.pth"
+    torch.save({"epoch": 1199, "ema_state_dict": mae, "optimizer": {"lr": 0.1}}, path)
+    assert "cls_token" in read_state_dict(path)
+    imported = import_torch_weights(path, "timm-vit", num_heads=2, input_normalization=OURS)
+    assert any("ignored 3 MAE decoder keys" in note for note in imported.notes)
+    got, want = flatten(imported.params["encoder"]), flatten(params)
+    for name in want:
+        if name != "mask_token":
+            assert np.array_equal(got[name], want[name]), name
 
 
 def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):

@@ -6,7 +6,8 @@ Formats (the keys are PyTorch's; our Flax parameters carry the same names):
 * ``usfm``: the released USFM_latest.pth layout: one shared table
   (``rel_pos_bias.relative_position_bias_table``) and ``mask_token``; it is also timm's Beit with
   ``use_shared_rel_pos_bias=True`` plus the ``mask_token`` key.
-* ``timm-vit``: ``timm.models.vision_transformer.VisionTransformer`` (URFM's layout).
+* ``timm-vit``: ``timm.models.vision_transformer.VisionTransformer`` (URFM's layout; the MAE
+  decoder keys of URFM's released files are ignored).
 * ``open-clip-visual`` (read only): the visual trunk of an open_clip checkpoint such as
   BiomedCLIP, ``visual.trunk.*`` (a timm ViT) plus the ``visual.head.proj`` projection.
 
@@ -265,6 +266,11 @@ def from_torch(
         if ignored:
             notes.append(f"ignored {ignored} keys outside the visual trunk (text tower, ...)")
         fmt = "timm-vit"
+    if fmt == "timm-vit":  # an MAE checkpoint (URFM's release): the encoder is a timm ViT
+        mae = [k for k in sd if k.startswith("decoder") or k == "mask_token"]
+        if mae:
+            sd = {k: v for k, v in sd.items() if k not in mae}
+            notes.append(f"ignored {len(mae)} MAE decoder keys (decoder*, mask_token)")
     arch = _infer_architecture(sd, fmt, num_heads, image_size)
     flat = {}
     torch_name = {}

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from usfm_jax import parallel
+from usfm_jax.patches import patchify
 
 Variant = Literal["beit", "vit"]
 RelPos = Literal["shared", "per_block"]
@@ -356,9 +357,13 @@ class VisionTransformer(nnx.Module):
                 f"model built for {self.grid} patches of {self.patch_size} px, "
                 f"got images of shape {images.shape[1:3]}"
             )
-        x = self.patch_embed["proj"](images.astype(self.dtype))  # [B, gh, gw, D]
+        # The conv's weights, applied as one matmul over patchified pixels: the same function,
+        # but GPUs run a [B*N, p*p*C] x [p*p*C, D] product far faster than a strided conv.
+        proj = self.patch_embed["proj"]
+        kernel = proj.kernel[...].reshape(-1, self.width).astype(self.dtype)  # [p*p*C, D]
+        x = patchify(images.astype(self.dtype), self.patch_size) @ kernel  # [B, N, D]
+        x = x + proj.bias[...].astype(self.dtype)
         b = x.shape[0]
-        x = x.reshape(b, -1, self.width)  # [B, N, D]
         if mask is not None:
             x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, self.width))
