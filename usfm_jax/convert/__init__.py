@@ -42,6 +42,7 @@ __all__ = [
     "checkpoint_to_torch",
     "import_torch_weights",
     "torch_to_export",
+    "weights_normalization",
 ]
 
 # What each format's own pipeline normalises with (the USFM code and open_clip's BiomedCLIP).
@@ -61,6 +62,22 @@ def _normalization(value: str | Normalization | None) -> Normalization | None:
         return parse_normalization(value)
     except ValueError as e:
         raise ConversionError(str(e)) from None
+
+
+def weights_normalization(
+    fmt: str, card: dict[str, Any], given: str | Normalization | None, notes: list[str]
+) -> Normalization:
+    """The input normalisation PyTorch weights were trained with: ``given``, else their
+    card's, else their format's pipeline's (timm formats: ImageNet's, assumed and noted)."""
+    source = _normalization(given)
+    if source is None and "normalization" in card:
+        source = Normalization.from_json(card["normalization"])
+    if source is None:
+        default = FORMAT_DEFAULTS.get(fmt, {}).get("normalization", "imagenet")
+        if fmt not in FORMAT_DEFAULTS:
+            notes.append(f"input normalisation not given: {default}'s assumed")
+        source = parse_normalization(default)
+    return source
 
 
 def _adapt(params, arch, **kw) -> tuple[dict[str, Any], Architecture, list[str]]:
@@ -161,14 +178,7 @@ def import_torch_weights(
     made_for = card.get("architecture", {})  # exact where the file has a card
     num_heads = num_heads or made_for.get("num_heads")
     params, arch, notes = from_torch(sd, fmt, num_heads, made_for.get("image_size"))
-    source = _normalization(input_normalization)
-    if source is None and "normalization" in card:
-        source = Normalization.from_json(card["normalization"])
-    if source is None:
-        default = FORMAT_DEFAULTS.get(fmt, {}).get("normalization", "imagenet")
-        if fmt not in FORMAT_DEFAULTS:
-            notes.append(f"input normalisation not given: {default}'s assumed")
-        source = parse_normalization(default)
+    source = weights_normalization(fmt, card, input_normalization, notes)
     target = _normalization(normalization)
     if target is None:
         target = source if source.is_uniform else DEFAULT_NORMALIZATION

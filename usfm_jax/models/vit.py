@@ -378,20 +378,23 @@ class VisionTransformer(nnx.Module):
         mask: jax.Array | None = None,
         *,
         dropout_key: jax.Array | None = None,
+        final_norm: bool = True,
     ) -> jax.Array:
+        """Tokens after the final norm (or, ``final_norm=False``, the last block's output)."""
+        norm = self.norm if final_norm else (lambda x: x)
         x = parallel.constrain_batch(self.embed(images, mask))  # [B, T, D], batch-sharded
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         # one drop-path key per block, or none (deterministic)
         keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))
         if self.scan:
-            return self.norm(self._scan_blocks(x, bias, keys))
+            return norm(self._scan_blocks(x, bias, keys))
         keys = [None] * len(self.blocks) if keys is None else keys
         run = _call_block
         if self.remat != "none":  # trade compute for activation memory, block by block
             run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
         for block, key in zip(self.blocks, keys, strict=True):
             x = parallel.constrain_batch(run(block, x, bias, key))  # [B, T, D] stays batch-sharded
-        return self.norm(x)
+        return norm(x)
 
     def _scan_blocks(
         self, x: jax.Array, bias: jax.Array | None, keys: jax.Array | None

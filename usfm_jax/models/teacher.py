@@ -1,0 +1,127 @@
+"""The frozen teacher of representation-based MIM (URFM): BiomedCLIP's image encoder or any
+timm ViT, loaded from PyTorch weights with ``usfm_jax.convert``.
+
+The teacher sees the clean gray image through its own preprocessing (resize to its image size,
+replication to its channels, its own per-channel normalisation: CLIP's for BiomedCLIP), never
+the student's. Its weights are data of the step, not trained parameters: no gradient reaches
+them and no optimizer state exists for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from usfm_jax.convert import ConversionError, Normalization, weights_normalization
+from usfm_jax.convert.files import read_card, read_state_dict
+from usfm_jax.convert.formats import Architecture, detect_format, from_torch
+from usfm_jax.models.vit import VisionTransformer
+
+# Which features are the targets: the last block's tokens, the same after the final norm, or
+# those projected by the CLIP head (BiomedCLIP: 768 -> 512) applied to every token.
+TARGET_LAYERS = ("last_block", "final_norm", "projection")
+
+
+class Teacher(nnx.Module):
+    """Frozen encoder (+ projection): clean gray images [B, H, W, 1] in [0, 1] -> patch-token
+    features [B, N, E] of ``layer``."""
+
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        projection: nnx.Linear | None,
+        normalization: Normalization,
+        layer: str,
+    ):
+        if layer not in TARGET_LAYERS:
+            raise ValueError(f"teacher layer must be one of {TARGET_LAYERS}, got {layer!r}")
+        if layer == "projection" and projection is None:
+            raise ValueError("teacher layer 'projection' needs weights with a projection head")
+        self.encoder = encoder
+        self.projection = projection
+        norm = normalization.for_channels(encoder.in_chans)
+        self.mean, self.std = norm.mean, norm.std  # static tuples, per channel
+        self.layer = layer
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        p = self.encoder.patch_size
+        return (self.encoder.grid[0] * p, self.encoder.grid[1] * p)
+
+    @property
+    def features(self) -> int:
+        """Width E of the target features."""
+        return self.projection.out_features if self.layer == "projection" else self.encoder.width
+
+    def preprocess(self, gray: jax.Array) -> jax.Array:
+        """[B, H, W, 1] in [0, 1] -> the teacher's input [B, h, w, C], its own normalisation."""
+        b, h, w, _ = gray.shape
+        if (h, w) != self.image_size:
+            gray = jax.image.resize(gray, (b, *self.image_size, 1), "bicubic")
+        x = jnp.repeat(gray.astype(jnp.float32), self.encoder.in_chans, axis=-1)
+        return (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+
+    def __call__(self, gray: jax.Array) -> jax.Array:
+        tokens = self.encoder(self.preprocess(gray), final_norm=self.layer != "last_block")
+        if self.layer == "projection":
+            tokens = self.projection(tokens)
+        return jax.lax.stop_gradient(tokens[:, 1:].astype(jnp.float32))  # [B, N, E]
+
+
+class LoadedTeacher(NamedTuple):
+    graphdef: nnx.GraphDef
+    params: nnx.State  # the weights, to pass to the step as data
+    arch: Architecture
+    normalization: Normalization
+    notes: list[str]
+
+
+def load_teacher(
+    path: str,
+    *,
+    fmt: str = "auto",
+    layer: str = "final_norm",
+    normalization: str | None = None,
+    num_heads: int | None = None,
+    dtype: Any = jnp.float32,
+    attention: str = "auto",
+) -> LoadedTeacher:
+    """A teacher from PyTorch weights: an open_clip checkpoint (its visual trunk and
+    projection) or a timm ViT state dict. Weights are taken as they are (no folding); a key
+    that is missing or of the wrong shape is an error naming it."""
+    sd = read_state_dict(path)
+    card = read_card(path) or {}
+    if fmt == "auto":
+        fmt = card.get("format") or detect_format(sd) or "open-clip-visual"
+    if fmt not in ("open-clip-visual", "timm-vit"):
+        raise ConversionError(
+            f"teacher {path}: format {fmt!r}; a teacher is an open_clip visual tower "
+            "(open-clip-visual) or a plain timm ViT (timm-vit)"
+        )
+    made_for = card.get("architecture", {})
+    heads = num_heads or made_for.get("num_heads")  # a non-standard width does not say it
+    params, arch, notes = from_torch(sd, fmt, heads, made_for.get("image_size"))
+    norm = weights_normalization(fmt, card, normalization, notes)
+    if layer == "projection" and "projection" not in params:
+        raise ConversionError(
+            f"teacher {path} has no projection (visual.head.proj.weight): target layer "
+            "'projection' is not available; use 'final_norm' or 'last_block'"
+        )
+    encoder = arch.build(dtype=dtype, attention=attention)
+    projection = None
+    if layer == "projection":
+        width, out = params["projection"]["kernel"].shape
+        projection = nnx.Linear(width, out, use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
+    try:
+        teacher = Teacher(encoder, projection, norm, layer)
+    except ValueError as e:
+        raise ConversionError(f"teacher {path}: {e}") from None
+    graphdef, state = nnx.split(teacher)
+    weights = {"encoder": params["encoder"]}
+    if projection is not None:
+        weights["projection"] = params["projection"]
+    nnx.replace_by_pure_dict(state, weights)
+    return LoadedTeacher(graphdef, state, arch, norm, notes)
