@@ -306,3 +306,10 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
     more = _demo(tmp_path, f"--config.total_steps={stopped + 2}")  # the next run continues
     _finish(more, tmp_path)
     assert sorted(_losses(tmp_path))[-3:] == [stopped, stopped + 1, stopped + 2]
+
+
+def test_asking_for_ema_weights_of_a_run_without_them_is_an_error(tmp_path):
+    train.train(_tiny(), str(tmp_path / "run"), stop_after=1)
+    assert load_params(str(tmp_path / "run")).weights == "params"
+    with pytest.raises(CheckpointError, match=r"holds no EMA weights \(config.ema_decay was 0\)"):
+        load_params(str(tmp_path / "run"), weights="ema")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_tiny_config
+from conftest import biomedclip_file, make_tiny_config
 
 from configs.common import parse_arg
 from usfm_jax.config_validation import ConfigError, validate
@@ -25,8 +25,17 @@ def _load(path: str, arg: str | None = None):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_config_validates(path):
-    validate(_load(path), num_devices=8)
+def test_every_config_validates(path, tmp_path):
+    config = _load(path)
+    if config.representation.enabled:  # URFM: the teacher file is the user's to give
+        with pytest.raises(ConfigError, match=r"config\.teacher\.path='': .* needs a teacher"):
+            validate(config, num_devices=8)
+        teacher, _, _ = biomedclip_file(tmp_path, width=64, depth=1, heads=2, proj=32)
+        config.teacher.path = str(teacher)
+        demo_scale = _load(path, "demo")
+        demo_scale.teacher.path = str(teacher)
+        validate(demo_scale, num_devices=1)
+    validate(config, num_devices=8)
     if "ablations" in path:
         demo_scale = _load(path, "demo")
         validate(demo_scale, num_devices=1)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import biomedclip_file
 from flax import nnx
 
 from usfm_jax.convert import ConversionError, Normalization
@@ -15,31 +16,6 @@ from usfm_jax.models.teacher import load_teacher
 
 TOL = 1e-4
 CLIP = PRESETS["clip"]
-
-
-def biomedclip_file(tmp_path, width=768, depth=12, heads=12, image=224, proj=512, seed=0):
-    """An open_clip checkpoint with BiomedCLIP's key names and shapes (random weights): the
-    timm ViT trunk under visual.trunk., the projection, and a text tower to be ignored.
-    Returns (path, the timm trunk, the projection weight [proj, width])."""
-    import timm
-
-    torch.manual_seed(seed)
-    trunk = timm.models.vision_transformer.VisionTransformer(
-        img_size=image, patch_size=16, embed_dim=width, depth=depth, num_heads=heads,
-        num_classes=0, global_pool="token",
-    ).eval()  # fmt: skip
-    with torch.no_grad():
-        for p in trunk.parameters():  # away from the initial values (zero biases, unit norms)
-            p.add_(0.05 * torch.randn_like(p))
-    sd = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
-    weight = 0.05 * torch.randn(proj, width)
-    sd["visual.head.proj.weight"] = weight
-    sd["text.transformer.embeddings.word_embeddings.weight"] = torch.randn(30, 8)
-    sd["text.proj.0.weight"] = torch.randn(8, 8)
-    sd["logit_scale"] = torch.tensor(4.6)
-    path = tmp_path / "open_clip_pytorch_model.bin"
-    torch.save(sd, path)
-    return path, trunk, weight
 
 
 def _timm_tokens(trunk, gray: np.ndarray, norm: Normalization, final_norm=True) -> np.ndarray:

@@ -9,13 +9,21 @@ from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
 from usfm_jax.data.pipeline import SOURCES, parse_organ_weights, read_card
 from usfm_jax.models.factory import DTYPES, encoder_dims
+from usfm_jax.models.teacher import TARGET_LAYERS
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
     cudnn_attention_available,
 )
 from usfm_jax.objectives import dual
+from usfm_jax.objectives.representation import (
+    LOSSES,
+    STUDENTS,
+    TARGET_NORMS,
+    create_representation,
+)
 from usfm_jax.parallel import mesh_shape
+from usfm_jax.paths import as_path
 
 
 class ConfigError(ValueError):
@@ -72,6 +80,71 @@ def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_mask_patch_size(config: ml_collections.ConfigDict, section: str) -> None:
+    """``config.SECTION.mask_patch_size``: a multiple of the model patch dividing the image."""
+    value, patch = config[section].mask_patch_size, config.model.patch_size
+    size = tuple(config.image_size)
+    field = f"{section}.mask_patch_size"
+    _require(
+        value > 0 and value % patch == 0,
+        field,
+        value,
+        f"must be a positive multiple of config.model.patch_size={patch}",
+    )
+    _require(
+        size[0] % value == 0 and size[1] % value == 0,
+        field,
+        value,
+        f"must divide config.image_size={size}",
+    )
+
+
+def _check_representation(config: ml_collections.ConfigDict) -> None:
+    """URFM's objective and its teacher."""
+    r, t = config.representation, config.teacher
+    _one_of(config, "representation.student", STUDENTS)
+    _one_of(config, "representation.target_norm", TARGET_NORMS)
+    _one_of(config, "representation.loss", LOSSES)
+    _one_of(config, "representation.loss_on", ("masked", "all"))
+    _in_range(config, "representation.ratio", 0, 1, "()")
+    _require(r.weight > 0, "representation.weight", r.weight, "expected > 0")
+    _require(r.beta > 0, "representation.beta", r.beta, "expected > 0")
+    _check_mask_patch_size(config, "representation")
+    if r.student == "mae":
+        _require(
+            config.model.variant == "vit",
+            "model.variant",
+            config.model.variant,
+            "the MAE student encodes the visible patches alone, which needs absolute positions: "
+            "use 'vit' (or representation.student='simmim')",
+        )
+        d = r.decoder
+        _require(
+            d.depth >= 1 and d.width > 0 and d.num_heads > 0 and d.width % d.num_heads == 0,
+            "representation.decoder",
+            dict(d),
+            "expected depth >= 1 and a width divisible by num_heads",
+        )
+    _require(
+        config.optimizer.grad_accum_steps == 1,
+        "optimizer.grad_accum_steps",
+        config.optimizer.grad_accum_steps,
+        "the representation objective does not split batches yet: use 1",
+    )
+    _require(
+        bool(t.path),
+        "teacher.path",
+        t.path,
+        "the representation objective needs a teacher: an open_clip checkpoint (BiomedCLIP) "
+        "or a timm ViT state dict",
+    )
+    _require(as_path(t.path).exists(), "teacher.path", t.path, "no such file")
+    _one_of(config, "teacher.format", ("auto", "open-clip-visual", "timm-vit"))
+    _one_of(config, "teacher.layer", TARGET_LAYERS)
+    if t.dtype:
+        _one_of(config, "teacher.dtype", tuple(DTYPES))
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first invalid setting of a pre-training config."""
     size = tuple(config.image_size)
@@ -92,6 +165,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("batch_size", "total_steps", "log_every", "max_bad_steps"):
         _require(config[field] > 0, field, config[field], "expected > 0")
     _require(config.image_every >= 0, "image_every", config.image_every, "expected >= 0")
+    _in_range(config, "ema_decay", 0, 1, "[)")
     for field in ("every", "keep"):
         value = config.checkpoint[field]
         _require(value > 0, f"checkpoint.{field}", value, "expected > 0")
@@ -160,29 +234,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "(use a ratio > 0 or objective.spatial_loss_on='all')",
         )
         _require(s.sigma >= 0, "spatial.sigma", s.sigma, "expected >= 0")
-        _require(
-            s.mask_patch_size > 0 and s.mask_patch_size % patch == 0,
-            "spatial.mask_patch_size",
-            s.mask_patch_size,
-            f"must be a positive multiple of config.model.patch_size={patch}",
-        )
-        _require(
-            size[0] % s.mask_patch_size == 0 and size[1] % s.mask_patch_size == 0,
-            "spatial.mask_patch_size",
-            s.mask_patch_size,
-            f"must divide config.image_size={size}",
-        )
+        _check_mask_patch_size(config, "spatial")
     f = config.frequency
     if f.enabled:
         _one_of(config, "frequency.kind", ("band_stop", "low_high_pass"))
         _one_of(config, "frequency.output", ("abs", "real"))
         if f.kind == "band_stop":
             _in_range(config, "frequency.ratio", 0, 1, "(]")
+    r = config.representation
+    if r.enabled:
+        _check_representation(config)
     _require(
-        s.enabled or f.enabled,
+        s.enabled or f.enabled or r.enabled,
         "spatial.enabled",
         s.enabled,
-        "at least one of spatial.enabled and frequency.enabled must be True",
+        "at least one of spatial, frequency and representation must be enabled",
     )
 
     ob = config.objective
@@ -232,17 +298,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             built[section] = build(config)
         except ValueError as e:
             raise ConfigError(f"config.{section}: {e}") from None
-    try:
-        objective = dual.create_objective(config, **built)
-    except ValueError as e:
-        raise ConfigError(f"config.objective: {e}") from None
+    objective = None
+    if s.enabled or f.enabled:
+        try:
+            objective = dual.create_objective(config, **built)
+        except ValueError as e:
+            raise ConfigError(f"config.objective: {e}") from None
+    if r.enabled:
+        try:
+            create_representation(config)
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from None
     if num_devices is not None:
         try:
             shape = mesh_shape(config.mesh, num_devices)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         shards = shape[0] * shape[1]
-        views = objective.num_views(config.batch_size) // o.grad_accum_steps
+        views = config.batch_size if objective is None else objective.num_views(config.batch_size)
+        views //= o.grad_accum_steps
         _require(
             config.batch_size % shards == 0 and views % shards == 0,
             "batch_size",

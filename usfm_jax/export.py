@@ -37,6 +37,11 @@ class Parameters(NamedTuple):
     config: dict[str, Any]  # the run's config, as saved
     step: int
     source: str  # the step or export directory read
+    weights: str = "params"  # "params" (the trained weights) or "ema" (their moving average)
+
+
+WEIGHTS = ("auto", "ema", "params")  # auto: the EMA where the run kept one
+EMA_CHOICES = {"auto": "auto", "yes": "ema", "no": "params"}  # the CLIs' --ema
 
 
 def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
@@ -75,24 +80,40 @@ def _read_numpy(directory: epath.Path, keys: tuple[str, ...] = ()) -> dict[str, 
     return checkpointer.restore(directory, args=args)
 
 
-def load_params(path: str, step: int | None = None) -> Parameters:
-    """The model parameters of a training checkpoint or an export, fingerprint-checked."""
+def load_params(path: str, step: int | None = None, weights: str = "auto") -> Parameters:
+    """The model parameters of a training checkpoint or an export, fingerprint-checked:
+    ``weights`` "params", "ema" (the moving average, if the run kept one) or "auto" (the EMA
+    where there is one)."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights={weights!r}: expected one of {WEIGHTS}")
     source = find_checkpoint(path, step)
     try:
-        if (source / "params").exists():  # an export
+        if (source / "params").exists():  # an export: one set of weights, as exported
             info = json.loads((source / "export.json").read_text())
             params = {"params": _read_numpy(source / "params")}
             config = json.loads((source / "config.json").read_text())
             saved, step = info["fingerprint"], info["step"]
+            kind = info.get("weights", "params")
+            if weights != "auto" and weights != kind:
+                raise CheckpointError(f"{source} holds the {kind} weights, not {weights}")
+            name = "params"
         else:
-            state = _read_numpy(source / "state", ("params", "step"))
-            params, step = {"params": state["params"]}, int(state["step"])
+            tree = ocp.PyTreeCheckpointer().metadata(source / "state").item_metadata.tree
+            has_ema = bool(tree.get("ema_params"))
+            if weights == "ema" and not has_ema:
+                raise CheckpointError(f"{source} holds no EMA weights (config.ema_decay was 0)")
+            kind = "ema" if weights == "ema" or (weights == "auto" and has_ema) else "params"
+            name = "ema_params" if kind == "ema" else "params"
+            state = _read_numpy(source / "state", (name, "step"))
+            params, step = {name: state[name]}, int(state["step"])
             read_json = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore
             config, saved = read_json(source / "config"), read_json(source / "fingerprint")
+    except CheckpointError:
+        raise
     except Exception as e:  # unreadable: say which checkpoint and why, in one line
         raise CheckpointError(f"cannot read {source}: {describe_error(e)}") from e
     check_fingerprint(params, saved, str(source))
-    return Parameters(params["params"], config, step, str(source))
+    return Parameters(params[name], config, step, str(source), kind)
 
 
 def check_new_directory(out: str) -> epath.Path:
@@ -122,12 +143,22 @@ def write_export(
     return info
 
 
-def export_params(path: str, out: str, step: int | None = None) -> dict[str, Any]:
-    """Writes the parameters of ``path`` (at ``step``, default newest) to a new directory
-    ``out``; returns the contents of its export.json."""
+def export_params(
+    path: str, out: str, step: int | None = None, weights: str = "auto"
+) -> dict[str, Any]:
+    """Writes the parameters of ``path`` (at ``step``, default newest; the EMA ones if the
+    run kept them, unless ``weights`` says otherwise) to a new directory ``out``; returns the
+    contents of its export.json."""
     check_new_directory(out)
-    loaded = load_params(path, step)
-    return write_export(out, loaded.params, loaded.config, source=loaded.source, step=loaded.step)
+    loaded = load_params(path, step, weights)
+    return write_export(
+        out,
+        loaded.params,
+        loaded.config,
+        source=loaded.source,
+        step=loaded.step,
+        weights=loaded.weights,
+    )
 
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -135,6 +166,12 @@ _CHECKPOINT = flags.DEFINE_string(
 )
 _STEP = flags.DEFINE_integer("step", None, "The step to export (default: the newest).")
 _OUT = flags.DEFINE_string("out", None, "New directory for the export.")
+_EMA = flags.DEFINE_enum(
+    "ema",
+    "auto",
+    list(EMA_CHOICES),
+    "Export the EMA weights: auto (if the run kept them), yes, no.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -142,10 +179,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs(std_logging.ERROR)  # orbax warns of missing optional metadata files
     try:
-        info = export_params(_CHECKPOINT.value, _OUT.value, _STEP.value)
+        info = export_params(_CHECKPOINT.value, _OUT.value, _STEP.value, EMA_CHOICES[_EMA.value])
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    print(f"exported {info['num_params']:,} parameters of step {info['step']} to {_OUT.value}")
+    print(
+        f"exported {info['num_params']:,} parameters ({info['weights']}) of step {info['step']} "
+        f"to {_OUT.value}"
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def train(
         "mesh %s, %d parameters, branches %s",
         dict(mesh.shape),
         sum(x.size for x in jax.tree.leaves(state.params)),
-        objective.branches,
+        (objective.branches if objective is not None else ())
+        + (("representation",) if config.representation.enabled else ()),
     )
 
     checkpointer = Checkpointer(workdir, config.checkpoint)

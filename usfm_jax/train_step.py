@@ -3,7 +3,9 @@
 ``train_step(state, batch) -> (state, metrics)`` is a function of its arguments only: the state
 carries the run's PRNG key, the step's key is ``fold_in(state.rng, state.step)``, masks are drawn
 on device from it, and the function is compiled once with ``jax.jit`` over a device mesh with
-explicit shardings. Nothing here does I/O.
+explicit shardings. With the representation objective (URFM) the frozen teacher's weights are a
+third argument of the compiled step (data, never differentiated nor updated); ``create_training``
+binds them. Nothing here does I/O except ``create_training`` reading the teacher's file.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from usfm_jax import parallel
-from usfm_jax.models.factory import create_mim_model
+from usfm_jax.models.factory import DTYPES, create_pretrain_model
+from usfm_jax.models.teacher import load_teacher
 from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views, create_objective
 from usfm_jax.objectives.pixel import denormalize_patches
+from usfm_jax.objectives.representation import RepresentationMIM, create_representation
 from usfm_jax.optim import applied_updates, create_optimizer
 from usfm_jax.patches import patchify, unpatchify
 
@@ -37,29 +41,29 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # uint32 [2]: raw data of the run's key; step keys are fold_in(rng, step)
     bad_steps: jax.Array  # int32: consecutive steps skipped for a non-finite loss or gradient
+    ema_params: dict[str, Any] | None = None  # exponential moving average of params (ema_decay)
 
     def step_key(self) -> jax.Array:
         """The PRNG key of the current step: a function of the run's key and the step alone."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
-    """The model's structure without allocating parameters."""
-    return nnx.eval_shape(
-        lambda: create_mim_model(config.model, tuple(config.image_size), nnx.Rngs(0))
-    )
+def abstract_model(config: ml_collections.ConfigDict, features: int | None = None) -> nnx.Module:
+    """The model's structure without allocating parameters (``features``: the teacher's
+    feature width, with the representation objective)."""
+    return nnx.eval_shape(lambda: create_pretrain_model(config, nnx.Rngs(0), features))
 
 
 def state_initializer(
-    config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    features: int | None = None,
 ) -> Callable[[], TrainState]:
     """The function that creates a fresh train state: jit it with shardings to allocate one,
     or ``jax.eval_shape`` it for the shapes alone (sharding plans, ahead-of-time compiles)."""
 
     def init() -> TrainState:
-        model = create_mim_model(
-            config.model, tuple(config.image_size), nnx.Rngs(params=config.seed)
-        )
+        model = create_pretrain_model(config, nnx.Rngs(params=config.seed), features)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -67,20 +71,24 @@ def state_initializer(
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(config.seed)),
             bad_steps=jnp.zeros((), jnp.int32),
+            ema_params=params if config.ema_decay else None,
         )
 
     return init
 
 
 def init_state(
-    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    features: int | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, Any]:
     """Creates the model graph and a freshly initialised, sharded train state.
 
     Returns (graphdef, state, state_shardings).
     """
-    init = state_initializer(config, tx)
-    graphdef = nnx.graphdef(abstract_model(config))
+    init = state_initializer(config, tx, features)
+    graphdef = nnx.graphdef(abstract_model(config, features))
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
@@ -97,27 +105,51 @@ def _micro_batches(views: Views, num: int) -> Views:
 def make_train_step(
     config: ml_collections.ConfigDict,
     graphdef: nnx.GraphDef,
-    objective: DualMIM,
+    objective: DualMIM | None,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Returns the (un-jitted) train step for this run's model, objective and optimizer."""
+    representation: RepresentationMIM | None = None,
+    teacher_graphdef: nnx.GraphDef | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """Returns the (un-jitted) train step for this run's model, objectives and optimizer:
+    ``step(state, batch)``, or ``step(state, batch, teacher_params)`` with a representation
+    objective."""
     accum = config.optimizer.grad_accum_steps
 
-    def loss_fn(params, views: Views, counts: jax.Array, key: jax.Array):
+    def loss_fn(params, views: Views | None, counts: jax.Array, key: jax.Array, rep=None):
         model = nnx.merge(graphdef, params)
-        pred = model(views.inputs, views.token_mask, dropout_key=key)  # [V, N, P]
-        return objective.loss(pred, views, counts)
+        k_pixel, k_rep = jax.random.split(key)
+        total, metrics = jnp.zeros((), jnp.float32), {}
+        if objective is not None:
+            pred = model(views.inputs, views.token_mask, dropout_key=k_pixel)  # [V, N, P]
+            total, metrics = objective.loss(pred, views, counts)
+        if representation is not None:
+            rep_views, target = rep
+            pred = model.features(
+                rep_views.inputs, rep_views.token_mask, rep_views.keep, dropout_key=k_rep
+            )  # [B, N, E]
+            rep_loss = representation.loss(pred, target, rep_views.weight)
+            total = total + representation.weight * rep_loss
+            metrics = {**metrics, "loss_representation": rep_loss}
+        return total, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(
+        state: TrainState, batch: Batch, teacher: nnx.State | None = None
+    ) -> tuple[TrainState, Metrics]:
         k_views, k_drop = jax.random.split(state.step_key())
         images = batch["image"].astype(jnp.float32) / 255.0  # [B, H, W, C] in [0, 1]
-        views = objective.views(images, k_views, state.step)
-        counts = objective.branch_counts(views)
+        views = counts = rep = None
+        if objective is not None:
+            views = objective.views(images, k_views, state.step)
+            counts = objective.branch_counts(views)
+        if representation is not None:  # the teacher sees the clean image; no gradient
+            features = nnx.merge(teacher_graphdef, teacher)(images)  # [B, N, E]
+            target = jax.lax.stop_gradient(representation.targets(features))
+            rep = (representation.views(images, jax.random.fold_in(k_views, 2)), target)
         if accum == 1:
-            (loss, sums), grads = grad_fn(state.params, views, counts, k_drop)
+            (loss, sums), grads = grad_fn(state.params, views, counts, k_drop, rep)
         else:
 
             def body(carry, inputs):
@@ -145,52 +177,96 @@ def make_train_step(
             "lr": schedule(applied_updates(state.opt_state)),  # the lr of this update
             "skipped": 1 - finite.astype(jnp.int32),
             **sums,
-            **{f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)},
         }
+        if counts is not None:
+            metrics.update({f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)})
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         )
+        if state.ema_params is not None:  # ema <- decay * ema + (1 - decay) * params
+            ema = optax.incremental_update(params, state.ema_params, 1.0 - config.ema_decay)
+            new_state = new_state.replace(ema_params=keep(ema, state.ema_params))
         return new_state, metrics
 
     return train_step
 
 
 def jit_train_step(
-    train_step: Callable, state_shardings: Any, mesh: Mesh
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    train_step: Callable, state_shardings: Any, mesh: Mesh, teacher_shardings: Any = None
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """Compiles the step with explicit shardings; the old state's buffers are donated."""
+    in_shardings = (state_shardings, parallel.batch_sharding(mesh))
+    if teacher_shardings is not None:
+        in_shardings += (teacher_shardings,)
     return parallel.jit_in_mesh(
         train_step,
         mesh,
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
 
 
+def create_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
+    """The frozen teacher of ``config.teacher``, its weights placed on the mesh (sharded like
+    parameters); its patch grid must be the student's."""
+    t = config.teacher
+    loaded = load_teacher(
+        t.path,
+        fmt=t.format,
+        layer=t.layer,
+        normalization=t.normalization or None,
+        num_heads=t.get("num_heads"),
+        dtype=DTYPES[t.dtype or config.model.dtype],
+        attention=config.model.attention,
+    )
+    grid = loaded.arch.grid
+    student = tuple(s // config.model.patch_size for s in config.image_size)
+    if grid != student:
+        raise ValueError(
+            f"teacher {t.path} has a {grid[0]}x{grid[1]} grid of patches "
+            f"({loaded.arch.image_size[0]} px, patch {loaded.arch.patch_size}); the student's "
+            f"is {student[0]}x{student[1]}: choose config.image_size / model.patch_size to match"
+        )
+    shardings = parallel.state_shardings(loaded.params, mesh, config.mesh.fsdp_min_size)
+    return loaded.graphdef, jax.device_put(loaded.params, shardings)
+
+
 def create_training(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> tuple[
-    DualMIM,
+    DualMIM | None,
     nnx.GraphDef,
     TrainState,
     Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     Any,
 ]:
-    """Everything a run needs to step: objective, model graph, initial state, compiled step, and
-    the state's shardings (for restoring checkpoints onto this mesh)."""
-    objective = create_objective(config)
+    """Everything a run needs to step: the pixel objective (None without a pixel branch),
+    model graph, initial state, compiled step ``step(state, batch)`` (the teacher, if any,
+    bound to it), and the state's shardings (for restoring checkpoints onto this mesh)."""
+    pixel = config.spatial.enabled or config.frequency.enabled
+    objective = create_objective(config) if pixel else None
+    representation = create_representation(config)
     tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    graphdef, state, shardings = init_state(config, tx, mesh)
-    step = make_train_step(config, graphdef, objective, tx, schedule)
-    return objective, graphdef, state, jit_train_step(step, shardings, mesh), shardings
+    teacher_graphdef = teacher = features = None
+    if representation is not None:
+        teacher_graphdef, teacher = create_teacher(config, mesh)
+        features = nnx.merge(teacher_graphdef, teacher).features
+    graphdef, state, shardings = init_state(config, tx, mesh, features)
+    step = make_train_step(
+        config, graphdef, objective, tx, schedule, representation, teacher_graphdef
+    )
+    if teacher is None:
+        return objective, graphdef, state, jit_train_step(step, shardings, mesh), shardings
+    compiled = jit_train_step(step, shardings, mesh, jax.tree.map(lambda x: x.sharding, teacher))
+    return objective, graphdef, state, lambda s, b: compiled(s, b, teacher), shardings
 
 
 def make_preview(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objective: DualMIM
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objective: DualMIM | None
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Returns fn(state, batch) -> {branch: [4, n, H, W, C]}: rows input / corrupted input /
     prediction / target in [0, 1] for the first ``config.num_preview_images`` images, for image
@@ -203,7 +279,7 @@ def make_preview(
         grid = (images.shape[1] // patch, images.shape[2] // patch)
         key = jax.random.fold_in(state.step_key(), 1)  # not the training step's masks
         out = {}
-        for name in objective.branches:
+        for name in objective.branches if objective is not None else ():
             view_fn = objective.spatial_view if name == "spatial" else objective.frequency_view
             views = view_fn(images, key)
             pred = model(views.inputs, views.token_mask)  # [n, N, P]

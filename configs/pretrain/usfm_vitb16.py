@@ -102,6 +102,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective.frequency_fft_weight = 0.0  # > 0 adds MFM's spectral loss
     c.objective.fft_loss_on = "removed"  # removed | all
 
+    # URFM's representation objective (off here; see urfm_vitb16.py): predict a frozen
+    # teacher's patch features. It adds to the pixel branches' loss with this weight.
+    c.representation = ml_collections.ConfigDict()
+    c.representation.enabled = False
+    c.representation.weight = 1.0
+    c.representation.student = "mae"  # mae (visible patches + decoder) | simmim (mask tokens)
+    c.representation.ratio = 0.75
+    c.representation.mask_patch_size = 16  # the model patch: random; larger: block-wise
+    c.representation.target_norm = "layernorm"  # layernorm (no affine) | l2 | none
+    c.representation.loss = "smooth_l1"  # smooth_l1 | cosine | mse
+    c.representation.beta = 2.0  # smooth_l1's beta
+    c.representation.loss_on = "masked"  # masked | all
+    c.representation.decoder = ml_collections.ConfigDict(dict(width=768, depth=8, num_heads=16))
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.path = ""  # open_clip checkpoint (BiomedCLIP) or timm ViT state dict
+    c.teacher.format = "auto"  # auto | open-clip-visual | timm-vit
+    c.teacher.layer = "final_norm"  # last_block | final_norm | projection (CLIP's 512-d head)
+    c.teacher.normalization = ""  # "": the card's or the format's (CLIP's for open_clip)
+    c.teacher.num_heads = ml_collections.config_dict.placeholder(int)  # non-standard widths
+    c.teacher.dtype = ""  # "": model.dtype
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.base_lr = 1e-4  # per 512 images
     c.optimizer.b1 = 0.9
@@ -120,6 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and, for the record, every multiple of `keep_every` (0: none).
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, keep_every=10_000))
     c.max_bad_steps = 100  # stop after this many consecutive non-finite (skipped) steps
+    # > 0: keep an exponential moving average of the parameters (checkpointed; exports and
+    # conversions take it by default)
+    c.ema_decay = 0.0
 
     c.log_every = 100
     c.image_every = 2000

@@ -96,11 +96,13 @@ def checkpoint_to_torch(
     image_size: tuple[int, int] | None = None,
     in_chans: int | None = None,
     normalization: str | Normalization | None = None,
+    weights: str = "auto",
 ) -> dict[str, Any]:
     """Writes the encoder of a checkpoint or export as a PyTorch state dict in ``fmt`` (file
     type from ``out``'s suffix) with its card beside it; returns the card. Unless given, the
     channels and normalisation are the checkpoint's (``usfm``: 3 channels, ImageNet's, as
-    USFM's own code feeds its model)."""
+    USFM's own code feeds its model); the weights are the EMA ones where the run kept them,
+    unless ``weights`` says "params"."""
     from usfm_jax.export import load_params  # orbax: only for this direction
 
     if fmt not in TO_TORCH:
@@ -110,7 +112,7 @@ def checkpoint_to_torch(
         raise ConversionError(f"--out {out} exists; choose another file name")
     if not destination.parent.exists():
         raise ConversionError(f"--out {out}: directory {destination.parent} does not exist")
-    loaded = load_params(checkpoint, step)
+    loaded = load_params(checkpoint, step, weights)
     if "encoder" not in loaded.params:
         raise ConversionError(f"{loaded.source} holds no encoder (keys {sorted(loaded.params)})")
     config = loaded.config
@@ -135,7 +137,7 @@ def checkpoint_to_torch(
         normalization=target,
         dropped=dropped,
         adapted=adapted,
-        source={"checkpoint": loaded.source, "step": loaded.step},
+        source={"checkpoint": loaded.source, "step": loaded.step, "weights": loaded.weights},
     )
     write_card(card, destination)
     return card

@@ -14,6 +14,7 @@ from usfm_jax.convert import (
     checkpoint_to_torch,
     torch_to_export,
 )
+from usfm_jax.export import EMA_CHOICES
 from usfm_jax.reporting import quiet_library_logs
 
 
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     to.add_argument("--checkpoint", required=True, help="workdir, step directory or export")
     to.add_argument("--step", type=int, help="step to convert (default: the newest)")
+    to.add_argument(
+        "--ema",
+        choices=tuple(EMA_CHOICES),
+        default="auto",
+        help="convert the EMA weights: auto (default: if the run kept them), yes, no",
+    )
     to.add_argument("--format", required=True, choices=TO_TORCH)
     to.add_argument("--out", required=True, help="new FILE.safetensors (or .pth); card FILE.json")
 
@@ -76,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-torch":
             card = checkpoint_to_torch(
-                args.checkpoint, args.format, args.out, step=args.step, **options
+                args.checkpoint,
+                args.format,
+                args.out,
+                step=args.step,
+                weights=EMA_CHOICES[args.ema],
+                **options,
             )
             arch = card["architecture"]
             print(

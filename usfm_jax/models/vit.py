@@ -379,10 +379,20 @@ class VisionTransformer(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
         final_norm: bool = True,
+        keep: jax.Array | None = None,
     ) -> jax.Array:
-        """Tokens after the final norm (or, ``final_norm=False``, the last block's output)."""
+        """Tokens after the final norm (or, ``final_norm=False``, the last block's output).
+
+        ``keep`` ([B, K] patch indices, MAE) passes only the cls token and those patches
+        through the blocks: [B, 1 + K, D]. It needs absolute positions (``variant="vit"``)."""
         norm = self.norm if final_norm else (lambda x: x)
-        x = parallel.constrain_batch(self.embed(images, mask))  # [B, T, D], batch-sharded
+        x = self.embed(images, mask)  # [B, 1 + N, D]
+        if keep is not None:
+            if self.pos_embed is None:
+                raise ValueError("encoding visible patches only needs variant 'vit'")
+            patches = jnp.take_along_axis(x[:, 1:], keep[..., None], axis=1)  # [B, K, D]
+            x = jnp.concatenate([x[:, :1], patches], axis=1)
+        x = parallel.constrain_batch(x)  # [B, T, D], batch-sharded
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         # one drop-path key per block, or none (deterministic)
         keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))

@@ -1,0 +1,209 @@
+"""URFM: representation-based MIM with a frozen teacher, end to end on the CPU."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import biomedclip_file, make_tiny_config
+from flax import nnx
+
+from configs.pretrain import urfm_vitb16
+from usfm_jax import parallel, train
+from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.data.synthetic import SyntheticUltrasound
+from usfm_jax.models.factory import create_pretrain_model
+from usfm_jax.objectives.representation import create_representation
+from usfm_jax.optim import create_optimizer
+from usfm_jax.train_step import (
+    create_teacher,
+    create_training,
+    init_state,
+    jit_train_step,
+    make_train_step,
+)
+
+
+@pytest.fixture(scope="module")
+def teacher_64(tmp_path_factory):
+    """A small random teacher in open_clip's key layout: 64x64 images, patch 16, width 64."""
+    path, _, _ = biomedclip_file(
+        tmp_path_factory.mktemp("teacher"), width=64, depth=2, heads=2, image=64, proj=32
+    )
+    return str(path)
+
+
+def _urfm_config(teacher: str, **overrides):
+    config = make_tiny_config(**overrides)
+    config.image_size = (64, 64)
+    config.model.update(variant="vit", in_chans=3)
+    config.spatial.enabled = config.frequency.enabled = False
+    config.representation.update(enabled=True, ratio=0.5)
+    config.representation.decoder.update(width=32, depth=1, num_heads=2)
+    config.teacher.update(path=teacher, num_heads=2)
+    config.image_every = 0
+    return config
+
+
+def _batch(config, mesh):
+    source = SyntheticUltrasound(config.batch_size, tuple(config.image_size))
+    images = np.stack([source[i]["image"] for i in range(config.batch_size)])
+    return {"image": jax.device_put(images, parallel.batch_sharding(mesh))}
+
+
+def test_demo_run_lowers_its_loss_by_30_percent(tmp_path, teacher_64):
+    config = urfm_vitb16.get_config("demo,steps=300")
+    config.teacher.update(path=teacher_64, num_heads=2)
+    validate(config, jax.device_count())
+    train.train(config, str(tmp_path / "run"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    first, last = rows[0]["loss_representation"], rows[-1]["loss_representation"]
+    assert rows[-1]["step"] == 300 and last < 0.7 * first, (first, last)
+    assert glob.glob(str(tmp_path / "run" / "tensorboard" / "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("student", ["mae", "simmim"])
+def test_representation_combined_with_the_usfm_losses(teacher_64, student):
+    config = _urfm_config(teacher_64)
+    config.spatial.enabled = config.frequency.enabled = True
+    config.representation.update(student=student, weight=0.5)
+    validate(config, jax.device_count())
+    mesh = parallel.create_mesh(config.mesh)
+    _, _, state, step, _ = create_training(config, mesh)
+    batch = _batch(config, mesh)
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    for name in ("loss_spatial", "loss_frequency", "loss_representation"):
+        assert np.isfinite(float(metrics[name])) and float(metrics[name]) > 0, name
+    assert int(metrics["skipped"]) == 0 and "feature_head" in state.params
+
+
+def test_teacher_gets_no_gradient_and_never_changes(teacher_64):
+    config = _urfm_config(teacher_64)
+    mesh = parallel.create_mesh(config.mesh)
+    teacher_graphdef, teacher = create_teacher(config, mesh)
+    before = jax.tree.map(np.array, teacher)
+    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    graphdef, state, shardings = init_state(config, tx, mesh, features=64)
+    raw = make_train_step(
+        config, graphdef, None, tx, schedule, create_representation(config), teacher_graphdef
+    )
+    batch = _batch(config, mesh)
+    # no gradient reaches the teacher: d(loss)/d(teacher weights) is exactly zero
+    grads = jax.grad(lambda t: raw(state, batch, t)[1]["loss"])(teacher)
+    assert len(jax.tree.leaves(grads)) > 10
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+    # and the compiled step only reads the weights: identical after three updates
+    step = jit_train_step(raw, shardings, mesh, jax.tree.map(lambda x: x.sharding, teacher))
+    start = jax.tree.map(np.array, state.params)
+    for _ in range(3):
+        state, metrics = step(state, batch, teacher)
+    assert float(metrics["loss_representation"]) > 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(teacher), strict=True):
+        assert np.array_equal(a, np.asarray(b))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), start, state.params)
+    moved["encoder"].pop("mask_token")  # the MAE encoder has no use for it
+    assert all(jax.tree.leaves(moved["encoder"]))  # while the student trains
+
+
+def test_mae_student_ignores_the_masked_patches(teacher_64):
+    """The MAE encoder sees the kept patches alone: changing the pixels of the others leaves
+    the prediction unchanged; changing a kept patch changes it."""
+    config = _urfm_config(teacher_64)
+    model = create_pretrain_model(config, nnx.Rngs(0), 64)
+    images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+    keep = jnp.array([[0, 5, 6, 15], [1, 2, 9, 12]], jnp.int32)
+    out = model.features(images, keep=keep)
+    assert out.shape == (2, 16, 64)
+    masked = images.at[:, 16:32, :16].set(0.0)  # patch 4: not kept in either image
+    np.testing.assert_allclose(model.features(masked, keep=keep), out, atol=1e-6)
+    visible = images.at[:, :16, :16].set(0.0)  # patch 0: kept in the first image only
+    changed = model.features(visible, keep=keep)
+    assert not np.allclose(changed[0], out[0], atol=1e-4)
+    np.testing.assert_allclose(changed[1], out[1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"teacher.path": ""}, r"config\.teacher\.path='': the representation objective needs"),
+        ({"teacher.path": "/nonexistent/open_clip.bin"}, r"teacher\.path=.*no such file"),
+        ({"model.variant": "beit"}, r"config\.model\.variant='beit'.*absolute positions"),
+        ({"representation.loss": "l3"}, r"config\.representation\.loss='l3'"),
+        ({"representation.ratio": 1.0}, r"config\.representation\.ratio=1\.0"),
+        ({"representation.mask_patch_size": 24}, r"representation\.mask_patch_size=24"),
+        ({"optimizer.grad_accum_steps": 2}, r"grad_accum_steps=2.*representation"),
+        ({"teacher.layer": "logits"}, r"config\.teacher\.layer='logits'"),
+    ],
+)
+def test_bad_representation_settings_name_the_field(teacher_64, overrides, match):
+    config = _urfm_config(teacher_64)
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        config[section][field] = value
+    with pytest.raises(ConfigError, match=match):
+        validate(config, 8)
+
+
+def test_teacher_of_another_patch_grid_is_a_clear_error(teacher_64):
+    config = _urfm_config(teacher_64)
+    config.image_size = (96, 96)
+    with pytest.raises(ValueError, match=r"teacher .* 4x4 grid .* the student's is 6x6"):
+        create_teacher(config, parallel.create_mesh(config.mesh))
+
+
+def test_ema_follows_its_formula(teacher_64):
+    config = _urfm_config(teacher_64, ema_decay=0.75)
+    mesh = parallel.create_mesh(config.mesh)
+    _, _, state, step, _ = create_training(config, mesh)
+    batch = _batch(config, mesh)
+    expected = jax.tree.map(np.array, state.params)  # the EMA starts at the initial weights
+    assert all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(expected), jax.tree.leaves(state.ema_params), strict=True))  # fmt: skip
+    for _ in range(3):
+        state, _ = step(state, batch)
+        expected = jax.tree.map(
+            lambda e, p: 0.75 * e + 0.25 * np.asarray(p, np.float64), expected, state.params
+        )
+    for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(state.ema_params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), e, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_student_is_checkpointed_and_exported_to_timm_vit(tmp_path, teacher_64):
+    """The EMA weights travel in checkpoints; export and conversion take them by default, and
+    the converted student loads strictly into timm's VisionTransformer with the same tokens."""
+    import torch
+
+    from usfm_jax.convert import checkpoint_to_torch
+    from usfm_jax.convert.cards import build_timm_model
+    from usfm_jax.convert.files import read_state_dict
+    from usfm_jax.export import load_params
+    from usfm_jax.pretrained import load_pretrained
+
+    config = _urfm_config(teacher_64, ema_decay=0.9, **{"checkpoint.every": 2})
+    config.total_steps = 4
+    train.train(config, str(tmp_path / "run"))
+    ema = load_params(str(tmp_path / "run"))
+    raw = load_params(str(tmp_path / "run"), weights="params")
+    assert ema.weights == "ema" and raw.weights == "params" and ema.step == 4
+    enc_ema, enc_raw = ema.params["encoder"], raw.params["encoder"]
+    assert not np.array_equal(enc_ema["norm"]["scale"], enc_raw["norm"]["scale"])
+    card = checkpoint_to_torch(str(tmp_path / "run"), "timm-vit", str(tmp_path / "s.safetensors"))
+    assert card["source"]["weights"] == "ema"
+    assert "feature_head.* (pre-training only)" in card["not_converted"]
+    model = build_timm_model(card).eval()
+    state = {k: torch.from_numpy(v) for k, v in read_state_dict(tmp_path / "s.safetensors").items()}
+    model.load_state_dict(state, strict=True)
+    gray = np.random.default_rng(0).uniform(0, 1, (2, 64, 64, 1)).astype(np.float32)
+    x = (gray - 0.5) / 0.25
+    with torch.no_grad():
+        tokens = model.forward_features(
+            torch.from_numpy(np.repeat(x, 3, -1).transpose(0, 3, 1, 2))
+        ).numpy()
+    flax_tokens = np.asarray(load_pretrained(str(tmp_path / "run"))(jnp.asarray(x)))
+    assert np.max(np.abs(tokens - flax_tokens)) < 1e-4
