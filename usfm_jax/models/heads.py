@@ -12,6 +12,13 @@ from jax.typing import DTypeLike
 from usfm_jax.models.vit import Block, dense, layer_norm, trunc_normal
 
 
+def plain_blocks(width: int, depth: int, num_heads: int, dtype: DTypeLike, rngs: nnx.Rngs):
+    """``depth`` plain ViT blocks: the body of the decoders below."""
+    return nnx.List(
+        [Block(width, num_heads, variant="vit", dtype=dtype, rngs=rngs) for _ in range(depth)]
+    )
+
+
 class LinearPixelHead(nnx.Module):
     """SimMIM's head: one linear map from each token to its patch's pixels."""
 
@@ -42,9 +49,7 @@ class TransformerPixelHead(nnx.Module):
     ):
         self.embed = dense(dim, width, dtype, rngs)
         self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, num_patches, width)))
-        self.blocks = nnx.List(
-            [Block(width, num_heads, variant="vit", dtype=dtype, rngs=rngs) for _ in range(depth)]
-        )
+        self.blocks = plain_blocks(width, depth, num_heads, dtype, rngs)
         self.norm = layer_norm(width, dtype, rngs)
         self.proj = dense(width, patch_size * patch_size * out_chans, dtype, rngs)
 
@@ -74,9 +79,7 @@ class FeatureDecoder(nnx.Module):
         self.embed = dense(dim, width, dtype, rngs)
         self.mask_token = nnx.Param(trunc_normal(rngs.params(), (1, 1, width)))
         self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, 1 + num_patches, width)))
-        self.blocks = nnx.List(
-            [Block(width, num_heads, variant="vit", dtype=dtype, rngs=rngs) for _ in range(depth)]
-        )
+        self.blocks = plain_blocks(width, depth, num_heads, dtype, rngs)
         self.norm = layer_norm(width, dtype, rngs)
         self.proj = dense(width, features, dtype, rngs)
 
