@@ -126,12 +126,6 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
             "expected depth >= 1 and a width divisible by num_heads",
         )
     _require(
-        config.optimizer.grad_accum_steps == 1,
-        "optimizer.grad_accum_steps",
-        config.optimizer.grad_accum_steps,
-        "the representation objective does not split batches yet: use 1",
-    )
-    _require(
         bool(t.path),
         "teacher.path",
         t.path,

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from usfm_jax import parallel
 from usfm_jax.models.factory import DTYPES, create_pretrain_model
 from usfm_jax.models.teacher import load_teacher
-from usfm_jax.objectives.dual import BRANCHES, DualMIM, Views, create_objective
+from usfm_jax.objectives.dual import BRANCHES, DualMIM, create_objective
 from usfm_jax.objectives.pixel import denormalize_patches
 from usfm_jax.objectives.representation import RepresentationMIM, create_representation
 from usfm_jax.optim import applied_updates, create_optimizer
@@ -94,12 +94,12 @@ def init_state(
     return graphdef, state, shardings
 
 
-def _micro_batches(views: Views, num: int) -> Views:
-    """[V, ...] -> [num, V / num, ...], micro-batch j holding views j, j + num, ...
+def _micro_batches(inputs: Any, num: int) -> Any:
+    """Every array [V, ...] -> [num, V / num, ...], micro-batch j holding rows j, j + num, ...
 
     The strided split keeps every micro-batch spread over all devices of the batch axes.
     """
-    return jax.tree.map(lambda x: x.reshape(-1, num, *x.shape[1:]).swapaxes(0, 1), views)
+    return jax.tree.map(lambda x: x.reshape(-1, num, *x.shape[1:]).swapaxes(0, 1), inputs)
 
 
 def make_train_step(
@@ -116,7 +116,11 @@ def make_train_step(
     objective."""
     accum = config.optimizer.grad_accum_steps
 
-    def loss_fn(params, views: Views | None, counts: jax.Array, key: jax.Array, rep=None):
+    def loss_fn(params, inputs, counts: jax.Array, key: jax.Array):
+        """``inputs`` = (pixel views or None, (representation views, targets) or None), of
+        the whole batch or of one micro-batch; losses are scaled so that micro-batches add up
+        to the whole batch's."""
+        views, rep = inputs
         model = nnx.merge(graphdef, params)
         k_pixel, k_rep = jax.random.split(key)
         total, metrics = jnp.zeros((), jnp.float32), {}
@@ -128,7 +132,8 @@ def make_train_step(
             pred = model.features(
                 rep_views.inputs, rep_views.token_mask, rep_views.keep, dropout_key=k_rep
             )  # [B, N, E]
-            rep_loss = representation.loss(pred, target, rep_views.weight)
+            per_image = representation.loss(pred, target, rep_views.weight)  # [B]
+            rep_loss = per_image.sum() / config.batch_size
             total = total + representation.weight * rep_loss
             metrics = {**metrics, "loss_representation": rep_loss}
         return total, metrics
@@ -148,16 +153,17 @@ def make_train_step(
             features = nnx.merge(teacher_graphdef, teacher)(images)  # [B, N, E]
             target = jax.lax.stop_gradient(representation.targets(features))
             rep = (representation.views(images, jax.random.fold_in(k_views, 2)), target)
+        inputs = (views, rep)
         if accum == 1:
-            (loss, sums), grads = grad_fn(state.params, views, counts, k_drop, rep)
+            (loss, sums), grads = grad_fn(state.params, inputs, counts, k_drop)
         else:
 
-            def body(carry, inputs):
-                i, micro = inputs
+            def body(carry, micro_inputs):
+                i, micro = micro_inputs
                 out, g = grad_fn(state.params, micro, counts, jax.random.fold_in(k_drop, i))
                 return jax.tree.map(jnp.add, carry, (out, g)), None
 
-            micro = _micro_batches(views, accum)
+            micro = _micro_batches(inputs, accum)
             zeros = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype),
                 jax.eval_shape(

@@ -100,15 +100,15 @@ class RepresentationMIM:
         return features
 
     def loss(self, pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
-        """Mean over images of the weighted mean over tokens of the per-token loss."""
+        """Per image [B]: the weighted mean over tokens of the per-token loss (the step
+        averages over the batch)."""
         if self.loss_fn == "smooth_l1":  # PyTorch's SmoothL1Loss(beta) = Huber(beta) / beta
             per_token = optax.losses.huber_loss(pred, target, delta=self.beta).mean(-1) / self.beta
         elif self.loss_fn == "cosine":
             per_token = optax.losses.cosine_distance(pred, target, epsilon=1e-6)
         else:
             per_token = optax.losses.squared_error(pred, target).mean(-1)
-        per_image = (per_token * weight).sum(-1) / jnp.maximum(weight.sum(-1), 1.0)  # [B]
-        return per_image.mean()
+        return (per_token * weight).sum(-1) / jnp.maximum(weight.sum(-1), 1.0)  # [B]
 
 
 def create_representation(config: ml_collections.ConfigDict) -> RepresentationMIM | None:
