@@ -43,10 +43,14 @@ def biomedclip_file(tmp_path, width=768, depth=12, heads=12, image=224, proj=512
     import torch
 
     torch.manual_seed(seed)
-    trunk = timm.models.vision_transformer.VisionTransformer(
-        img_size=image, patch_size=16, embed_dim=width, depth=depth, num_heads=heads,
-        num_classes=0, global_pool="token",
-    ).eval()  # fmt: skip
+    if (width, depth, heads, image) == (768, 12, 12, 224):  # BiomedCLIP's trunk, by name
+        trunk = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    else:
+        trunk = timm.models.vision_transformer.VisionTransformer(
+            img_size=image, patch_size=16, embed_dim=width, depth=depth, num_heads=heads,
+            num_classes=0, global_pool="token",
+        )  # fmt: skip
+    trunk.eval()
     with torch.no_grad():
         for p in trunk.parameters():  # away from the initial values (zero biases, unit norms)
             p.add_(0.05 * torch.randn_like(p))

@@ -223,3 +223,71 @@ def test_gradient_accumulation_gives_the_whole_batch_step(teacher_64):
         np.testing.assert_allclose(float(m4[name]), float(m1[name]), rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_targets_match_the_live_teacher(tmp_path, teacher_64):
+    """A cache of the teacher's features gives the same training as running the teacher, and
+    a cache made for other settings is refused."""
+    import subprocess
+    import sys
+
+    from usfm_jax.models.teacher import load_teacher
+
+    config = _urfm_config(teacher_64, **{"data.num_images": 24, "log_every": 1})
+    config.total_steps = 3
+    cache = tmp_path / "cache"
+    done = subprocess.run(
+        [sys.executable, "-m", "usfm_jax.teacher_cache", "--config",
+         "configs/pretrain/urfm_vitb16.py:demo", f"--config.teacher.path={teacher_64}",
+         "--config.teacher.num_heads=2", "--config.data.num_images=24",
+         "--config.model.dtype=float32", f"--out={cache}", "--batch=5"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    array = np.load(cache / "targets.npy")
+    assert array.shape == (24, 16, 64) and array.dtype == np.float16
+    loaded = load_teacher(teacher_64, num_heads=2)
+    teacher = nnx.merge(loaded.graphdef, loaded.params)
+    source = SyntheticUltrasound(24, (64, 64), seed=config.seed)
+    images = np.stack([source[i]["image"] for i in (0, 7, 23)]).astype(np.float32) / 255
+    np.testing.assert_allclose(array[[0, 7, 23]], teacher(jnp.asarray(images)), atol=2e-2)
+
+    losses = {}
+    for name, targets in (("live", ""), ("cached", str(cache))):
+        config.teacher.targets = targets
+        validate(config, jax.device_count())
+        train.train(config, str(tmp_path / name))
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss_representation"] for line in lines]
+    np.testing.assert_allclose(losses["cached"], losses["live"], rtol=2e-3)
+
+    config.teacher.layer = "last_block"
+    with pytest.raises(ConfigError, match=r"made with teacher\.layer='final_norm'.*'last_block'"):
+        validate(config, jax.device_count())
+    config.teacher.targets = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="no teacher-target cache there"):
+        validate(config, jax.device_count())
+
+
+def test_only_identity_augmentation_is_deterministic():
+    from usfm_jax.data.augment import AugmentConfig
+
+    identity = dict(crop_scale=(1, 1), crop_ratio=(1, 1), hflip=0, gamma=(1, 1),
+                    contrast=(1, 1), brightness=0)  # fmt: skip
+    assert AugmentConfig.from_mapping((64, 64), identity).deterministic
+    for field, value in [("crop_scale", (0.5, 1)), ("hflip", 0.5), ("crop_ratio", (0.9, 1.1))]:
+        assert not AugmentConfig.from_mapping((64, 64), {**identity, field: value}).deterministic
+
+
+def test_stream_examples_carry_their_record_index():
+    """The key of precomputed targets: each example's ``index`` is the record it was made
+    from, in every epoch of the shuffled, repeated stream."""
+    from usfm_jax.data.pipeline import create_stream
+
+    config = make_tiny_config(**{"data.num_images": 12})
+    stream, source = create_stream(config), SyntheticUltrasound(12, (32, 48), seed=config.seed)
+    indices = [int(stream[i]["index"]) for i in range(36)]
+    for epoch in range(3):
+        assert sorted(indices[12 * epoch : 12 * (epoch + 1)]) == list(range(12))
+    for i in (3, 17, 30):
+        assert np.array_equal(stream[i]["image"], source[indices[i]]["image"])

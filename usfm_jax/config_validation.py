@@ -137,6 +137,22 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "teacher.layer", TARGET_LAYERS)
     if t.dtype:
         _one_of(config, "teacher.dtype", tuple(DTYPES))
+    if t.targets:
+        from usfm_jax.teacher_cache import check_cache  # it imports this module
+
+        if config.data.source == "tfds":
+            augment = AugmentConfig.from_mapping(config.image_size, config.data.augment)
+            _require(
+                augment.deterministic,
+                "teacher.targets",
+                t.targets,
+                "precomputed targets need views that never change: config.data.augment must "
+                "be the identity (crop_scale=(1, 1), one crop_ratio, no flip, no tone change)",
+            )
+        try:
+            check_cache(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -79,6 +79,7 @@ def train(
         + (("representation",) if config.representation.enabled else ()),
     )
 
+    batch_keys = ("image", "target") if config.teacher.targets else ("image",)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state, data = checkpointer.restore_latest(
         state, shardings, lambda step: iter(create_pretrain_dataset(config, start_step=step))
@@ -96,7 +97,8 @@ def train(
     means = {}
     with PreemptionGuard() as preemption:
         for step in range(start + 1, end + 1):
-            batch = global_batch({"image": next(data)["image"]}, mesh)
+            local = next(data)
+            batch = global_batch({k: local[k] for k in batch_keys}, mesh)
             state, metrics = train_step(state, batch)
             reporter.step(metrics)
             if step == start + 1:

@@ -150,7 +150,10 @@ def make_train_step(
             views = objective.views(images, k_views, state.step)
             counts = objective.branch_counts(views)
         if representation is not None:  # the teacher sees the clean image; no gradient
-            features = nnx.merge(teacher_graphdef, teacher)(images)  # [B, N, E]
+            if "target" in batch:  # precomputed (usfm_jax.teacher_cache)
+                features = batch["target"].astype(jnp.float32)  # [B, N, E]
+            else:
+                features = nnx.merge(teacher_graphdef, teacher)(images)  # [B, N, E]
             target = jax.lax.stop_gradient(representation.targets(features))
             rep = (representation.views(images, jax.random.fold_in(k_views, 2)), target)
         inputs = (views, rep)
@@ -258,7 +261,14 @@ def create_training(
     representation = create_representation(config)
     tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
     teacher_graphdef = teacher = features = None
-    if representation is not None:
+    if representation is not None and config.teacher.targets:  # the batches bring them
+        from usfm_jax.teacher_cache import check_cache
+
+        _, tokens, features = check_cache(config)["shape"]
+        grid = tuple(s // config.model.patch_size for s in config.image_size)
+        if tokens != grid[0] * grid[1]:
+            raise ValueError(f"teacher targets of {tokens} tokens; the student has {grid}")
+    elif representation is not None:
         teacher_graphdef, teacher = create_teacher(config, mesh)
         features = nnx.merge(teacher_graphdef, teacher).features
     graphdef, state, shardings = init_state(config, tx, mesh, features)

@@ -122,6 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher.normalization = ""  # "": the card's or the format's (CLIP's for open_clip)
     c.teacher.num_heads = ml_collections.config_dict.placeholder(int)  # non-standard widths
     c.teacher.dtype = ""  # "": model.dtype
+    c.teacher.targets = ""  # a cache of precomputed targets (python -m usfm_jax.teacher_cache)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.base_lr = 1e-4  # per 512 images

@@ -93,6 +93,19 @@ class AugmentConfig:
         set_("hflip", float(self.hflip))
         set_("brightness", float(self.brightness))
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether every record always gives the same image (no random crop, flip or tone):
+        the crop takes the whole area at one aspect ratio, so its box is fixed."""
+        return (
+            self.crop_scale == (1.0, 1.0)
+            and self.crop_ratio[0] == self.crop_ratio[1]
+            and self.hflip == 0
+            and self.gamma == (1.0, 1.0)
+            and self.contrast == (1.0, 1.0)
+            and self.brightness == 0
+        )
+
     @classmethod
     def from_mapping(cls, image_size: Any, params: Mapping[str, Any]) -> AugmentConfig:
         """Build from a mapping such as ``config.data.augment`` (unknown keys are an error)."""

@@ -14,7 +14,9 @@ handler) resumes on the exact next batch. ``global_batch`` assembles the blocks 
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from typing import Any
 
 import cv2
@@ -29,6 +31,14 @@ from usfm_jax.data.augment import Augment, AugmentConfig
 from usfm_jax.data.mixing import mix_organs, organ_weights
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.paths import as_path
+
+CACHE_ARRAY = "targets.npy"  # in a teacher-target cache directory (usfm_jax.teacher_cache)
+
+
+def cache_array(directory: str) -> str:
+    """The array file of a teacher-target cache directory."""
+    return os.path.join(directory, CACHE_ARRAY)
+
 
 SOURCES = ("synthetic", "tfds")
 CARD = "dataset_card.json"
@@ -68,8 +78,6 @@ def read_card(tfds_dir: str) -> dict[str, Any]:
 
 def organ_datasets(cfg: ml_collections.ConfigDict) -> dict[str, grain.MapDataset]:
     """One MapDataset per organ of the ingested dataset's split (records are grouped by organ)."""
-    import tensorflow_datasets as tfds  # imported here: slow, and only this source needs it
-
     card = read_card(cfg.tfds_dir)
     ranges = card["organ_ranges"].get(cfg.split)
     if not ranges:
@@ -77,12 +85,30 @@ def organ_datasets(cfg: ml_collections.ConfigDict) -> dict[str, grain.MapDataset
             f"config.data.split={cfg.split!r}: the dataset has "
             f"{[s for s, r in card['organ_ranges'].items() if r]}"
         )
+    source = split_source(cfg)
+    return {organ: source[start:end] for organ, (start, end) in ranges.items()}
+
+
+def split_source(cfg: ml_collections.ConfigDict) -> grain.MapDataset:
+    """Every record of the ingested split, in record order, each with its ``index``."""
+    import tensorflow_datasets as tfds  # imported here: slow, and only this source needs it
+
     builder = tfds.builder_from_directory(cfg.tfds_dir)
     # PNG bytes as stored: ``decode_image`` is ~2x faster than TFDS's own image decoding.
     source = grain.MapDataset.source(
         builder.as_data_source(split=cfg.split, decoders={"image": tfds.decode.SkipDecoding()})
     )
-    return {organ: source[start:end] for organ, (start, end) in ranges.items()}
+    return _indexed(source)
+
+
+def _indexed(source: grain.MapDataset) -> grain.MapDataset:
+    """``source`` with each example's record position, ``index``: the key of precomputed
+    teacher targets. Positions wrap: grain hands a repeated source epoch-wide indices."""
+    return source.map_with_index(functools.partial(_with_index, size=len(source)))
+
+
+def _with_index(index: int, example: dict[str, Any], size: int) -> dict[str, Any]:
+    return {**example, "index": np.int64(index % size)}
 
 
 def decode_image(png: bytes) -> np.ndarray:
@@ -95,15 +121,66 @@ def decode_image(png: bytes) -> np.ndarray:
 
 def _image_and_organ(record: dict[str, Any]) -> dict[str, np.ndarray]:
     """Decodes what training reads of an ingested record (ids and hashes stay on disk)."""
-    return {"image": decode_image(record["image"]), "organ": np.int32(record["organ"])}
+    return {
+        "image": decode_image(record["image"]),
+        "organ": np.int32(record["organ"]),
+        "index": record["index"],
+    }
 
 
-def create_stream(config: ml_collections.ConfigDict) -> grain.MapDataset:
-    """The endless, random-access stream of single examples {"image" [H, W, 1], "organ"}."""
+def record_source(config: ml_collections.ConfigDict) -> grain.MapDataset:
+    """The examples {"image", "organ", "index"} in record order, as training sees them: for
+    precomputing teacher targets, which needs views that do not change from epoch to epoch."""
     cfg = config.data
     if cfg.source == "synthetic":
         source = SyntheticUltrasound(cfg.num_images, tuple(config.image_size), seed=config.seed)
-        return grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+        return _indexed(grain.MapDataset.source(source))
+    augment = AugmentConfig.from_mapping(config.image_size, cfg.augment)
+    if not augment.deterministic:
+        raise ValueError(
+            "teacher targets can be precomputed only for views that never change: set "
+            "config.data.augment to crop_scale=(1, 1), one crop_ratio, hflip=0, gamma=(1, 1), "
+            "contrast=(1, 1), brightness=0"
+        )
+    fixed = Augment(augment)
+    return (
+        split_source(cfg)
+        .map(_image_and_organ)
+        .map(lambda ex: fixed.random_map(ex, np.random.default_rng(0)))
+    )
+
+
+class CachedTargets(grain.transforms.Map):
+    """Adds each example's precomputed teacher features (``target`` [N, E] float16) from the
+    cache's memory-mapped array, opened lazily (in each worker process)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._array = None
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return {**example, "target": np.asarray(self._array[example["index"]])}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_array": None}
+
+
+def create_stream(config: ml_collections.ConfigDict) -> grain.MapDataset:
+    """The endless, random-access stream of single examples {"image" [H, W, 1], "organ",
+    "index"} (+ "target" [N, E] with precomputed teacher targets, ``config.teacher.targets``)."""
+    stream = _examples(config)
+    targets = config.get("teacher", {}).get("targets")
+    return stream.map(CachedTargets(cache_array(targets))) if targets else stream
+
+
+def _examples(config: ml_collections.ConfigDict) -> grain.MapDataset:
+    cfg = config.data
+    if cfg.source == "synthetic":
+        source = SyntheticUltrasound(cfg.num_images, tuple(config.image_size), seed=config.seed)
+        ds = _indexed(grain.MapDataset.source(source))
+        return ds.seed(config.seed).shuffle().repeat()
     if cfg.source == "tfds":
         datasets = organ_datasets(cfg)
         weights = organ_weights(
@@ -127,7 +204,8 @@ def create_pretrain_dataset(
     start_step: int = 0,
 ) -> grain.IterDataset:
     """This process's share of each global batch from global batch ``start_step`` on: dicts of
-    ``image`` uint8 [B_local, H, W, 1] and ``organ`` int32 [B_local]."""
+    ``image`` uint8 [B_local, H, W, 1], ``organ`` int32 [B_local], ``index`` int64 [B_local]
+    (+ ``target`` float16 [B_local, N, E] with precomputed teacher targets)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if config.batch_size % process_count:

@@ -1,0 +1,152 @@
+"""Precomputed teacher targets (URFM), for data whose views never change.
+
+    python -m usfm_jax.teacher_cache --config configs/pretrain/urfm_vitb16.py:demo \\
+        --config.teacher.path=teacher.bin --out caches/teacher
+    python -m usfm_jax.train --config ... --config.teacher.targets=caches/teacher
+
+Running the teacher costs a forward pass per image and step. Without random augmentation
+(the synthetic source, or ingested data with ``config.data.augment`` set to the identity) its
+features of a record never change, so they can be computed once: the cache holds the raw
+features (before the target normalisation, which stays a training setting) of every record,
+float16 [num_records, N, E] in ``targets.npy`` (memory-mapped by the input pipeline, a local
+path), and ``cache.json`` saying what made them. Training refuses a cache made by another
+teacher file, layer, normalisation or dtype, image size or data source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.convert import ConversionError
+from usfm_jax.data.pipeline import CACHE_ARRAY, record_source
+from usfm_jax.models.factory import DTYPES
+from usfm_jax.models.teacher import load_teacher
+from usfm_jax.reporting import quiet_library_logs
+
+CACHE_INFO = "cache.json"
+
+
+def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the cached features depend on: teacher, its settings, image size, data."""
+    t, d = config.teacher, config.data
+    data = {"source": d.source, "seed": config.seed}
+    if d.source == "synthetic":
+        data["num_images"] = d.num_images
+    else:
+        data.update(tfds_dir=os.path.abspath(d.tfds_dir), split=d.split, augment=dict(d.augment))
+    return {
+        "teacher": {
+            "path": os.path.abspath(t.path),
+            "bytes": os.path.getsize(t.path),
+            "format": t.format,
+            "layer": t.layer,
+            "normalization": t.normalization,
+            "dtype": t.dtype or config.model.dtype,
+        },
+        "image_size": list(config.image_size),
+        "data": data,
+    }
+
+
+def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) -> dict[str, Any]:
+    """Runs the teacher over every record of the config's data; returns cache.json's content."""
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"--out {out} exists and is not empty; choose another directory")
+    t = config.teacher
+    loaded = load_teacher(
+        t.path,
+        fmt=t.format,
+        layer=t.layer,
+        normalization=t.normalization or None,
+        num_heads=t.get("num_heads"),
+        dtype=DTYPES[t.dtype or config.model.dtype],
+    )
+    teacher = nnx.merge(loaded.graphdef, loaded.params)
+    forward = jax.jit(lambda t, x: t(x.astype(np.float32) / 255.0))
+    records = record_source(config)
+    count = len(records)
+    tokens = loaded.arch.grid[0] * loaded.arch.grid[1]
+    os.makedirs(out, exist_ok=True)
+    array = np.lib.format.open_memmap(
+        os.path.join(out, CACHE_ARRAY), "w+", np.float16, (count, tokens, teacher.features)
+    )
+    for start in tqdm(range(0, count, batch), desc="teacher targets", unit="batch"):
+        images = np.stack([records[i]["image"] for i in range(start, min(start + batch, count))])
+        array[start : start + len(images)] = np.asarray(forward(teacher, images), np.float16)
+    array.flush()
+    info = {**describe(config), "count": count, "shape": list(array.shape), "dtype": "float16"}
+    with open(os.path.join(out, CACHE_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """cache.json of ``config.teacher.targets``, if it was made for this config; else a
+    ValueError naming the first setting that differs."""
+    directory = config.teacher.targets
+    path = os.path.join(directory, CACHE_INFO)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(directory, CACHE_ARRAY)):
+        raise ValueError(
+            f"config.teacher.targets={directory!r}: no teacher-target cache there (write one "
+            "with python -m usfm_jax.teacher_cache)"
+        )
+    with open(path) as f:
+        info = json.load(f)
+    expected = describe(config)
+    for section, values in expected.items():
+        got = info.get(section)
+        if got != values:
+            differs = (
+                [k for k in values if got is None or got.get(k) != values[k]]
+                if isinstance(values, dict)
+                else []
+            )
+            field = f"{section}.{differs[0]}" if differs else section
+            raise ValueError(
+                f"config.teacher.targets={directory!r} was made with {field}="
+                f"{_get(info, field)!r}, this run has {_get(expected, field)!r}: rebuild it"
+            )
+    return info
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_library_logs(std_logging.ERROR)
+    config, out = flags.FLAGS.config, flags.FLAGS.out
+    try:
+        if not config.representation.enabled:
+            raise ConfigError("config.representation.enabled is False: no teacher to run")
+        config.teacher.targets = ""  # validate the rest: the cache is what we build
+        validate(config)
+        info = build_cache(config, out, flags.FLAGS.batch)
+    except (ConfigError, ConversionError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}: teacher targets {info['shape']} float16")
+
+
+if __name__ == "__main__":  # flags defined here: the module is also imported beside train.py's
+    config_flags.DEFINE_config_file("config", None, "Run config file (python).")
+    flags.DEFINE_string("out", None, "New directory for the cache.")
+    flags.DEFINE_integer("batch", 64, "Images per teacher forward pass.")
+    flags.mark_flags_as_required(["config", "out"])
+    app.run(main)
