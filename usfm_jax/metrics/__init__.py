@@ -1,0 +1,1 @@
+"""Downstream metrics: classification, segmentation and image quality (enhancement)."""
