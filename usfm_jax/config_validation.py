@@ -7,7 +7,7 @@ import ml_collections
 
 from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
-from usfm_jax.data.pipeline import SOURCES, parse_organ_weights, read_card
+from usfm_jax.data.pipeline import SOURCES, check_fixed_views, parse_organ_weights, read_card
 from usfm_jax.models.factory import DTYPES, encoder_dims
 from usfm_jax.models.teacher import TARGET_LAYERS
 from usfm_jax.models.vit import (
@@ -140,16 +140,8 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
     if t.targets:
         from usfm_jax.teacher_cache import check_cache  # it imports this module
 
-        if config.data.source == "tfds":
-            augment = AugmentConfig.from_mapping(config.image_size, config.data.augment)
-            _require(
-                augment.deterministic,
-                "teacher.targets",
-                t.targets,
-                "precomputed targets need views that never change: config.data.augment must "
-                "be the identity (crop_scale=(1, 1), one crop_ratio, no flip, no tone change)",
-            )
         try:
+            check_fixed_views(config)
             check_cache(config)
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -32,8 +32,7 @@ from tqdm import tqdm
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, record_source
-from usfm_jax.models.factory import DTYPES
-from usfm_jax.models.teacher import load_teacher
+from usfm_jax.models.teacher import teacher_from_config
 from usfm_jax.reporting import quiet_library_logs
 
 CACHE_INFO = "cache.json"
@@ -65,15 +64,7 @@ def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) ->
     """Runs the teacher over every record of the config's data; returns cache.json's content."""
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"--out {out} exists and is not empty; choose another directory")
-    t = config.teacher
-    loaded = load_teacher(
-        t.path,
-        fmt=t.format,
-        layer=t.layer,
-        normalization=t.normalization or None,
-        num_heads=t.get("num_heads"),
-        dtype=DTYPES[t.dtype or config.model.dtype],
-    )
+    loaded = teacher_from_config(config)
     teacher = nnx.merge(loaded.graphdef, loaded.params)
     forward = jax.jit(lambda t, x: t(x.astype(np.float32) / 255.0))
     records = record_source(config)

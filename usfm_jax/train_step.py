@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from usfm_jax import parallel
-from usfm_jax.models.factory import DTYPES, create_pretrain_model
-from usfm_jax.models.teacher import load_teacher
+from usfm_jax.models.factory import create_pretrain_model
+from usfm_jax.models.teacher import teacher_from_config
 from usfm_jax.objectives.dual import BRANCHES, DualMIM, create_objective
 from usfm_jax.objectives.pixel import denormalize_patches
 from usfm_jax.objectives.representation import RepresentationMIM, create_representation
@@ -222,21 +222,12 @@ def jit_train_step(
 def create_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
     """The frozen teacher of ``config.teacher``, its weights placed on the mesh (sharded like
     parameters); its patch grid must be the student's."""
-    t = config.teacher
-    loaded = load_teacher(
-        t.path,
-        fmt=t.format,
-        layer=t.layer,
-        normalization=t.normalization or None,
-        num_heads=t.get("num_heads"),
-        dtype=DTYPES[t.dtype or config.model.dtype],
-        attention=config.model.attention,
-    )
+    loaded = teacher_from_config(config)
     grid = loaded.arch.grid
     student = tuple(s // config.model.patch_size for s in config.image_size)
     if grid != student:
         raise ValueError(
-            f"teacher {t.path} has a {grid[0]}x{grid[1]} grid of patches "
+            f"teacher {config.teacher.path} has a {grid[0]}x{grid[1]} grid of patches "
             f"({loaded.arch.image_size[0]} px, patch {loaded.arch.patch_size}); the student's "
             f"is {student[0]}x{student[1]}: choose config.image_size / model.patch_size to match"
         )

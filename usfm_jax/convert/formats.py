@@ -162,13 +162,19 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _flax_to_torch(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+def _torch_layout(name: str, ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """PyTorch's name for our parameter ``name`` and the transpose taking ours to theirs."""
     if name.endswith(".kernel"):
-        axes = (3, 2, 0, 1) if value.ndim == 4 else (1, 0)  # Conv or Linear
-        return name[: -len("kernel")] + "weight", np.ascontiguousarray(value.transpose(axes))
+        axes = (3, 2, 0, 1) if ndim == 4 else (1, 0)  # Conv or Linear
+        return name[: -len("kernel")] + "weight", axes
     if name.endswith(".scale"):  # LayerNorm
-        return name[: -len("scale")] + "weight", value
-    return name, value
+        return name[: -len("scale")] + "weight", None
+    return name, None
+
+
+def _flax_to_torch(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    torch_name, axes = _torch_layout(name, value.ndim)
+    return torch_name, value if axes is None else np.ascontiguousarray(value.transpose(axes))
 
 
 def _torch_to_flax(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -375,8 +381,8 @@ def _check_shapes(
     def source(key: str, shape: tuple) -> tuple[str, tuple]:
         if torch_name is None:
             return key, shape
-        name, value = _flax_to_torch(key, np.empty(shape, np.bool_))
-        return torch_name.get(key, name), value.shape
+        name, axes = _torch_layout(key, len(shape))
+        return torch_name.get(key, name), shape if axes is None else tuple(shape[a] for a in axes)
 
     for key, shape in expected.items():
         name, want = source(key, shape)

@@ -128,6 +128,19 @@ def _image_and_organ(record: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+def check_fixed_views(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless every record always gives the same view (what precomputed
+    teacher targets need): the synthetic source, or ingested data without random augment."""
+    if config.data.source == "synthetic":
+        return
+    if not AugmentConfig.from_mapping(config.image_size, config.data.augment).deterministic:
+        raise ValueError(
+            "teacher targets can be precomputed only for views that never change: set "
+            "config.data.augment to crop_scale=(1, 1), one crop_ratio, hflip=0, gamma=(1, 1), "
+            "contrast=(1, 1), brightness=0"
+        )
+
+
 def record_source(config: ml_collections.ConfigDict) -> grain.MapDataset:
     """The examples {"image", "organ", "index"} in record order, as training sees them: for
     precomputing teacher targets, which needs views that do not change from epoch to epoch."""
@@ -135,14 +148,8 @@ def record_source(config: ml_collections.ConfigDict) -> grain.MapDataset:
     if cfg.source == "synthetic":
         source = SyntheticUltrasound(cfg.num_images, tuple(config.image_size), seed=config.seed)
         return _indexed(grain.MapDataset.source(source))
-    augment = AugmentConfig.from_mapping(config.image_size, cfg.augment)
-    if not augment.deterministic:
-        raise ValueError(
-            "teacher targets can be precomputed only for views that never change: set "
-            "config.data.augment to crop_scale=(1, 1), one crop_ratio, hflip=0, gamma=(1, 1), "
-            "contrast=(1, 1), brightness=0"
-        )
-    fixed = Augment(augment)
+    check_fixed_views(config)
+    fixed = Augment(AugmentConfig.from_mapping(config.image_size, cfg.augment))
     return (
         split_source(cfg)
         .map(_image_and_organ)

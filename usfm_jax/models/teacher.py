@@ -18,6 +18,7 @@ from flax import nnx
 from usfm_jax.convert import ConversionError, Normalization, weights_normalization
 from usfm_jax.convert.files import read_card, read_state_dict
 from usfm_jax.convert.formats import Architecture, detect_format, from_torch
+from usfm_jax.models.factory import DTYPES
 from usfm_jax.models.vit import VisionTransformer
 
 # Which features are the targets: the last block's tokens, the same after the final norm, or
@@ -125,3 +126,18 @@ def load_teacher(
         weights["projection"] = params["projection"]
     nnx.replace_by_pure_dict(state, weights)
     return LoadedTeacher(graphdef, state, arch, norm, notes)
+
+
+def teacher_from_config(config: Any) -> LoadedTeacher:
+    """The teacher a run's ``config.teacher`` names, in ``teacher.dtype`` (default the
+    model's) and the model's attention implementation."""
+    t = config.teacher
+    return load_teacher(
+        t.path,
+        fmt=t.format,
+        layer=t.layer,
+        normalization=t.normalization or None,
+        num_heads=t.get("num_heads"),
+        dtype=DTYPES[t.dtype or config.model.dtype],
+        attention=config.model.attention,
+    )
