@@ -14,8 +14,8 @@ from its public peers (usfm_reference.md section 3), marked "ours":
   decay 0.9999 (URFM's files hold EMA weights; the decay is ours), exported by default.
 
 Arguments: ``size=base`` (encoder size), ``demo`` (a CPU-sized run of ``steps=400``: 64x64
-images, a 4-block student; pass a small teacher with a 4x4 patch grid, e.g. one written by the
-tests).
+images, a 4-block student, a decoder 64 wide and 2 deep, ratio 0.5, EMA 0.99; pass a small
+teacher with a 4x4 patch grid, e.g. one written by the tests).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ STATUS=()
 FAILED=()
 STOPPING=0  # 1 once we have sent SIGTERM to everyone (a failure or a signal to this script)
 STREAM_PID=""
+STREAM_ENDS_ITSELF=0
 
 log_path() {
   printf '%s/process_%s.log\n' "$LOG_DIR" "$1"
@@ -134,16 +135,28 @@ on_exit() {
 start_stream() {
   local log=$1 pid=$2
   if tail --pid="$$" -n 0 /dev/null >/dev/null 2>&1; then
-    tail -n +1 -f --pid="$pid" "$log" &
+    tail -n +1 -s 0.2 -f --pid="$pid" "$log" &
+    STREAM_ENDS_ITSELF=1
   else
     tail -n +1 -f "$log" &
+    STREAM_ENDS_ITSELF=0
   fi
   STREAM_PID=$!
 }
 
 stop_stream() {
   [[ -n $STREAM_PID ]] || return 0
-  sleep 1 # let tail print the last lines
+  local i
+  if ((STREAM_ENDS_ITSELF)); then
+    # tail prints the rest of the log and exits once process 0 has ended: wait for that
+    # (a kill could cut its last output), up to 10 s
+    for ((i = 0; i < 100; i++)); do
+      kill -0 "$STREAM_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+  else
+    sleep 1 # let tail print the last lines
+  fi
   kill "$STREAM_PID" 2>/dev/null || true
   wait "$STREAM_PID" 2>/dev/null || true
   STREAM_PID=""
