@@ -147,8 +147,8 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(str(e)) from None
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError for the first invalid setting of a pre-training config."""
+def check_image_size(config: ml_collections.ConfigDict) -> None:
+    """``config.image_size``: (height, width), multiples of ``config.model.patch_size``."""
     size = tuple(config.image_size)
     _require(
         len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size),
@@ -164,6 +164,71 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         size,
         f"must be a multiple of config.model.patch_size={patch}",
     )
+
+
+def check_encoder(config: ml_collections.ConfigDict) -> None:
+    """The encoder fields of ``config.model``."""
+    m = config.model
+    _one_of(config, "model.variant", ("beit", "vit"))
+    _one_of(config, "model.rel_pos", ("shared", "per_block"))
+    _one_of(config, "model.dtype", tuple(DTYPES))
+    _one_of(config, "model.remat", tuple(REMAT_POLICIES))
+    _one_of(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
+    if m.attention == "cudnn":
+        _require(
+            cudnn_attention_available(DTYPES[m.dtype]),
+            "model.attention",
+            m.attention,
+            f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
+            f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
+        )
+    _one_of(config, "model.in_chans", (1, 3))
+    for field in ("width", "depth", "num_heads"):
+        value = m.get(field)
+        _require(value is None or value > 0, f"model.{field}", value, "expected > 0 (or None)")
+    try:
+        width, _, heads = encoder_dims(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(width % heads == 0, "model.width", width, f"must be divisible by num_heads={heads}")
+    _in_range(config, "model.drop_path_rate", 0, 1, "[)")
+
+
+def check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """``config.optimizer`` against the run's length and batch."""
+    o = config.optimizer
+    _require(o.base_lr > 0, "optimizer.base_lr", o.base_lr, "expected > 0")
+    _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "expected >= 0 (0: off)")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "expected >= 0")
+    _in_range(config, "optimizer.b1", 0, 1, "[)")
+    _in_range(config, "optimizer.b2", 0, 1, "[)")
+    _in_range(config, "optimizer.min_lr_ratio", 0, 1)
+    _require(
+        0 <= o.warmup_steps < config.total_steps,
+        "optimizer.warmup_steps",
+        o.warmup_steps,
+        f"expected [0, total_steps={config.total_steps})",
+    )
+
+
+def check_batch_split(config: ml_collections.ConfigDict, num_devices: int, views: int) -> None:
+    """The batch (and ``views`` model inputs per micro-batch) divide over the batch axes."""
+    try:
+        shape = mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shards = shape[0] * shape[1]
+    _require(
+        config.batch_size % shards == 0 and views % shards == 0,
+        "batch_size",
+        config.batch_size,
+        f"must split evenly over {shards} devices (per micro-batch of views too)",
+    )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError for the first invalid setting of a pre-training config."""
+    check_image_size(config)
     for field in ("batch_size", "total_steps", "log_every", "max_bad_steps"):
         _require(config[field] > 0, field, config[field], "expected > 0")
     _require(config.image_every >= 0, "image_every", config.image_every, "expected >= 0")
@@ -190,31 +255,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _require(config.data[field] >= 0, f"data.{field}", config.data[field], "expected >= 0")
 
     m = config.model
-    _one_of(config, "model.variant", ("beit", "vit"))
-    _one_of(config, "model.rel_pos", ("shared", "per_block"))
+    check_encoder(config)
     _one_of(config, "model.head", ("linear", "transformer"))
-    _one_of(config, "model.dtype", tuple(DTYPES))
-    _one_of(config, "model.remat", tuple(REMAT_POLICIES))
-    _one_of(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
-    if m.attention == "cudnn":
-        _require(
-            cudnn_attention_available(DTYPES[m.dtype]),
-            "model.attention",
-            m.attention,
-            f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
-            f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
-        )
-    _one_of(config, "model.in_chans", (1, 3))
     _one_of(config, "model.out_chans", (1,))  # the images are single-channel
-    for field in ("width", "depth", "num_heads"):
-        value = m.get(field)
-        _require(value is None or value > 0, f"model.{field}", value, "expected > 0 (or None)")
-    try:
-        width, _, heads = encoder_dims(m)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _require(width % heads == 0, "model.width", width, f"must be divisible by num_heads={heads}")
-    _in_range(config, "model.drop_path_rate", 0, 1, "[)")
     if m.head == "transformer":
         d = m.decoder
         _require(d.depth >= 1, "model.decoder.depth", d.depth, "expected >= 1")
@@ -273,18 +316,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
 
     o = config.optimizer
-    _require(o.base_lr > 0, "optimizer.base_lr", o.base_lr, "expected > 0")
-    _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "expected >= 0 (0: off)")
-    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "expected >= 0")
-    _in_range(config, "optimizer.b1", 0, 1, "[)")
-    _in_range(config, "optimizer.b2", 0, 1, "[)")
-    _in_range(config, "optimizer.min_lr_ratio", 0, 1)
-    _require(
-        0 <= o.warmup_steps < config.total_steps,
-        "optimizer.warmup_steps",
-        o.warmup_steps,
-        f"expected [0, total_steps={config.total_steps})",
-    )
+    check_optimizer(config)
     _require(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
     _require(
         config.batch_size % o.grad_accum_steps == 0,
@@ -312,16 +344,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         except ValueError as e:
             raise ConfigError(f"config.{e}") from None
     if num_devices is not None:
-        try:
-            shape = mesh_shape(config.mesh, num_devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        shards = shape[0] * shape[1]
         views = config.batch_size if objective is None else objective.num_views(config.batch_size)
-        views //= o.grad_accum_steps
-        _require(
-            config.batch_size % shards == 0 and views % shards == 0,
-            "batch_size",
-            config.batch_size,
-            f"must split evenly over {shards} devices (per micro-batch of views too)",
-        )
+        check_batch_split(config, num_devices, views // o.grad_accum_steps)

@@ -42,9 +42,16 @@ def learning_rate_schedule(
 
 
 def create_optimizer(
-    cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int
+    cfg: ml_collections.ConfigDict,
+    batch_size: int,
+    total_steps: int,
+    lr_scales: Any = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with decoupled weight decay on matrices only, after global-norm gradient clipping."""
+    """AdamW with decoupled weight decay on matrices only, after global-norm gradient clipping.
+
+    ``lr_scales`` (a tree of floats shaped like the parameters) multiplies each parameter's
+    update, weight decay included: layer-wise lr decay, and 0 for frozen parameters.
+    """
     schedule = learning_rate_schedule(cfg, batch_size, total_steps)
     parts = []
     if cfg.clip_norm:
@@ -52,7 +59,38 @@ def create_optimizer(
     parts.append(
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     )
+    if lr_scales is not None:
+        parts.append(scale_updates(lr_scales))
     return optax.chain(*parts), schedule
+
+
+def scale_updates(scales: Any) -> optax.GradientTransformation:
+    """Multiplies every update by its parameter's entry of ``scales`` (a matching tree)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def layer_decay_scales(params: Any, depth: int, decay: float, frozen: str = "") -> Any:
+    """BEiT's layer-wise lr decay: ``decay ** (depth + 1 - layer)`` with layer 0 the embeddings
+    (patch embedding, tokens, position tables), i + 1 block i, depth + 1 the final norm and the
+    task head. Parameters under the top-level key ``frozen`` (e.g. "encoder") get 0."""
+
+    def layer(names: list[str]) -> int:
+        if names[0] != "encoder" or names[1] == "norm":
+            return depth + 1
+        return int(names[2]) + 1 if names[1] == "blocks" else 0
+
+    def scale(path, leaf) -> float:
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        if frozen and names[0] == frozen:
+            return 0.0
+        return float(decay ** (depth + 1 - layer(names)))
+
+    return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def applied_updates(opt_state: optax.OptState) -> jax.Array:

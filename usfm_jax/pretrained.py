@@ -55,6 +55,23 @@ def load_pretrained(
     """The encoder stored at ``path`` (see the module doc), for inputs of ``image_size``
     (default: its own; position tables are resampled otherwise). ``model.normalization`` is
     the input normalisation it expects."""
+    params, arch, normalization = load_encoder_weights(
+        path, image_size=image_size, step=step, fmt=fmt
+    )
+    model = build_encoder(arch, params, dtype=dtype, attention=attention)
+    model.normalization = normalization
+    return model
+
+
+def load_encoder_weights(
+    path: str,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    step: int | None = None,
+    fmt: str = "auto",
+) -> tuple[dict[str, Any], Architecture, Normalization]:
+    """The encoder parameters at ``path`` (nested numpy arrays) for inputs of ``image_size``,
+    their architecture and the input normalisation they expect."""
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     root = as_path(path)
@@ -82,9 +99,7 @@ def load_pretrained(
             imported.arch,
             imported.normalization,
         )
-    model = build_encoder(arch, params, dtype=dtype, attention=attention)
-    model.normalization = normalization
-    return model
+    return params, arch, normalization
 
 
 def _torch_weights(root: epath.Path) -> epath.Path | None:
@@ -121,4 +136,4 @@ def _hub_normalization(directory: epath.Path) -> Normalization | None:
     return None
 
 
-__all__ = ["build_encoder", "load_pretrained"]
+__all__ = ["build_encoder", "load_encoder_weights", "load_pretrained"]

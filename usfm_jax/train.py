@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
+from usfm_jax.cli import parse_flags
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
@@ -128,15 +129,6 @@ def train(
     if jax.process_index() == 0:
         replace_text(root / "summary.json", json.dumps({"step": end, **means}, indent=2))
     return means
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error for a bad ``--config.field=value`` override."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e).replace("\\n", " ").replace("\\", "").replace("'", "")
-        sys.exit(f"error: invalid --config override: {message}")
 
 
 def main(argv: list[str]) -> None:

@@ -174,33 +174,47 @@ def make_train_step(
                 ),
             )
             ((loss, sums), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A non-finite loss or gradient skips the update: parameters and optimizer unchanged.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(applied_updates(state.opt_state)),  # the lr of this update
-            "skipped": 1 - finite.astype(jnp.int32),
-            **sums,
-        }
+        new_state, metrics = apply_gradients(state, grads, loss, tx, schedule, config.ema_decay)
+        metrics.update(sums)
         if counts is not None:
             metrics.update({f"count_{b}": counts[i] for i, b in enumerate(BRANCHES)})
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-        )
-        if state.ema_params is not None:  # ema <- decay * ema + (1 - decay) * params
-            ema = optax.incremental_update(params, state.ema_params, 1.0 - config.ema_decay)
-            new_state = new_state.replace(ema_params=keep(ema, state.ema_params))
         return new_state, metrics
 
     return train_step
+
+
+def apply_gradients(
+    state: TrainState,
+    grads: Any,
+    loss: jax.Array,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update (and EMA update) of ``state``; a non-finite loss or gradient skips
+    it, leaving parameters and optimizer state unchanged and counting a bad step. Returns the
+    new state and the metrics loss, grad_norm, lr, skipped."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(applied_updates(state.opt_state)),  # the lr of this update
+        "skipped": 1 - finite.astype(jnp.int32),
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+    )
+    if state.ema_params is not None:  # ema <- decay * ema + (1 - decay) * params
+        ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        new_state = new_state.replace(ema_params=keep(ema, state.ema_params))
+    return new_state, metrics
 
 
 def jit_train_step(

@@ -62,9 +62,16 @@ class Architecture:
         return dataclasses.replace(self, **changes)
 
     def build(
-        self, *, dtype: Any = jnp.float32, attention: str = "auto", seed: int = 0
+        self,
+        *,
+        dtype: Any = jnp.float32,
+        attention: str = "auto",
+        seed: int = 0,
+        rngs: nnx.Rngs | None = None,
+        **options: Any,
     ) -> VisionTransformer:
-        """A freshly initialised encoder of this architecture."""
+        """A freshly initialised encoder of this architecture; ``options`` are the encoder's
+        training-time settings (drop_path_rate, remat, scan)."""
         return VisionTransformer(
             variant=self.variant,
             image_size=self.image_size,
@@ -77,7 +84,8 @@ class Architecture:
             rel_pos=self.rel_pos,
             attention=attention,
             dtype=dtype,
-            rngs=nnx.Rngs(seed),
+            rngs=rngs or nnx.Rngs(seed),
+            **options,
         )
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

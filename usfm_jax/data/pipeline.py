@@ -213,6 +213,26 @@ def create_pretrain_dataset(
     """This process's share of each global batch from global batch ``start_step`` on: dicts of
     ``image`` uint8 [B_local, H, W, 1], ``organ`` int32 [B_local], ``index`` int64 [B_local]
     (+ ``target`` float16 [B_local, N, E] with precomputed teacher targets)."""
+    return process_batches(
+        create_stream(config),
+        config,
+        process_index=process_index,
+        process_count=process_count,
+        start_step=start_step,
+    )
+
+
+def process_batches(
+    stream: grain.MapDataset,
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+) -> grain.IterDataset:
+    """This process's block of rows of every global batch of ``config.batch_size`` consecutive
+    examples of the endless ``stream``, from global batch ``start_step`` on, read ahead by
+    ``config.data``'s threads (and worker processes)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if config.batch_size % process_count:
@@ -222,7 +242,7 @@ def create_pretrain_dataset(
         )
     # Global batch k is items [k B, (k + 1) B) of the stream whatever the number of processes;
     # process p holds its p-th block of rows, the rows its devices own in the global array.
-    ds = create_stream(config).batch(config.batch_size // process_count, drop_remainder=True)
+    ds = stream.batch(config.batch_size // process_count, drop_remainder=True)
     ds = ds[process_index::process_count][start_step:]
     ids = ds.to_iter_dataset(
         grain.ReadOptions(

@@ -52,6 +52,8 @@ MIN_IMAGE_SIDE = 16
 # SeedSequence stream tags: the organ draw and the image never share random numbers.
 _ORGAN_STREAM = 1
 _IMAGE_STREAM = 2
+_LESION_STREAM = 3  # lesion cases of the downstream tasks
+_LESION_CLASS_STREAM = 4
 
 FLUID_DB = -45.0  # backscatter of anechoic fluid, dB re. reference tissue
 FLUID_ATT = 0.5  # intensity attenuation of fluid, nepers per image height
@@ -67,6 +69,10 @@ PSF_LATERAL_SIGMA = (0.008, 0.014)  # lateral PSF std at mid depth, in image hei
 PSF_MIN_SIGMA_PX = (0.6, 0.8)  # axial / lateral floor in pixels so speckle stays resolved
 PSF_TRUNCATE = 3.0  # Gaussian PSF support in standard deviations
 VIDEO_SMOOTH_PX = 0.7  # scanner's smoothing of the log image, softens the speckle nulls
+# Mean of the log of fully developed speckle intensity, below the log of its mean: Euler's
+# gamma in nepers (E[ln I] = ln E[I] - gamma for exponential I), in dB. The speckle-free image
+# is shifted by it so that it equals the local mean of the speckled log image.
+SPECKLE_LOG_BIAS_DB = 10 * 0.5772156649015329 / math.log(10)
 _TINY = 1e-12  # keeps log10 finite
 TEXTURE_WAVENUMBER = (4.0, 12.0)  # slow echogenicity variation, radians per image height
 SECTOR_HALF_ANGLE_DEG = (30.0, 45.0)  # 60-90 degree opening
@@ -170,6 +176,7 @@ class _Blob:
     rim_width: float = 0.006
     rim_att: float = 0.0  # attenuation of the rim (bone / calcified wall)
     fluid: bool = False
+    lesion: bool = False  # part of a focal lesion (nodule, mass, lesion cyst): lesion_mask
 
     def field(self, c: _Coords) -> tuple[np.ndarray, np.ndarray]:
         """(membership in [0, 1], approximate signed distance to the border)."""
@@ -201,6 +208,7 @@ class _Layer:
     rim_width: float = 0.005
     rim_att: float = 0.0
     fluid: bool = False
+    lesion: bool = False
 
     def field(self, c: _Coords) -> tuple[np.ndarray, np.ndarray]:
         """(membership in [0, 1], signed distance below the top boundary)."""
@@ -249,9 +257,9 @@ def _fluid_blob(x: float, z: float, ax: float, az: float, angle: float = 0.0, **
     return _Blob(x, z, ax, az, FLUID_DB, FLUID_ATT, angle=angle, fluid=True, **kw)
 
 
-def _calcification(x: float, z: float, size: float, echo_db: float = 8.0) -> _Blob:
+def _calcification(x: float, z: float, size: float, echo_db: float = 8.0, **kw) -> _Blob:
     """A small, very bright and very attenuating reflector casting an acoustic shadow."""
-    return _Blob(x, z, size, 0.7 * size, echo_db, SHADOW_ATT, edge=0.005)
+    return _Blob(x, z, size, 0.7 * size, echo_db, SHADOW_ATT, edge=0.005, **kw)
 
 
 def _body_wall(rng: np.random.Generator, thin: bool = False) -> list[_Structure]:
@@ -320,6 +328,7 @@ def _liver(rng: np.random.Generator, f: _Frame) -> _Scene:
                 lobes=int(rng.integers(3, 8)),
                 phase=_phase(rng),
                 edge=0.02,
+                lesion=True,
             )
         )
     parts += _body_wall(rng, thin=f.geometry == "sector")
@@ -361,7 +370,7 @@ def _kidney(rng: np.random.Generator, f: _Frame) -> _Scene:
         t = _phase(rng)
         cx, cz = _offset(x, z, angle, 0.75 * ax * math.cos(t), 0.7 * az * math.sin(t))
         r = _u(rng, 0.03, 0.06)
-        parts.append(_fluid_blob(cx, cz, r, 0.9 * r))
+        parts.append(_fluid_blob(cx, cz, r, 0.9 * r, lesion=True))
     if rng.random() < 0.35:  # stone in the sinus
         parts.append(_calcification(x + _u(rng, -0.3, 0.3) * ax, z, _u(rng, 0.012, 0.02)))
     parts += _body_wall(rng)
@@ -388,7 +397,7 @@ def _thyroid(rng: np.random.Generator, f: _Frame) -> _Scene:
         nr = _u(rng, 0.02, 0.05)
         kind = rng.random()
         if kind < 0.4:
-            parts.append(_fluid_blob(nx, nz, nr, 0.9 * nr, rim_db=-6.0))
+            parts.append(_fluid_blob(nx, nz, nr, 0.9 * nr, rim_db=-6.0, lesion=True))
         elif kind < 0.8:
             parts.append(
                 _Blob(
@@ -402,10 +411,11 @@ def _thyroid(rng: np.random.Generator, f: _Frame) -> _Scene:
                     lobes=int(rng.integers(3, 7)),
                     phase=_phase(rng),
                     rim_db=-8.0 if rng.random() < 0.5 else None,  # halo
+                    lesion=True,
                 )
             )
         else:
-            parts.append(_calcification(nx, nz, _u(rng, 0.006, 0.012)))
+            parts.append(_calcification(nx, nz, _u(rng, 0.006, 0.012), lesion=True))
     skin, subcut, strap = _u(rng, 0.012, 0.02), _u(rng, 0.03, 0.06), _u(rng, 0.05, 0.09)
     wave = dict(wave=_u(rng, 0.005, 0.015), freq=_u(rng, 4, 10), phase=_phase(rng))
     parts += [
@@ -416,8 +426,10 @@ def _thyroid(rng: np.random.Generator, f: _Frame) -> _Scene:
     return _Scene(_u(rng, -12, -9), _u(rng, 6, 9), _u(rng, 0.5, 1.5), tuple(parts))
 
 
-def _breast(rng: np.random.Generator, f: _Frame) -> _Scene:
-    """Dark fat over bright fibroglandular tissue, pectoral muscle, rib shadow, one lesion."""
+def _breast_tissue(
+    rng: np.random.Generator, f: _Frame
+) -> tuple[list[_Structure], tuple[float, float, float]]:
+    """Breast structures below the skin and the (skin, fat, gland) thicknesses."""
     skin, fat, gland = _u(rng, 0.012, 0.02), _u(rng, 0.1, 0.22), _u(rng, 0.2, 0.35)
     muscle_top = skin + fat + gland + _u(rng, 0.05, 0.12)
     gland_wave = dict(wave=_u(rng, 0.02, 0.05), freq=_u(rng, 8, 16), phase=_phase(rng))
@@ -434,12 +446,27 @@ def _breast(rng: np.random.Generator, f: _Frame) -> _Scene:
         z = muscle_top + _u(rng, 0.08, 0.15)
         x, half_length = f.lateral(rng, z), _u(rng, 0.08, 0.14)
         parts.append(_Blob(x, z, half_length, 0.04, 2.0, SHADOW_ATT, edge=0.004, rim_db=10.0))
+    return parts, (skin, fat, gland)
+
+
+def _breast_scene(rng: np.random.Generator, parts: list[_Structure], skin: float) -> _Scene:
+    """The breast scene: ``parts`` under the skin layers, on dark fat."""
+    parts += [
+        _Layer(0.0, skin, _u(rng, -2, 2), 6.0),
+        _Layer(skin, 0.004, -4.0, 6.0, edge=0.004),
+    ]
+    return _Scene(_u(rng, -20, -16), _u(rng, 5, 8), _u(rng, 1.0, 3.0), tuple(parts))
+
+
+def _breast(rng: np.random.Generator, f: _Frame) -> _Scene:
+    """Dark fat over bright fibroglandular tissue, pectoral muscle, rib shadow, one lesion."""
+    parts, (skin, fat, gland) = _breast_tissue(rng, f)
     if rng.random() < 0.75:  # cyst (posterior enhancement) or solid mass (posterior shadowing)
         z = skin + fat + _u(rng, 0.2, 0.8) * gland
         x = f.lateral(rng, z, 0.6)
         r = _u(rng, 0.04, 0.09)
         if rng.random() < 0.5:
-            parts.append(_fluid_blob(x, z, r * _u(rng, 1.0, 1.6), r, _angle(rng, 20)))
+            parts.append(_fluid_blob(x, z, r * _u(rng, 1.0, 1.6), r, _angle(rng, 20), lesion=True))
         else:
             parts.append(
                 _Blob(
@@ -453,13 +480,56 @@ def _breast(rng: np.random.Generator, f: _Frame) -> _Scene:
                     lobes=int(rng.integers(5, 10)),
                     phase=_phase(rng),
                     edge=0.008,
+                    lesion=True,
                 )
             )
-    parts += [
-        _Layer(0.0, skin, _u(rng, -2, 2), 6.0),
-        _Layer(skin, 0.004, -4.0, 6.0, edge=0.004),
-    ]
-    return _Scene(_u(rng, -20, -16), _u(rng, 5, 8), _u(rng, 1.0, 3.0), tuple(parts))
+    return _breast_scene(rng, parts, skin)
+
+
+def _benign_like(rng: np.random.Generator, x: float, z: float, r: float) -> list[_Structure]:
+    """BI-RADS-style benign features: oval, circumscribed, parallel (wider than tall), a thin
+    echogenic capsule; anechoic with posterior enhancement (cyst) or homogeneous and mildly
+    hypoechoic (fibroadenoma-like)."""
+    ax, angle = r * _u(rng, 1.1, 1.8), _angle(rng, 20)
+    capsule = _u(rng, -8, -3) if rng.random() < 0.7 else None
+    if rng.random() < 0.35:
+        return [_fluid_blob(x, z, ax, r, angle, edge=0.01, rim_db=capsule, lesion=True)]
+    return [
+        _Blob(x, z, ax, r, _u(rng, -18, -8), _u(rng, 5, 11), angle, edge=0.012,
+              wobble=_u(rng, 0.0, 0.08), lobes=int(rng.integers(2, 5)), phase=_phase(rng),
+              rim_db=capsule, lesion=True)
+    ]  # fmt: skip
+
+
+def _malignant_like(rng: np.random.Generator, x: float, z: float, r: float) -> list[_Structure]:
+    """BI-RADS-style suspicious features: irregular, spiculated, not parallel (often taller
+    than wide), markedly hypoechoic with posterior shadowing, an echogenic halo at times, and
+    microcalcifications inside."""
+    ax, az = r * _u(rng, 0.8, 1.2), r * _u(rng, 0.9, 1.5)
+    halo = _u(rng, -8, -4) if rng.random() < 0.4 else None
+    parts: list[_Structure] = [
+        _Blob(x, z, ax, az, _u(rng, -24, -12), _u(rng, 10, 24), _angle(rng, 35), edge=0.007,
+              wobble=_u(rng, 0.08, 0.3), lobes=int(rng.integers(5, 12)), phase=_phase(rng),
+              rim_db=halo, rim_width=0.012, lesion=True)
+    ]  # fmt: skip
+    for _ in range(int(rng.integers(0, 4))):
+        cx, cz = x + _u(rng, -0.5, 0.5) * ax, z + _u(rng, -0.5, 0.5) * az
+        size = _u(rng, 0.004, 0.007)
+        parts.append(_Blob(cx, cz, size, size, _u(rng, 4, 8), 20.0, edge=0.003, lesion=True))
+    return parts
+
+
+LESION_CLASSES: tuple[str, ...] = ("benign", "malignant")
+LESION_RADIUS = (0.08, 0.15)  # image heights
+
+
+def _breast_lesion_case(rng: np.random.Generator, f: _Frame, malignant: bool) -> _Scene:
+    """Breast tissue with exactly one lesion of the given class (the downstream tasks)."""
+    parts, (skin, fat, gland) = _breast_tissue(rng, f)
+    z = skin + fat + _u(rng, 0.3, 0.7) * gland
+    x, r = f.lateral(rng, z, 0.5), _u(rng, *LESION_RADIUS)
+    parts += (_malignant_like if malignant else _benign_like)(rng, x, z, r)
+    return _breast_scene(rng, parts, skin)
 
 
 def _heart(rng: np.random.Generator, f: _Frame) -> _Scene:
@@ -592,13 +662,21 @@ def _gauss_energy(sigma: float) -> float:
     return float(np.sum(k * k))
 
 
-def _render(seed: int, index: int, h: int, w: int, organ: int, labels: bool) -> dict[str, Any]:
-    """Simulate one image (and, with ``labels``, its ground-truth maps); arguments validated."""
-    scene_seq, speckle_seq = np.random.SeedSequence([seed, index, _IMAGE_STREAM, organ]).spawn(2)
+def _render(
+    seed: int, index: int, h: int, w: int, organ: int, labels: bool, lesion: bool | None = None
+) -> dict[str, Any]:
+    """Simulate one image (and, with ``labels``, its ground-truth maps); arguments validated.
+    ``lesion`` (True: malignant-like, False: benign-like) renders a breast lesion case instead
+    of the organ's recipe, from its own random stream."""
+    if lesion is None:
+        stream = [seed, index, _IMAGE_STREAM, organ]
+    else:
+        stream, organ = [seed, index, _LESION_STREAM, int(lesion)], ORGANS.index("breast")
+    scene_seq, speckle_seq = np.random.SeedSequence(stream).spawn(2)
     rng = np.random.default_rng(scene_seq)
     recipe, weights = _RECIPES[organ]
     frame = _draw_frame(rng, weights, h, w)
-    scene = recipe(rng, frame)
+    scene = recipe(rng, frame) if lesion is None else _breast_lesion_case(rng, frame, lesion)
     tgc = _u(rng, *TGC_FRACTION) * scene.attenuation
     dyn_range = _u(rng, *DYNAMIC_RANGE_DB)
     top_db = DISPLAY_TOP_DB + _u(rng, -GAIN_JITTER_DB, GAIN_JITTER_DB)
@@ -647,29 +725,48 @@ def _render(seed: int, index: int, h: int, w: int, organ: int, labels: bool) -> 
     ndimage.gaussian_filter(iq, (0, sig_r, sig_l), output=iq, truncate=PSF_TRUNCATE)
     intensity = iq[0] * iq[0] + iq[1] * iq[1] + np.float32(_TINY)
     scale = 255.0 / dyn_range
-    img = np.log10(intensity) * np.float32(10 * scale) + np.float32((dyn_range - top_db) * scale)
-    ndimage.gaussian_filter(img, VIDEO_SMOOTH_PX, output=img, truncate=2.0)
 
     if frame.geometry == "linear":
         fan = np.ones((h, w), bool)
-    else:  # scan conversion: sample the beam grid at every pixel, blank outside the fan
+    else:
         r_img, th_img = _polar(frame, x_img, z_img)
         fan = _fan_mask(frame, r_img, th_img)
         rows = (r_img - np.float32(frame.r_min)) * np.float32(1 / dr) - 0.5
         cols = (th_img + np.float32(frame.half_angle)) * np.float32(1 / d_theta) - 0.5
-        img = ndimage.map_coordinates(img, (rows, cols), order=1, mode="nearest")
-        img *= fan
-    image = (np.clip(img, 0.0, 255.0) + 0.5).astype(np.uint8)
-    out = {"image": image, "organ": organ}
+
+    def display(intensity: np.ndarray, top_db: float) -> np.ndarray:
+        """Log compression, the scanner's smoothing, scan conversion, uint8."""
+        img = np.log10(intensity) * np.float32(10 * scale) + np.float32(
+            (dyn_range - top_db) * scale
+        )
+        ndimage.gaussian_filter(img, VIDEO_SMOOTH_PX, output=img, truncate=2.0)
+        if frame.geometry != "linear":  # sample the beam grid at every pixel, blank outside
+            img = ndimage.map_coordinates(img, (rows, cols), order=1, mode="nearest")
+            img *= fan
+        return (np.clip(img, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+    out = {"image": display(intensity, top_db), "organ": organ}
     if labels:
+        # The speckle-free image: the expected intensity of the blurred field (the squared PSF
+        # is a Gaussian narrower by sqrt(2)), shown as the mean of the speckled log image.
+        mean = ndimage.gaussian_filter(
+            power, (sig_r / math.sqrt(2), sig_l / math.sqrt(2)), truncate=PSF_TRUNCATE
+        )
+        coherent = ndimage.gaussian_filter(
+            np.sqrt(specular * gain), (sig_r, sig_l), truncate=PSF_TRUNCATE
+        )
+        mean += coherent * coherent + np.float32(_TINY)
+        out["clean"] = display(mean, top_db + SPECKLE_LOG_BIAS_DB)
         if frame.geometry == "linear":
             img_coords = coords
         else:
             img_coords = _Coords(x_img, z_img, r_img - np.float32(frame.r_min))
         region = _regions(scene, img_coords, (h, w))
         fluid = np.array([False] + [s.fluid for s in scene.structures])
+        lesion_parts = np.array([False] + [s.lesion for s in scene.structures])
         out["fan_mask"] = fan
         out["cyst_mask"] = fluid[region] & fan
+        out["lesion_mask"] = lesion_parts[region] & fan
         out["region"] = np.where(fan, region, np.int16(-1))
         out["geometry"] = frame.geometry
     return out
@@ -717,8 +814,10 @@ def generate_with_labels(
 
     Returns a dict with ``image`` (uint8 [H, W]), ``organ`` (int), ``geometry`` (one of
     ``GEOMETRIES``), ``fan_mask`` (bool [H, W], the imaged field), ``cyst_mask`` (bool [H, W],
-    anechoic fluid: cysts, vessels, chambers, amniotic fluid) and ``region`` (int16 [H, W]:
-    -1 outside the fan, 0 background tissue, k >= 1 the k-th structure of the recipe).
+    anechoic fluid: cysts, vessels, chambers, amniotic fluid), ``lesion_mask`` (bool [H, W],
+    focal lesions: nodules, masses, lesion cysts), ``region`` (int16 [H, W]: -1 outside the
+    fan, 0 background tissue, k >= 1 the k-th structure of the recipe) and ``clean`` (uint8
+    [H, W], the same scene without speckle: the local mean of the log-compressed image).
     The image is identical to ``generate``'s.
     """
     h, w = _check_size(image_size)
@@ -726,6 +825,34 @@ def generate_with_labels(
     if organ is None:
         organ = _draw_organ(seed, index, range(len(ORGANS)))
     return _render(seed, index, h, w, _check_organ(organ), labels=True)
+
+
+def lesion_class(seed: int, index: int) -> int:
+    """The class of lesion case ``index`` (an index into ``LESION_CLASSES``), drawn from
+    (seed, index) with equal probabilities and without rendering anything."""
+    seed, index = _check_seed_index(seed, index)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, _LESION_CLASS_STREAM]))
+    return int(rng.integers(len(LESION_CLASSES)))
+
+
+def generate_lesion_case(
+    seed: int, index: int, image_size: int | tuple[int, int], label: int | None = None
+) -> dict[str, Any]:
+    """A breast image with exactly one lesion, for the downstream tasks: the fields of
+    ``generate_with_labels`` plus ``label`` (0 benign-like: oval, circumscribed, parallel,
+    anechoic or homogeneous; 1 malignant-like: irregular, spiculated, taller than wide,
+    shadowing, microcalcifications). ``label=None`` takes ``lesion_class(seed, index)``.
+
+    Deterministic in (seed, index, image_size, label) and independent of the pre-training
+    images of the same seed (another random stream).
+    """
+    h, w = _check_size(image_size)
+    seed, index = _check_seed_index(seed, index)
+    label = lesion_class(seed, index) if label is None else operator.index(label)
+    if label not in range(len(LESION_CLASSES)):
+        raise ValueError(f"label must be in [0, {len(LESION_CLASSES)}) {LESION_CLASSES}")
+    out = _render(seed, index, h, w, ORGANS.index("breast"), labels=True, lesion=bool(label))
+    return {**out, "label": label}
 
 
 def generate(

@@ -15,6 +15,7 @@ compute dtype is configurable (bfloat16 on accelerators).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -386,6 +387,31 @@ class VisionTransformer(nnx.Module):
         ``keep`` ([B, K] patch indices, MAE) passes only the cls token and those patches
         through the blocks: [B, 1 + K, D]. It needs absolute positions (``variant="vit"``)."""
         norm = self.norm if final_norm else (lambda x: x)
+        x, _ = self._encode(images, mask, keep, dropout_key, ())
+        return norm(x)
+
+    def intermediates(
+        self, images: jax.Array, layers: Sequence[int], *, dropout_key: jax.Array | None = None
+    ) -> list[jax.Array]:
+        """The outputs [B, 1 + N, D] of the blocks ``layers`` (0-based, increasing, before any
+        norm): the multi-level features of dense-prediction decoders (e.g. UPerNet)."""
+        if list(layers) != sorted(set(layers)) or not 0 <= min(layers, default=-1) <= max(
+            layers
+        ) < len(self.blocks):
+            raise ValueError(
+                f"layers {tuple(layers)} must increase, within [0, {len(self.blocks)})"
+            )
+        return self._encode(images, None, None, dropout_key, tuple(layers))[1]
+
+    def _encode(
+        self,
+        images: jax.Array,
+        mask: jax.Array | None,
+        keep: jax.Array | None,
+        dropout_key: jax.Array | None,
+        taps: tuple[int, ...],
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """The last block's output and the outputs of blocks ``taps``."""
         x = self.embed(images, mask)  # [B, 1 + N, D]
         if keep is not None:
             if self.pos_embed is None:
@@ -396,15 +422,18 @@ class VisionTransformer(nnx.Module):
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         # one drop-path key per block, or none (deterministic)
         keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))
-        if self.scan:
-            return norm(self._scan_blocks(x, bias, keys))
+        if self.scan and not taps:
+            return self._scan_blocks(x, bias, keys), []
         keys = [None] * len(self.blocks) if keys is None else keys
         run = _call_block
         if self.remat != "none":  # trade compute for activation memory, block by block
             run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
-        for block, key in zip(self.blocks, keys, strict=True):
+        outputs = []
+        for i, (block, key) in enumerate(zip(self.blocks, keys, strict=True)):
             x = parallel.constrain_batch(run(block, x, bias, key))  # [B, T, D] stays batch-sharded
-        return norm(x)
+            if i in taps:
+                outputs.append(x)
+        return x, outputs
 
     def _scan_blocks(
         self, x: jax.Array, bias: jax.Array | None, keys: jax.Array | None

@@ -1,0 +1,1 @@
+"""Label-efficient downstream adaptation: classification, segmentation and enhancement."""

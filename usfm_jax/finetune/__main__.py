@@ -1,0 +1,48 @@
+"""Fine-tuning entry point.
+
+    python -m usfm_jax.finetune --config configs/finetune/classify.py --workdir runs/cls \
+        [--config.init=CHECKPOINT_OR_WEIGHTS] [--config.label_fraction=0.2] [--config.seed=1]
+
+Trains on the label-fraction subset, evaluates on val every ``eval_every`` steps keeping the
+best parameters (``best/``), then writes the test metrics (``results.json``, ``results.md``)
+and overlays (``test_predictions/``). See ``usfm_jax.finetune.run``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from usfm_jax import distributed
+from usfm_jax.checkpoint import CheckpointError
+from usfm_jax.cli import parse_flags
+from usfm_jax.config_validation import ConfigError
+from usfm_jax.convert import ConversionError
+from usfm_jax.distributed import DistributedError
+from usfm_jax.finetune.run import finetune
+from usfm_jax.reporting import quiet_library_logs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (python).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "New directory for the run's outputs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", distributed.MODES, "Multi-process runs, as for usfm_jax.train."
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
+    try:
+        distributed.initialize(_DISTRIBUTED.value)
+        finetune(_CONFIG.value, _WORKDIR.value)
+    except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
+            ValueError) as e:  # fmt: skip
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,251 @@
+"""One fine-tuning run, top to bottom: config -> data -> encoder (pre-trained or random) + task
+head -> sharded state and compiled step -> train, evaluating on val every ``eval_every`` steps
+and keeping the best parameters -> test evaluation of the best -> results and overlays.
+
+Outputs in the workdir: ``config.json``, ``metrics.jsonl`` and ``tensorboard/`` (training and
+validation curves), ``best/`` (an export of the best parameters, readable by
+``usfm_jax.export.load_params`` and ``usfm_jax.pretrained.load_pretrained``),
+``results.json`` and ``results.md`` (val at the best step, test), ``test_predictions/``
+(PNG overlays).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from usfm_jax import parallel
+from usfm_jax.convert import Architecture, Normalization
+from usfm_jax.data.pipeline import global_batch, process_batches
+from usfm_jax.export import write_export
+from usfm_jax.finetune import data as task_data
+from usfm_jax.finetune import evaluate
+from usfm_jax.finetune.models import Classifier, Enhancer, Normalize, Segmenter, TaskModel
+from usfm_jax.finetune.step import make_predict, make_train_step
+from usfm_jax.finetune.validation import validate_finetune
+from usfm_jax.models.factory import DTYPES
+from usfm_jax.optim import create_optimizer, layer_decay_scales
+from usfm_jax.paths import as_path, replace_text
+from usfm_jax.pretrained import load_encoder_weights
+from usfm_jax.reporting import Reporter
+from usfm_jax.train_step import TrainState
+
+
+def initial_encoder(
+    config: ml_collections.ConfigDict,
+) -> tuple[dict[str, Any] | None, Architecture, Normalization]:
+    """(pre-trained encoder parameters or None, architecture, input normalisation): from
+    ``config.init`` (a usfm_jax checkpoint or export, or PyTorch weights; position tables
+    resampled to ``config.image_size``), or random from ``config.model``."""
+    if config.init:
+        params, arch, normalization = load_encoder_weights(
+            config.init, image_size=tuple(config.image_size), fmt=config.init_format
+        )
+        return params, arch, normalization
+    arch = Architecture.from_config(config.model, tuple(config.image_size))
+    return None, arch, Normalization.from_json(config.normalization)
+
+
+def create_model(
+    config: ml_collections.ConfigDict,
+    arch: Architecture,
+    normalization: Normalization,
+    num_classes: int,
+    rngs: nnx.Rngs,
+) -> TaskModel:
+    """The task model: ``arch``'s encoder with ``config.model``'s training settings, and the
+    head of ``config.task``."""
+    m, h = config.model, config.head
+    encoder = arch.build(dtype=DTYPES[m.dtype], attention=m.attention, rngs=rngs,
+                         drop_path_rate=m.drop_path_rate, remat=m.remat)  # fmt: skip
+    normalize = Normalize(normalization, arch.in_chans)
+    frozen = h.mode == "linear_probe"
+    if config.task == "classify":
+        return Classifier(encoder, normalize, num_classes, pool=h.pool, frozen=frozen, rngs=rngs)
+    if config.task == "segment":
+        return Segmenter(encoder, normalize, num_classes, decoder=h.decoder, channels=h.channels,
+                         frozen=frozen, rngs=rngs)  # fmt: skip
+    return Enhancer(encoder, normalize, refine_width=h.refine_width, frozen=frozen, rngs=rngs)
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs one fine-tuning; returns the results written to ``workdir/results.json``."""
+    validate_finetune(config, jax.device_count())
+    root = as_path(workdir)
+    is_main = jax.process_index() == 0
+    if (root / "results.json").exists():
+        raise FileExistsError(f"{workdir} already holds a finished run (results.json)")
+
+    data = task_data.load_task(config)
+    num_classes = len(data.classes) if config.task != "enhance" else 0
+    encoder_params, arch, normalization = initial_encoder(config)
+    config = copy.deepcopy(config)
+    config.unlock()
+    config.model.update(arch.model_config())  # the architecture actually trained, for exports
+    config.normalization = ml_collections.ConfigDict(normalization.to_json())
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        replace_text(root / "config.json", config.to_json_best_effort(indent=2))
+
+    mesh = parallel.create_mesh(config.mesh)
+    model = nnx.eval_shape(
+        lambda: create_model(config, arch, normalization, num_classes, nnx.Rngs(0))
+    )
+    graphdef = nnx.graphdef(model)
+    abstract_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    frozen = "encoder" if config.head.mode == "linear_probe" else ""
+    scales = layer_decay_scales(abstract_params, arch.depth, config.head.layer_decay, frozen)
+    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps,
+                                    lr_scales=scales)  # fmt: skip
+
+    def init() -> TrainState:
+        model = create_model(config, arch, normalization, num_classes, nnx.Rngs(config.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        if encoder_params is not None:
+            params["encoder"] = jax.tree.map(jnp.asarray, encoder_params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(config.seed)),
+            bad_steps=jnp.zeros((), jnp.int32),
+        )
+
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
+    state = jax.jit(init, out_shardings=shardings)()
+    train_step = parallel.jit_in_mesh(
+        make_train_step(config, graphdef, tx, schedule), mesh,
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0,
+    )  # fmt: skip
+    predict_fn = parallel.jit_in_mesh(
+        make_predict(config.task, graphdef), mesh,
+        in_shardings=(shardings.params, parallel.batch_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )  # fmt: skip
+
+    def predict(params: Any, batch: dict[str, np.ndarray]) -> jax.Array:
+        images = global_batch({"image": _process_rows(batch["image"])}, mesh)["image"]
+        return predict_fn(params, images)
+
+    subset = task_data.label_subset(data.groups, config.label_fraction, config.seed)
+    logging.info(
+        "task %s: %d labelled training images (%.0f%% of %d), init %s, %d parameters",
+        config.task, len(subset), 100 * config.label_fraction,
+        sum(len(g) for g in data.groups.values()), config.init or "random",
+        sum(x.size for x in jax.tree.leaves(state.params)),
+    )  # fmt: skip
+    batches = iter(process_batches(task_data.train_stream(config, data), config))
+    val = task_data.eval_split(config, data, "val")
+    select = config.eval.select or evaluate.METRICS[config.task][0]
+
+    def run_eval(params: Any, split: Any) -> dict[str, Any]:
+        out = evaluate.collect(
+            lambda b: predict(params, b),
+            task_data.eval_batches(split, config.batch_size),
+            config.task,
+        )
+        return out
+
+    reporter = Reporter(workdir, total_steps=config.total_steps, start_step=0,
+                        batch_size=config.batch_size)  # fmt: skip
+    best, best_step, best_val = None, 0, {}
+    keys = ("image", task_data.TARGET_KEY[config.task])
+    start = time.perf_counter()
+    for step in range(1, config.total_steps + 1):
+        local = next(batches)
+        state, metrics = train_step(state, global_batch({k: local[k] for k in keys}, mesh))
+        reporter.step(metrics)
+        if step == 1:
+            jax.block_until_ready(metrics)
+            logging.info("first step (compile + run): %.1f s", time.perf_counter() - start)
+            reporter.restart_timer(step)
+        if step % config.log_every == 0 or step == config.total_steps:
+            reporter.flush(step)
+        if step % config.eval_every == 0 or step == config.total_steps:
+            scores = evaluate.compute_metrics(config.task, run_eval(state.params, val), num_classes)
+            improved = evaluate.is_better(select, scores[select], best_val.get(select))
+            if improved:
+                best, best_step, best_val = jax.device_get(state.params), step, scores
+                if is_main:
+                    _save_best(root, best, config, step, scores)
+            if is_main:
+                for name, value in scores.items():
+                    reporter.writer.add_scalar(f"val/{name}", value, step)
+                line = " ".join(f"{k}={v:.4g}" for k, v in scores.items())
+                reporter.progress.write(f"step {step}: val {line}{' (best)' if improved else ''}")
+            reporter.restart_timer(step)  # keep evaluation out of images/s
+    reporter.close()
+
+    if best is None:  # every evaluation was NaN: test the last parameters
+        best, best_step = jax.device_get(state.params), config.total_steps
+    best = jax.device_put(best, shardings.params)
+    test = run_eval(best, task_data.eval_split(config, data, "test"))
+    test_scores = evaluate.compute_metrics(config.task, test, num_classes)
+    results = {
+        "task": config.task,
+        "init": config.init or "random",
+        "mode": config.head.mode,
+        "label_fraction": config.label_fraction,
+        "seed": config.seed,
+        "train_images": len(subset),
+        "steps": config.total_steps,
+        "best_step": best_step,
+        "selected_by": select,
+        "val": best_val,
+        "test": test_scores,
+        "test_images": len(test["image"]),
+    }
+    if is_main:
+        written = evaluate.write_overlays(
+            root / "test_predictions", config.task, test, data.classes, config.eval.num_overlays
+        )
+        results["overlays"] = written
+        replace_text(root / "results.json", json.dumps(results, indent=2))
+        replace_text(root / "results.md", results_markdown(results))
+        print(results_markdown(results))
+    return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the run in one line, then val (best step) and test metrics as a table."""
+    names = list(results["test"])
+    rows = [{"split": "val (best)", **results["val"]}, {"split": "test", **results["test"]}]
+    header = (
+        f"# {results['task']}: init {results['init']}, {results['mode']}, "
+        f"{results['train_images']} labelled images (fraction {results['label_fraction']:g}), "
+        f"seed {results['seed']}\n\nbest step {results['best_step']} of {results['steps']} "
+        f"by validation {results['selected_by']}; {results['test_images']} test images.\n\n"
+    )
+    return header + evaluate.markdown_table(rows, ["split", *names])
+
+
+def _process_rows(rows: np.ndarray) -> np.ndarray:
+    """This process's block of a global batch every process built whole (evaluation)."""
+    n = jax.process_count()
+    block = len(rows) // n
+    return rows[jax.process_index() * block : (jax.process_index() + 1) * block]
+
+
+def _save_best(
+    root: Any, params: Any, config: ml_collections.ConfigDict, step: int, scores: dict
+) -> None:
+    """Replaces ``best/`` by an export of ``params`` (written aside, then swapped in)."""
+    staging, best = root / "best.tmp", root / "best"
+    for path in (staging,):
+        if path.exists():
+            path.rmtree()
+    write_export(str(staging), jax.tree.map(np.asarray, params), config.to_dict(), step=step,
+                 weights="params", source="finetune", val=scores)  # fmt: skip
+    if best.exists():
+        best.rmtree()
+    staging.rename(best)

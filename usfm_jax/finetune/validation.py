@@ -1,0 +1,65 @@
+"""Early, field-naming checks of a fine-tuning config (``ConfigError``)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from usfm_jax.config_validation import (
+    ConfigError,
+    _in_range,
+    _one_of,
+    _require,
+    check_batch_split,
+    check_encoder,
+    check_image_size,
+    check_optimizer,
+)
+from usfm_jax.data.pipeline import read_card
+from usfm_jax.finetune.data import DEGRADATIONS, TASKS
+
+MODES = ("finetune", "linear_probe")
+
+
+def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError for the first invalid setting of a fine-tuning config."""
+    _one_of(config, "task", TASKS)
+    check_image_size(config)
+    for field in ("batch_size", "total_steps", "log_every", "eval_every"):
+        _require(config[field] > 0, field, config[field], "expected > 0")
+    _in_range(config, "label_fraction", 0, 1, "(]")
+    d = config.data
+    _one_of(config, "data.source", ("synthetic", "tfds"))
+    if d.source == "synthetic":
+        for field in ("num_train", "num_val", "num_test"):
+            _require(d[field] >= 1, f"data.{field}", d[field], "expected >= 1")
+    else:
+        _require(bool(d.tfds_dir), "data.tfds_dir", d.tfds_dir, "set it for data.source='tfds'")
+        try:
+            read_card(d.tfds_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    _in_range(config, "data.hflip", 0, 1)
+    _one_of(config, "data.degradation", DEGRADATIONS)
+    if d.degradation != "none":
+        _require(config.task == "enhance", "data.degradation", d.degradation,
+                 "synthesised noisy inputs are for task='enhance'")  # fmt: skip
+        low = 1.0 if d.degradation == "downsample" else 0.0
+        _require(d.degradation_level > low, "data.degradation_level", d.degradation_level,
+                 f"expected > {low:g} for {d.degradation}")  # fmt: skip
+    for field in ("num_threads", "prefetch", "worker_count"):
+        _require(d[field] >= 0, f"data.{field}", d[field], "expected >= 0")
+    if not config.init:
+        check_encoder(config)
+    h = config.head
+    _one_of(config, "head.mode", MODES)
+    _one_of(config, "head.pool", ("mean", "cls"))
+    _one_of(config, "head.decoder", ("upernet", "linear"))
+    _in_range(config, "head.layer_decay", 0, 1, "(]")
+    _require(h.channels > 0, "head.channels", h.channels, "expected > 0")
+    _require(h.refine_width > 0, "head.refine_width", h.refine_width, "expected > 0")
+    _in_range(config, "loss.label_smoothing", 0, 1, "[)")
+    _require(config.loss.dice_weight >= 0, "loss.dice_weight", config.loss.dice_weight, ">= 0")
+    check_optimizer(config)
+    _require(config.eval.num_overlays >= 0, "eval.num_overlays", config.eval.num_overlays, ">= 0")
+    if num_devices is not None:
+        check_batch_split(config, num_devices, config.batch_size)
