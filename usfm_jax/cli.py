@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 
+import ml_collections
 from absl import flags
 
 
@@ -14,3 +17,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         message = str(e).replace("\\n", " ").replace("\\", "").replace("'", "")
         sys.exit(f"error: invalid --config override: {message}")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config of ``"path/to/config.py[:arg]"``, as ``--config=...`` would load it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    name = "usfm_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -161,33 +161,32 @@ def export_params(
     )
 
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A workdir, its checkpoints/ directory, or one step's directory."
-)
-_STEP = flags.DEFINE_integer("step", None, "The step to export (default: the newest).")
-_OUT = flags.DEFINE_string("out", None, "New directory for the export.")
-_EMA = flags.DEFINE_enum(
-    "ema",
-    "auto",
-    list(EMA_CHOICES),
-    "Export the EMA weights: auto (if the run kept them), yes, no.",
-)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs(std_logging.ERROR)  # orbax warns of missing optional metadata files
     try:
-        info = export_params(_CHECKPOINT.value, _OUT.value, _STEP.value, EMA_CHOICES[_EMA.value])
+        f = flags.FLAGS
+        info = export_params(f.checkpoint, f.out, f.step, EMA_CHOICES[f.ema])
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(
         f"exported {info['num_params']:,} parameters ({info['weights']}) of step {info['step']} "
-        f"to {_OUT.value}"
+        f"to {flags.FLAGS.out}"
     )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: other entry points import this module
+    flags.DEFINE_string(
+        "checkpoint", None, "A workdir, its checkpoints/ directory, or one step's directory."
+    )
+    flags.DEFINE_integer("step", None, "The step to export (default: the newest).")
+    flags.DEFINE_string("out", None, "New directory for the export.")
+    flags.DEFINE_enum(
+        "ema",
+        "auto",
+        list(EMA_CHOICES),
+        "Export the EMA weights: auto (if the run kept them), yes, no.",
+    )
     flags.mark_flags_as_required(["checkpoint", "out"])
     app.run(main)

@@ -36,25 +36,6 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (python).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    distributed.MODES,
-    "Multi-process runs. auto: join the cluster that USFM_COORDINATOR, USFM_NUM_PROCESSES and "
-    "USFM_PROCESS_ID describe, if set; on: let JAX find it (Cloud TPU, SLURM, Open MPI); off: "
-    "one process.",
-)
-_STOP_AFTER = flags.DEFINE_integer(
-    "stop_after",
-    None,
-    "Stop this invocation after N steps, with a checkpoint (for time-sliced jobs); the next "
-    "invocation in the same workdir continues.",
-    lower_bound=1,
-)
-
-
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
 ) -> dict[str, float]:
@@ -131,17 +112,41 @@ def train(
     return means
 
 
+def define_flags() -> None:
+    """The command line (defined only when run as a program: other entry points import this
+    module)."""
+    config_flags.DEFINE_config_file("config", None, "Run config file (python).")
+    flags.DEFINE_string("workdir", None, "Directory for logs and outputs.")
+    flags.DEFINE_enum(
+        "distributed",
+        "auto",
+        distributed.MODES,
+        "Multi-process runs. auto: join the cluster that USFM_COORDINATOR, USFM_NUM_PROCESSES "
+        "and USFM_PROCESS_ID describe, if set; on: let JAX find it (Cloud TPU, SLURM, Open "
+        "MPI); off: one process.",
+    )
+    flags.DEFINE_integer(
+        "stop_after",
+        None,
+        "Stop this invocation after N steps, with a checkpoint (for time-sliced jobs); the next "
+        "invocation in the same workdir continues.",
+        lower_bound=1,
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
+    f = flags.FLAGS
     try:
-        distributed.initialize(_DISTRIBUTED.value)
-        train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+        distributed.initialize(f.distributed)
+        train(f.config, f.workdir, stop_after=f.stop_after)
     except (CheckpointError, ConfigError, DistributedError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=parse_flags)

@@ -1,16 +1,25 @@
 """Ingest ultrasound files (DICOM, PNG, JPEG, BMP, TIFF) into a TFDS array_record dataset.
 
     python -m usfm_jax.data.ingest --input DIR_OR_MANIFEST.csv --output DATA_DIR --name NAME \
-        [--resize 256] [--frame_stride 1] [--max_frames 16] [--crop auto] [--val_fraction 0.1]
+        [--resize 256] [--frame_stride 1] [--max_frames 16] [--crop auto] [--val_fraction 0.1] \
+        [--test_fraction 0.2] [--masks MASK_DIR | --targets CLEAN_DIR]
 
-Input: a directory whose first level names the organ (``DIR/liver/**/*.dcm``), or a CSV manifest
-with columns ``path`` (absolute or relative to the CSV) and ``organ``, optionally ``patient_id``,
-``study_id``, ``device``, ``center``.
+Input: a directory whose first level names the organ (``DIR/liver/**/*.dcm``) or, for a
+classification task, the class (``DIR/benign/*.png``); a flat directory of files (one group,
+``all``); or a CSV manifest with columns ``path`` (absolute or relative to the CSV) and
+``organ``, optionally ``patient_id``, ``study_id``, ``device``, ``center``.
+
+Labelled downstream data: ``--masks`` (segmentation: PNG masks of integer class ids, 255 =
+ignore) and ``--targets`` (enhancement: clean images) name a directory holding, for every
+input file, the file with the same relative path and stem (PNG first). Each record then carries
+``mask`` / ``target``, resized like its image (nearest neighbour for masks); pairs need
+``--crop none`` and single-frame images, and an input without its pair is skipped and reported.
 
 Every frame becomes a single-channel uint8 PNG (``readers.read_image_file``: colour to gray,
 windowing, scan-region crop; then the shorter side resized). Exact duplicates (same pixels) are
 kept once. No names or free text are stored: paths and patient / study ids only as salted SHA-256
-hashes. Patients are split between train and val as a whole (a hash of the patient decides).
+hashes. Patients are split between train, val and test as a whole (a hash of the patient
+decides).
 
 Output, in ``DATA_DIR/NAME/1.0.0``: the TFDS dataset (readable without TensorFlow through
 ``tfds.builder_from_directory(...).as_data_source(split)``), records grouped by organ in each
@@ -38,6 +47,7 @@ import sys
 import types
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -49,7 +59,8 @@ from absl import app, flags, logging
 from usfm_jax.data import readers
 
 VERSION = "1.0.0"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+FLAT_GROUP = "all"  # the organ / class of the files of a flat input folder
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", "")
 MANIFEST_COLUMNS = ("path", "organ", "patient_id", "study_id", "device", "center")
 
@@ -63,14 +74,34 @@ class Options:
     max_frames: int | None = 16
     crop: str = "auto"
     val_fraction: float = 0.0
+    test_fraction: float = 0.0
+    masks: str = ""  # directory of segmentation masks, paired by relative path and stem
+    targets: str = ""  # directory of clean target images (enhancement pairs), paired alike
     salt: str = ""
     png_compression: int = 6  # zlib level: 0 decodes ~2x faster at ~3x the disk of 6
+
+    @property
+    def pair_fields(self) -> tuple[str, ...]:
+        """The paired images each record carries: "mask", "target"."""
+        return tuple(f for f, d in (("mask", self.masks), ("target", self.targets)) if d)
 
     def __post_init__(self):
         if self.resize < 0:
             raise ValueError(f"--resize must be >= 0, got {self.resize}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 - self.val_fraction:
+            raise ValueError(
+                f"--test_fraction must be in [0, 1 - val_fraction), got {self.test_fraction}"
+            )
+        for name in ("masks", "targets"):
+            directory = getattr(self, name)
+            if directory and not os.path.isdir(directory):
+                raise ValueError(f"--{name} {directory!r} is not a directory")
+            if directory and self.crop != "none":
+                raise ValueError(
+                    f"--{name} needs --crop none: pairs must stay aligned pixel for pixel"
+                )
         if not 0 <= self.png_compression <= 9:
             raise ValueError(f"--png_compression must be in [0, 9], got {self.png_compression}")
 
@@ -100,6 +131,15 @@ def salted_hash(value: str, salt: str) -> str:
 def list_items(input_path: str) -> list[Item]:
     """Items from a directory tree (first level = organ) or a CSV manifest, in a stable order."""
     if os.path.isdir(input_path):
+        top = [f for f in sorted(os.listdir(input_path)) if _is_image_name(input_path, f)]
+        groups = [d for d in os.listdir(input_path) if os.path.isdir(os.path.join(input_path, d))]
+        if top and groups:
+            raise ValueError(
+                f"--input {input_path!r} holds both files and folders: put the files in "
+                "folders (one per organ or class) or list them in a CSV manifest"
+            )
+        if top:  # a flat folder: one group
+            return [Item(os.path.join(input_path, f), FLAT_GROUP, f) for f in top]
         items = []
         for organ in sorted(os.listdir(input_path)):
             top = os.path.join(input_path, organ)
@@ -114,12 +154,49 @@ def list_items(input_path: str) -> list[Item]:
                         os.path.relpath(os.path.join(root, f), input_path),
                     )
                     for f in sorted(files)
-                    if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith(".")
+                    if _is_image_name(root, f)
                 )
         return items
     if os.path.isfile(input_path) and input_path.lower().endswith(".csv"):
         return _read_manifest(input_path)
     raise ValueError(f"--input {input_path!r} is neither a directory nor a .csv manifest")
+
+
+def _is_image_name(directory: str, name: str) -> bool:
+    path = os.path.join(directory, name)
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix in IMAGE_SUFFIXES and not name.startswith(".") and os.path.isfile(path)
+
+
+def paired_path(directory: str, key: str) -> str | None:
+    """The file of ``directory`` paired with the item ``key`` (its path relative to the input):
+    same relative folder and stem, PNG first, then any image suffix."""
+    stem = os.path.join(directory, os.path.splitext(key)[0])
+    for suffix in (".png", *IMAGE_SUFFIXES):
+        if suffix and os.path.isfile(stem + suffix):
+            return stem + suffix
+    return None
+
+
+def _read_mask(path: str, shape: tuple[int, int], size: int) -> np.ndarray:
+    """A label mask (PNG of integer class ids, one channel) for a frame of ``shape`` before
+    resizing; resized like the frame (shorter side ``size``), nearest neighbour."""
+    with PIL.Image.open(path) as image:
+        if image.mode not in ("L", "P", "I", "I;16"):
+            raise readers.UnreadableError(
+                f"mask {os.path.basename(path)} has mode {image.mode}: expected one channel "
+                "of integer class ids"
+            )
+        mask = np.asarray(image)
+    if mask.shape != shape:
+        raise readers.UnreadableError(f"mask shape {mask.shape} differs from the image {shape}")
+    if mask.max(initial=0) > 255:
+        raise readers.UnreadableError(f"mask values up to {mask.max()}: expected <= 255")
+    mask = mask.astype(np.uint8)
+    if size:
+        h, w = readers.resize_shorter_side(np.zeros(shape, np.uint8), size).shape
+        mask = np.asarray(PIL.Image.fromarray(mask).resize((w, h), PIL.Image.NEAREST))
+    return mask
 
 
 def _read_manifest(path: str) -> list[Item]:
@@ -156,11 +233,14 @@ def patient_key(item: Item) -> str:
 
 
 def assign_split(patient: str, options: Options) -> str:
-    """train / val by a hash of the patient: deterministic, and a patient never straddles."""
-    if not options.val_fraction:
+    """train / val / test by a hash of the patient: deterministic, and a patient never
+    straddles two splits."""
+    if not options.val_fraction and not options.test_fraction:
         return "train"
     bucket = int(salted_hash(patient, "split:" + options.salt), 16) / 16**16
-    return "val" if bucket < options.val_fraction else "train"
+    if bucket < options.val_fraction:
+        return "val"
+    return "test" if bucket < options.val_fraction + options.test_fraction else "train"
 
 
 def _png(frame: np.ndarray, level: int) -> bytes:
@@ -181,6 +261,10 @@ def process_file(args: tuple[Item, Options]) -> tuple[list[dict], str | None]:
         return [], str(e)
     except Exception as e:  # a reader bug must not stop a million-file run: report it
         return [], f"unexpected {type(e).__name__}: {e}"
+    try:
+        pairs = _read_pairs(item, image, options)
+    except readers.UnreadableError as e:
+        return [], str(e)
     records = []
     for index, frame in enumerate(image.frames):
         if options.resize:
@@ -201,9 +285,39 @@ def process_file(args: tuple[Item, Options]) -> tuple[list[dict], str | None]:
                 "frame": index * options.frame_stride,
                 "height": frame.shape[0],
                 "width": frame.shape[1],
+                **pairs,
             }
         )
     return records, None
+
+
+def _read_pairs(item: Item, image: readers.ImageFile, options: Options) -> dict[str, Any]:
+    """The PNG bytes of the item's mask and / or clean target, resized like its frame (and
+    the mask's values, for the card)."""
+    pairs = {}
+    for name in ("masks", "targets"):
+        directory = getattr(options, name)
+        if not directory:
+            continue
+        if len(image.frames) != 1:
+            raise readers.UnreadableError(f"--{name} pairs need single-frame images")
+        path = paired_path(directory, item.key)
+        if path is None:
+            raise readers.UnreadableError(f"no {name[:-1]} for it in --{name}")
+        shape = image.frames[0].shape
+        if name == "masks":
+            pair = _read_mask(path, shape, options.resize)
+            pairs["mask_values"] = tuple(int(v) for v in np.unique(pair))
+        else:
+            pair = readers.read_image_file(path, max_frames=1, crop="none").frames[0]
+            if pair.shape != shape:
+                raise readers.UnreadableError(
+                    f"target shape {pair.shape} differs from the image {shape}"
+                )
+            if options.resize:
+                pair = readers.resize_shorter_side(pair, options.resize)
+        pairs[name[:-1]] = _png(pair, options.png_compression)
+    return pairs
 
 
 class Writer:
@@ -219,6 +333,7 @@ class Writer:
         self.counts = {split: Counter() for split in SPLITS}
         self.files_used = Counter()
         self.files_all_duplicate = 0  # read fine, but every frame was already in the dataset
+        self.mask_values: set[int] = set()
 
     def examples(self, split: str) -> Iterator[tuple[str, dict]]:
         """Examples of one split, grouped by organ (the items are sorted by organ)."""
@@ -242,6 +357,7 @@ class Writer:
                     self.duplicates += 1
                     continue
                 self.seen_hashes.add(record["content_hash"])
+                self.mask_values.update(record.pop("mask_values", ()))
                 self.counts[split][item.organ] += 1
                 used = True
                 yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
@@ -269,6 +385,10 @@ def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
                     "frame": np.int32,
                     "height": np.int32,
                     "width": np.int32,
+                    **{
+                        field: tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+                        for field in writer.options.pair_fields
+                    },
                 }
             ),
             disable_shuffling=True,  # keep records grouped by organ
@@ -382,7 +502,13 @@ def dataset_card(
         },
         "skipped_reasons": dict(reasons),
         "duplicates_removed": writer.duplicates,
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "salt"},
+        "fields": list(options.pair_fields),  # paired images besides "image"
+        "mask_values": sorted(writer.mask_values),  # class ids seen in the masks
+        "options": {
+            k: bool(v) if k in ("masks", "targets") else v  # no local paths in the dataset
+            for k, v in dataclasses.asdict(options).items()
+            if k != "salt"
+        },
     }
 
 
@@ -394,6 +520,13 @@ _STRIDE = flags.DEFINE_integer("frame_stride", 1, "Keep every n-th frame of a ci
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 16, "At most this many frames per loop.")
 _CROP = flags.DEFINE_enum("crop", "auto", ["auto", "regions", "bbox", "none"], "Scan-region crop.")
 _VAL = flags.DEFINE_float("val_fraction", 0.0, "Fraction of patients in the val split.")
+_TEST = flags.DEFINE_float("test_fraction", 0.0, "Fraction of patients in the test split.")
+_MASKS = flags.DEFINE_string(
+    "masks", "", "Segmentation masks (PNG class ids), paired by relative path and file stem."
+)
+_TARGETS = flags.DEFINE_string(
+    "targets", "", "Clean target images (enhancement pairs), paired like --masks."
+)
 _SALT = flags.DEFINE_string("salt", None, "Secret for the id hashes (default: $USFM_SALT or '').")
 _PNG = flags.DEFINE_integer(
     "png_compression", 6, "PNG zlib level 0-9: 0 decodes ~2x faster, ~3x larger files."
@@ -410,6 +543,9 @@ def main(argv: list[str]) -> None:
         max_frames=_MAX_FRAMES.value or None,
         crop=_CROP.value,
         val_fraction=_VAL.value,
+        test_fraction=_TEST.value,
+        masks=_MASKS.value,
+        targets=_TARGETS.value,
         png_compression=_PNG.value,
         salt=_SALT.value if _SALT.value is not None else os.environ.get("USFM_SALT", ""),
     )

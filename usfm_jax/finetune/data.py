@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -177,7 +178,8 @@ def tfds_task(config: ml_collections.ConfigDict) -> TaskData:
     if config.task == "classify":
         classes = tuple(card["organs"])
     elif config.task == "segment":
-        classes = tuple(card.get("mask_classes") or ("background", "foreground"))
+        top = max([v for v in card.get("mask_values", []) if v != IGNORE], default=1)
+        classes = ("background", *(f"class_{v}" for v in range(1, top + 1)))
     else:
         classes = ()
     return TaskData(splits, groups, classes)
@@ -284,3 +286,29 @@ def eval_batches(ds: grain.MapDataset, batch_size: int) -> Iterator[dict[str, np
         rows += [rows[0]] * (batch_size - len(rows))
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         yield {**batch, "valid": valid}
+
+
+def write_synthetic_files(task: str, out: str, num: int, image_size: int, seed: int = 0) -> str:
+    """Writes ``num`` synthetic lesion cases as files in the layout ``usfm_jax.data.ingest``
+    reads (for trying the file path of a task): ``out/benign|malignant/*.png`` (classify),
+    ``out/images`` + ``out/masks`` (segment), ``out/noisy`` + ``out/clean`` (enhance).
+    Returns the directory to pass as ``--input``."""
+    import PIL.Image
+
+    folders = {"classify": ("",), "segment": ("images", "masks"), "enhance": ("noisy", "clean")}
+    for i in range(num):
+        case = synthetic.generate_lesion_case(seed, i, image_size)
+        name = f"case_{i:05d}.png"
+        if task == "classify":
+            files = {os.path.join(synthetic.LESION_CLASSES[case["label"]], name): case["image"]}
+        elif task == "segment":
+            mask = case["lesion_mask"].astype(np.uint8)
+            files = {os.path.join("images", name): case["image"], os.path.join("masks", name): mask}
+        else:
+            files = {os.path.join("noisy", name): case["image"],
+                     os.path.join("clean", name): case["clean"]}  # fmt: skip
+        for relative, array in files.items():
+            path = os.path.join(out, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            PIL.Image.fromarray(array).save(path)
+    return os.path.join(out, folders[task][0]) if folders[task][0] else out

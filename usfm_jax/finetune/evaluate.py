@@ -109,6 +109,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 # ------------------------------------------------------------------------------ overlays
 
 _GREEN, _RED = (40, 220, 60), (235, 50, 40)
+OVERLAY_HEIGHT = 256  # overlays of smaller images are enlarged (nearest) to about this height
 
 
 def _rgb(gray: np.ndarray) -> np.ndarray:
@@ -132,7 +133,10 @@ def overlay(
         canvas = np.zeros((gray.shape[0] + 8, gray.shape[1] + 8, 3), np.uint8)
         canvas[...] = colour
         canvas[4:-4, 4:-4] = gray
-        picture = PIL.Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2))
+        zoom = max(1, OVERLAY_HEIGHT // canvas.shape[0])
+        picture = PIL.Image.fromarray(canvas).resize(
+            (canvas.shape[1] * zoom, canvas.shape[0] * zoom), PIL.Image.NEAREST
+        )
         text = f"{classes[label]} {pred[label]:.2f} (true: {classes[int(truth)]})"
         PIL.ImageDraw.Draw(picture).text((10, 10), text, fill=colour)
         return picture
@@ -160,6 +164,8 @@ def write_overlays(
     count = min(limit, len(out["image"]))
     for i in range(count):
         picture = overlay(task, out["image"][i], out["truth"][i], out["prediction"][i], classes)
+        zoom = max(1, OVERLAY_HEIGHT // picture.height)  # small inputs: pixels stay visible
+        picture = picture.resize((picture.width * zoom, picture.height * zoom), PIL.Image.NEAREST)
         with (directory / f"{i:04d}.png").open("wb") as f:
             picture.save(f, format="PNG")
     return count

@@ -1,0 +1,271 @@
+"""Downstream adaptation: synthetic lesion tasks, label-fraction subsets, task models, the
+fine-tuning run (synthetic and ingested data), the label-efficiency study."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_config
+from flax import nnx
+from scipy import ndimage
+
+from configs.finetune import common as finetune_configs
+from usfm_jax import label_efficiency
+from usfm_jax.config_validation import ConfigError
+from usfm_jax.data import ingest, synthetic
+from usfm_jax.export import load_params
+from usfm_jax.finetune import data as task_data
+from usfm_jax.finetune.models import adaptive_pool_matrix, feature_layers, resize
+from usfm_jax.finetune.run import finetune
+from usfm_jax.finetune.step import segmentation_loss
+from usfm_jax.models.factory import create_encoder
+from usfm_jax.optim import layer_decay_scales
+from usfm_jax.train import train
+
+
+def tiny_finetune_config(task: str, **overrides):
+    """A fine-tuning config small enough for tests: 32x32 images, a 4-block ViT of width 32."""
+    c = finetune_configs.get_config(task, "steps=6")
+    c.image_size = (32, 32)
+    c.batch_size = 8
+    c.log_every = c.eval_every = 3
+    c.data.update(num_train=24, num_val=8, num_test=10)
+    c.model.update(width=32, depth=4, num_heads=2)
+    c.head.channels = 16
+    c.head.refine_width = 8
+    c.eval.num_overlays = 3
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+# ------------------------------------------------------------------------- synthetic tasks
+
+
+def _compactness(mask: np.ndarray) -> float:
+    """Perimeter^2 / (4 pi area): 1 for a disc, larger for irregular shapes."""
+    perimeter = (mask & ~ndimage.binary_erosion(mask)).sum()
+    return perimeter**2 / (4 * np.pi * mask.sum())
+
+
+def test_lesion_cases_labels_masks_and_clean_images():
+    cases = [synthetic.generate_lesion_case(5, i, 96) for i in range(24)]
+    again = synthetic.generate_lesion_case(5, 3, 96)
+    assert np.array_equal(again["image"], cases[3]["image"])
+    assert [c["label"] for c in cases] == [synthetic.lesion_class(5, i) for i in range(24)]
+    assert {c["label"] for c in cases} == {0, 1}
+    for c in cases:
+        assert c["lesion_mask"].any() and not (c["lesion_mask"] & ~c["fan_mask"]).any()
+    # malignant-like lesions are irregular: less compact outlines than benign-like ones
+    shape = {k: [_compactness(c["lesion_mask"]) for c in cases if c["label"] == k] for k in (0, 1)}
+    assert np.mean(shape[1]) > 1.3 * np.mean(shape[0])
+    # the speckle-free image: smooth, and the local mean of the speckled log image in tissue
+    for c in cases[:6]:
+        tissue = ndimage.binary_erosion(c["region"] == 0, iterations=4)
+        image, clean = c["image"].astype(float), c["clean"].astype(float)
+        assert np.std(np.diff(clean, axis=1)[tissue[:, 1:]]) < 0.3 * np.std(
+            np.diff(image, axis=1)[tissue[:, 1:]]
+        )
+        assert abs(image[tissue].mean() - clean[tissue].mean()) < 4.0
+
+
+def test_lesion_flags_leave_pretraining_images_unchanged():
+    """Marking lesions adds a label map; the images of the organ recipes stay as they were."""
+    out = synthetic.generate_with_labels(0, 2, 48, synthetic.ORGANS.index("breast"))
+    assert np.array_equal(out["image"], synthetic.generate(0, 2, 48, out["organ"])[0])
+    assert not (out["lesion_mask"] & ~out["fan_mask"]).any()
+    with pytest.raises(ValueError, match="label must be"):
+        synthetic.generate_lesion_case(0, 0, 32, label=2)
+
+
+def test_label_subset_is_stratified_nested_and_seeded():
+    groups = {"a": np.arange(0, 100), "b": np.arange(100, 110), "c": np.arange(110, 111)}
+    small = task_data.label_subset(groups, 0.2, seed=3)
+    large = task_data.label_subset(groups, 0.5, seed=3)
+    counts = {k: np.isin(small, v).sum() for k, v in groups.items()}
+    assert counts == {"a": 20, "b": 2, "c": 1}  # rounded per stratum, at least one
+    assert set(small) <= set(large)  # nested in the fraction
+    assert np.array_equal(small, task_data.label_subset(groups, 0.2, seed=3))
+    assert not np.array_equal(small, task_data.label_subset(groups, 0.2, seed=4))
+    assert len(task_data.label_subset(groups, 1.0, seed=0)) == 111
+    with pytest.raises(ValueError, match="label_fraction"):
+        task_data.label_subset(groups, 0.0, seed=0)
+
+
+def test_degradations():
+    rng = np.random.default_rng(0)
+    clean = np.full((64, 64, 1), 128, np.uint8)
+    assert np.array_equal(task_data.degrade(clean, rng, "speckle", 0.0), clean)
+    noisy = task_data.degrade(clean, rng, "gaussian", 0.1).astype(float)
+    assert abs(noisy.std() / 255 - 0.1) < 0.01
+    speckled = task_data.degrade(clean, rng, "speckle", 1.0).astype(float) / 255
+    # log of an exponential variable: std pi / sqrt(6) nepers, over the display's range
+    expected = np.pi / np.sqrt(6) / (task_data.SPECKLE_RANGE_DB * np.log(10) / 10)
+    assert abs(speckled.std() - expected) < 0.1 * expected
+    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 1))
+    blurred = task_data.degrade(ramp, rng, "downsample", 4.0)
+    assert np.abs(blurred.astype(int) - ramp).max() <= 8  # a ramp survives down/upsampling
+
+
+# ----------------------------------------------------------------------- model pieces
+
+
+@pytest.mark.parametrize(("n", "s"), [(7, 3), (4, 6), (2, 1), (5, 5)])
+def test_adaptive_pooling_matches_torch(n, s):
+    x = np.random.default_rng(0).normal(size=(2, n, n, 3)).astype(np.float32)
+    p = adaptive_pool_matrix(n, s)
+    ours = np.einsum("ih,jw,bhwc->bijc", p, p, x)
+    ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), s)
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_upsampling_matches_torch_bilinear():
+    x = np.random.default_rng(1).normal(size=(1, 4, 6, 2)).astype(np.float32)
+    ours = np.asarray(resize(jnp.asarray(x), (16, 24)))
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), size=(16, 24), mode="bilinear"
+    )
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def test_encoder_intermediates():
+    c = make_tiny_config()
+    c.model.depth = 4
+    encoder = create_encoder(c.model, c.image_size, nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *c.image_size, 1)), jnp.float32)
+    outs = encoder.intermediates(x, feature_layers(4))
+    assert len(outs) == 4 and feature_layers(4) == (0, 1, 2, 3)
+    np.testing.assert_allclose(outs[-1], encoder(x, final_norm=False), atol=1e-5)
+    assert feature_layers(12) == (2, 5, 8, 11)
+    with pytest.raises(ValueError, match="must increase"):
+        encoder.intermediates(x, (2, 1))
+
+
+def test_layer_decay_scales():
+    params = {
+        "encoder": {"cls_token": 1, "blocks": {0: {"w": 1}, 1: {"w": 1}}, "norm": {"scale": 1}},
+        "head": {"kernel": 1},
+    }
+    params = jax.tree.map(lambda _: jnp.zeros((2, 2)), params)
+    s = layer_decay_scales(params, depth=2, decay=0.5)
+    assert s["encoder"]["cls_token"] == 0.125 and s["encoder"]["blocks"][0]["w"] == 0.25
+    assert s["encoder"]["blocks"][1]["w"] == 0.5 and s["encoder"]["norm"]["scale"] == 1.0
+    assert s["head"]["kernel"] == 1.0
+    frozen = layer_decay_scales(params, depth=2, decay=0.5, frozen="encoder")
+    assert frozen["encoder"]["blocks"][1]["w"] == 0.0 and frozen["head"]["kernel"] == 1.0
+
+
+def test_segmentation_loss_ignores_pixels_and_rewards_overlap():
+    mask = np.zeros((1, 8, 8), np.uint8)
+    mask[0, 2:5, 2:5] = 1
+    mask[0, 0, :] = task_data.IGNORE
+    good = jnp.asarray(np.where(mask[..., None] == 1, [-9.0, 9.0], [9.0, -9.0]), jnp.float32)
+    loss, parts = segmentation_loss(good, jnp.asarray(mask), 1.0)
+    assert float(parts["loss_dice"]) < 1e-3 and float(parts["loss_ce"]) < 1e-3
+    changed = good.at[0, 0].set(jnp.asarray([-50.0, 50.0]))  # only ignored pixels change
+    assert np.isclose(float(segmentation_loss(changed, jnp.asarray(mask), 1.0)[0]), float(loss))
+    bad = -good
+    assert float(segmentation_loss(bad, jnp.asarray(mask), 1.0)[0]) > 1.0
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "enhance"])
+def test_finetune_synthetic_task_writes_results(tmp_path, task):
+    config = tiny_finetune_config(task)
+    results = finetune(config, str(tmp_path))
+    names = set(results["test"])
+    expected = {"classify": "auc", "segment": "hd95", "enhance": "ssim_input"}[task]
+    assert expected in names and results["test_images"] == 10 and results["train_images"] == 24
+    assert json.loads((tmp_path / "results.json").read_text())["test"] == results["test"]
+    assert "| test |" in (tmp_path / "results.md").read_text()
+    assert len(list((tmp_path / "test_predictions").glob("*.png"))) == 3
+    best = load_params(str(tmp_path / "best"))
+    assert best.step == results["best_step"] and "encoder" in best.params
+    with pytest.raises(FileExistsError, match="finished run"):
+        finetune(config, str(tmp_path))
+
+
+def test_finetune_from_pretraining_linear_probe_keeps_the_encoder(tmp_path):
+    pre = make_tiny_config()  # 32x48 images, 2 blocks
+    pre.total_steps = 4
+    train(pre, str(tmp_path / "pre"))
+    config = tiny_finetune_config(
+        "classify", init=str(tmp_path / "pre"), **{"head.mode": "linear_probe"}
+    )  # 32x32: the relative position tables are resampled
+    results = finetune(config, str(tmp_path / "probe"))
+    assert results["init"] == str(tmp_path / "pre") and results["mode"] == "linear_probe"
+    initial = load_params(str(tmp_path / "pre")).params["encoder"]
+    tuned = load_params(str(tmp_path / "probe" / "best")).params
+    saved = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert saved["model"]["depth"] == 2 and saved["model"]["width"] == 32  # the checkpoint's
+    np.testing.assert_array_equal(tuned["encoder"]["blocks"]["0"]["mlp"]["fc1"]["kernel"],
+                                  initial["blocks"]["0"]["mlp"]["fc1"]["kernel"])  # fmt: skip
+    assert tuned["encoder"]["rel_pos_bias"]["relative_position_bias_table"].shape != (
+        initial["rel_pos_bias"]["relative_position_bias_table"].shape
+    )
+    assert not np.allclose(tuned["head"]["kernel"], 0)
+
+
+def test_finetune_ingested_segmentation(tmp_path):
+    src = task_data.write_synthetic_files("segment", str(tmp_path / "files"), 30, 32, seed=2)
+    os.remove(tmp_path / "files" / "masks" / "case_00007.png")  # an image without its mask
+    options = ingest.Options(resize=0, crop="none", val_fraction=0.2, test_fraction=0.2,
+                             masks=str(tmp_path / "files" / "masks"))  # fmt: skip
+    card = ingest.ingest(src, str(tmp_path / "data"), "lesions", options, workers=2)
+    assert card["fields"] == ["mask"] and card["mask_values"] == [0, 1]
+    assert card["files"]["skipped"] == 1 and "no mask for it in --masks" in card["skipped_reasons"]
+    assert sum(sum(card["images"][s].values()) for s in ("train", "val", "test")) == 29
+    config = tiny_finetune_config("segment", **{"data.source": "tfds"})
+    config.data.tfds_dir = card["data_dir"]
+    config.total_steps = 3
+    results = finetune(config, str(tmp_path / "run"))
+    assert results["test_images"] == sum(card["images"]["test"].values())
+    assert 0.0 <= results["test"]["dice"] <= 1.0
+
+
+def test_ingest_pairs_need_crop_none_and_splits_add_up(tmp_path):
+    with pytest.raises(ValueError, match="--crop none"):
+        ingest.Options(masks=str(tmp_path))
+    with pytest.raises(ValueError, match="test_fraction"):
+        ingest.Options(val_fraction=0.5, test_fraction=0.5)
+    options = ingest.Options(val_fraction=0.2, test_fraction=0.3)
+    splits = [ingest.assign_split(f"patient{i}", options) for i in range(2000)]
+    shares = {s: splits.count(s) / 2000 for s in ("train", "val", "test")}
+    assert abs(shares["val"] - 0.2) < 0.04 and abs(shares["test"] - 0.3) < 0.04
+
+
+def test_finetune_config_errors():
+    with pytest.raises(ConfigError, match=r"config\.label_fraction=0"):
+        finetune(tiny_finetune_config("classify", label_fraction=0.0), "/tmp/never")
+    with pytest.raises(ConfigError, match=r"config\.data\.degradation"):
+        finetune(tiny_finetune_config("classify", **{"data.degradation": "speckle"}), "/x")
+
+
+def test_label_efficiency_study(tmp_path):
+    config = tiny_finetune_config("classify")
+    config.total_steps = 3
+    inits = label_efficiency.parse_named("scratch", "inits")
+    rows = label_efficiency.study(config, inits, [0.5, 1.0], 2, str(tmp_path))
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2 and lines[0].startswith("init,label_fraction,seed")
+    assert [(r["fraction"], r["seeds"]) for r in rows] == [(0.5, 2), (1.0, 2)]
+    assert "±" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 1000
+    done = tmp_path / "runs" / "scratch" / "f0.5" / "s0" / "results.json"
+    stamp = done.stat().st_mtime_ns
+    label_efficiency.study(config, inits, [0.5, 1.0], 2, str(tmp_path))  # continues: no rerun
+    assert done.stat().st_mtime_ns == stamp
+    assert label_efficiency.parse_named("a=x,runs/b", "inits") == [("a", "x"), ("b", "runs/b")]
+    with pytest.raises(ValueError, match="unique"):
+        label_efficiency.parse_named("a=x,a=y", "inits")
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        label_efficiency.parse_fractions("0.5,2")

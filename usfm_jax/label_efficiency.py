@@ -1,0 +1,238 @@
+"""Label-efficiency study: fine-tune every initialisation at every label fraction and seed.
+
+    python -m usfm_jax.label_efficiency --config configs/finetune/classify.py --out runs/study \
+        --inits scratch,usfm=runs/demo,urfm=weights.safetensors \
+        --fractions 0.05,0.2,1.0 --seeds 3 \
+        [--pretrain dual=configs/ablations/dual.py:demo,sp=configs/ablations/spatial_only.py:demo]
+
+``--inits``: ``scratch`` (random initialisation) or ``NAME=PATH`` / ``PATH`` (anything
+``--config.init`` accepts). ``--pretrain NAME=CONFIG[:ARG],...`` first pre-trains each config
+(``usfm_jax.train``, in ``OUT/pretrain/NAME``; resumed if interrupted) and adds it as an
+initialisation: the way to compare masking strategies of ``configs/ablations/``.
+``--config.FIELD=VALUE`` overrides the fine-tuning config of every run.
+
+Every run writes ``OUT/runs/INIT/fFRACTION/sSEED`` (a finished run is not repeated, so an
+interrupted study continues where it stopped). Then: ``OUT/results.csv`` (one row per run and
+test metric), ``OUT/results.md`` (mean +- std over seeds), ``OUT/label_efficiency.png``
+(the selection metric vs the label fraction, one line per initialisation, error bars = std
+over seeds).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from usfm_jax.checkpoint import CheckpointError
+from usfm_jax.cli import load_config, parse_flags
+from usfm_jax.config_validation import ConfigError
+from usfm_jax.convert import ConversionError
+from usfm_jax.finetune import evaluate
+from usfm_jax.finetune.run import finetune
+from usfm_jax.reporting import quiet_library_logs
+
+SCRATCH = "scratch"
+
+
+def parse_named(text: str, flag: str) -> list[tuple[str, str]]:
+    """``"a=x,y"`` -> [("a", "x"), ("y", "y")] (a bare value names itself, its basename for a
+    path); names must be unique."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            name, value = os.path.basename(os.path.normpath(item)) or item, item
+        if not name or not value:
+            raise ValueError(f"--{flag}: cannot read {item!r} (expected NAME=VALUE or VALUE)")
+        pairs.append((name, value))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--{flag}: names must be unique, got {names}")
+    return pairs
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        fractions = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--fractions {text!r}: expected numbers, e.g. 0.05,0.2,1.0") from None
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f"--fractions {text!r}: expected values in (0, 1]")
+    return fractions
+
+
+def pretrain_all(specs: Sequence[tuple[str, str]], out: str, steps: int | None) -> list:
+    """Pre-trains each (name, config spec) into OUT/pretrain/NAME; returns (name, workdir)."""
+    from usfm_jax.train import train  # here: only this path needs the pre-training loop
+
+    inits = []
+    for name, spec in specs:
+        config = load_config(spec)
+        if steps:
+            config.total_steps = steps
+        workdir = os.path.join(out, "pretrain", name)
+        logging.info("pre-training %s (%s) in %s", name, spec, workdir)
+        train(config, workdir)
+        inits.append((name, workdir))
+    return inits
+
+
+def run_grid(
+    config: ml_collections.ConfigDict,
+    inits: Sequence[tuple[str, str]],
+    fractions: Sequence[float],
+    seeds: int,
+    out: str,
+) -> list[dict[str, Any]]:
+    """Fine-tunes every (init, fraction, seed); returns one record per run."""
+    records = []
+    total = len(inits) * len(fractions) * seeds
+    for name, path in inits:
+        for fraction in fractions:
+            for seed in range(seeds):
+                workdir = os.path.join(out, "runs", name, f"f{fraction:g}", f"s{seed}")
+                results_file = os.path.join(workdir, "results.json")
+                if os.path.exists(results_file):
+                    with open(results_file) as f:
+                        results = json.load(f)
+                else:
+                    print(f"[{len(records) + 1}/{total}] {name}, fraction {fraction:g}, "
+                          f"seed {seed}", flush=True)  # fmt: skip
+                    run = copy.deepcopy(config)
+                    run.init = "" if path == SCRATCH else path
+                    run.label_fraction = fraction
+                    run.seed = seed
+                    results = finetune(run, workdir)
+                records.append({"init": name, "fraction": fraction, "seed": seed, **results})
+    return records
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: str) -> None:
+    metrics = list(records[0]["test"])
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["init", "label_fraction", "seed", "train_images", "best_step",
+                         *(f"test_{m}" for m in metrics)])  # fmt: skip
+        for r in records:
+            writer.writerow([r["init"], r["fraction"], r["seed"], r["train_images"],
+                             r["best_step"], *(r["test"][m] for m in metrics)])  # fmt: skip
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (init, fraction): mean and std over seeds of every test metric."""
+    rows = []
+    keys = sorted({(r["init"], r["fraction"]) for r in records}, key=lambda k: (k[1], k[0]))
+    order = list(dict.fromkeys(r["init"] for r in records))
+    keys.sort(key=lambda k: (k[1], order.index(k[0])))
+    for init, fraction in keys:
+        group = [r for r in records if r["init"] == init and r["fraction"] == fraction]
+        row = {"init": init, "fraction": fraction, "seeds": len(group),
+               "train_images": group[0]["train_images"]}  # fmt: skip
+        for metric in group[0]["test"]:
+            values = np.array([r["test"][metric] for r in group], np.float64)
+            row[metric] = (float(values.mean()), float(values.std()))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]], task: str) -> str:
+    metrics = [m for m in evaluate.METRICS[task] if m in rows[0]]
+    cells = [
+        {
+            "label fraction": f"{r['fraction']:g}",
+            "labelled images": r["train_images"],
+            "init": r["init"],
+            **{m: f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m in metrics},
+        }
+        for r in rows
+    ]
+    columns = ["label fraction", "labelled images", "init", *metrics]
+    return evaluate.markdown_table(cells, columns)
+
+
+def plot(rows: Sequence[dict[str, Any]], metric: str, path: str, title: str) -> None:
+    """The metric (mean, std error bars) against the label fraction, one line per init."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for init in dict.fromkeys(r["init"] for r in rows):
+        mine = [r for r in rows if r["init"] == init]
+        x = [r["fraction"] for r in mine]
+        mean, std = zip(*(r[metric] for r in mine), strict=True)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
+    ax.set_xscale("log")
+    ax.set_xticks([r["fraction"] for r in rows], [f"{r['fraction']:g}" for r in rows])
+    ax.set_xlabel("label fraction")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def study(
+    config: ml_collections.ConfigDict,
+    inits: Sequence[tuple[str, str]],
+    fractions: Sequence[float],
+    seeds: int,
+    out: str,
+) -> list[dict[str, Any]]:
+    """Runs the grid and writes results.csv, results.md and label_efficiency.png into ``out``;
+    returns the summary rows."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    os.makedirs(out, exist_ok=True)
+    records = run_grid(config, inits, fractions, seeds, out)
+    write_csv(records, os.path.join(out, "results.csv"))
+    rows = summarize(records)
+    metric = config.eval.select or evaluate.METRICS[config.task][0]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(rows, config.task))
+    plot(rows, metric, os.path.join(out, "label_efficiency.png"),
+         f"{config.task}: test {metric} (mean ± std over {seeds} seeds)")  # fmt: skip
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
+    f = flags.FLAGS
+    try:
+        inits = parse_named(f.inits, "inits")
+        fractions = parse_fractions(f.fractions)
+        inits += pretrain_all(parse_named(f.pretrain, "pretrain"), f.out, f.pretrain_steps)
+        rows = study(f.config, inits, fractions, f.seeds, f.out)
+    except (CheckpointError, ConfigError, ConversionError, FileExistsError, FileNotFoundError,
+            ValueError) as e:  # fmt: skip
+        sys.exit(f"error: {e}")
+    print(markdown(rows, f.config.task))
+
+
+if __name__ == "__main__":  # flags defined here, as the module is importable
+    config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (python).")
+    flags.DEFINE_string("out", None, "Directory of the study (runs, table, plot).")
+    flags.DEFINE_string("inits", SCRATCH, "scratch and / or NAME=CHECKPOINT, comma-separated.")
+    flags.DEFINE_string("fractions", "0.05,0.2,1.0", "Label fractions, comma-separated.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per (init, fraction).")
+    flags.DEFINE_string(
+        "pretrain", "", "NAME=CONFIG[:ARG],...: pre-train these first and add them as inits."
+    )
+    flags.DEFINE_integer("pretrain_steps", None, "Override total_steps of every --pretrain.")
+    flags.mark_flags_as_required(["config", "out"])
+    app.run(main, flags_parser=parse_flags)
