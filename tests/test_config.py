@@ -11,10 +11,11 @@ from conftest import biomedclip_file, make_tiny_config
 
 from configs.common import parse_arg
 from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.finetune.validation import validate_finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.py")))
-CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+CONFIGS = [c for c in CONFIGS if os.path.basename(c) not in ("__init__.py", "common.py")]
 
 
 def _load(path: str, arg: str | None = None):
@@ -27,6 +28,10 @@ def _load(path: str, arg: str | None = None):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_validates(path, tmp_path):
     config = _load(path)
+    if "finetune" in path:
+        validate_finetune(config, num_devices=8)
+        assert config.task == os.path.basename(path)[:-3]
+        return
     if config.representation.enabled:  # URFM: the teacher file is the user's to give
         with pytest.raises(ConfigError, match=r"config\.teacher\.path='': .* needs a teacher"):
             validate(config, num_devices=8)

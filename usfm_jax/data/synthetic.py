@@ -27,6 +27,11 @@ fluid, bright interfaces, shadows). Each image is a cheap caricature of a B-mode
 5. **Log compression**: intensity in dB mapped over a 50-60 dB dynamic range to uint8, after a
    light smoothing of the log image (as scanners apply) that softens the deep speckle nulls.
 
+Downstream tasks: ``generate_lesion_case`` renders breast scenes with exactly one lesion,
+benign-like or malignant-like by shape and echo pattern, with its mask; every labelled render
+also gives the speckle-free image of the same scene (despeckling targets) and the mask of all
+focal lesions.
+
 Randomness comes from ``np.random.SeedSequence([seed, index, stream, ...])`` so each image is
 independent and reproducible; the anatomy is drawn in resolution-independent units (depth 1 =
 image height) from its own stream. The random draws are platform independent; the float32
