@@ -24,6 +24,7 @@ def make_tiny_config(**overrides) -> ml_collections.ConfigDict:
     c.log_every = 4
     c.image_every = 4
     c.num_preview_images = 2
+    c.probe.every = 0  # tests/test_probe.py turns it on
     for key, value in overrides.items():
         section, _, field = key.rpartition(".")
         (c[section] if section else c)[field] = value

@@ -147,6 +147,29 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(str(e)) from None
 
 
+def _check_probe(config: ml_collections.ConfigDict) -> None:
+    """``config.probe``: the in-training kNN / linear probes."""
+    p = config.probe
+    _require(p.every >= 0, "probe.every", p.every, "expected >= 0 (0: off)")
+    if not p.every:
+        return
+    _require(p.num_train >= 2, "probe.num_train", p.num_train, "expected >= 2")
+    _require(p.num_test >= 1, "probe.num_test", p.num_test, "expected >= 1")
+    _require(p.k >= 1, "probe.k", p.k, "expected >= 1")
+    _require(p.temperature > 0, "probe.temperature", p.temperature, "expected > 0")
+    _require(p.linear_steps >= 1, "probe.linear_steps", p.linear_steps, "expected >= 1")
+    if config.data.source == "tfds":
+        card = read_card(config.data.tfds_dir)
+        size = sum(card["images"].get(p.split, {}).values())
+        _require(
+            size >= p.num_train + p.num_test,
+            "probe.split",
+            p.split,
+            f"holds {size} images, fewer than probe.num_train + num_test: ingest with "
+            "--val_fraction, choose another split, or set probe.every=0",
+        )
+
+
 def check_image_size(config: ml_collections.ConfigDict) -> None:
     """``config.image_size``: (height, width), multiples of ``config.model.patch_size``."""
     size = tuple(config.image_size)
@@ -343,6 +366,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             create_representation(config)
         except ValueError as e:
             raise ConfigError(f"config.{e}") from None
+    _check_probe(config)
     if num_devices is not None:
         views = config.batch_size if objective is None else objective.num_views(config.batch_size)
         check_batch_split(config, num_devices, views // o.grad_accum_steps)

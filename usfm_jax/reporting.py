@@ -97,7 +97,7 @@ class Reporter:
         self.batch_size = batch_size
         self.history: list[Mapping[str, jax.Array]] = []
         self.restart_timer(start_step)
-        self.writer = self.metrics_log = None
+        self.writer = self.metrics_log = self.evaluation_log = None
         if self.is_main:
             # A resumed run drops what was logged after its checkpoint (it logs those steps again).
             root = as_path(workdir)
@@ -105,6 +105,7 @@ class Reporter:
                 str(root / "tensorboard"), purge_step=start_step + 1 if start_step else None
             )
             self.metrics_log = MetricsLog(root / "metrics.jsonl", start_step)
+            self.evaluation_log = MetricsLog(root / "evaluations.jsonl", start_step)
         self.progress = tqdm.tqdm(
             total=total_steps,
             initial=start_step,
@@ -141,6 +142,17 @@ class Reporter:
             self.progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
             self.progress.write(f"step {step}: {line}")
         return means
+
+    def evaluation(self, name: str, values: Mapping[str, float], step: int, note: str = "") -> None:
+        """An evaluation's metrics (``name``: val, probe, ...): TensorBoard ``name/metric``,
+        a line of ``evaluations.jsonl`` and of the console."""
+        if not self.is_main:
+            return
+        for metric, value in values.items():
+            self.writer.add_scalar(f"{name}/{metric}", value, step)
+        self.evaluation_log.append({"step": step, "evaluation": name, **values})
+        line = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        self.progress.write(f"step {step}: {name} {line}{note}")
 
     def images(self, step: int, previews: Mapping[str, jax.Array]) -> None:
         """One grid per branch: rows input / corrupted / prediction / target."""

@@ -28,6 +28,7 @@ from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
 from usfm_jax.paths import as_path, replace_text
+from usfm_jax.probe import OrganProbe
 from usfm_jax.reporting import Reporter, quiet_library_logs
 from usfm_jax.train_step import create_training, make_preview
 
@@ -76,7 +77,7 @@ def train(
         workdir, total_steps=config.total_steps, start_step=start, batch_size=config.batch_size
     )
     compile_start = time.perf_counter()
-    means = {}
+    means, probe = {}, None  # the probe's held-out set is built at its first use
     with PreemptionGuard() as preemption:
         for step in range(start + 1, end + 1):
             local = next(data)
@@ -98,6 +99,10 @@ def train(
                         f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
                         f"checkpoint in {workdir}/checkpoints is from before them"
                     )
+            if config.probe.every and (step % config.probe.every == 0 or last):
+                probe = probe or OrganProbe(config, graphdef, shardings.params, mesh)
+                reporter.evaluation("probe", probe(state.params), step)
+                reporter.restart_timer(step)  # keep the probes out of images/s
             if config.image_every and (step % config.image_every == 0 or last):
                 reporter.images(step, preview(state, batch))
                 reporter.restart_timer(step)  # keep previews out of images/s

@@ -27,4 +27,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every = 200
     c.log_every = 25
     c.image_every = args.steps // 4
+    c.probe.update(every=150, num_train=512, num_test=256)
     return c

@@ -146,6 +146,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # conversions take it by default)
     c.ema_decay = 0.0
 
+    # Representation quality while training: kNN and linear probes of organ classification on
+    # a labelled held-out set (synthetic: another seed; ingested: a sample of `split`), every
+    # `every` steps (0: off), logged as probe/* (usfm_jax.probe).
+    c.probe = ml_collections.ConfigDict(
+        dict(every=0, num_train=1024, num_test=512, k=20, temperature=0.07, linear_steps=300,
+             split="val")
+    )  # fmt: skip
+
     c.log_every = 100
     c.image_every = 2000
     c.num_preview_images = 4

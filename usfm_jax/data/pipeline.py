@@ -260,3 +260,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """This process's batch -> one global array per key, sharded over the mesh's batch axes."""
     sharding = parallel.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def global_batch_from_whole(whole: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A global batch that every process holds whole (an evaluation set): each process places
+    its block of rows, as ``global_batch`` expects."""
+    count, index = jax.process_count(), jax.process_index()
+    block = {
+        k: v[index * (len(v) // count) : (index + 1) * (len(v) // count)] for k, v in whole.items()
+    }
+    return global_batch(block, mesh)

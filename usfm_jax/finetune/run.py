@@ -25,7 +25,7 @@ from flax import nnx
 
 from usfm_jax import parallel
 from usfm_jax.convert import Architecture, Normalization
-from usfm_jax.data.pipeline import global_batch, process_batches
+from usfm_jax.data.pipeline import global_batch, global_batch_from_whole, process_batches
 from usfm_jax.export import write_export
 from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune import evaluate
@@ -134,7 +134,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )  # fmt: skip
 
     def predict(params: Any, batch: dict[str, np.ndarray]) -> jax.Array:
-        images = global_batch({"image": _process_rows(batch["image"])}, mesh)["image"]
+        images = global_batch_from_whole({"image": batch["image"]}, mesh)["image"]
         return predict_fn(params, images)
 
     subset = task_data.label_subset(data.groups, config.label_fraction, config.seed)
@@ -178,11 +178,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 best, best_step, best_val = jax.device_get(state.params), step, scores
                 if is_main:
                     _save_best(root, best, config, step, scores)
-            if is_main:
-                for name, value in scores.items():
-                    reporter.writer.add_scalar(f"val/{name}", value, step)
-                line = " ".join(f"{k}={v:.4g}" for k, v in scores.items())
-                reporter.progress.write(f"step {step}: val {line}{' (best)' if improved else ''}")
+            reporter.evaluation("val", scores, step, " (best)" if improved else "")
             reporter.restart_timer(step)  # keep evaluation out of images/s
     reporter.close()
 
@@ -227,13 +223,6 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"by validation {results['selected_by']}; {results['test_images']} test images.\n\n"
     )
     return header + evaluate.markdown_table(rows, ["split", *names])
-
-
-def _process_rows(rows: np.ndarray) -> np.ndarray:
-    """This process's block of a global batch every process built whole (evaluation)."""
-    n = jax.process_count()
-    block = len(rows) // n
-    return rows[jax.process_index() * block : (jax.process_index() + 1) * block]
 
 
 def _save_best(
