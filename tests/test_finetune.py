@@ -18,6 +18,8 @@ from scipy import ndimage
 from configs.finetune import common as finetune_configs
 from usfm_jax import label_efficiency
 from usfm_jax.config_validation import ConfigError
+from usfm_jax.convert import checkpoint_to_torch, import_torch_weights
+from usfm_jax.convert.formats import flatten
 from usfm_jax.data import ingest, synthetic
 from usfm_jax.export import load_params
 from usfm_jax.finetune import data as task_data
@@ -213,6 +215,27 @@ def test_finetune_from_pretraining_linear_probe_keeps_the_encoder(tmp_path):
         initial["rel_pos_bias"]["relative_position_bias_table"].shape
     )
     assert not np.allclose(tuned["head"]["kernel"], 0)
+
+
+def test_finetune_from_pytorch_weights(tmp_path):
+    """A checkpoint through the converter (timm-beit safetensors, 3 channels) starts the same
+    encoder: the frozen probe's encoder equals the converted weights read back."""
+    pre = make_tiny_config()
+    pre.total_steps = 4
+    pre.image_size = (32, 32)
+    train(pre, str(tmp_path / "pre"))
+    weights = str(tmp_path / "encoder.safetensors")
+    checkpoint_to_torch(str(tmp_path / "pre"), "timm-beit", weights, in_chans=3)
+    config = tiny_finetune_config("classify", init=weights, **{"head.mode": "linear_probe"})
+    finetune(config, str(tmp_path / "probe"))
+    saved = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert saved["model"]["in_chans"] == 3 and saved["normalization"]["mean"] == [0.5]
+    tuned = load_params(str(tmp_path / "probe" / "best")).params["encoder"]
+    imported = import_torch_weights(weights, "auto").params["encoder"]
+    tuned, imported = flatten(tuned), flatten(imported)
+    assert sorted(tuned) == sorted(imported)
+    for name, value in imported.items():
+        np.testing.assert_array_equal(tuned[name], value, err_msg=name)
 
 
 def test_finetune_ingested_segmentation(tmp_path):
