@@ -280,7 +280,10 @@ def test_label_efficiency_study(tmp_path):
     rows = label_efficiency.study(config, inits, [0.5, 1.0], 2, str(tmp_path))
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * 2 and lines[0].startswith("init,label_fraction,seed")
-    assert [(r["fraction"], r["seeds"]) for r in rows] == [(0.5, 2), (1.0, 2)]
+    assert [(r["init"], r["fraction"], r["seeds"]) for r in rows] == [
+        ("scratch", 0.5, 2),
+        ("scratch", 1.0, 2),
+    ]
     assert "±" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "label_efficiency.png").stat().st_size > 1000
     done = tmp_path / "runs" / "scratch" / "f0.5" / "s0" / "results.json"

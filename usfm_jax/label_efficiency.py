@@ -113,7 +113,8 @@ def run_grid(
                     run.label_fraction = fraction
                     run.seed = seed
                     results = finetune(run, workdir)
-                records.append({"init": name, "fraction": fraction, "seed": seed, **results})
+                # the study's name of the init, not the run's path of it
+                records.append({**results, "init": name, "fraction": fraction, "seed": seed})
     return records
 
 
