@@ -54,7 +54,7 @@ def test_pretraining_logs_probes(tmp_path):
     config.probe.update(every=4, num_train=24, num_test=16, k=5, linear_steps=20)
     train(config, str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [4, 8] and {r["evaluation"] for r in rows} == {"probe"}
+    assert [r["step"] for r in rows] == [1, 4, 8] and {r["evaluation"] for r in rows} == {"probe"}
     for row in rows:
         for name in ("knn_accuracy", "linear_accuracy", "knn_balanced_accuracy"):
             assert 0.0 <= row[name] <= 1.0

@@ -99,7 +99,8 @@ def train(
                         f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
                         f"checkpoint in {workdir}/checkpoints is from before them"
                     )
-            if config.probe.every and (step % config.probe.every == 0 or last):
+            # probes every `every` steps, at the end, and after the first step (the baseline)
+            if config.probe.every and (step % config.probe.every == 0 or last or step == 1):
                 probe = probe or OrganProbe(config, graphdef, shardings.params, mesh)
                 reporter.evaluation("probe", probe(state.params), step)
                 reporter.restart_timer(step)  # keep the probes out of images/s

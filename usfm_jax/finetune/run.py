@@ -16,6 +16,7 @@ import json
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -148,13 +149,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     val = task_data.eval_split(config, data, "val")
     select = config.eval.select or evaluate.METRICS[config.task][0]
 
-    def run_eval(params: Any, split: Any) -> dict[str, Any]:
-        out = evaluate.collect(
-            lambda b: predict(params, b),
-            task_data.eval_batches(split, config.batch_size),
-            config.task,
-        )
-        return out
+    def run_eval(params: Any, split: grain.MapDataset) -> dict[str, np.ndarray]:
+        batches = task_data.eval_batches(split, config.batch_size)
+        return evaluate.collect(lambda b: predict(params, b), batches, config.task)
 
     reporter = Reporter(workdir, total_steps=config.total_steps, start_step=0,
                         batch_size=config.batch_size)  # fmt: skip
