@@ -295,3 +295,26 @@ def test_label_efficiency_study(tmp_path):
         label_efficiency.parse_named("a=x,a=y", "inits")
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         label_efficiency.parse_fractions("0.5,2")
+
+
+def test_finetune_ingested_enhancement_pairs_and_clean_only(tmp_path):
+    src = task_data.write_synthetic_files("enhance", str(tmp_path / "files"), 24, 32, seed=3)
+    clean_dir = str(tmp_path / "files" / "clean")
+    split = dict(resize=0, crop="none", val_fraction=0.25, test_fraction=0.25)
+    pairs = ingest.ingest(src, str(tmp_path / "data"), "pairs",
+                          ingest.Options(targets=clean_dir, **split), workers=2)  # fmt: skip
+    clean = ingest.ingest(clean_dir, str(tmp_path / "data"), "clean", ingest.Options(**split),
+                          workers=2)  # fmt: skip
+    assert pairs["fields"] == ["target"] and clean["fields"] == []
+    config = tiny_finetune_config("enhance", **{"data.source": "tfds"})
+    config.total_steps = 3
+    config.data.tfds_dir = pairs["data_dir"]
+    paired = finetune(config, str(tmp_path / "paired"))
+    assert paired["test"]["psnr_input"] < 40  # speckled input vs its speckle-free target
+    config.data.tfds_dir = clean["data_dir"]
+    with pytest.raises(ValueError, match="holds no targets"):
+        finetune(config, str(tmp_path / "none"))
+    config.data.update(degradation="gaussian", degradation_level=0.05)
+    synthesised = finetune(config, str(tmp_path / "synthesised"))
+    # inputs are the clean images plus noise of std 0.05: PSNR about -20 log10(0.05) = 26 dB
+    assert abs(synthesised["test"]["psnr_input"] - 26.0) < 1.5
