@@ -132,9 +132,9 @@ def write_csv(records: Sequence[dict[str, Any]], path: str) -> None:
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (init, fraction): mean and std over seeds of every test metric."""
     rows = []
-    keys = sorted({(r["init"], r["fraction"]) for r in records}, key=lambda k: (k[1], k[0]))
-    order = list(dict.fromkeys(r["init"] for r in records))
-    keys.sort(key=lambda k: (k[1], order.index(k[0])))
+    order = list(dict.fromkeys(r["init"] for r in records))  # the study's order of inits
+    keys = sorted({(r["init"], r["fraction"]) for r in records},
+                  key=lambda k: (k[1], order.index(k[0])))  # fmt: skip
     for init, fraction in keys:
         group = [r for r in records if r["init"] == init and r["fraction"] == fraction]
         row = {"init": init, "fraction": fraction, "seeds": len(group),

@@ -118,7 +118,8 @@ class OrganProbe:
         mesh: Mesh,
     ):
         self.config, self.mesh = config, mesh
-        self.images, self.labels = probe_set(config)
+        images, self.labels = probe_set(config)
+        self.examples = [{"image": image} for image in images]
         mean, std = config.normalization.mean, config.normalization.std
 
         def features(params: dict, images: jax.Array) -> jax.Array:
@@ -134,15 +135,11 @@ class OrganProbe:
 
     def features(self, params: dict) -> np.ndarray:
         """Mean-pooled encoder features [N, D] of the held-out images."""
-        b, n = self.config.batch_size, len(self.images)
         out = []
-        for start in range(0, n, b):
-            chunk = self.images[start : start + b]
-            padded = np.concatenate([chunk, np.repeat(chunk[:1], b - len(chunk), 0)])
-            batch = pipeline.global_batch_from_whole({"image": padded}, self.mesh)
-            out.append(
-                np.asarray(jax.device_get(self._features(params, batch["image"])))[: len(chunk)]
-            )
+        for batch in pipeline.padded_batches(self.examples, self.config.batch_size):
+            images = pipeline.global_batch_from_whole({"image": batch["image"]}, self.mesh)
+            features = jax.device_get(self._features(params, images["image"]))
+            out.append(np.asarray(features)[batch["valid"]])
         return np.concatenate(out)
 
     def __call__(self, params: dict) -> dict[str, float]:

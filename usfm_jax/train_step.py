@@ -65,16 +65,23 @@ def state_initializer(
     def init() -> TrainState:
         model = create_pretrain_model(config, nnx.Rngs(params=config.seed), features)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(config.seed)),
-            bad_steps=jnp.zeros((), jnp.int32),
-            ema_params=params if config.ema_decay else None,
-        )
+        return fresh_state(params, tx, config.seed, ema=bool(config.ema_decay))
 
     return init
+
+
+def fresh_state(
+    params: dict[str, Any], tx: optax.GradientTransformation, seed: int, ema: bool = False
+) -> TrainState:
+    """Step 0 of training ``params`` with ``tx``; the run's key from ``seed``."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        bad_steps=jnp.zeros((), jnp.int32),
+        ema_params=params if ema else None,
+    )
 
 
 def init_state(

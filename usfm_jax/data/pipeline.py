@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cv2
@@ -270,3 +271,17 @@ def global_batch_from_whole(whole: dict[str, np.ndarray], mesh: Mesh) -> dict[st
         k: v[index * (len(v) // count) : (index + 1) * (len(v) // count)] for k, v in whole.items()
     }
     return global_batch(block, mesh)
+
+
+def padded_batches(
+    ds: Sequence[dict[str, Any]], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of ``batch_size`` over a whole evaluation set (a grain MapDataset or a list of
+    examples), the last padded by repeating its first example, with ``valid`` (bool [B])
+    marking the real rows."""
+    for start in range(0, len(ds), batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        valid = np.arange(batch_size) < len(rows)
+        rows += [rows[0]] * (batch_size - len(rows))
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        yield {**batch, "valid": valid}

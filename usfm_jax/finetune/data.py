@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import operator
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import cv2
@@ -275,17 +275,6 @@ def eval_split(config: ml_collections.ConfigDict, data: TaskData, split: str) ->
     """A validation / test split as evaluated: fixed order, fixed synthetic degradation."""
     cfg = config.data
     return fixed_degradation(data.splits[split], cfg.degradation, cfg.degradation_level, cfg.seed)
-
-
-def eval_batches(ds: grain.MapDataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of ``batch_size`` over the whole split, the last padded by repeating its first
-    example, with ``valid`` (bool [B]) marking the real rows."""
-    for start in range(0, len(ds), batch_size):
-        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        valid = np.arange(batch_size) < len(rows)
-        rows += [rows[0]] * (batch_size - len(rows))
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        yield {**batch, "valid": valid}
 
 
 def write_synthetic_files(task: str, out: str, num: int, image_size: int, seed: int = 0) -> str:

@@ -144,7 +144,7 @@ def overlay(
         out = gray.astype(np.float32)
         predicted = (pred > 0) & (pred != IGNORE)
         out[predicted] = 0.6 * out[predicted] + 0.4 * np.asarray(_RED, np.float32)
-        out[_outline(truth == 1) | _outline((truth > 0) & (truth != IGNORE))] = _GREEN
+        out[_outline((truth > 0) & (truth != IGNORE))] = _GREEN
         return PIL.Image.fromarray(out.astype(np.uint8))
     enhanced = (np.clip(pred[..., 0], 0, 1) * 255 + 0.5).astype(np.uint8)
     row = np.concatenate([image[..., 0], enhanced, truth[..., 0]], axis=1)

@@ -76,15 +76,10 @@ class ConvNormAct(nnx.Module):
         return jax.nn.relu(self.norm(self.conv(x)))
 
 
-class Upsample2x(nnx.Module):
+def upsample2x(dim: int, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.ConvTranspose:
     """A stride-2 transposed convolution (BEiT's feature-pyramid upsampling)."""
-
-    def __init__(self, dim: int, dtype: DTypeLike, rngs: nnx.Rngs):
-        self.deconv = nnx.ConvTranspose(dim, dim, (2, 2), strides=(2, 2), padding="VALID",
-                                        dtype=dtype, rngs=rngs)  # fmt: skip
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.deconv(x)
+    return nnx.ConvTranspose(dim, dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                             rngs=rngs)  # fmt: skip
 
 
 class UperNetDecoder(nnx.Module):
@@ -94,9 +89,9 @@ class UperNetDecoder(nnx.Module):
         self, dim: int, channels: int, num_classes: int, *, dtype: DTypeLike, rngs: nnx.Rngs
     ):
         # Multi-scale neck: x4 (two deconvs), x2, x1, x1/2 (max pooling).
-        self.up4 = nnx.List([Upsample2x(dim, dtype, rngs), Upsample2x(dim, dtype, rngs)])
+        self.up4 = nnx.List([upsample2x(dim, dtype, rngs), upsample2x(dim, dtype, rngs)])
         self.up4_norm = layer_norm(dim, dtype, rngs)
-        self.up2 = Upsample2x(dim, dtype, rngs)
+        self.up2 = upsample2x(dim, dtype, rngs)
         self.ppm = nnx.List([ConvNormAct(dim, channels, 1, dtype, rngs) for _ in POOL_SCALES])
         self.bottleneck = ConvNormAct(dim + len(POOL_SCALES) * channels, channels, 3, dtype, rngs)
         self.lateral = nnx.List([ConvNormAct(dim, channels, 1, dtype, rngs) for _ in range(3)])

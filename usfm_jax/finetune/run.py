@@ -26,7 +26,12 @@ from flax import nnx
 
 from usfm_jax import parallel
 from usfm_jax.convert import Architecture, Normalization
-from usfm_jax.data.pipeline import global_batch, global_batch_from_whole, process_batches
+from usfm_jax.data.pipeline import (
+    global_batch,
+    global_batch_from_whole,
+    padded_batches,
+    process_batches,
+)
 from usfm_jax.export import write_export
 from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune import evaluate
@@ -38,7 +43,7 @@ from usfm_jax.optim import create_optimizer, layer_decay_scales
 from usfm_jax.paths import as_path, replace_text
 from usfm_jax.pretrained import load_encoder_weights
 from usfm_jax.reporting import Reporter
-from usfm_jax.train_step import TrainState
+from usfm_jax.train_step import TrainState, fresh_state
 
 
 def initial_encoder(
@@ -113,13 +118,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         if encoder_params is not None:
             params["encoder"] = jax.tree.map(jnp.asarray, encoder_params)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(config.seed)),
-            bad_steps=jnp.zeros((), jnp.int32),
-        )
+        return fresh_state(params, tx, config.seed)
 
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()
@@ -150,7 +149,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     select = config.eval.select or evaluate.METRICS[config.task][0]
 
     def run_eval(params: Any, split: grain.MapDataset) -> dict[str, np.ndarray]:
-        batches = task_data.eval_batches(split, config.batch_size)
+        batches = padded_batches(split, config.batch_size)
         return evaluate.collect(lambda b: predict(params, b), batches, config.task)
 
     reporter = Reporter(workdir, total_steps=config.total_steps, start_step=0,
@@ -227,9 +226,8 @@ def _save_best(
 ) -> None:
     """Replaces ``best/`` by an export of ``params`` (written aside, then swapped in)."""
     staging, best = root / "best.tmp", root / "best"
-    for path in (staging,):
-        if path.exists():
-            path.rmtree()
+    if staging.exists():  # left by a killed run
+        staging.rmtree()
     write_export(str(staging), jax.tree.map(np.asarray, params), config.to_dict(), step=step,
                  weights="params", source="finetune", val=scores)  # fmt: skip
     if best.exists():
