@@ -166,8 +166,11 @@ start_processes() {
   local i
   mkdir -p "$LOG_DIR"
   for ((i = 0; i < NUM_PROCESSES; i++)); do
+    # The log exists before the process starts, so that the stream (tail -f, which gives up
+    # on a missing file) never races the background process's redirection.
+    : >"$(log_path "$i")"
     process_command "$i"
-    "${PROCESS_CMD[@]}" >"$(log_path "$i")" 2>&1 &
+    "${PROCESS_CMD[@]}" >>"$(log_path "$i")" 2>&1 &
     PIDS[i]=$!
   done
   info "launch/local: $NUM_PROCESSES processes x $DEVICES devices, coordinator $COORDINATOR," \
