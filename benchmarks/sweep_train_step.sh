@@ -5,7 +5,8 @@
 #   bash benchmarks/sweep_train_step.sh VARIANTS_FILE [LOG_DIR]
 #
 # Each variant runs in its own process (a clean device), under a time limit of
-# SWEEP_TIMEOUT seconds (default 240). Lines starting with '#' are skipped.
+# SWEEP_TIMEOUT seconds (default 240). Lines starting with '#' are skipped. PYTHON picks the
+# interpreter (default python3).
 set -uo pipefail
 
 variants=${1:?usage: sweep_train_step.sh VARIANTS_FILE [LOG_DIR]}
@@ -22,9 +23,9 @@ while IFS= read -r line; do
   n=$((n + 1))
   echo "== [$n] $line"
   read -ra args <<<"$line"
-  if timeout "$limit" python3 "$here/train_step.py" "${args[@]}" >"$log_dir/$n.log" 2>&1; then
-    grep -E '^compile' "$log_dir/$n.log"
-    tail -n 1 "$log_dir/$n.log" | tee -a "$rows"
+  if timeout "$limit" "${PYTHON:-python3}" "$here/train_step.py" "${args[@]}" >"$log_dir/$n.log" 2>&1; then
+    grep -E 'compile \+ first step|/ PyTorch' "$log_dir/$n.log"
+    grep -E '^\| 2[0-9]{3}-' "$log_dir/$n.log" | tee -a "$rows"
   else
     echo "| failed ($?): $line | $(grep -E 'Error|error' "$log_dir/$n.log" | tail -n 1) |" | tee -a "$rows"
   fi

@@ -107,7 +107,7 @@ class DualStep:
         config: ml_collections.ConfigDict,
         device: str | torch.device = "cpu",
         *,
-        compile: bool = True,
+        compile_mode: str | None = "default",
         encoder_state: dict[str, np.ndarray] | None = None,
         head_state: dict[str, np.ndarray] | None = None,
     ):
@@ -141,7 +141,9 @@ class DualStep:
         self.encoder.to(self.device).train()
         self.head.to(self.device).train()
         self.optimizer = self._optimizer()
-        self.forward_loss = torch.compile(self._forward_loss) if compile else self._forward_loss
+        self.forward_loss = self._forward_loss
+        if compile_mode:  # the views, forward pass and loss as one compiled graph
+            self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [*self.encoder.parameters(), *self.head.parameters()]

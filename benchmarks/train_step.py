@@ -1,44 +1,47 @@
-"""Steady-state speed of the pre-training step: step time, images/s, model TFLOP/s and MFU.
+"""Steady-state speed of the pre-training step, in usfm_jax and in a PyTorch reference.
 
-    python benchmarks/train_step.py --size base --image 224 --batch-per-device 64 --objective dual
-    python benchmarks/train_step.py --size tiny --batch-per-device 8 --steps 10     # CPU
+    python benchmarks/train_step.py --size base --batch-per-device 64 --frameworks jax,torch
+    python benchmarks/train_step.py --size tiny --batch-per-device 8 --steps 10 \\
+        --frameworks jax,torch                                              # CPU
 
-Data loading is excluded (one fixed synthetic batch lives on the devices); warm-up steps are
-excluded; the step time is the median of ``--steps`` synchronised steps. Model FLOPs are counted
-analytically (matmuls and attention of every forward pass the objective runs, x3 for training).
-The cost of building the corrupted views (mask sampling + FFT band-stop) is measured on its own
-and reported as a share of the step.
+For each framework the same harness measures, in a process of its own (JAX preallocates GPU
+memory; each gets a clean device), the same step: one fixed synthetic batch on the device (data
+loading excluded), warm-up steps excluded, the median of ``--steps`` synchronised steps. Model
+FLOPs are counted analytically (matmuls and attention of every forward pass the objective runs,
+x3 for training, rematerialised work not counted). MFU is given against the vendor's dense bf16
+peak and against a matmul ceiling measured in the same process (an ``--ceiling``-sized square
+matmul in the step's compute dtype). For usfm_jax, the cost of building the corrupted views
+(mask sampling, noise, FFT band-stop) is measured on its own and reported as a share of the step.
+The PyTorch reference is ``benchmarks/torch_reference.py`` (timm, bf16 autocast, torch.compile).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from configs.pretrain import usfm_vitb16
-from usfm_jax import parallel
-from usfm_jax.config_validation import ConfigError, validate
-from usfm_jax.data.synthetic import SyntheticUltrasound
-from usfm_jax.models.factory import DTYPES, encoder_dims
-from usfm_jax.models.vit import resolve_attention
-from usfm_jax.train_step import create_training
+from configs.pretrain import usfm_vitb16  # noqa: E402
+from usfm_jax.models.factory import encoder_dims  # noqa: E402
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0}
+FRAMEWORKS = ("jax", "torch")
+RESULT = "RESULT "  # prefix of the line a measuring process reports on
 
 
 def model_flops_per_view(config) -> float:
-    """Forward FLOPs of encoder + head for one image (multiply-add = 2 FLOPs)."""
+    """Forward FLOPs of encoder + pixel head for one image (multiply-add = 2 FLOPs)."""
     width, depth, _ = encoder_dims(config.model)
     p, (h, w) = config.model.patch_size, config.image_size
     n = (h // p) * (w // p)
@@ -49,16 +52,240 @@ def model_flops_per_view(config) -> float:
     return depth * block + embed + head
 
 
-def timed(fn, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
+def views_per_image(config) -> int:
+    """Model inputs per image: two with both branches combined as 'both', else one."""
+    both = config.spatial.enabled and config.frequency.enabled
+    return 2 if both and config.objective.combine == "both" else 1
+
+
+def build_config(args: argparse.Namespace, device_count: int, accelerator: bool):
+    config = usfm_vitb16.get_config(f"size={args.size}")
+    config.image_size = (args.image, args.image)
+    config.batch_size = args.batch_per_device * device_count
+    config.model.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
+    config.model.update(attention=args.attention, remat=args.remat, scan_layers=args.scan)
+    config.spatial.enabled = args.objective in ("spatial", "dual")
+    config.frequency.enabled = args.objective in ("frequency", "dual")
+    return config
+
+
+def synthetic_batch(config, batch: int):
+    """``batch`` synthetic B-mode images, uint8 [B, H, W, 1] (numpy)."""
+    import numpy as np
+
+    from usfm_jax.data.synthetic import SyntheticUltrasound
+
+    source = SyntheticUltrasound(batch, config.image_size)
+    return np.stack([source[i]["image"] for i in range(batch)])
+
+
+def measure(
+    fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, steps: int
+) -> dict[str, float]:
+    """First call (compilation included), then ``warmup`` untimed calls, then the median of
+    ``steps`` calls, each synchronised with the device by ``sync``."""
+
+    def timed() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
+        sync(fn())
+        return time.perf_counter() - start
+
+    first = timed()
+    for _ in range(warmup):
+        timed()
+    times = [timed() for _ in range(steps)]
+    return {"first_s": first, "step_s": statistics.median(times), "min_s": min(times)}
 
 
-def main() -> None:
+def cpu_name() -> str:
+    """The host CPU's model and core count (what a CPU measurement ran on)."""
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if "model name" in line), model
+            )
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def ceiling_size(args: argparse.Namespace, accelerator: bool) -> int:
+    """Side of the square matmul measured as the device's ceiling."""
+    return args.ceiling or (8192 if accelerator else 2048)
+
+
+def matmul_tflops(seconds: float, n: int) -> float:
+    return 2 * n**3 / seconds / 1e12
+
+
+# ------------------------------------------------------------------------------------------
+# One framework, in this process
+# ------------------------------------------------------------------------------------------
+
+
+def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from usfm_jax import parallel
+    from usfm_jax.config_validation import ConfigError, validate
+    from usfm_jax.models.factory import DTYPES
+    from usfm_jax.models.vit import resolve_attention
+    from usfm_jax.train_step import create_training
+
+    device = jax.devices()[0]
+    config = build_config(args, jax.device_count(), device.platform != "cpu")
+    try:
+        validate(config, jax.device_count())
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    mesh = parallel.create_mesh(config.mesh)
+    objective, _, state, step, _ = create_training(config, mesh)
+    images = synthetic_batch(config, config.batch_size)
+    batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}
+    holder = [state]
+
+    def run_step():
+        holder[0], metrics = step(holder[0], batch)
+        return metrics
+
+    result = measure(run_step, jax.block_until_ready, args.warmup, args.steps)
+    if args.profile:  # 3 steps, and the optimised HLO for benchmarks/profile_summary.py
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(run_step())
+        hlo = step.lower(holder[0], batch).compile().as_text()
+        with open(os.path.join(args.profile, "step.hlo.txt"), "w") as f:
+            f.write(hlo)
+    views = jax.jit(
+        lambda b: objective.views(b["image"].astype(jnp.float32) / 255.0, jax.random.key(0), 0)
+    )
+    views_s = measure(lambda: views(batch), jax.block_until_ready, 1, args.steps)["step_s"]
+    dtype = DTYPES[config.model.dtype]
+    n = ceiling_size(args, device.platform != "cpu")
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    ceiling_s = measure(lambda: matmul(a), jax.block_until_ready, 2, 10)["step_s"]
+    attention = resolve_attention(args.attention, dtype)
+    return {
+        **result,
+        "framework": "usfm_jax",
+        "versions": f"jax {jax.__version__}",
+        "device": device.device_kind if device.platform != "cpu" else cpu_name(),
+        "device_count": jax.device_count(),
+        "dtype": config.model.dtype,
+        "options": f"attn {attention}, remat {args.remat}"
+        + (", scan" if args.scan else "")
+        + "".join(f", {flag}" for flag in args.xla_flag),
+        "views_s": views_s,
+        "ceiling_tflops": matmul_tflops(ceiling_s, n),
+    }
+
+
+def measure_torch(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from benchmarks import torch_reference
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    config = build_config(args, 1, cuda)
+    problems = torch_reference.unsupported(config)
+    if problems:
+        sys.exit("error: the PyTorch reference does not implement: " + "; ".join(problems))
+    torch.manual_seed(config.seed)
+    torch.set_float32_matmul_precision("high")  # TF32 where float32 remains, as XLA on GPU
+    compile_mode = None if args.torch_compile == "none" else args.torch_compile
+    step = torch_reference.DualStep(config, device, compile_mode=compile_mode)
+    batch = torch.from_numpy(synthetic_batch(config, args.batch_per_device)).to(device)
+    sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+    result = measure(lambda: step.step(batch), sync, args.warmup, args.steps)
+    dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+    n = ceiling_size(args, cuda)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    ceiling_s = measure(lambda: a @ a, sync, 2, 10)["step_s"]
+    name = torch.cuda.get_device_name() if cuda else cpu_name()
+    return {
+        **result,
+        "framework": "PyTorch",
+        "versions": f"torch {torch.__version__.split('+')[0]}",
+        "device": name,
+        "device_count": 1,
+        "dtype": torch_reference.model_dtype_name(config),
+        "options": f"timm, torch.compile {args.torch_compile}",
+        "views_s": None,
+        "ceiling_tflops": matmul_tflops(ceiling_s, n),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# The harness: each framework in a child process, then one table
+# ------------------------------------------------------------------------------------------
+
+
+def run_child(framework: str, argv: list[str], args: argparse.Namespace) -> dict[str, Any] | None:
+    """Measures ``framework`` in a fresh process; None (and its error shown) if it failed."""
+    env = dict(os.environ)
+    if framework == "torch":
+        env["JAX_PLATFORMS"] = "cpu"  # the torch process must not claim the GPU for JAX
+    elif args.xla_flag:
+        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *args.xla_flag]).strip()
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--framework", framework]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode or not lines:
+        print(f"{framework}: failed (exit {done.returncode})", file=sys.stderr)
+        print(done.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len(RESULT) :])
+
+
+def summarise(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Adds images/s, TFLOP/s and MFU (per device) to a measurement."""
+    config = build_config(args, result["device_count"], accelerator=False)
+    step_s = result["step_s"]
+    tflops = 3 * model_flops_per_view(config) * views_per_image(config) * args.batch_per_device
+    tflops /= step_s * 1e12
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in result["device"]), None)
+    views = result["views_s"]
+    return {
+        **result,
+        "img_s": args.batch_per_device / step_s,
+        "tflops": tflops,
+        "mfu_peak": tflops / peak if peak else None,
+        "mfu_ceiling": tflops / result["ceiling_tflops"],
+        "views_share": views / step_s if views is not None else None,
+    }
+
+
+def percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Markdown rows (docs/benchmarks.md's columns); the ratio against the PyTorch row."""
+    torch_img_s = next((r["img_s"] for r in rows if r["framework"] == "PyTorch"), None)
+    lines = [
+        "| date | device | framework | model | objective | dtype | options | batch/device "
+        "| step ms | img/s/device | TFLOP/s/device | MFU (peak) | MFU (matmul ceiling) "
+        "| views share | vs PyTorch |",
+        "|---" * 15 + "|",
+    ]
+    for r in rows:
+        ratio = f"{r['img_s'] / torch_img_s:.2f}x" if torch_img_s else "n/a"
+        lines.append(
+            f"| {datetime.date.today()} | {r['device']} | {r['versions']} "
+            f"| ViT-{args.size}/16 {args.image} | {args.objective} | {r['dtype']} "
+            f"| {r['options']} | {args.batch_per_device} | {1e3 * r['step_s']:.1f} "
+            f"| {r['img_s']:.1f} | {r['tflops']:.3f} | {percent(r['mfu_peak'])} "
+            f"| {percent(r['mfu_ceiling'])} of {r['ceiling_tflops']:.2f} "
+            f"| {percent(r['views_share'])} | {ratio} |"
+        )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="base")
     ap.add_argument("--image", type=int, default=224)
@@ -71,66 +298,76 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 steps")
-    args = ap.parse_args()
-
-    device = jax.devices()[0]
-    accelerator = device.platform != "cpu"
-    config = usfm_vitb16.get_config(f"size={args.size}")
-    config.image_size = (args.image, args.image)
-    config.batch_size = args.batch_per_device * jax.device_count()
-    config.model.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
-    config.model.update(attention=args.attention, remat=args.remat, scan_layers=args.scan)
-    config.spatial.enabled = args.objective in ("spatial", "dual")
-    config.frequency.enabled = args.objective in ("frequency", "dual")
-    try:
-        validate(config, jax.device_count())
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-
-    mesh = parallel.create_mesh(config.mesh)
-    objective, _, state, step, _ = create_training(config, mesh)
-    source = SyntheticUltrasound(config.batch_size, config.image_size)
-    images = np.stack([source[i]["image"] for i in range(config.batch_size)])
-    batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}
-
-    holder = [state]
-
-    def run_step():
-        holder[0], metrics = step(holder[0], batch)
-        return metrics
-
-    views = jax.jit(
-        lambda b, s: objective.views(b["image"].astype(jnp.float32) / 255.0, jax.random.key(0), s)
+    ap.add_argument(
+        "--frameworks", default="jax", help="comma-separated, measured in turn: jax, torch"
     )
-    compile_start = time.perf_counter()
-    jax.block_until_ready(run_step())
-    compile_s = time.perf_counter() - compile_start
-    timed(run_step, args.warmup)
-    step_s = statistics.median(timed(run_step, args.steps))
-    if args.profile:
-        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-            timed(run_step, 3)
-    jax.block_until_ready(views(batch, jnp.int32(0)))
-    views_s = statistics.median(timed(lambda: views(batch, jnp.int32(0)), args.steps))
+    ap.add_argument(
+        "--torch-compile",
+        default="default",
+        choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "none"),
+        help="torch.compile mode of the PyTorch reference",
+    )
+    ap.add_argument(
+        "--ceiling",
+        type=int,
+        default=None,
+        help="side of the square matmul measured as the ceiling (default 8192; 2048 on CPU)",
+    )
+    ap.add_argument(
+        "--xla-flag",
+        action="append",
+        default=[],
+        help="an extra XLA flag for the usfm_jax process, e.g. --xla-flag=--xla_cpu_use_onednn=true"
+        " (repeatable)",
+    )
+    ap.add_argument("--json", metavar="FILE", help="append the measured rows as JSON lines")
+    ap.add_argument("--framework", choices=FRAMEWORKS, help=argparse.SUPPRESS)  # a child
+    args = ap.parse_args(argv)
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    bad = sorted(set(frameworks) - set(FRAMEWORKS))
+    if bad or not frameworks:
+        ap.error(f"--frameworks {args.frameworks!r}: choose from {', '.join(FRAMEWORKS)}")
+    args.frameworks = frameworks
+    for name in ("steps", "batch_per_device", "image"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
 
-    num_views = objective.num_views(config.batch_size)
-    tflops = 3 * model_flops_per_view(config) * num_views / step_s / 1e12 / jax.device_count()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
-    mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-    print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}")
-    print(f"compile + first step: {compile_s:.1f} s")
-    attention = resolve_attention(args.attention, DTYPES[config.model.dtype])
-    variant = f"attn {attention}, remat {args.remat}" + (", scan" if args.scan else "")
-    print(
-        "| date | device | model | objective | dtype | options | batch/device | step ms "
-        "| img/s/device | TFLOP/s/device | MFU | views share |"
-    )
-    print(
-        f"| {datetime.date.today()} | {device.device_kind} | ViT-{args.size}/16 {args.image} "
-        f"| {args.objective} | {config.model.dtype} | {variant} | {args.batch_per_device} "
-        f"| {1e3 * step_s:.1f} | {args.batch_per_device / step_s:.1f} | {tflops:.3f} | {mfu} "
-        f"| {100 * views_s / step_s:.1f}% |"
-    )
+
+def main() -> None:
+    args = parse_args()
+    if args.framework:  # a child: measure, report one line
+        measure_fn = measure_jax if args.framework == "jax" else measure_torch
+        print(RESULT + json.dumps(measure_fn(args)), flush=True)
+        return
+    argv = sys.argv[1:]
+    rows = []
+    for framework in args.frameworks:
+        print(f"measuring {framework} ...", file=sys.stderr, flush=True)
+        result = run_child(framework, argv, args)
+        if result is not None:
+            rows.append(summarise(result, args))
+            print(
+                f"{framework}: compile + first step {result['first_s']:.1f} s, "
+                f"matmul ceiling {result['ceiling_tflops']:.2f} TFLOP/s",
+                file=sys.stderr,
+            )
+    if not rows:
+        sys.exit("error: no framework could be measured")
+    print("\n".join(table(rows, args)))
+    jax_row = next((r for r in rows if r["framework"] == "usfm_jax"), None)
+    torch_row = next((r for r in rows if r["framework"] == "PyTorch"), None)
+    if jax_row and torch_row:
+        print(
+            f"usfm_jax / PyTorch: {jax_row['img_s'] / torch_row['img_s']:.2f}x images/s "
+            f"(step {1e3 * jax_row['step_s']:.1f} vs {1e3 * torch_row['step_s']:.1f} ms)"
+        )
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "date": str(datetime.date.today())}) + "\n")
+    if len(rows) < len(args.frameworks):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

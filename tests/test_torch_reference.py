@@ -37,7 +37,7 @@ def setup():
 
 def test_views_match_jax_for_the_same_masks_and_noise(setup):
     config, _, _, _, images = setup
-    step = ref.DualStep(config, compile=False)
+    step = ref.DualStep(config, compile_mode=None)
     spatial, frequency = step.spatial, step.frequency
     k_mask, k_noise, k_rings = jax.random.split(jax.random.key(2), 3)
     mask = spatial.sample(k_mask, images.shape[0])  # [B, gh, gw]
@@ -59,7 +59,7 @@ def test_views_match_jax_for_the_same_masks_and_noise(setup):
 def test_sampled_views_follow_the_jax_distributions(setup):
     config, _, _, _, images = setup
     torch.manual_seed(0)
-    step = ref.DualStep(config, compile=False)
+    step = ref.DualStep(config, compile_mode=None)
     b = 64
     removed = step.sample_removed(b).numpy()  # [B, H, W]
     ids = step.frequency.ring_ids
@@ -124,7 +124,7 @@ def _torch_named(step: ref.DualStep, attr: str = "data") -> dict[str, np.ndarray
 def test_loss_and_gradients_match_jax_on_the_same_weights(setup):
     config, _, _, state, images = setup
     loss, grads, views = _jax_loss_and_grads(config, state, images)
-    step = ref.DualStep(config, compile=False, **ref.from_jax_params(state.params, config))
+    step = ref.DualStep(config, compile_mode=None, **ref.from_jax_params(state.params, config))
     step.encoder.eval()  # no drop path (also off in the config): deterministic
     torch_loss = step.loss(step.predict(views.inputs), views)
     torch_loss.backward()
@@ -146,7 +146,7 @@ def test_one_update_matches_optax(setup):
     loss, grads, views = _jax_loss_and_grads(config, state, images)
     new_state, metrics = apply_gradients(state, grads, loss, tx, schedule)
     assert float(metrics["grad_norm"]) > 1e-3  # clipping is active
-    step = ref.DualStep(config, compile=False, **ref.from_jax_params(state.params, config))
+    step = ref.DualStep(config, compile_mode=None, **ref.from_jax_params(state.params, config))
     step.encoder.eval()
     assert step.optimizer.param_groups[0]["lr"] == pytest.approx(float(schedule(0)))
     step.update(step.loss(step.predict(views.inputs), views))
@@ -164,5 +164,5 @@ def test_one_update_matches_optax(setup):
 def test_unsupported_settings_are_named():
     config = _config(**{"spatial.rule": "mask_token", "objective.combine": "split"})
     with pytest.raises(ValueError, match=r"spatial.rule='mask_token'.*objective.combine='split'"):
-        ref.DualStep(config, compile=False)
+        ref.DualStep(config, compile_mode=None)
     assert ref.unsupported(_config()) == []

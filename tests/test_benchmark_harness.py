@@ -1,0 +1,92 @@
+"""The step benchmark's harness (benchmarks/train_step.py): its FLOP count against XLA's, its
+figures, and a real run of both frameworks in child processes."""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import make_tiny_config
+from flax import nnx
+
+from benchmarks import train_step as bench
+from usfm_jax.train_step import abstract_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("size", [(32, 48), (64, 64)])
+def test_model_flops_match_xla_cost_analysis(size):
+    """The analytic count is the matmul and attention FLOPs of XLA's own count of the forward
+    pass; what XLA counts beyond it (softmax, norms, GELU, adds) is a few percent."""
+    config = make_tiny_config(image_size=size, **{"model.patch_size": 16, "model.width": 64})
+    model = abstract_model(config)
+    graphdef, params = nnx.split(model)
+    images = jax.ShapeDtypeStruct((1, *size, 1), jnp.float32)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    xla = forward.lower(params, images).compile().cost_analysis()["flops"]
+    analytic = bench.model_flops_per_view(config)
+    assert 0.85 * xla < analytic < xla
+
+
+def _args(**kw) -> argparse.Namespace:
+    return bench.parse_args(
+        [f"--{k.replace('_', '-')}={v}" for k, v in {"size": "tiny", **kw}.items()]
+    )
+
+
+def test_figures_and_ratio_from_measurements():
+    args = _args(image=224, batch_per_device=8, objective="dual")
+    config = bench.build_config(args, 1, False)
+    common = {"device": "NVIDIA H100 80GB HBM3", "device_count": 1, "dtype": "bfloat16"}
+    jax_row = bench.summarise(
+        {**common, "framework": "usfm_jax", "versions": "jax", "options": "o", "step_s": 0.5,
+         "views_s": 0.01, "ceiling_tflops": 800.0}, args,
+    )  # fmt: skip
+    torch_row = bench.summarise(
+        {**common, "framework": "PyTorch", "versions": "torch", "options": "o", "step_s": 1.0,
+         "views_s": None, "ceiling_tflops": 700.0}, args,
+    )  # fmt: skip
+    flops = 3 * bench.model_flops_per_view(config) * 2 * 8  # dual: two views per image
+    assert jax_row["img_s"] == pytest.approx(16.0)
+    assert jax_row["tflops"] == pytest.approx(flops / 0.5 / 1e12)
+    assert jax_row["mfu_peak"] == pytest.approx(jax_row["tflops"] / 989.0)
+    assert jax_row["mfu_ceiling"] == pytest.approx(jax_row["tflops"] / 800.0)
+    assert jax_row["views_share"] == pytest.approx(0.02)
+    lines = bench.table([jax_row, torch_row], args)
+    assert lines[2].endswith("| 2.0% | 2.00x |") and lines[3].endswith("| n/a | 1.00x |")
+    cpu = bench.summarise({**jax_row, "device": "Intel Xeon, 2 cores"}, args)
+    assert cpu["mfu_peak"] is None  # no vendor peak for a CPU
+
+
+def test_arguments_are_checked():
+    for bad in (["--frameworks", "jax,tf"], ["--steps", "0"], ["--frameworks", ","]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert bench.parse_args(["--frameworks", "torch, jax"]).frameworks == ["torch", "jax"]
+
+
+def test_both_frameworks_measured_by_one_run(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--size", "tiny",
+        "--image", "32", "--batch-per-device", "2", "--steps", "2", "--warmup", "0",
+        "--frameworks", "jax,torch", "--torch-compile", "none", "--ceiling", "128",
+        "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["framework"] for r in rows] == ["usfm_jax", "PyTorch"]
+    for r in rows:
+        assert r["step_s"] > 0 and r["img_s"] == pytest.approx(2 / r["step_s"])
+        assert r["ceiling_tflops"] > 0
+    ratio = rows[0]["img_s"] / rows[1]["img_s"]
+    assert f"usfm_jax / PyTorch: {ratio:.2f}x" in done.stdout
+    assert 0 < rows[0]["views_share"] < 1 and rows[1]["views_share"] is None
+    table_rows = [line for line in done.stdout.splitlines() if line.startswith("| 20")]
+    assert len(table_rows) == 2 and table_rows[1].endswith("| 1.00x |")
