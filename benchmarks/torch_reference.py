@@ -15,7 +15,6 @@ views, loss and gradients against the JAX step on the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -118,6 +117,10 @@ class DualStep:
         self.patch = config.model.patch_size
         self.spatial = create_spatial(config)
         self.frequency = create_frequency(config)
+        if self.frequency is not None:  # ring id per frequency bin, num_rings = never removed
+            ids = self.frequency.ring_ids
+            ring_gather = np.where(ids < 0, self.frequency.num_rings, ids)
+            self.ring_gather = torch.as_tensor(ring_gather, device=self.device)
         self.config = config
         self.autocast = config.model.dtype == "bfloat16"
         arch, fmt = torch_architecture(config)
@@ -200,10 +203,7 @@ class DualStep:
         bs: BandStop = self.frequency
         drop = exact_count_mask(batch, bs.num_rings, bs.num_drop, self.device)  # [B, K]
         drop = F.pad(drop, (0, 1), value=False)  # [B, K + 1]: column K = never removed
-        gather = torch.as_tensor(
-            np.where(bs.ring_ids < 0, bs.num_rings, bs.ring_ids), device=self.device
-        )
-        return drop[:, gather]  # [B, H, W]
+        return drop[:, self.ring_gather]  # [B, H, W]
 
     def views(self, images: torch.Tensor) -> TorchViews:
         """Clean images [B, C, H, W] in [0, 1] -> both branches' views, interleaved along the
@@ -289,13 +289,6 @@ def from_jax_params(params: dict[str, Any], config: ml_collections.ConfigDict) -
     kernel = np.asarray(params["head"]["proj"]["kernel"])  # [D, P]
     head = {"weight": kernel.T.copy(), "bias": np.asarray(params["head"]["proj"]["bias"])}
     return {"encoder_state": encoder, "head_state": head}
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """Waits for the device's queued work (the harness times synchronised steps)."""
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 def model_dtype_name(config: ml_collections.ConfigDict) -> str:
