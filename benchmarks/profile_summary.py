@@ -5,10 +5,13 @@
 
 Reads the newest ``*.trace.json.gz`` that ``jax.profiler.trace`` wrote under the directory, keeps
 the events of the step's HLO module that name an HLO operation (GPU kernels, XLA:CPU thunks),
-and sums their durations per operation. With the step's optimised HLO (``step.hlo.txt``, written
-by ``train_step.py --profile``) each operation is put in a category from the instructions it
-runs: matmul (dot, convolution, cuBLAS / YNNPACK calls), attention (cuDNN fused attention), fft,
-gather / scatter, reduction, copy / transpose, collective, elementwise. Durations are summed over
+and sums their durations per operation (inside XLA:GPU's CUDA-graph command buffers, where the
+event names only the kernel, per kernel: a fusion's kernel is named after its HLO instruction,
+a cuBLAS / cuDNN kernel is categorised by its name). With the step's optimised HLO
+(``step.hlo.txt``, written by ``train_step.py --profile``) each operation is put in a category
+from the instructions it runs: matmul (dot, convolution, cuBLAS / YNNPACK calls), attention
+(cuDNN fused attention), fft, gather / scatter, reduction, copy / transpose, collective,
+elementwise. Durations are summed over
 threads and streams: on a multi-core CPU the total is CPU time, not wall time.
 """
 
@@ -35,6 +38,14 @@ CATEGORIES = (
     ("rng", ("rng-bit-generator", "rng")),
     ("copy / transpose", ("copy", "transpose")),
 )
+# GPU kernels that are not XLA fusions (library calls), by a piece of their name; used where the
+# trace names the kernel only (inside CUDA-graph command buffers)
+KERNEL_CATEGORIES = (
+    ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion")),
+    ("matmul", ("nvjet", "gemm", "cublas", "cutlass", "splitKreduce")),
+    ("fft", ("fft",)),
+)
+_FUSION_KERNEL = re.compile(r"([a-z][a-z_]*?)_(\d+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
@@ -58,7 +69,10 @@ def op_times(trace: Path, module: str | None) -> tuple[dict[str, float], str]:
     for e in events:
         args = e.get("args", {})
         if e.get("ph") == "X" and "hlo_op" in args:
-            per_module[args.get("hlo_module", "")][args["hlo_op"]] += e.get("dur", 0) / 1e3
+            op = args["hlo_op"]
+            if op.startswith("command_buffer"):  # a CUDA graph: the kernel names the operation
+                op = kernel_operation(e.get("name", op))
+            per_module[args.get("hlo_module", "")][op] += e.get("dur", 0) / 1e3
     if not per_module:
         raise ValueError(f"{trace}: no events naming an HLO operation")
     if module is None:
@@ -66,6 +80,14 @@ def op_times(trace: Path, module: str | None) -> tuple[dict[str, float], str]:
     if module not in per_module:
         raise ValueError(f"{trace}: no module {module!r}; have {sorted(per_module)}")
     return dict(per_module[module]), module
+
+
+def kernel_operation(kernel: str) -> str:
+    """The HLO instruction an XLA kernel is named after (``loop_add_fusion_3`` ->
+    ``loop_add_fusion.3``; identical fusions share one kernel and its name); a library
+    kernel's own name otherwise."""
+    match = _FUSION_KERNEL.fullmatch(kernel)
+    return f"{match.group(1)}.{match.group(2)}" if match else kernel
 
 
 def hlo_contents(text: str) -> dict[str, set[str]]:
@@ -104,6 +126,9 @@ def category(contents: set[str]) -> str:
     for name, markers in CATEGORIES:
         if any(c == m or (m.startswith("__") and m in c) for m in markers for c in contents):
             return name
+    for name, pieces in KERNEL_CATEGORIES:
+        if any(p in c for p in pieces for c in contents):
+            return name
     return "elementwise"
 
 
@@ -131,7 +156,7 @@ def main() -> None:
     print("\n| operation | category | ms / step | share |\n|---|---|---|---|")
     for op, ms in sorted(times.items(), key=lambda kv: -kv[1])[: args.top]:
         kind = category(contents.get(op, {op.split(".")[0]}))
-        print(f"| {op} | {kind} | {ms / args.steps:.2f} | {100 * ms / total:.1f}% |")
+        print(f"| {op[:72]} | {kind} | {ms / args.steps:.2f} | {100 * ms / total:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 figures, and a real run of both frameworks in child processes."""
 
 import argparse
+import gzip
 import json
 import subprocess
 import sys
@@ -90,3 +91,55 @@ def test_both_frameworks_measured_by_one_run(tmp_path):
     assert 0 < rows[0]["views_share"] < 1 and rows[1]["views_share"] is None
     table_rows = [line for line in done.stdout.splitlines() if line.startswith("| 20")]
     assert len(table_rows) == 2 and table_rows[1].endswith("| 1.00x |")
+
+
+def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
+    """XLA:GPU runs the step as CUDA-graph command buffers; the trace then names each kernel,
+    not the HLO operation. The summary maps fusion kernels back to their HLO instruction and
+    library kernels (cuBLAS, cuDNN) to a category by name."""
+    from benchmarks import profile_summary as ps
+
+    def event(name, op, dur):
+        return {
+            "ph": "X",
+            "name": name,
+            "dur": dur,
+            "args": {"hlo_module": "jit_step", "hlo_op": op},
+        }
+
+    trace = {
+        "traceEvents": [
+            event("loop_add_fusion_3", "command_buffer_1", 1000),
+            event("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "command_buffer_1", 4000),
+            event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "command_buffer_1", 2000),
+            event("void cudnn::fusion::fmha_dbias<true>(void const*)", "command_buffer_1", 500),
+            event("input_reduce_fusion", "input_reduce_fusion", 300),  # outside a graph
+            {"ph": "X", "name": "host work", "dur": 9000, "args": {}},
+        ]
+    }
+    path = tmp_path / "x.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    times, module = ps.op_times(path, None)
+    assert module == "jit_step"
+    assert times == pytest.approx(
+        {
+            "loop_add_fusion.3": 1.0,
+            "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": 4.0,
+            "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": 2.0,
+            "void cudnn::fusion::fmha_dbias<true>(void const*)": 0.5,
+            "input_reduce_fusion": 0.3,
+        }
+    )
+    hlo = ps.hlo_contents(
+        "%fused_add.3 (p0: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} add(%p0, %p0)\n}\n"
+        "ENTRY %main (x: f32[4]) -> f32[4] {\n"
+        "  ROOT %loop_add_fusion.3 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add.3\n}\n"
+    )
+    kinds = {op: ps.category(hlo.get(op, {op.split(".")[0]})) for op in times if "reduce" not in op}
+    assert kinds == {
+        "loop_add_fusion.3": "elementwise",
+        "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": "attention",
+        "void cudnn::fusion::fmha_dbias<true>(void const*)": "attention",
+    }
