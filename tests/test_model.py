@@ -22,6 +22,7 @@ from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, Transformer
 from usfm_jax.models.vit import (
     VisionTransformer,
     _pad_to_even_length,
+    broadcast_over_batch,
     drop_path,
     relative_position_index,
     resolve_attention,
@@ -701,3 +702,18 @@ def test_padding_for_cudnn_leaves_attention_unchanged(with_bias):
     assert padded[0].shape == (2, 18, 3, 8) and padded[3].shape[-2:] == (18, 18)
     out = jax.nn.dot_product_attention(*padded)
     np.testing.assert_allclose(out[:, :17], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_broadcast_over_batch_gradient_is_the_batch_sum(dtype):
+    """The shared position bias is broadcast over the batch with a hand-written gradient (a
+    matrix-vector product): it must be the batch sum of the cotangent, as numpy computes it."""
+    bias = jax.random.normal(jax.random.key(0), (1, 3, 5, 5)).astype(dtype)
+    cot = jax.random.normal(jax.random.key(1), (4, 3, 5, 5)).astype(dtype)
+    out, vjp = jax.vjp(lambda b: broadcast_over_batch(b, 4), bias)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.broadcast_to(bias, (4, 3, 5, 5)))
+    (grad,) = vjp(cot)
+    assert grad.shape == bias.shape and grad.dtype == dtype
+    expected = np.asarray(cot, np.float64).sum(axis=0, keepdims=True)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=tol, atol=tol)
