@@ -170,12 +170,8 @@ class Attention(nnx.Module):
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, heads, D / heads]
         if bias is not None:
             bias = bias.astype(q.dtype)
-            if (
-                self.implementation == "xla"
-                and jax.default_backend() == "cpu"
-                and bias.shape[0] == 1
-            ):
-                bias = broadcast_over_batch(bias, b)
+            if self.implementation == "xla" and jax.default_backend() == "cpu":
+                bias = broadcast_over_batch(bias, b)  # [B, heads, T, T]
         if self.implementation == "cudnn" and t % 2:
             q, k, v, bias = _pad_to_even_length(q, k, v, bias)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
