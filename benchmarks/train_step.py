@@ -128,13 +128,16 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from usfm_jax import parallel
+    from usfm_jax import cpu_runtime, parallel
     from usfm_jax.config_validation import ConfigError, validate
     from usfm_jax.models.factory import DTYPES
     from usfm_jax.models.vit import resolve_attention
     from usfm_jax.train_step import create_training
 
+    cpu_runtime.execute_inline()  # as usfm_jax.train runs (before the backend starts)
     device = jax.devices()[0]
+    if device.platform == "cpu":
+        cpu_runtime.keep_freed_memory()
     config = build_config(args, jax.device_count(), device.platform != "cpu")
     try:
         validate(config, jax.device_count())
@@ -187,8 +190,11 @@ def measure_torch(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks import torch_reference
+    from usfm_jax import cpu_runtime
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        cpu_runtime.keep_freed_memory()  # the same host allocator policy as the usfm_jax process
     device = torch.device("cuda" if cuda else "cpu")
     config = build_config(args, 1, cuda)
     problems = torch_reference.unsupported(config)

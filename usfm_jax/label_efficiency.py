@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from usfm_jax.checkpoint import CheckpointError
-from usfm_jax.cli import load_config, parse_flags
+from usfm_jax.cli import load_config, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import ConversionError
 from usfm_jax.finetune import evaluate
@@ -214,6 +214,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
     f = flags.FLAGS
+    start_jax()
     try:
         inits = parse_named(f.inits, "inits")
         fractions = parse_fractions(f.fractions)

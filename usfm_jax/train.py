@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
-from usfm_jax.cli import parse_flags
+from usfm_jax.cli import parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     f = flags.FLAGS
     try:
-        distributed.initialize(f.distributed)
+        start_jax(f.distributed)
         train(f.config, f.workdir, stop_after=f.stop_after)
     except (CheckpointError, ConfigError, DistributedError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from usfm_jax import distributed
 from usfm_jax.checkpoint import CheckpointError
-from usfm_jax.cli import parse_flags
+from usfm_jax.cli import parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import ConversionError
 from usfm_jax.distributed import DistributedError
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
     try:
-        distributed.initialize(_DISTRIBUTED.value)
+        start_jax(_DISTRIBUTED.value)
         finetune(_CONFIG.value, _WORKDIR.value)
     except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
             ValueError) as e:  # fmt: skip

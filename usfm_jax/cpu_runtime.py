@@ -1,0 +1,74 @@
+"""Process settings under which XLA:CPU runs a training step at full speed.
+
+XLA:CPU allocates one temporary buffer per execution of a compiled step (1.1 GB for the ViT-tiny
+dual step at batch 16). Two defaults make that allocation expensive on Linux:
+
+- JAX dispatches CPU executions to a worker thread; glibc gives each thread its own malloc
+  arena, and a non-main arena serves any allocation larger than 64 MB with a fresh ``mmap``;
+- glibc serves large allocations with ``mmap`` anyway and unmaps them on free.
+
+So every step page-faulted its whole working set anew: ~290,000 minor faults per ViT-tiny step,
+~20% of its time (``benchmarks/train_step.py``; docs/benchmarks.md). Executing on the calling
+thread and keeping freed memory in the heap for the next step removes them.
+
+    cpu_runtime.execute_inline()        # before anything touches a JAX backend
+    ...
+    cpu_runtime.keep_freed_memory()     # once the backend is known to be the CPU
+
+Set ``USFM_CPU_RUNTIME=default`` to leave JAX's and glibc's defaults alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+import jax
+from absl import logging
+
+ENV = "USFM_CPU_RUNTIME"
+# glibc's mallopt(3) parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def _enabled() -> bool:
+    value = os.environ.get(ENV, "tuned").strip().lower()
+    if value not in ("tuned", "default"):
+        raise ValueError(f"{ENV}={value!r}: expected 'tuned' or 'default'")
+    return value == "tuned"
+
+
+def execute_inline() -> None:
+    """Runs CPU executions on the calling thread (``jax_cpu_enable_async_dispatch=False``).
+
+    Read when JAX creates its CPU client: call before anything touches a backend. Python then
+    waits for each CPU step instead of running ahead, which costs nothing when the step itself
+    occupies every core. Accelerator backends are unaffected."""
+    if _enabled():
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc serve large allocations from the heap and never return freed memory to the
+    system, so that each step reuses the pages of the last one; True if applied.
+
+    The process keeps its peak heap size for its lifetime: meant for a process whose peak is its
+    training step. A no-op (False) off glibc, or with ``USFM_CPU_RUNTIME=default``."""
+    if not _enabled() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    # mallopt(3): M_MMAP_MAX 0 disables mmap for large requests; M_TRIM_THRESHOLD -1 disables
+    # trimming. Each returns 1 on success.
+    applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    if not applied:
+        logging.warning("mallopt refused the settings; XLA:CPU steps will page-fault each step")
+    return applied
+
+
+def configure_for_backend() -> None:
+    """``keep_freed_memory`` if JAX's default backend is the CPU (initialises the backends)."""
+    if jax.default_backend() == "cpu":
+        keep_freed_memory()
