@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
+from usfm_jax.models.attention import softmax_attention
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, TransformerPixelHead
 from usfm_jax.models.vit import (
     VisionTransformer,
     _pad_to_even_length,
-    broadcast_over_batch,
     drop_path,
     relative_position_index,
     resolve_attention,
@@ -705,15 +705,44 @@ def test_padding_for_cudnn_leaves_attention_unchanged(with_bias):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_broadcast_over_batch_gradient_is_the_batch_sum(dtype):
-    """The shared position bias is broadcast over the batch with a hand-written gradient (a
-    matrix-vector product): it must be the batch sum of the cotangent, as numpy computes it."""
-    bias = jax.random.normal(jax.random.key(0), (1, 3, 5, 5)).astype(dtype)
-    cot = jax.random.normal(jax.random.key(1), (4, 3, 5, 5)).astype(dtype)
-    out, vjp = jax.vjp(lambda b: broadcast_over_batch(b, 4), bias)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.broadcast_to(bias, (4, 3, 5, 5)))
-    (grad,) = vjp(cot)
-    assert grad.shape == bias.shape and grad.dtype == dtype
-    expected = np.asarray(cot, np.float64).sum(axis=0, keepdims=True)
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=tol, atol=tol)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_softmax_attention_matches_jax_and_its_autodiff(dtype, with_bias):
+    """The heads-major attention with its hand-written backward pass against
+    jax.nn.dot_product_attention ([B, T, heads, D] layout, float32) and JAX's own gradients."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k, v = (jax.random.normal(key, (2, 3, 7, 4)) for key in keys[:3])  # [B, heads, T, D]
+    bias = jax.random.normal(keys[3], (1, 3, 7, 7)) if with_bias else None
+    cot = jax.random.normal(keys[4], (2, 3, 7, 4))
+
+    def reference(q, k, v, bias):
+        to_btnh = lambda x: x.transpose(0, 2, 1, 3)
+        full = None if bias is None else jnp.broadcast_to(bias, (2, 3, 7, 7))
+        out = jax.nn.dot_product_attention(
+            to_btnh(q), to_btnh(k), to_btnh(v), bias=full, scale=1.0, implementation="xla"
+        )
+        return to_btnh(out)
+
+    args = (q, k, v, bias)
+    cast = [None if a is None else a.astype(dtype) for a in args[:3]] + [bias]
+    out, vjp = jax.vjp(softmax_attention, *cast)
+    grads = vjp(cot.astype(dtype))
+    ref_out, ref_vjp = jax.vjp(reference, *args)
+    ref_grads = ref_vjp(cot)
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=tol, atol=tol)
+    for name, g, ref in zip("qkvb", grads, ref_grads, strict=True):
+        if ref is None:
+            assert g is None
+            continue
+        assert g.shape == ref.shape, name
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), ref, rtol=tol, atol=tol * scale, err_msg=name
+        )
+
+
+def test_softmax_attention_rejects_a_per_example_bias():
+    q = jnp.zeros((2, 3, 5, 4))
+    with pytest.raises(ValueError, match=r"bias must be \[1, heads, T, T\]"):
+        softmax_attention(q, q, q, jnp.zeros((2, 3, 5, 5)))

@@ -25,12 +25,14 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from usfm_jax import parallel
+from usfm_jax.models.attention import softmax_attention
 from usfm_jax.patches import patchify
 
 Variant = Literal["beit", "vit"]
 RelPos = Literal["shared", "per_block"]
-# jax.nn.dot_product_attention's implementations: XLA's (any backend) or cuDNN's fused kernel
-# (NVIDIA GPUs, bf16 / fp16 compute); "auto" picks cuDNN wherever it can run.
+# Attention implementations: "xla", models.attention.softmax_attention compiled by XLA (any
+# backend), or "cudnn", cuDNN's fused kernel through jax.nn.dot_product_attention (NVIDIA GPUs,
+# bf16 / fp16 compute); "auto" picks cuDNN wherever it can run.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 # name -> (width, depth, heads); patch 16 for every size.
@@ -166,45 +168,18 @@ class Attention(nnx.Module):
         if self.q_bias is not None:
             q_bias, v_bias = self.q_bias[...], self.v_bias[...]
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, heads, D / heads]
-        if bias is not None:
-            bias = bias.astype(q.dtype)
-            if self.implementation == "xla" and jax.default_backend() == "cpu":
-                bias = broadcast_over_batch(bias, b)  # [B, heads, T, T]
-        scale = None  # jax.nn.dot_product_attention's default, 1 / sqrt(D / heads)
+        qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
         if self.implementation == "xla":
-            # scaling q [B, T, heads, D / heads] rather than the scores [B, heads, T, T]: a
-            # T / (D / heads) times smaller product, fused with the q bias
-            q, scale = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype), 1.0
-        if self.implementation == "cudnn" and t % 2:
-            q, k, v, bias = _pad_to_even_length(q, k, v, bias)
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias=bias, scale=scale, implementation=self.implementation
-        )
-        return self.proj(out[:, :t].reshape(b, t, d))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def broadcast_over_batch(bias: jax.Array, batch: int) -> jax.Array:
-    """``bias`` [1, ...] broadcast to [batch, ...], whose gradient sums the batch as a
-    matrix-vector product. On XLA:CPU the gradient of the implicit broadcast (a reduction over
-    the outer dimension, fused over all blocks that share the bias) ran at under 1 GB/s and
-    was the costliest single op of the ViT-tiny step (~100 ms of ~1.1 s)."""
-    return jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
-
-
-def _broadcast_fwd(bias: jax.Array, batch: int) -> tuple[jax.Array, None]:
-    return broadcast_over_batch(bias, batch), None
-
-
-def _broadcast_bwd(batch: int, _, g: jax.Array) -> tuple[jax.Array]:
-    ones = jnp.ones((batch,), g.dtype)
-    summed = jnp.dot(ones, g.reshape(batch, -1), preferred_element_type=jnp.float32)
-    return (summed.astype(g.dtype).reshape(1, *g.shape[1:]),)
-
-
-broadcast_over_batch.defvjp(_broadcast_fwd, _broadcast_bwd)
+            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, T, D / heads]
+            q = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype)
+            out = softmax_attention(q, k, v, bias).transpose(0, 2, 1, 3)  # [B, T, heads, D / heads]
+        else:  # cuDNN's fused kernel: [B, T, heads, D / heads] operands
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            bias = None if bias is None else bias.astype(q.dtype)
+            if t % 2:
+                q, k, v, bias = _pad_to_even_length(q, k, v, bias)
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")[:, :t]
+        return self.proj(out.reshape(b, t, d))
 
 
 def _pad_to_even_length(
