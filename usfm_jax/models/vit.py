@@ -159,8 +159,11 @@ class Attention(nnx.Module):
         )
         self.proj = dense(dim, dim, dtype, rngs)
 
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        """x [B, T, D]; ``bias`` [1, heads, T, T] from a shared table, if any."""
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, scale: nnx.Param | None = None
+    ) -> jax.Array:
+        """x [B, T, D]; ``bias`` [1, heads, T, T] from a shared table, if any; ``scale`` [D],
+        BEiT's layer scale of the output, if any."""
         b, t, d = x.shape
         if self.relative_position_bias_table is not None:
             bias = position_bias(self.relative_position_bias_table, self.grid)
@@ -170,7 +173,9 @@ class Attention(nnx.Module):
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
         if self.implementation == "xla":
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, heads, T, D / heads]
+            # split, not unpacked: the gradient of a split is one concatenation, that of an
+            # unpacking three zero-padded copies of the whole
+            q, k, v = (x[0] for x in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
             q = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype)
             out = softmax_attention(q, k, v, bias).transpose(0, 2, 1, 3)  # [B, T, heads, D / heads]
         else:  # cuDNN's fused kernel: [B, T, heads, D / heads] operands
@@ -179,7 +184,7 @@ class Attention(nnx.Module):
             if t % 2:
                 q, k, v, bias = _pad_to_even_length(q, k, v, bias)
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")[:, :t]
-        return self.proj(out.reshape(b, t, d))
+        return scaled_linear(self.proj, out.reshape(b, t, d), scale)
 
 
 def _pad_to_even_length(
@@ -203,8 +208,22 @@ class Mlp(nnx.Module):
         self.fc1 = dense(dim, hidden, dtype, rngs)
         self.fc2 = dense(hidden, dim, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
+    def __call__(self, x: jax.Array, scale: nnx.Param | None = None) -> jax.Array:
+        """x [B, T, D]; ``scale`` [D], BEiT's layer scale of the output, if any."""
+        return scaled_linear(self.fc2, gelu(self.fc1(x)), scale)
+
+
+def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: nnx.Param | None) -> jax.Array:
+    """``layer(x) * scale``, with the scale folded into the weights, x @ (kernel * scale) + bias
+    * scale: a product over [D_in, D] rather than over the activations [B, T, D], and a scale
+    gradient summed over weights rather than over every token (XLA:CPU's slow outer-dimension
+    reduction)."""
+    if scale is None:
+        return layer(x)
+    kernel = layer.kernel[...] * scale[...]
+    bias = None if layer.bias is None else layer.bias[...] * scale[...]
+    x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+    return x @ kernel if bias is None else x @ kernel + bias
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -267,13 +286,9 @@ class Block(nnx.Module):
         ``drop_path_rate`` overrides the block's own (scanned blocks pass theirs as data)."""
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        x = x + drop_path(self._scaled(self.attn(self.norm1(x), bias), self.gamma_1), rate, keys[0])
-        x = x + drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma_2), rate, keys[1])
+        x = x + drop_path(self.attn(self.norm1(x), bias, self.gamma_1), rate, keys[0])
+        x = x + drop_path(self.mlp(self.norm2(x), self.gamma_2), rate, keys[1])
         return x
-
-    @staticmethod
-    def _scaled(branch: jax.Array, gamma: nnx.Param | None) -> jax.Array:
-        return branch if gamma is None else branch * gamma[...].astype(branch.dtype)
 
 
 class VisionTransformer(nnx.Module):
