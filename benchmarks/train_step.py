@@ -135,9 +135,8 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     from usfm_jax.train_step import create_training
 
     cpu_runtime.execute_inline()  # as usfm_jax.train runs (before the backend starts)
+    cpu_runtime.configure_for_backend()
     device = jax.devices()[0]
-    if device.platform == "cpu":
-        cpu_runtime.keep_freed_memory()
     config = build_config(args, jax.device_count(), device.platform != "cpu")
     try:
         validate(config, jax.device_count())

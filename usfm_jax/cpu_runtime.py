@@ -1,7 +1,7 @@
 """Process settings under which XLA:CPU runs a training step at full speed.
 
 XLA:CPU allocates one temporary buffer per execution of a compiled step (1.1 GB for the ViT-tiny
-dual step at batch 16). Two defaults make that allocation expensive on Linux:
+dual step on 8 images, 16 views). Two defaults make that allocation expensive on Linux:
 
 - JAX dispatches CPU executions to a worker thread; glibc gives each thread its own malloc
   arena, and a non-main arena serves any allocation larger than 64 MB with a fresh ``mmap``;

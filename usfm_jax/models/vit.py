@@ -179,7 +179,7 @@ class Attention(nnx.Module):
             q = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype)
             out = softmax_attention(q, k, v, bias).transpose(0, 2, 1, 3)  # [B, T, heads, D / heads]
         else:  # cuDNN's fused kernel: [B, T, heads, D / heads] operands
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q, k, v = (x[:, :, 0] for x in jnp.split(qkv, 3, axis=2))
             bias = None if bias is None else bias.astype(q.dtype)
             if t % 2:
                 q, k, v, bias = _pad_to_even_length(q, k, v, bias)
