@@ -23,6 +23,7 @@ from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, Transformer
 from usfm_jax.models.vit import (
     VisionTransformer,
     _pad_to_even_length,
+    dense,
     drop_path,
     relative_position_index,
     resolve_attention,
@@ -631,6 +632,30 @@ def test_patch_embedding_is_linear_map_of_patchified_pixels():
     conv = params["patch_embed"]["proj"]
     flat = ref_patchify(images.astype(np.float64), PATCH) @ conv["kernel"].reshape(-1, WIDTH)
     np.testing.assert_allclose(emb, flat + conv["bias"], atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 3, 4)])
+def test_dense_layer_and_its_gradients_over_any_leading_dims(lead):
+    """The token-flattening linear layer: x @ W + b over the last dim, and its parameter
+    gradients summed over every leading dim (numpy float64 reference)."""
+    layer = dense(6, 4, jnp.float32, nnx.Rngs(3))
+    layer.bias[...] = jnp.arange(4.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((*lead, 6)).astype(np.float32)
+    cot = rng.standard_normal((*lead, 4)).astype(np.float32)
+    kernel = np.asarray(layer.kernel[...], np.float64)
+
+    graph, params = nnx.split(layer)
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graph, params)(jnp.asarray(x)) * cot)
+
+    value, grads = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(value, np.sum((x @ kernel + np.arange(4.0)) * cot), rtol=1e-5)
+    flat_x, flat_cot = x.reshape(-1, 6).astype(np.float64), cot.reshape(-1, 4)
+    np.testing.assert_allclose(grads["kernel"][...], flat_x.T @ flat_cot, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["bias"][...], flat_cot.sum(0), rtol=1e-5, atol=1e-5)
+    assert layer(jnp.asarray(x)).shape == (*lead, 4)
 
 
 @pytest.mark.parametrize("head", ["linear", "transformer"])
