@@ -167,7 +167,8 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[config.model.dtype]
     n = ceiling_size(args, device.platform != "cpu")
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
+    cpu_options = cpu_runtime.compiler_options(device.platform)  # those the step compiles with
+    matmul = jax.jit(lambda x: x @ x, compiler_options=cpu_options or None)
     ceiling_s = measure(lambda: matmul(a), jax.block_until_ready, 2, 10)["step_s"]
     attention = resolve_attention(args.attention, dtype)
     return {
@@ -179,6 +180,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": config.model.dtype,
         "options": f"attn {attention}, remat {args.remat}"
         + (", scan" if args.scan else "")
+        + (", oneDNN matmuls" if cpu_options else "")
         + "".join(f", {flag}" for flag in args.xla_flag),
         "views_s": views_s,
         "ceiling_tflops": matmul_tflops(ceiling_s, n),

@@ -1,4 +1,5 @@
-"""The CPU runtime settings: a compiled step stops page-faulting its temporary buffer anew."""
+"""The CPU runtime settings: a compiled step stops page-faulting its temporary buffer anew, and
+steps compiled for a CPU mesh run their matmuls through oneDNN."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import statistics
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh
+from scipy.special import erf
 
-from usfm_jax import cpu_runtime
+from usfm_jax import cpu_runtime, parallel
+from usfm_jax.models.vit import gelu
 
 # A gradient step whose temporary buffer (~68 MB) is far above glibc's mmap threshold; prints
 # the size of that buffer and the minor page faults of each of twelve executions, as JSON.
@@ -65,3 +72,45 @@ def test_unknown_setting_is_a_clear_error(monkeypatch):
 def test_default_setting_leaves_the_allocator_alone(monkeypatch):
     monkeypatch.setenv(cpu_runtime.ENV, "default")
     assert cpu_runtime.keep_freed_memory() is False
+
+
+def test_compiler_options_are_for_the_tuned_cpu_only(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv(cpu_runtime.ENV, "tuned")
+    assert cpu_runtime.compiler_options("cpu") == cpu_runtime.CPU_COMPILER_OPTIONS
+    assert cpu_runtime.compiler_options("gpu") == {}
+    assert cpu_runtime.compiler_options("tpu") == {}
+    # the user's own XLA_FLAGS setting of any of them wins
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=false")
+    assert cpu_runtime.compiler_options("cpu") == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv(cpu_runtime.ENV, "default")
+    assert cpu_runtime.compiler_options("cpu") == {}
+
+
+@pytest.mark.parametrize("setting", ["tuned", "default"])
+def test_steps_compiled_in_a_mesh_take_the_cpu_options(monkeypatch, setting):
+    """An MLP's gradient (a GELU between two matmuls: a pattern XLA's oneDNN fusion of dots
+    with their elementwise neighbours fails to compile) runs through oneDNN matmuls when tuned
+    and gives the float64 reference's numbers either way."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv(cpu_runtime.ENV, setting)
+    mesh = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1, 1), parallel.MESH_AXES)
+    rng = np.random.default_rng(0)
+    x, w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((40, 16), (16, 64), (64, 8)))
+
+    def loss(w1, w2, x):
+        return jnp.sum(gelu(x @ w1) @ w2)
+
+    step = parallel.jit_in_mesh(jax.grad(loss, argnums=(0, 1)), mesh)
+    assert ("__onednn_fusion" in step.lower(w1, w2, x).compile().as_text()) == (setting == "tuned")
+    g1, g2 = step(w1, w2, x)
+    x64, w1_64, w2_64 = (a.astype(np.float64) for a in (x, w1, w2))
+    h = x64 @ w1_64
+    d_gelu = 0.5 * (1 + erf(h / np.sqrt(2))) + h * np.exp(-(h**2) / 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(
+        g2, (0.5 * h * (1 + erf(h / np.sqrt(2)))).T @ np.ones((40, 8)), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        g1, x64.T @ (np.ones((40, 8)) @ w2_64.T * d_gelu), rtol=1e-4, atol=1e-5
+    )

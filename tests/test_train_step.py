@@ -248,7 +248,7 @@ def test_remat_recomputes_blocks_without_changing_the_numbers(remat):
     mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
     _, _, state, step_fn, _ = create_training(config, mesh)
     batch = global_batch(next(iter(create_pretrain_dataset(config))), mesh)
-    jaxpr = str(jax.make_jaxpr(step_fn)(state, batch))
+    jaxpr = str(step_fn.trace(state, batch).jaxpr)
     assert jaxpr.count("remat2[") >= config.model.depth  # jax.checkpoint around every block
     recomputed, params_remat, _ = _run(config, jax.devices()[:1], steps=2)
     for a, b in zip(recomputed, plain, strict=True):
@@ -263,7 +263,7 @@ def test_scanned_blocks_give_the_same_numbers_and_compile_one_block():
     mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
     _, _, state, step_fn, _ = create_training(config, mesh)
     batch = global_batch(next(iter(create_pretrain_dataset(config))), mesh)
-    assert "length=3" in str(jax.make_jaxpr(step_fn)(state, batch))  # one scan over 3 blocks
+    assert "length=3" in str(step_fn.trace(state, batch).jaxpr)  # one scan over 3 blocks
     scanned, params_scanned, _ = _run(config, jax.devices()[:1], steps=2)
     for a, b in zip(scanned, plain, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)

@@ -13,6 +13,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from usfm_jax import cpu_runtime
+
 # dcn: data parallelism across TPU slices (or nodes), over the data-centre network;
 # data: data parallelism within a slice; fsdp: data parallelism that also shards parameters.
 MESH_AXES = ("dcn", "data", "fsdp")
@@ -84,13 +86,17 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
 
 
 def jit_in_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
-    """``jax.jit(fn)``, traced with ``mesh`` as the context mesh (for ``per_batch_shard``)."""
+    """``jax.jit(fn)``, traced with ``mesh`` as the context mesh (for ``per_batch_shard``) and
+    compiled with ``cpu_runtime``'s options for the mesh's platform."""
 
     @functools.wraps(fn)
     def in_mesh(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
 
+    options = cpu_runtime.compiler_options(mesh.devices.flat[0].platform)
+    if options:
+        jit_kwargs["compiler_options"] = options | jit_kwargs.get("compiler_options", {})
     return jax.jit(in_mesh, **jit_kwargs)
 
 
