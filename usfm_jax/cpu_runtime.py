@@ -88,10 +88,13 @@ def configure_for_backend() -> None:
 
 
 def compiler_options(platform_name: str) -> dict[str, Any]:
-    """``jax.jit`` compiler options for a step compiled for ``platform_name`` devices: on the
-    CPU, ``CPU_COMPILER_OPTIONS``; none elsewhere, with ``USFM_CPU_RUNTIME=default``, or when
-    ``XLA_FLAGS`` names any of them (the user's setting is kept)."""
-    if platform_name != "cpu" or not _enabled():
+    """``jax.jit`` compiler options for a step compiled for ``platform_name`` devices: on an x86
+    CPU, ``CPU_COMPILER_OPTIONS``; none elsewhere (XLA's oneDNN support is for x86), with
+    ``USFM_CPU_RUNTIME=default``, or when ``XLA_FLAGS`` names any of them (the user's setting is
+    kept)."""
+    if platform_name != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    if not _enabled():
         return {}
     flags = os.environ.get("XLA_FLAGS", "")
     if any(name in flags for name in CPU_COMPILER_OPTIONS):
