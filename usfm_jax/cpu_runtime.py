@@ -92,11 +92,8 @@ def compiler_options(platform_name: str) -> dict[str, Any]:
     CPU, ``CPU_COMPILER_OPTIONS``; none elsewhere (XLA's oneDNN support is for x86), with
     ``USFM_CPU_RUNTIME=default``, or when ``XLA_FLAGS`` names any of them (the user's setting is
     kept)."""
-    if platform_name != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return {}
-    if not _enabled():
-        return {}
-    flags = os.environ.get("XLA_FLAGS", "")
-    if any(name in flags for name in CPU_COMPILER_OPTIONS):
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    user_set = any(name in os.environ.get("XLA_FLAGS", "") for name in CPU_COMPILER_OPTIONS)
+    if platform_name != "cpu" or not x86 or user_set or not _enabled():
         return {}
     return dict(CPU_COMPILER_OPTIONS)

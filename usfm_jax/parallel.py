@@ -95,9 +95,7 @@ def jit_in_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
             return fn(*args)
 
     options = cpu_runtime.compiler_options(mesh.devices.flat[0].platform)
-    if options:
-        jit_kwargs["compiler_options"] = options | jit_kwargs.get("compiler_options", {})
-    return jax.jit(in_mesh, **jit_kwargs)
+    return jax.jit(in_mesh, compiler_options=options, **jit_kwargs)
 
 
 def per_batch_shard(fn: Callable) -> Callable:

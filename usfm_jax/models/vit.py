@@ -59,7 +59,7 @@ trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
 
 def over_tokens(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """``fn`` of a token-wise linear map applied to x [..., D_in] as one [N, D_in] matrix.
+    """A token-wise linear map ``fn`` applied to x [..., D_in] as one [N, D_in] matrix of tokens.
 
     Flattening the leading dims first makes the kernel's gradient a plain [N, D_in]^T x [N, D_out]
     product. With [B, T, D] operands, whose gradient contracts two dims, XLA:CPU writes a
