@@ -3,7 +3,6 @@
 import csv
 import glob
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import tensorflow_datasets as tfds
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
-from usfm_jax.data.ingest import Options, ingest, salted_hash
+from usfm_jax.data.ingest import NoUsableImages, Options, assign_split, ingest, salted_hash
 from usfm_jax.data.synthetic import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +27,9 @@ GOOD_DICOM = {
     "heart": ["color3d_jpeg_baseline.dcm"],  # 120-frame cine
     "breast": ["JPGLosslessP14SV1_1s_1f_8b.dcm"],
 }
+# DICOM files named as PACS and scanners export them: a UID, Siemens' .IMA (none is a twin)
+UID_NAMED = {"kidney": ("CT_small.dcm", "1.2.840.113619.2.55.3.604688119.868.1234567890.123")}
+UID_NAMED["liver"] = ("MR_small.dcm", "IM0001.IMA")
 DUPLICATE_FILES = {"US1_UNCR.dcm", "OBXXXX1A_rle.dcm"}  # the later one of each twin (by name)
 OPTIONS = Options(resize=0, frame_stride=30, max_frames=3, crop="none", salt=SALT)
 
@@ -50,12 +52,18 @@ def source_tree(tmp_path_factory) -> str:
         os.makedirs(root / organ)
         for name in names:
             shutil.copy(get_testdata_file(name), root / organ / name)
+    for organ, (source, name) in UID_NAMED.items():
+        shutil.copy(get_testdata_file(source), root / organ / name)
     os.makedirs(root / "thyroid")
     for i in range(3):
         image, _ = generate(7, i, (96, 128), organ=2)
         (root / "thyroid" / f"scan{i}.png").write_bytes(_png_bytes(image))
     rgb = np.stack([generate(7, 9, 64, organ=2)[0]] * 3, axis=-1)
     (root / "thyroid" / "photo.jpg").write_bytes(_png_bytes(rgb, "JPEG"))
+    (root / "thyroid" / "notes.txt").write_text("not an image: ignored and reported\n")
+    os.makedirs(root / "spleen" / ".cache")  # a folder without images: only a warning
+    (root / "spleen" / "readme.md").write_text("images to come\n")
+    (root / "spleen" / ".cache" / "x.png").write_bytes(b"hidden: never read")
     bad = root / "thyroid" / "bad"
     os.makedirs(bad)
     (bad / "empty.png").write_bytes(b"")
@@ -82,12 +90,14 @@ def _load(card: dict, split: str = "train"):
 
 def test_every_valid_image_lands_and_counts_are_right(ingested):
     _, card = ingested
-    expected = {"liver": 1, "kidney": 2, "heart": 3, "breast": 1, "thyroid": 4}
+    expected = {"liver": 2, "kidney": 3, "heart": 3, "breast": 1, "thyroid": 4}
     assert card["images"]["train"] == expected
+    assert card["organs"] == sorted(expected)  # no "spleen": its folder holds no image
     assert card["duplicates_removed"] == len(DUPLICATE_FILES)
     assert card["files"] == {
-        "listed": 16, "used": {"train": 9}, "skipped": 5, "all_frames_duplicate": 2
+        "listed": 18, "used": {"train": 11}, "skipped": 5, "all_frames_duplicate": 2, "ignored": 2
     }  # fmt: skip
+    assert card["splits_left_out"] == []
     ds = _load(card)
     assert len(ds) == sum(expected.values())
     names = card["organs"]
@@ -101,7 +111,10 @@ def test_bad_files_are_skipped_with_reasons(ingested, source_tree):
     out, _ = ingested
     with open(os.path.join(out, "us_test_skipped_paths.csv")) as f:  # outside the dataset
         rows = {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
-    assert set(rows) == {"empty.png", "truncated.dcm", "truncated.png", "notes.dcm", "report.dcm"}
+    skipped = {"empty.png", "truncated.dcm", "truncated.png", "notes.dcm", "report.dcm"}
+    assert set(rows) == skipped | {"notes.txt", "readme.md"}
+    assert rows["notes.txt"].startswith("ignored") and rows["readme.md"].startswith("ignored")
+    assert card["skipped_paths_report"] == os.path.join(out, "us_test_skipped_paths.csv")
     assert "empty" in rows["empty.png"]
     assert "pixel data" in rows["report.dcm"]
     assert all(reason and source_tree not in reason for reason in rows.values())
@@ -123,6 +136,12 @@ def test_landed_dicom_pixels_match_pydicom(ingested, source_tree):
         pydicom.dcmread(os.path.join(source_tree, "liver", "US1_UNCR.dcm")).pixel_array
     )
     np.testing.assert_allclose(landed["image"][..., 0], expected, atol=1)
+    for organ, (source, name) in UID_NAMED.items():  # taken by content, whatever the name
+        landed = by_path[salted_hash(os.path.join(organ, name), SALT)]
+        assert (
+            landed["image"].shape[:2]
+            == pydicom.dcmread(get_testdata_file(source)).pixel_array.shape
+        )
     cine = pydicom.dcmread(os.path.join(source_tree, "heart", "color3d_jpeg_baseline.dcm"))
     heart = [ds[i] for i in range(len(ds)) if card["organs"][ds[i]["organ"]] == "heart"]
     assert sorted(r["frame"] for r in heart) == [0, 30, 60]  # stride 30, at most 3 frames
@@ -136,8 +155,10 @@ def test_no_names_are_stored(ingested):
     blob = b"".join(open(p, "rb").read() for p in glob.glob(card["data_dir"] + "/*"))  # noqa: SIM115
     for secret in (b"CompressedSamples", b"NAME^PATIENT", b"Citizen", b"13US1", b"98279"):
         assert secret not in blob
-    liver = _load(card)[card["organ_ranges"]["train"]["liver"][0]]
-    assert liver["patient_hash"].decode() == salted_hash("13US1", SALT)  # PatientID, salted
+    ds = _load(card)
+    patients = {ds[i]["path_hash"].decode(): ds[i]["patient_hash"].decode() for i in range(len(ds))}
+    liver = patients[salted_hash(os.path.join("liver", "US1_J2KR.dcm"), SALT)]
+    assert liver == salted_hash("13US1", SALT)  # its PatientID, salted
 
 
 def test_patients_never_straddle_splits(tmp_path):
@@ -166,6 +187,43 @@ def test_existing_output_is_refused_unless_overwritten(ingested, source_tree):
         ingest(source_tree, out, "us_test", OPTIONS, workers=1)
 
 
+def _patients_in(split: str, options: Options, count: int) -> list[str]:
+    """Patient ids that ``assign_split`` puts in ``split``."""
+    names = (f"patient{i}" for i in range(10_000))
+    return [p for p in names if assign_split(p, options) == split][:count]
+
+
+def test_a_split_whose_files_are_all_bad_is_left_out(tmp_path):
+    options = Options(resize=0, val_fraction=0.3, salt=SALT)
+    rows = [("path", "organ", "patient_id")]
+    for i, patient in enumerate(_patients_in("train", options, 3)):
+        (tmp_path / f"{i}.png").write_bytes(_png_bytes(generate(5, i, 64)[0]))
+        rows.append((f"{i}.png", "liver", patient))
+    (tmp_path / "cut.png").write_bytes(_png_bytes(generate(5, 9, 64)[0])[:100])
+    rows.append(("cut.png", "liver", _patients_in("val", options, 1)[0]))
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    card = ingest(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), "no_val", options)
+    assert card["splits_left_out"] == ["val"]
+    assert card["images"]["train"] == {"liver": 3} and card["images"]["val"] == {}
+    assert card["files"]["skipped"] == 1 and card["skipped_reasons"]
+    assert len(_load(card, "train")) == 3
+    assert sorted(os.listdir(tmp_path / "out")) == ["no_val", "no_val_skipped_paths.csv"]
+
+
+def test_a_failed_run_leaves_no_dataset_and_keeps_the_old_one(ingested, tmp_path):
+    (tmp_path / "liver").mkdir()
+    (tmp_path / "liver" / "broken.png").write_bytes(b"\x89PNG not really")
+    out, card = ingested
+    with pytest.raises(NoUsableImages, match="no usable image"):
+        ingest(str(tmp_path), out, "us_test", OPTIONS, workers=1, overwrite=True)
+    assert len(_load(card)) == sum(card["images"]["train"].values())  # the old one, intact
+    assert not os.path.exists(os.path.join(out, ".us_test.incomplete"))
+    with pytest.raises(NoUsableImages):
+        ingest(str(tmp_path), str(tmp_path / "new"), "fresh", OPTIONS, workers=1)
+    assert os.listdir(tmp_path / "new") == ["fresh_skipped_paths.csv"]  # nothing to clean up
+
+
 def test_cli_exit_status(tmp_path):
     (tmp_path / "liver").mkdir()
     (tmp_path / "liver" / "broken.png").write_bytes(b"\x89PNG not really")
@@ -173,6 +231,13 @@ def test_cli_exit_status(tmp_path):
            f"--output={tmp_path / 'out'}", "--name=nothing", "--workers=1"]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
-    assert "error: no usable image in split(s) ['train']" in result.stderr
-    card = json.loads((tmp_path / "out" / "nothing" / "1.0.0" / "dataset_card.json").read_text())
-    assert card["files"]["skipped"] == 1
+    assert "error: no usable image; the reasons are in" in result.stderr
+    with open(tmp_path / "out" / "nothing_skipped_paths.csv") as f:
+        assert [os.path.basename(r["path"]) for r in csv.DictReader(f)] == ["broken.png"]
+    assert os.listdir(tmp_path / "out") == ["nothing_skipped_paths.csv"]  # a re-run just works
+    # a bad option value: one line, no traceback
+    result = subprocess.run([*cmd, "--frame_stride=0"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: --frame_stride must be >= 1, got 0"
+    assert "Traceback" not in result.stderr

@@ -27,8 +27,12 @@ split; ``dataset_card.json`` (per-organ counts and index ranges per split, optio
 skipped and why) and ``skipped.csv`` (path hash, reason) beside it. The raw paths of the skipped
 files, for the user to act on, go to ``DATA_DIR/NAME_skipped_paths.csv``, outside the dataset.
 Files run in parallel over the cores; a file that cannot be read is skipped and reported, never
-fatal. Exit status 0 unless no usable image was found. Pixels are not scrubbed: text burned into
-an image (outside the scan region when cropping) stays.
+fatal. Files are taken by suffix (images, ``.dcm`` / ``.dicom`` / ``.dic`` / ``.ima``, none) or,
+whatever their name (PACS exports name files by UID), by DICOM's preamble; other files are
+ignored and listed in the report too. A val or test split whose every file was skipped is left
+out with a warning. Exit status 0 unless no usable image was found; the dataset appears only
+once complete (a failed run leaves none). Pixels are not scrubbed: text burned into an image
+(outside the scan region when cropping) stays.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ from usfm_jax.data import readers
 VERSION = "1.0.0"
 SPLITS = ("train", "val", "test")
 FLAT_GROUP = "all"  # the organ / class of the files of a flat input folder
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", "")
+# by name; a file with another suffix is taken when it starts with DICOM's preamble, else ignored
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *readers.DICOM_SUFFIXES)
 MANIFEST_COLUMNS = ("path", "organ", "patient_id", "study_id", "device", "center")
 
 
@@ -86,6 +91,10 @@ class Options:
         return tuple(f for f, d in (("mask", self.masks), ("target", self.targets)) if d)
 
     def __post_init__(self):
+        if self.frame_stride < 1:
+            raise ValueError(f"--frame_stride must be >= 1, got {self.frame_stride}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"--max_frames must be >= 1 (0: every frame), got {self.max_frames}")
         if self.resize < 0:
             raise ValueError(f"--resize must be >= 0, got {self.resize}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -120,7 +129,7 @@ class Item:
 
 
 class NoUsableImages(RuntimeError):
-    """Nothing (or nothing for one split) could be read: see the skipped-files report."""
+    """No file gave a usable image: see the skipped-files report."""
 
 
 def salted_hash(value: str, salt: str) -> str:
@@ -128,44 +137,45 @@ def salted_hash(value: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
 
 
-def list_items(input_path: str) -> list[Item]:
-    """Items from a directory tree (first level = organ) or a CSV manifest, in a stable order."""
+def list_items(input_path: str) -> tuple[list[Item], list[str]]:
+    """Items from a directory tree (first level = organ) or a CSV manifest, in a stable order;
+    and the paths of the directory's files that are neither images nor DICOM (ignored)."""
     if os.path.isdir(input_path):
-        top = [f for f in sorted(os.listdir(input_path)) if _is_image_name(input_path, f)]
-        groups = [d for d in os.listdir(input_path) if os.path.isdir(os.path.join(input_path, d))]
+        names = [f for f in sorted(os.listdir(input_path)) if not f.startswith(".")]
+        files = [f for f in names if os.path.isfile(os.path.join(input_path, f))]
+        top = [f for f in files if _is_candidate(os.path.join(input_path, f))]
+        ignored = [os.path.join(input_path, f) for f in files if f not in top]
+        groups = [d for d in names if os.path.isdir(os.path.join(input_path, d))]
         if top and groups:
             raise ValueError(
                 f"--input {input_path!r} holds both files and folders: put the files in "
                 "folders (one per organ or class) or list them in a CSV manifest"
             )
         if top:  # a flat folder: one group
-            return [Item(os.path.join(input_path, f), FLAT_GROUP, f) for f in top]
+            return [Item(os.path.join(input_path, f), FLAT_GROUP, f) for f in top], ignored
         items = []
-        for organ in sorted(os.listdir(input_path)):
-            top = os.path.join(input_path, organ)
-            if not os.path.isdir(top):
-                continue
-            for root, dirs, files in os.walk(top):
-                dirs.sort()
-                items.extend(
-                    Item(
-                        os.path.join(root, f),
-                        organ,
-                        os.path.relpath(os.path.join(root, f), input_path),
-                    )
-                    for f in sorted(files)
-                    if _is_image_name(root, f)
-                )
-        return items
+        for organ in groups:
+            for root, dirs, files in os.walk(os.path.join(input_path, organ)):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for f in sorted(files):
+                    path = os.path.join(root, f)
+                    if f.startswith(".") or not os.path.isfile(path):
+                        continue
+                    if _is_candidate(path):
+                        items.append(Item(path, organ, os.path.relpath(path, input_path)))
+                    else:
+                        ignored.append(path)
+        return items, ignored
     if os.path.isfile(input_path) and input_path.lower().endswith(".csv"):
-        return _read_manifest(input_path)
+        return _read_manifest(input_path), []
+    if not os.path.exists(input_path):
+        raise ValueError(f"--input {input_path!r} does not exist")
     raise ValueError(f"--input {input_path!r} is neither a directory nor a .csv manifest")
 
 
-def _is_image_name(directory: str, name: str) -> bool:
-    path = os.path.join(directory, name)
-    suffix = os.path.splitext(name)[1].lower()
-    return suffix in IMAGE_SUFFIXES and not name.startswith(".") and os.path.isfile(path)
+def _is_candidate(path: str) -> bool:
+    """An image or DICOM file by its suffix, or a DICOM file by its content (any name)."""
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES or readers.is_dicom_file(path)
 
 
 def paired_path(directory: str, key: str) -> str | None:
@@ -328,12 +338,21 @@ class Writer:
         self.items, self.splits, self.organs = items, splits, organs
         self.options, self.pool = options, pool
         self.seen_hashes: set[str] = set()
-        self.skipped: list[tuple[str, str, str]] = []  # (key, path, reason)
-        self.duplicates = 0
+        self.skipped: list[tuple[str, str, str, str]] = []  # (key, path, reason, split)
         self.counts = {split: Counter() for split in SPLITS}
-        self.files_used = Counter()
-        self.files_all_duplicate = 0  # read fine, but every frame was already in the dataset
+        # per split: frames dropped as duplicates; files used; files read fine whose every
+        # frame was already in the dataset
+        self.duplicates, self.files_used, self.files_all_duplicate = Counter(), Counter(), Counter()
         self.mask_values: set[int] = set()
+        self.finished: list[str] = []  # splits whose files have all been through, in order
+
+    def carry(self, other: Writer, splits: Sequence[str]) -> None:
+        """Takes over what ``other`` (an attempt that ended on an empty split) found about
+        ``splits``, which this writer does not write."""
+        self.skipped += [entry for entry in other.skipped if entry[3] in splits]
+        for counter in ("duplicates", "files_used", "files_all_duplicate"):
+            for split in splits:
+                getattr(self, counter)[split] += getattr(other, counter)[split]
 
     def examples(self, split: str) -> Iterator[tuple[str, dict]]:
         """Examples of one split, grouped by organ (the items are sorted by organ)."""
@@ -349,12 +368,13 @@ class Writer:
                         desc=f"ingest {split}", dynamic_ncols=True)  # fmt: skip
         for (index, item), (records, error) in bar:
             if error is not None:
-                self.skipped.append((item.key, item.path, error.replace(item.path, "<file>")))
+                reason = error.replace(item.path, "<file>")
+                self.skipped.append((item.key, item.path, reason, split))
                 continue
             used = False
             for record in records:
                 if record["content_hash"] in self.seen_hashes:
-                    self.duplicates += 1
+                    self.duplicates[split] += 1
                     continue
                 self.seen_hashes.add(record["content_hash"])
                 self.mask_values.update(record.pop("mask_values", ()))
@@ -362,7 +382,8 @@ class Writer:
                 used = True
                 yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
             self.files_used[split] += used
-            self.files_all_duplicate += not used
+            self.files_all_duplicate[split] += not used
+        self.finished.append(split)
 
 
 def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
@@ -395,7 +416,9 @@ def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
         )
 
     def _split_generators(self, dl_manager):
-        return {split: writer.examples(split) for split in SPLITS if split in writer.splits}
+        # the small splits first: if one of them ends up empty, little work is redone
+        order = ("val", "test", "train")
+        return {split: writer.examples(split) for split in order if split in writer.splits}
 
     def _generate_examples(self):  # unused: the split generators above are the examples
         raise NotImplementedError
@@ -424,49 +447,115 @@ def ingest(
     workers: int | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Runs the whole ingest; returns the dataset card (also written beside the dataset)."""
+    """Runs the whole ingest; returns the dataset card (also written beside the dataset).
+
+    The dataset is built in ``OUTPUT/.NAME.incomplete`` and moved to ``OUTPUT/NAME`` only once
+    complete: a failed or interrupted run leaves nothing to clean up, and an existing dataset
+    it would overwrite stays until the new one is ready."""
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a file: give a directory")
     target = os.path.join(output, name)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    items = list_items(input_path)
+    items, ignored = list_items(input_path)
+    if ignored:
+        logging.warning(
+            "%d file(s) ignored: neither an image suffix (%s) nor a DICOM preamble, e.g. %s",
+            len(ignored), " ".join(s for s in IMAGE_SUFFIXES if s), ignored[0],
+        )  # fmt: skip
     if not items:
-        raise ValueError(f"no candidate files under {input_path}")
-    if os.path.exists(target):  # only once the new input is known to hold candidates
-        shutil.rmtree(target)
+        raise ValueError(f"no image or DICOM file under {input_path}")
     organs = sorted({item.organ for item in items})
-    # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX, which
-    # is multithreaded and unsafe to fork, is loaded in this process (tests, notebooks).
-    context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-    with context.Pool(workers or os.cpu_count() or 1) as pool:
-        patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
-        splits = [assign_split(patient, options) for patient in patients]
-        writer = Writer(items, splits, organs, options, pool)
-        builder = _builder_class(name, organs, writer)(data_dir=output, file_format="array_record")
+    for group in sorted({_group(path, input_path) for path in ignored} - {*organs, ""}):
+        logging.warning("folder %r holds no image or DICOM file: it is not in the dataset", group)
+    staging = os.path.join(output, f".{name}.incomplete")
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run left
+    try:
+        # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX,
+        # which is multithreaded and unsafe to fork, is loaded in this process (tests, notebooks).
+        context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+        with context.Pool(workers or os.cpu_count() or 1) as pool:
+            patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
+            splits = [assign_split(patient, options) for patient in patients]
+            writer, dropped = _build(name, staging, items, splits, organs, options, pool)
+        report = os.path.join(output, f"{name}_skipped_paths.csv")
+        rows = [(p, r) for _, p, r, _ in writer.skipped]
+        rows += [(p, "ignored: neither an image nor a DICOM file") for p in ignored]
+        with open(report, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "reason"), *rows])
+        if len(dropped) == len(set(splits)):
+            raise NoUsableImages(f"no usable image; the reasons are in {report}")
+        for split in dropped:
+            logging.warning(
+                "split %r is left out: none of its files gave a usable image (reasons in %s)",
+                split, report,
+            )  # fmt: skip
+        card = dataset_card(name, organs, options, writer, os.path.join(target, VERSION))
+        card["files"]["ignored"] = len(ignored)
+        card["splits_left_out"] = dropped
+        card["skipped_paths_report"] = os.path.abspath(report)
+        staged = os.path.join(staging, name, VERSION)
+        with open(os.path.join(staged, "dataset_card.json"), "w") as f:
+            json.dump(card, f, indent=2)
+        # The dataset keeps path hashes only; the raw paths, for the user, stay in the report.
+        hashed = [(salted_hash(key, options.salt), reason) for key, _, reason, _ in writer.skipped]
+        with open(os.path.join(staged, "skipped.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([("path_hash", "reason"), *hashed])
+        if os.path.exists(target):  # replaced only now that the new dataset is complete
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for organ in organs:
+        if not any(card["images"][split].get(organ) for split in SPLITS):
+            logging.warning("organ %r: none of its files gave a usable image", organ)
+    return card
+
+
+def _group(path: str, input_path: str) -> str:
+    """The organ / class folder a path of a directory input lies in ("" for a top-level file)."""
+    parts = os.path.relpath(path, input_path).split(os.sep)
+    return parts[0] if len(parts) > 1 else ""
+
+
+def _build(
+    name: str,
+    data_dir: str,
+    items: Sequence[Item],
+    splits: Sequence[str],
+    organs: Sequence[str],
+    options: Options,
+    pool: multiprocessing.pool.Pool,
+) -> tuple[Writer, list[str]]:
+    """Writes the TFDS dataset into ``data_dir``; returns its writer and the splits left out.
+
+    TFDS refuses a split that receives no example, and that is known only once all of its
+    files have been read; such a split (every file of it skipped) is then left out and the
+    others written again."""
+    dropped: list[str] = []
+    previous = None
+    while True:
+        kept = [split if split not in dropped else None for split in splits]
+        writer = Writer(items, kept, organs, options, pool)
+        if previous is not None:
+            writer.carry(previous, dropped)
+        if not any(kept):
+            return writer, dropped
+        builder = _builder_class(name, organs, writer)(
+            data_dir=data_dir, file_format="array_record"
+        )
         try:
             builder.download_and_prepare()
-            failure = None
-        except AssertionError:  # TFDS refuses a split that received no example
-            empty = [split for split in set(splits) if not sum(writer.counts[split].values())]
+            return writer, dropped
+        except AssertionError:  # "No examples were yielded."
+            empty = [s for s in writer.finished if not sum(writer.counts[s].values())]
             if not empty:
                 raise
-            failure = f"no usable image in split(s) {sorted(empty)}"
-    data_dir = os.path.join(output, name, VERSION)
-    os.makedirs(data_dir, exist_ok=True)
-    card = dataset_card(name, organs, options, writer, data_dir)
-    with open(os.path.join(data_dir, "dataset_card.json"), "w") as f:
-        json.dump(card, f, indent=2)
-    # The dataset keeps path hashes only; the raw paths, for the user to act on, stay outside it.
-    hashed = [(salted_hash(key, options.salt), reason) for key, _, reason in writer.skipped]
-    with open(os.path.join(data_dir, "skipped.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("path_hash", "reason"), *hashed])
-    report = os.path.join(output, f"{name}_skipped_paths.csv")
-    with open(report, "w", newline="") as f:
-        csv.writer(f).writerows([("path", "reason"), *((p, r) for _, p, r in writer.skipped)])
-    if failure:
-        raise NoUsableImages(f"{failure}; the reasons are in {report}")
-    return card
+            dropped += empty
+            previous = writer
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def dataset_card(
@@ -485,7 +574,7 @@ def dataset_card(
             if count:
                 ranges[split][organ] = [start, start + count]
             start += count
-    reasons = Counter(reason.split(":")[0] for _, _, reason in writer.skipped)
+    reasons = Counter(reason.split(":")[0] for _, _, reason, _ in writer.skipped)
     return {
         "name": name,
         "version": VERSION,
@@ -498,10 +587,10 @@ def dataset_card(
             "listed": len(writer.items),
             "used": dict(writer.files_used),
             "skipped": len(writer.skipped),
-            "all_frames_duplicate": writer.files_all_duplicate,
+            "all_frames_duplicate": sum(writer.files_all_duplicate.values()),
         },
         "skipped_reasons": dict(reasons),
-        "duplicates_removed": writer.duplicates,
+        "duplicates_removed": sum(writer.duplicates.values()),
         "fields": list(options.pair_fields),  # paired images besides "image"
         "mask_values": sorted(writer.mask_values),  # class ids seen in the masks
         "options": {
@@ -537,26 +626,32 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset 
 
 def main(argv: list[str]) -> None:
     del argv
-    options = Options(
-        resize=_RESIZE.value,
-        frame_stride=_STRIDE.value,
-        max_frames=_MAX_FRAMES.value or None,
-        crop=_CROP.value,
-        val_fraction=_VAL.value,
-        test_fraction=_TEST.value,
-        masks=_MASKS.value,
-        targets=_TARGETS.value,
-        png_compression=_PNG.value,
-        salt=_SALT.value if _SALT.value is not None else os.environ.get("USFM_SALT", ""),
-    )
-    if not options.salt:
-        logging.warning("no --salt / $USFM_SALT: id hashes are unsalted (guessable for short ids)")
     try:
+        options = Options(
+            resize=_RESIZE.value,
+            frame_stride=_STRIDE.value,
+            max_frames=_MAX_FRAMES.value or None,
+            crop=_CROP.value,
+            val_fraction=_VAL.value,
+            test_fraction=_TEST.value,
+            masks=_MASKS.value,
+            targets=_TARGETS.value,
+            png_compression=_PNG.value,
+            salt=_SALT.value if _SALT.value is not None else os.environ.get("USFM_SALT", ""),
+        )
+        if not options.salt:
+            logging.warning(
+                "no --salt / $USFM_SALT: id hashes are unsalted (guessable for short ids)"
+            )
+        tfds.disable_progress_bar()  # the per-split bars of this module say more
         card = ingest(_INPUT.value, _OUTPUT.value, _NAME.value, options,
                       workers=_WORKERS.value, overwrite=_OVERWRITE.value)  # fmt: skip
     except (ValueError, FileExistsError, NoUsableImages) as e:
         sys.exit(f"error: {e}")
-    print(json.dumps({k: card[k] for k in ("images", "files", "skipped_reasons")}, indent=2))
+    keys = ("data_dir", "images", "files", "skipped_reasons", "splits_left_out")
+    print(json.dumps({k: card[k] for k in keys}, indent=2))
+    if card["files"]["skipped"] or card["files"]["ignored"]:
+        print(f"skipped and ignored files, with reasons: {card['skipped_paths_report']}")
 
 
 if __name__ == "__main__":

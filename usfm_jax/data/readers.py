@@ -8,9 +8,9 @@ cannot interpret with certainty (an unknown colour space, a codec pydicom lacks,
 short) is an error, not a guess.
 
 File type is detected by content: a 128-byte preamble followed by ``DICM`` is DICOM; a file
-named ``.dcm`` / ``.dicom`` / ``.dic`` (or without extension) that pydicom parses with ``force``
-and that carries pixel data or a SOP Class UID is DICOM too (old files without preamble);
-everything else goes to PIL.
+named ``.dcm`` / ``.dicom`` / ``.dic`` / ``.ima`` (or without extension) that pydicom parses
+with ``force`` and that carries pixel data or a SOP Class UID is DICOM too (old files without
+preamble); everything else goes to PIL.
 
 Colour handling (one convention for every source, so a DICOM frame and the same frame exported
 as PNG give the same gray values):
@@ -53,7 +53,7 @@ from scipy import ndimage
 
 CROP_MODES = ("auto", "regions", "bbox", "none")
 MIN_SIDE = 16  # frames smaller than this (after crop) on either side are rejected
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima", "")  # ".ima": Siemens exports
 # Header values that mean "pydicom's pixel_array already converted this to RGB".
 _CONVERTED_TO_RGB = ("YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 
@@ -253,7 +253,7 @@ def _read(path: str, stride: int, max_frames: int | None, crop: str) -> ImageFil
         raise UnreadableError(f"cannot open file: {_short(e)}") from e
     if not head:
         raise UnreadableError("empty file (0 bytes)")
-    if len(head) == 132 and head[128:132] == b"DICM":
+    if _has_dicom_preamble(head):
         return _read_dicom(_dcmread(path, force=False), stride, max_frames, crop)
     suffix = os.path.splitext(path)[1].lower()
     if suffix in DICOM_SUFFIXES:
@@ -261,6 +261,20 @@ def _read(path: str, stride: int, max_frames: int | None, crop: str) -> ImageFil
         if ds is not None:
             return _read_dicom(ds, stride, max_frames, crop)
     return _read_pil(path, stride, max_frames, crop)
+
+
+def _has_dicom_preamble(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when the file starts with DICOM's preamble (128 bytes, then ``DICM``), whatever its
+    name: PACS exports often name files by their UID (``1.2.840....123``)."""
+    try:
+        with open(path, "rb") as f:
+            return _has_dicom_preamble(f.read(132))
+    except OSError:
+        return False
 
 
 def _frame_indices(n: int, stride: int, max_frames: int | None) -> list[int]:
