@@ -199,6 +199,21 @@ def test_checkpoint_of_another_model_is_an_error_naming_the_first_key(tmp_path):
     assert _steps(tmp_path) == [1, 3]
 
 
+def test_resuming_with_another_config_names_the_changed_fields(tmp_path, caplog):
+    config = _tiny()
+    train.train(config, str(tmp_path), stop_after=3)
+    with caplog.at_level("WARNING"):
+        train.train(config, str(tmp_path), stop_after=1)  # the same config: nothing to say
+    assert not [r for r in caplog.records if "differs from" in r.getMessage()]
+    changed = _tiny(**{"spatial.ratio": 0.5})
+    changed.total_steps = 12
+    with caplog.at_level("WARNING"):
+        train.train(changed, str(tmp_path), stop_after=1)
+    [warning] = [r.getMessage() for r in caplog.records if "differs from" in r.getMessage()]
+    assert f"resuming from {tmp_path}/checkpoints/4 " in warning
+    assert warning.endswith(": spatial.ratio: 0.6 -> 0.5; total_steps: 9 -> 12")
+
+
 def test_retention_keeps_the_last_n_and_every_kth(tmp_path):
     config = _tiny(**{"checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.keep_every": 4})
     config.total_steps = 10

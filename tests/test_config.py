@@ -104,11 +104,40 @@ def test_parse_arg():
         parse_arg("stpes=5", steps=1)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "usfm_jax.train", "--config", "configs/pretrain/demo.py"]
+def _cli(*args: str, config: str = "configs/pretrain/demo.py") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "usfm_jax.train", "--config", config]
     return subprocess.run(
         [*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
+
+
+@pytest.mark.parametrize(
+    "config, args, error",
+    [
+        ("configs/pretrain/nope.py", [], "config file 'configs/pretrain/nope.py' does not exist"),
+        (
+            "configs/pretrain/demo.py:stepz=5",
+            [],
+            "--config configs/pretrain/demo.py:stepz=5: config argument 'stepz' is not one of "
+            "['steps']",
+        ),
+        (
+            "configs/pretrain/demo.py",
+            ["--stop_after=0"],
+            "flag --stop_after=0: 0 is not a positive",
+        ),
+        ("configs/pretrain/demo.py", ["--workdir=README.md"], "--workdir README.md is a file"),
+    ],
+    ids=["missing file", "bad argument", "bad flag", "workdir is a file"],
+)
+def test_cli_mistakes_get_one_line(tmp_path, config, args, error):
+    args = (
+        args if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}", *args]
+    )
+    result = _cli(*args, config=config)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {error}"), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_rejects_a_misspelled_field(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -267,6 +268,37 @@ def test_precomputed_targets_match_the_live_teacher(tmp_path, teacher_64):
     config.teacher.targets = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="no teacher-target cache there"):
         validate(config, jax.device_count())
+
+
+def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
+    """check_cache against cache.json as written: an ingested dataset's cache is accepted as it
+    is (its augmentation's tuples come back as lists), and refused once the teacher file's
+    bytes change at the same size, or the dataset is ingested again in place."""
+    from usfm_jax.teacher_cache import CACHE_INFO, check_cache, describe
+
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(open(teacher_64, "rb").read())  # noqa: SIM115
+    dataset = tmp_path / "tfds"
+    dataset.mkdir()
+    (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-01-01T00:00:00"}))
+    config = _urfm_config(str(teacher), **{"data.source": "tfds", "data.tfds_dir": str(dataset)})
+    config.teacher.targets = str(tmp_path / "cache")
+    os.makedirs(config.teacher.targets)
+    np.save(tmp_path / "cache" / "targets.npy", np.zeros((1, 16, 64), np.float16))
+    (tmp_path / "cache" / CACHE_INFO).write_text(json.dumps(describe(config)))
+    assert check_cache(config)["data"]["augment"]["crop_scale"] == list(
+        config.data.augment.crop_scale
+    )
+    data = bytearray(teacher.read_bytes())
+    data[-1] ^= 1
+    teacher.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"made with teacher\.sha256="):
+        check_cache(config)
+    teacher.write_bytes(open(teacher_64, "rb").read())  # noqa: SIM115
+    check_cache(config)
+    (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-02-02T00:00:00"}))
+    with pytest.raises(ValueError, match=r"made with data\.created='2026-01-01"):
+        check_cache(config)
 
 
 def test_only_identity_augmentation_is_deterministic():

@@ -12,6 +12,7 @@ aside (moved, never deleted), and the one before it is used.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from usfm_jax.paths import as_path
@@ -140,13 +142,20 @@ class Checkpointer:
         return self.directory / str(step)
 
     def restore_latest(
-        self, state: Any, shardings: Any, make_data: Callable[[int], grain.DatasetIterator]
+        self,
+        state: Any,
+        shardings: Any,
+        make_data: Callable[[int], grain.DatasetIterator],
+        config: ml_collections.ConfigDict | None = None,
     ) -> tuple[Any, grain.DatasetIterator]:
         """(state, data iterator) at the newest usable checkpoint, or (``state``,
-        ``make_data(0)``) if there is none. ``make_data(step)`` opens this process's data stream
-        at a global step; the saved iterator position is restored into ``make_data(0)``, unless
-        the checkpoint was written by another number of processes: then the stream is opened at
-        the restored step (global batches do not depend on the process count).
+        ``make_data(0)``) if there is none. ``make_data(step)`` opens this process's data
+        stream at a global step; the saved iterator position is restored into
+        ``make_data(0)``, unless the checkpoint was written by another number of processes:
+        then the stream is opened at the restored step (global batches do not depend on the
+        process count). A ``config`` that differs from the one the checkpoint was written with
+        is logged, field by field: a resumed run may change its length or data on purpose, but
+        never unnoticed.
 
         Unreadable or corrupt checkpoints are reported, skipped and moved to
         ``unusable_checkpoints/``; one written for other parameter shapes is an error.
@@ -175,6 +184,8 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
+            if config is not None and jax.process_index() == 0:
+                self._report_config_changes(step, config)
             restored_state, data_restored = restored
             if not data_restored:
                 logging.info(
@@ -230,6 +241,23 @@ class Checkpointer:
         check_fingerprint(restored.state, restored.fingerprint, str(self.step_path(step)))
         return restored.state, same_processes
 
+    def _report_config_changes(self, step: int, config: ml_collections.ConfigDict) -> None:
+        try:
+            saved = self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            ).config
+        except Exception as e:  # the state restored fine: this is only a report
+            logging.warning("cannot read the config saved in %s: %s", self.step_path(step), e)
+            return
+        changes = config_changes(saved, config.to_dict())
+        if changes:
+            logging.warning(
+                "resuming from %s with a config that differs from the one it was written with "
+                "(each checkpoint keeps its own): %s",
+                self.step_path(step),
+                "; ".join(changes),
+            )
+
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unusable checkpoints out of the way (kept for inspection, never deleted)."""
         if not steps:
@@ -280,6 +308,20 @@ class Checkpointer:
         """Waits for pending saves to finish."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def config_changes(before: dict, after: dict) -> list[str]:
+    """``"field: old -> new"`` for every field whose value differs, as JSON would store it."""
+
+    def flat(tree: dict) -> dict[str, Any]:
+        return traverse_util.flatten_dict(json.loads(json.dumps(tree, default=str)), sep=".")
+
+    old, new = flat(before), flat(after)
+    return [
+        f"{key}: {old.get(key, 'unset')!r} -> {new.get(key, 'unset')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in old or key not in new or old[key] != new[key]
+    ]
 
 
 class PreemptionGuard:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import ml_collections
@@ -13,12 +14,37 @@ from usfm_jax import cpu_runtime, distributed
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error for a bad ``--config.field=value`` override."""
+    """absl flag parsing, with one-line errors for a bad flag, a bad ``--config.field=value``
+    override and a config file that cannot be loaded."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e).replace("\\n", " ").replace("\\", "").replace("'", "")
+        message = str(e)
+        if "Error whilst parsing config file" in message:  # get_config(arg) raised
+            spec = message.partition(": ")[0].removeprefix("flag --config=")
+            sys.exit(f"error: --config {spec}: {_last_line(message)}")
+        message = message.replace("\\n", " ").replace("\\", "").replace("'", "")
+        if message.startswith("flag --") and not message.startswith("flag --config"):
+            sys.exit(f"error: {message}")  # a plain flag: --workdir, --stop_after, ...
         sys.exit(f"error: invalid --config override: {message}")
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+        config = flags.FLAGS["config"]
+        try:
+            config.value.keys()  # ml_collections defers a load error to the first access
+        except OSError as e:
+            path = config.config_filename.partition(":")[0]
+            if not os.path.isfile(path):
+                sys.exit(f"error: config file {path!r} does not exist")
+            sys.exit(f"error: cannot load --config {config.config_filename}: {_last_line(e)}")
+    return argv
+
+
+def _last_line(error: BaseException | str) -> str:
+    """The last line of an error's root cause, as Python prints it, less the exception type."""
+    while isinstance(error, BaseException) and error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return re.sub(r"^\w+Error: ", "", lines[-1].strip()) if lines else repr(error)
 
 
 def start_jax(distributed_mode: str = "off") -> None:

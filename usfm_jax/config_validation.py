@@ -72,11 +72,15 @@ def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data: {e}") from None
     if d.weighting == "explicit":
         organs = sorted(card["organ_ranges"][d.split])
+        named = set(weights or ())
+        unknown, missing = sorted(named - set(organs)), sorted(set(organs) - named)
         _require(
-            weights is not None and sorted(weights) == organs,
+            not unknown and not missing,
             "data.organ_weights",
             d.organ_weights,
-            f"name a weight for each of {organs}",
+            f"name a weight for each of {organs}"
+            + (f"; not in the dataset: {unknown}" if unknown else "")
+            + (f"; missing: {missing}" if missing else ""),
         )
 
 
@@ -177,7 +181,7 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
         len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size),
         "image_size",
         config.image_size,
-        "expected (height, width) of positive ints",
+        "expected (height, width) of positive ints, e.g. --config.image_size='(224, 224)'",
     )
     patch = config.model.patch_size
     _require(isinstance(patch, int) and patch > 0, "model.patch_size", patch, "expected an int > 0")
@@ -230,7 +234,9 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
         0 <= o.warmup_steps < config.total_steps,
         "optimizer.warmup_steps",
         o.warmup_steps,
-        f"expected [0, total_steps={config.total_steps})",
+        f"expected [0, total_steps={config.total_steps}); lower it with "
+        "--config.optimizer.warmup_steps, or use the config's `:steps=N` argument where it has "
+        "one (it sets both)",
     )
 
 

@@ -18,6 +18,14 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
+def work_directory(path: str | os.PathLike) -> epath.Path:
+    """``as_path`` of a run's ``--workdir``, refused when it names a file."""
+    root = as_path(path)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--workdir {os.fspath(path)} is a file: give a directory")
+    return root
+
+
 def replace_text(path: epath.Path, text: str) -> None:
     """Writes ``path`` whole, through a temporary file: a kill midway leaves the old one."""
     temporary = path.parent / f"{path.name}.tmp"

@@ -10,11 +10,13 @@ features of a record never change, so they can be computed once: the cache holds
 features (before the target normalisation, which stays a training setting) of every record,
 float16 [num_records, N, E] in ``targets.npy`` (memory-mapped by the input pipeline, a local
 path), and ``cache.json`` saying what made them. Training refuses a cache made by another
-teacher file, layer, normalisation or dtype, image size or data source.
+teacher (its bytes: the SHA-256 of the file), layer, normalisation or dtype, image size or data
+(an ingested dataset also when ingested again in place).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as std_logging
 import os
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert import ConversionError
-from usfm_jax.data.pipeline import CACHE_ARRAY, record_source
+from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import teacher_from_config
 from usfm_jax.reporting import quiet_library_logs
 
@@ -39,17 +41,26 @@ CACHE_INFO = "cache.json"
 
 
 def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What the cached features depend on: teacher, its settings, image size, data."""
+    """What the cached features depend on: teacher (by content), its settings, image size,
+    data (an ingested dataset by its card's creation time: ingesting again in place changes
+    it); as JSON stores it."""
     t, d = config.teacher, config.data
     data = {"source": d.source, "seed": config.seed}
     if d.source == "synthetic":
         data["num_images"] = d.num_images
     else:
-        data.update(tfds_dir=os.path.abspath(d.tfds_dir), split=d.split, augment=dict(d.augment))
-    return {
+        data.update(
+            tfds_dir=os.path.abspath(d.tfds_dir),
+            created=read_card(d.tfds_dir).get("created"),
+            split=d.split,
+            augment=d.augment.to_dict(),
+        )
+    with open(t.path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    description = {
         "teacher": {
             "path": os.path.abspath(t.path),
-            "bytes": os.path.getsize(t.path),
+            "sha256": digest,
             "format": t.format,
             "layer": t.layer,
             "normalization": t.normalization,
@@ -58,6 +69,7 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "image_size": list(config.image_size),
         "data": data,
     }
+    return json.loads(json.dumps(description))  # tuples as lists, as read back from cache.json
 
 
 def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from usfm_jax.cli import parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
-from usfm_jax.paths import as_path, replace_text
+from usfm_jax.paths import replace_text, work_directory
 from usfm_jax.probe import OrganProbe
 from usfm_jax.reporting import Reporter, quiet_library_logs
 from usfm_jax.train_step import create_training, make_preview
@@ -44,7 +45,7 @@ def train(
     returns the metrics of the last logging window. ``stop_after`` ends this invocation after
     that many steps, with a checkpoint (a time-sliced job)."""
     validate(config, jax.device_count())
-    root = as_path(workdir)  # local, or gs://...
+    root = work_directory(workdir)  # local, or gs://...
     if jax.process_index() == 0:
         root.mkdir(parents=True, exist_ok=True)
         replace_text(root / "config.json", config.to_json_best_effort(indent=2))
@@ -65,7 +66,10 @@ def train(
     batch_keys = ("image", "target") if config.teacher.targets else ("image",)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state, data = checkpointer.restore_latest(
-        state, shardings, lambda step: iter(create_pretrain_dataset(config, start_step=step))
+        state,
+        shardings,
+        lambda step: iter(create_pretrain_dataset(config, start_step=step)),
+        config,
     )
     start = int(state.step)  # 0, or the restored checkpoint's step
     end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
@@ -148,7 +152,14 @@ def main(argv: list[str]) -> None:
     try:
         start_jax(f.distributed)
         train(f.config, f.workdir, stop_after=f.stop_after)
-    except (CheckpointError, ConfigError, DistributedError, TrainingDiverged) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        ConversionError,  # a teacher file that is not what config.teacher says
+        DistributedError,
+        NotADirectoryError,
+        TrainingDiverged,
+    ) as e:
         sys.exit(f"error: {e}")
 
 

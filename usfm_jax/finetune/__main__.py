@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
         start_jax(_DISTRIBUTED.value)
         finetune(_CONFIG.value, _WORKDIR.value)
     except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
-            ValueError) as e:  # fmt: skip
+            NotADirectoryError, ValueError) as e:  # fmt: skip
         sys.exit(f"error: {e}")
 
 

@@ -40,7 +40,7 @@ from usfm_jax.finetune.step import make_predict, make_train_step
 from usfm_jax.finetune.validation import validate_finetune
 from usfm_jax.models.factory import DTYPES
 from usfm_jax.optim import create_optimizer, layer_decay_scales
-from usfm_jax.paths import as_path, replace_text
+from usfm_jax.paths import replace_text, work_directory
 from usfm_jax.pretrained import load_encoder_weights
 from usfm_jax.reporting import Reporter
 from usfm_jax.train_step import TrainState, fresh_state
@@ -86,7 +86,7 @@ def create_model(
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs one fine-tuning; returns the results written to ``workdir/results.json``."""
     validate_finetune(config, jax.device_count())
-    root = as_path(workdir)
+    root = work_directory(workdir)
     is_main = jax.process_index() == 0
     if (root / "results.json").exists():
         raise FileExistsError(f"{workdir} already holds a finished run (results.json)")
