@@ -26,6 +26,7 @@ from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune.models import adaptive_pool_matrix, feature_layers, resize
 from usfm_jax.finetune.run import finetune
 from usfm_jax.finetune.step import segmentation_loss
+from usfm_jax.finetune.validation import validate_finetune
 from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
 from usfm_jax.train import train
@@ -273,6 +274,39 @@ def test_finetune_config_errors():
         finetune(tiny_finetune_config("classify", **{"data.degradation": "speckle"}), "/x")
 
 
+def _card_dir(tmp_path, name: str, organs: dict[str, int], **card) -> str:
+    """A dataset directory holding only an ingest card: what validation reads."""
+    ranges, start = {}, 0
+    for organ, count in organs.items():
+        ranges[organ], start = [start, start + count], start + count
+    directory = tmp_path / name
+    directory.mkdir()
+    card = {"organs": list(organs), "organ_ranges": dict.fromkeys(("train", "val", "test"), ranges),
+            **card}  # fmt: skip
+    (directory / "dataset_card.json").write_text(json.dumps(card))
+    return str(directory)
+
+
+def test_finetune_without_anything_to_learn_or_select_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.select='dice': expected one of \['balanced_"):
+        validate_finetune(tiny_finetune_config("classify", **{"eval.select": "dice"}))
+    one_class = _card_dir(tmp_path, "one", {"all": 5})
+    config = tiny_finetune_config("classify", **{"data.source": "tfds", "data.tfds_dir": one_class})
+    with pytest.raises(ConfigError, match=r"two classes or more in train, the dataset has \['all'"):
+        validate_finetune(config)
+    validate_finetune(tiny_finetune_config("classify", **{"data.source": "tfds", "data.tfds_dir": (
+        _card_dir(tmp_path, "two", {"benign": 3, "malignant": 2}))}))  # fmt: skip
+    for values, error in (([0, 255], True), ([0, 1, 255], False)):
+        masks = _card_dir(tmp_path, f"masks{len(values)}", {"all": 5}, fields=["mask"],
+                          mask_values=values)  # fmt: skip
+        config = tiny_finetune_config("segment", **{"data.source": "tfds", "data.tfds_dir": masks})
+        if error:
+            with pytest.raises(ConfigError, match=r"only the values \[0, 255\].*0/1"):
+                validate_finetune(config)
+        else:
+            validate_finetune(config)
+
+
 def test_label_efficiency_study(tmp_path):
     config = tiny_finetune_config("classify")
     config.total_steps = 3
@@ -290,6 +324,9 @@ def test_label_efficiency_study(tmp_path):
     stamp = done.stat().st_mtime_ns
     label_efficiency.study(config, inits, [0.5, 1.0], 2, str(tmp_path))  # continues: no rerun
     assert done.stat().st_mtime_ns == stamp
+    config.total_steps = 4  # another study: its runs are not the finished ones
+    with pytest.raises(ValueError, match=r"s0 was fine-tuned with another config \(total_steps"):
+        label_efficiency.study(config, inits, [0.5, 1.0], 2, str(tmp_path))
     assert label_efficiency.parse_named("a=x,runs/b", "inits") == [("a", "x"), ("b", "runs/b")]
     with pytest.raises(ValueError, match="unique"):
         label_efficiency.parse_named("a=x,a=y", "inits")

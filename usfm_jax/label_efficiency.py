@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from usfm_jax.checkpoint import CheckpointError
+from usfm_jax.checkpoint import CheckpointError, config_changes
 from usfm_jax.cli import load_config, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import ConversionError
@@ -42,6 +42,7 @@ from usfm_jax.finetune.run import finetune
 from usfm_jax.reporting import quiet_library_logs
 
 SCRATCH = "scratch"
+STUDY_CONFIG = "study_run.json"  # in each run's workdir: the config the study asked for
 
 
 def parse_named(text: str, flag: str) -> list[tuple[str, str]]:
@@ -101,21 +102,42 @@ def run_grid(
         for fraction in fractions:
             for seed in range(seeds):
                 workdir = os.path.join(out, "runs", name, f"f{fraction:g}", f"s{seed}")
-                results_file = os.path.join(workdir, "results.json")
-                if os.path.exists(results_file):
-                    with open(results_file) as f:
+                run = copy.deepcopy(config)
+                run.init = "" if path == SCRATCH else path
+                run.label_fraction = fraction
+                run.seed = seed
+                asked = os.path.join(workdir, STUDY_CONFIG)
+                if os.path.exists(os.path.join(workdir, "results.json")):
+                    _check_same_run(run, asked)
+                    with open(os.path.join(workdir, "results.json")) as f:
                         results = json.load(f)
                 else:
                     print(f"[{len(records) + 1}/{total}] {name}, fraction {fraction:g}, "
                           f"seed {seed}", flush=True)  # fmt: skip
-                    run = copy.deepcopy(config)
-                    run.init = "" if path == SCRATCH else path
-                    run.label_fraction = fraction
-                    run.seed = seed
+                    os.makedirs(workdir, exist_ok=True)
+                    with open(asked, "w") as f:
+                        f.write(run.to_json_best_effort(indent=2))
                     results = finetune(run, workdir)
                 # the study's name of the init, not the run's path of it
                 records.append({**results, "init": name, "fraction": fraction, "seed": seed})
     return records
+
+
+def _check_same_run(run: ml_collections.ConfigDict, asked: str) -> None:
+    """A finished run is reused only if it was asked for with this config."""
+    if not os.path.exists(asked):
+        raise ValueError(
+            f"{os.path.dirname(asked)} holds a finished run without the {STUDY_CONFIG} that "
+            "says how the study asked for it: use another --out (or remove the run)"
+        )
+    with open(asked) as f:
+        changes = config_changes(json.load(f), run.to_dict())
+    if changes:
+        raise ValueError(
+            f"{os.path.dirname(asked)} was fine-tuned with another config ("
+            + "; ".join(changes[:5])
+            + "): use another --out for the changed study, or remove the old runs"
+        )
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: str) -> None:

@@ -511,6 +511,12 @@ def ingest(
     for organ in organs:
         if not any(card["images"][split].get(organ) for split in SPLITS):
             logging.warning("organ %r: none of its files gave a usable image", organ)
+    if options.masks and not set(card["mask_values"]) - {0, 255}:
+        logging.warning(
+            "the masks hold only the values %s: 255 means 'ignore' and 0 background, so there "
+            "is no class to learn. Binary masks saved as 0/255 need class ids (0/1) instead",
+            card["mask_values"],
+        )
     return card
 
 

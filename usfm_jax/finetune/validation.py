@@ -15,7 +15,8 @@ from usfm_jax.config_validation import (
     check_optimizer,
 )
 from usfm_jax.data.pipeline import read_card
-from usfm_jax.finetune.data import DEGRADATIONS, TASKS
+from usfm_jax.finetune.data import DEGRADATIONS, IGNORE, TASKS
+from usfm_jax.finetune.evaluate import METRICS
 
 MODES = ("finetune", "linear_probe")
 
@@ -35,9 +36,10 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
     else:
         _require(bool(d.tfds_dir), "data.tfds_dir", d.tfds_dir, "set it for data.source='tfds'")
         try:
-            read_card(d.tfds_dir)
+            card = read_card(d.tfds_dir)
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
+        _check_labels(config, card)
     _in_range(config, "data.hflip", 0, 1)
     _one_of(config, "data.degradation", DEGRADATIONS)
     if d.degradation != "none":
@@ -61,5 +63,26 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
     _require(config.loss.dice_weight >= 0, "loss.dice_weight", config.loss.dice_weight, ">= 0")
     check_optimizer(config)
     _require(config.eval.num_overlays >= 0, "eval.num_overlays", config.eval.num_overlays, ">= 0")
+    if config.eval.select:
+        metrics = METRICS[config.task]
+        _require(config.eval.select in metrics, "eval.select", config.eval.select,
+                 f"expected one of {list(metrics)} for task={config.task!r}")  # fmt: skip
     if num_devices is not None:
         check_batch_split(config, num_devices, config.batch_size)
+
+
+def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
+    """An ingested dataset has something to learn for the task: two classes or more; masks
+    with a foreground class."""
+    d = config.data
+    if config.task == "classify":
+        classes = [c for c, r in card["organ_ranges"].get("train", {}).items() if r[1] > r[0]]
+        _require(len(classes) >= 2, "data.tfds_dir", d.tfds_dir,
+                 f"classification needs two classes or more in train, the dataset has "
+                 f"{classes} (one folder per class at ingest)")  # fmt: skip
+    if config.task == "segment" and "mask" in card.get("fields", []):
+        values = sorted(card.get("mask_values", []))
+        _require(any(v not in (0, IGNORE) for v in values), "data.tfds_dir", d.tfds_dir,
+                 f"its masks hold only the values {values}: background (0) and ignore "
+                 f"({IGNORE}), no class to learn. Masks saved as 0/255 must hold class ids "
+                 "(0/1: mask // 255) before ingest")  # fmt: skip
