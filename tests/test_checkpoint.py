@@ -305,13 +305,14 @@ def test_export_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_saves_the_current_step_and_exits_0(tmp_path, signum):
     proc = _demo(tmp_path, "--config.total_steps=5000", bufsize=1)
     try:
         for line in proc.stdout:  # wait until training runs
             if line.startswith("step 10:"):
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _finish(proc, tmp_path)
     finally:
         proc.kill()

@@ -325,27 +325,39 @@ def config_changes(before: dict, after: dict) -> list[str]:
 
 
 class PreemptionGuard:
-    """Turns a pre-emption notice (SIGTERM) into a stop at a step boundary.
+    """Turns a pre-emption notice (SIGTERM), or Ctrl-C in a single process, into a stop at a
+    step boundary.
 
     The train loop asks ``reached(step)`` after each step; when it says so, the loop saves a
     checkpoint of that step, waits for it and returns normally: exit status 0, and the next run
     resumes there. With several processes, JAX's distributed runtime receives the notice and
     agrees on the step at which all processes stop (``reached_preemption_sync_point``); in a
-    single process a SIGTERM handler sets a flag.
+    single process a signal handler sets a flag. A second Ctrl-C stops at once.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self) -> PreemptionGuard:
         single = jax.process_count() == 1
         if single and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        if signum == signal.SIGINT:
+            if self.requested:  # the second Ctrl-C: the user does not want to wait
+                signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+                raise KeyboardInterrupt
+            logging.warning(
+                "Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                "(Ctrl-C again to stop at once, without it)"
+            )
+        else:
+            logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
         self.requested = True
 
     def reached(self, step: int) -> bool:
@@ -358,5 +370,5 @@ class PreemptionGuard:
             return False
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)

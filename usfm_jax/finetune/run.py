@@ -3,10 +3,10 @@ head -> sharded state and compiled step -> train, evaluating on val every ``eval
 and keeping the best parameters -> test evaluation of the best -> results and overlays.
 
 Outputs in the workdir: ``config.json``, ``metrics.jsonl`` (training curves),
-``evaluations.jsonl`` (validation metrics), ``tensorboard/`` (both), ``best/`` (an export of the best parameters, readable by
-``usfm_jax.export.load_params`` and ``usfm_jax.pretrained.load_pretrained``),
-``results.json`` and ``results.md`` (val at the best step, test), ``test_predictions/``
-(PNG overlays).
+``evaluations.jsonl`` (validation metrics), ``tensorboard/`` (both), ``best/`` (an export of
+the best parameters, readable by ``usfm_jax.export.load_params`` and
+``usfm_jax.pretrained.load_pretrained``), ``results.json`` and ``results.md`` (val at the best
+step, test), ``test_predictions/`` (PNG overlays).
 """
 
 from __future__ import annotations
