@@ -8,6 +8,7 @@ gray images: max abs difference < 1e-4 in float32.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -415,6 +416,10 @@ def test_wrong_architecture_errors_name_the_first_mismatching_key(tmp_path):
         ([1, 2, 3], "not a state dict: it holds a list"),
         ({"epoch": 3, "optimizer": {"lr": 0.1}}, "not a state dict: a dict of 2 entries"),
         (b"not a pickle", "cannot read .* as PyTorch weights"),
+        (
+            {"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)},
+            r"holds Python objects besides tensors \(Unsupported global: GLOBAL argparse\.Names",
+        ),
     ],
 )
 def test_files_that_are_not_state_dicts_are_named(tmp_path, content, match):
@@ -423,8 +428,9 @@ def test_files_that_are_not_state_dicts_are_named(tmp_path, content, match):
         path.write_bytes(content)
     else:
         torch.save(content, path)
-    with pytest.raises(ConversionError, match=match):
+    with pytest.raises(ConversionError, match=match) as error:
         read_state_dict(path)
+    assert "weights_only" not in str(error.value)  # never the advice to run the file's code
 
 
 def test_urfm_mae_file_imports_its_encoder(tmp_path):

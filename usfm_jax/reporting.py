@@ -28,12 +28,14 @@ _CHATTY = ("/orbax/", "/grain/", "/jax/_src/")  # libraries that narrate every f
 
 def quiet_library_logs(level: int = std_logging.WARNING) -> None:
     """Hides what orbax, grain and JAX log below ``level`` (a few hundred INFO lines per run);
-    usfm_jax's own lines still show."""
-    logging.get_absl_handler().python_handler.addFilter(
-        lambda record: (
-            record.levelno >= level or not any(part in record.pathname for part in _CHATTY)
-        )
-    )
+    usfm_jax's own lines still show. Filters absl's handler (programs run by ``absl.app``) and
+    absl's logger (programs that are not, whose records reach Python's own handlers)."""
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        return record.levelno >= level or not any(part in record.pathname for part in _CHATTY)
+
+    logging.get_absl_handler().python_handler.addFilter(keep)
+    std_logging.getLogger("absl").addFilter(keep)
 
 
 def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:

@@ -77,8 +77,9 @@ def make_card(
         "in_chans": arch.in_chans,
         "normalization": normalization.for_channels(arch.in_chans).to_json(),
         "input": (
-            f"gray image scaled to [0, 1], repeated to {arch.in_chans} channel(s), then "
-            "(x - mean) / std per channel"
+            "gray image scaled to [0, 1], "
+            + (f"repeated to {arch.in_chans} channels, " if arch.in_chans > 1 else "one channel, ")
+            + "then (x - mean) / std per channel"
         ),
         "timm": timm_spec(arch, fmt),
         "loaders": loaders(fmt),

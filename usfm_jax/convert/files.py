@@ -68,8 +68,7 @@ def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
     except ConversionError:
         raise
     except Exception as e:  # unreadable: name the file and the reason in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"cannot read {path} as PyTorch weights: {first}") from e
+        raise ConversionError(f"cannot read {path} as PyTorch weights: {_reason(e)}") from e
     return _as_state_dict(obj, str(path))
 
 
@@ -112,3 +111,19 @@ def read_card(weights: str | epath.Path) -> dict[str, Any] | None:
     """The card beside ``weights``, if there is one."""
     path = card_path(weights)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _reason(error: Exception) -> str:
+    """Why torch.load (weights_only) failed, in one line, without PyTorch's advice to load
+    with ``weights_only=False``: that runs arbitrary code from the file."""
+    text = str(error).strip()
+    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:")[1].split("Check the documentation")[0]
+        detail = " ".join(detail.split()).split(". Please use")[0]
+        if detail.startswith("Unsupported global"):
+            return (
+                f"it holds Python objects besides tensors ({detail}), which are not loaded, "
+                "for safety; save the state dict alone, e.g. torch.save(ckpt['model'], path)"
+            )
+        return f"not a PyTorch weights file ({detail})"
+    return text.splitlines()[0] if text else type(error).__name__
