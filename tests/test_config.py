@@ -10,6 +10,7 @@ import pytest
 from conftest import biomedclip_file, make_tiny_config
 
 from configs.common import parse_arg
+from usfm_jax.cli import load_config
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.finetune.validation import validate_finetune
 
@@ -96,6 +97,26 @@ def test_configs_are_locked():
     config = make_tiny_config()
     with pytest.raises(AttributeError, match="ratoi"):
         config.spatial.ratoi = 0.5
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["configs/pretrain/demo.py", "configs/pretrain/usfm_vitb16.py", "configs/finetune/segment.py"],
+)
+def test_warmup_follows_total_steps(spec):
+    config = load_config(spec)
+    config.total_steps = 40  # what --config.total_steps=40 does
+    assert config.optimizer.warmup_steps == 4
+    _validate(config)
+    if "demo" in spec:
+        assert config.image_every == 10
+    config.optimizer.warmup_steps = 7  # set explicitly: it stays
+    config.total_steps = 80
+    assert config.optimizer.warmup_steps == 7
+
+
+def _validate(config) -> None:
+    (validate_finetune if "task" in config else validate)(config, 1)
 
 
 def test_parse_arg():

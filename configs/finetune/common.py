@@ -66,8 +66,8 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, dice_weight=1.0))
 
     c.optimizer = ml_collections.ConfigDict(pretrain.optimizer.to_dict())
-    c.optimizer.update(base_lr=4e-3, warmup_steps=max(1, args.steps // 10), weight_decay=0.05,
-                       clip_norm=1.0, min_lr_ratio=0.01)  # fmt: skip
+    c.optimizer.update(base_lr=4e-3, weight_decay=0.05, clip_norm=1.0, min_lr_ratio=0.01)
+    c.optimizer.warmup_steps = c.get_ref("total_steps") // 10  # follows --config.total_steps
     c.mesh = ml_collections.ConfigDict(pretrain.mesh.to_dict())
 
     c.eval = ml_collections.ConfigDict()

@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.weight_decay = 0.05
     c.optimizer.clip_norm = 5.0
-    c.optimizer.warmup_steps = 10_000
+    c.optimizer.warmup_steps = c.get_ref("total_steps") // 10  # follows --config.total_steps
     c.optimizer.min_lr_ratio = 0.01
     c.optimizer.grad_accum_steps = 1
 
