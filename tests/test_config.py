@@ -119,6 +119,23 @@ def _validate(config) -> None:
     (validate_finetune if "task" in config else validate)(config, 1)
 
 
+def test_running_out_of_device_memory_is_one_line_with_the_remedies():
+    import jax
+    import jax.numpy as jnp
+
+    from usfm_jax.cli import exit_if_out_of_memory
+
+    with pytest.raises(jax.errors.JaxRuntimeError) as error:  # a real XLA allocation failure
+        jax.jit(lambda: jnp.zeros((2**40,), jnp.float32))().block_until_ready()
+    with pytest.raises(SystemExit) as stop:
+        exit_if_out_of_memory(error.value)
+    message = str(stop.value)
+    assert message.startswith("error: RESOURCE_EXHAUSTED: Out of memory allocating 43980")
+    assert "config.batch_size" in message and "grad_accum_steps" in message
+    assert "\n" not in message
+    exit_if_out_of_memory(ValueError("something else"))  # not memory: returns, the caller raises
+
+
 def test_parse_arg():
     assert parse_arg("steps=5,demo", steps=1, demo=False).to_dict() == {"steps": 5, "demo": True}
     with pytest.raises(ValueError, match="'stpes' is not one of"):

@@ -287,6 +287,21 @@ def _card_dir(tmp_path, name: str, organs: dict[str, int], **card) -> str:
     return str(directory)
 
 
+def test_classification_overlay_captions_above_an_intact_border():
+    from usfm_jax.finetune.evaluate import CAPTION_HEIGHT, overlay
+
+    image = np.full((24, 24, 1), 128, np.uint8)
+    picture = np.asarray(overlay("classify", image, 1, np.array([0.3, 0.7]), ("benign", "mal")))
+    zoom = picture.shape[1] // 32  # 24 pixels + a 4-pixel border on each side
+    assert picture.shape[0] == CAPTION_HEIGHT + 32 * zoom
+    caption, framed = picture[:CAPTION_HEIGHT], picture[CAPTION_HEIGHT:]
+    green = np.array([40, 220, 60], np.uint8)
+    text = (caption[..., 1] > 100) & (caption[..., 1] > 2 * caption[..., 0].astype(int))
+    assert text.sum() > 20 and not (caption[~text] > 100).any()  # green text on black
+    assert (framed[: 4 * zoom] == green).all()  # the border, not written over
+    assert (framed[4 * zoom : -4 * zoom, 4 * zoom : -4 * zoom] == 128).all()
+
+
 def test_finetune_without_anything_to_learn_or_select_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.select='dice': expected one of \['balanced_"):
         validate_finetune(tiny_finetune_config("classify", **{"eval.select": "dice"}))
@@ -319,6 +334,8 @@ def test_label_efficiency_study(tmp_path):
         ("scratch", 1.0, 2),
     ]
     assert "±" in (tmp_path / "results.md").read_text()
+    first = [float(line.split(",")[5]) for line in lines[1:3]]  # scratch, 0.5: seeds 0 and 1
+    assert rows[0]["balanced_accuracy"] == pytest.approx((np.mean(first), np.std(first, ddof=1)))
     assert (tmp_path / "label_efficiency.png").stat().st_size > 1000
     done = tmp_path / "runs" / "scratch" / "f0.5" / "s0" / "results.json"
     stamp = done.stat().st_mtime_ns
@@ -327,6 +344,10 @@ def test_label_efficiency_study(tmp_path):
     config.total_steps = 4  # another study: its runs are not the finished ones
     with pytest.raises(ValueError, match=r"s0 was fine-tuned with another config \(total_steps"):
         label_efficiency.study(config, inits, [0.5, 1.0], 2, str(tmp_path))
+    missing = [("scratch", "scratch"), ("bad", str(tmp_path / "nope"))]
+    with pytest.raises(ValueError, match=r"--inits bad=.*nope: no such file"):  # before any run
+        label_efficiency.study(config, missing, [0.5], 1, str(tmp_path / "other"))
+    assert not (tmp_path / "other" / "runs").exists()
     assert label_efficiency.parse_named("a=x,runs/b", "inits") == [("a", "x"), ("b", "runs/b")]
     with pytest.raises(ValueError, match="unique"):
         label_efficiency.parse_named("a=x,a=y", "inits")

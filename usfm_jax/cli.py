@@ -69,3 +69,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def exit_if_out_of_memory(error: Exception) -> None:
+    """Ends the program with a one-line error when ``error`` is XLA running out of device
+    memory (a predictable mistake: a batch or model too large for the device)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if "RESOURCE_EXHAUSTED" in first:
+        sys.exit(
+            f"error: {first[:300]}. Lower config.batch_size, or trade compute for memory: "
+            "config.optimizer.grad_accum_steps=N, config.model.remat=dots (docs: README, "
+            "Devices, hosts and memory)"
+        )

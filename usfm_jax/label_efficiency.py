@@ -152,7 +152,8 @@ def write_csv(records: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (init, fraction): mean and std over seeds of every test metric."""
+    """Per (init, fraction): mean and sample standard deviation (NaN for one seed) over seeds
+    of every test metric."""
     rows = []
     order = list(dict.fromkeys(r["init"] for r in records))  # the study's order of inits
     keys = sorted({(r["init"], r["fraction"]) for r in records},
@@ -163,7 +164,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                "train_images": group[0]["train_images"]}  # fmt: skip
         for metric in group[0]["test"]:
             values = np.array([r["test"][metric] for r in group], np.float64)
-            row[metric] = (float(values.mean()), float(values.std()))
+            std = values.std(ddof=1) if len(values) > 1 else np.nan
+            row[metric] = (float(values.mean()), float(std))
         rows.append(row)
     return rows
 
@@ -175,12 +177,16 @@ def markdown(rows: Sequence[dict[str, Any]], task: str) -> str:
             "label fraction": f"{r['fraction']:g}",
             "labelled images": r["train_images"],
             "init": r["init"],
-            **{m: f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m in metrics},
+            **{m: _mean_std(*r[m]) for m in metrics},
         }
         for r in rows
     ]
     columns = ["label fraction", "labelled images", "init", *metrics]
     return evaluate.markdown_table(cells, columns)
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 def plot(rows: Sequence[dict[str, Any]], metric: str, path: str, title: str) -> None:
@@ -195,7 +201,7 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, path: str, title: str) -> 
         mine = [r for r in rows if r["init"] == init]
         x = [r["fraction"] for r in mine]
         mean, std = zip(*(r[metric] for r in mine), strict=True)
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
+        ax.errorbar(x, mean, yerr=np.nan_to_num(std), marker="o", capsize=3, label=init)
     ax.set_xscale("log")
     ax.set_xticks([r["fraction"] for r in rows], [f"{r['fraction']:g}" for r in rows])
     ax.set_xlabel("label fraction")
@@ -219,6 +225,9 @@ def study(
     returns the summary rows."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    for name, path in inits:  # all of them now, not when their turn comes
+        if path != SCRATCH and not os.path.exists(path):
+            raise ValueError(f"--inits {name}={path}: no such file or directory")
     os.makedirs(out, exist_ok=True)
     records = run_grid(config, inits, fractions, seeds, out)
     write_csv(records, os.path.join(out, "results.csv"))
@@ -227,7 +236,7 @@ def study(
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(rows, config.task))
     plot(rows, metric, os.path.join(out, "label_efficiency.png"),
-         f"{config.task}: test {metric} (mean ± std over {seeds} seeds)")  # fmt: skip
+         f"{config.task}: test {metric} (mean ± sample std over {seeds} seeds)")  # fmt: skip
     return rows
 
 

@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
         if not config.representation.enabled:
             raise ConfigError("config.representation.enabled is False: no teacher to run")
         config.teacher.targets = ""  # validate the rest: the cache is what we build
+        config.probe.every = 0  # pre-training's probes play no part in the cache
         validate(config)
         info = build_cache(config, out, flags.FLAGS.batch)
     except (ConfigError, ConversionError, ValueError) as e:

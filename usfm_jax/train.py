@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
-from usfm_jax.cli import parse_flags, start_jax
+from usfm_jax.cli import exit_if_out_of_memory, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
@@ -161,6 +161,9 @@ def main(argv: list[str]) -> None:
         TrainingDiverged,
     ) as e:
         sys.exit(f"error: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        exit_if_out_of_memory(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.hflip = 0.5
     # enhance from clean images alone: none (pairs) | speckle | gaussian | downsample
     c.data.degradation = "none"
-    c.data.degradation_level = 1.0  # speckle: 0-1; gaussian: std; downsample: factor > 1
+    # speckle: 0-1; gaussian: std; downsample: factor > 1; 0: the kind's default (1, 0.1, 2)
+    c.data.degradation_level = 0.0
     c.data.num_threads = 2
     c.data.prefetch = 2
     c.data.worker_count = 0

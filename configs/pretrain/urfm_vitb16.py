@@ -15,7 +15,7 @@ from its public peers (usfm_reference.md section 3), marked "ours":
 
 Arguments: ``size=base`` (encoder size), ``demo`` (a CPU-sized run of ``steps=400``: 64x64
 images, a 4-block student, a decoder 64 wide and 2 deep, ratio 0.5, EMA 0.99; pass a small
-teacher with a 4x4 patch grid, e.g. one written by the tests).
+teacher with a 4x4 patch grid: docs/urfm.md shows how to make one from the pixel demo).
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "from-torch", parents=[common], help="PyTorch state dict -> export directory"
     )
     back.add_argument("--weights", required=True, help=".safetensors, .pth, .pt or .bin file")
-    back.add_argument("--format", required=True, choices=(*FROM_TORCH, "auto"))
+    back.add_argument(
+        "--format", default="auto", choices=(*FROM_TORCH, "auto"), help="default: auto (detected)"
+    )
     back.add_argument("--out", required=True, help="new export directory")
     back.add_argument("--num-heads", type=int, help="heads of a plain ViT of non-standard width")
     back.add_argument(

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from usfm_jax import distributed
 from usfm_jax.checkpoint import CheckpointError
-from usfm_jax.cli import parse_flags, start_jax
+from usfm_jax.cli import exit_if_out_of_memory, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import ConversionError
 from usfm_jax.distributed import DistributedError
@@ -41,6 +42,9 @@ def main(argv: list[str]) -> None:
     except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
             NotADirectoryError, ValueError) as e:  # fmt: skip
         sys.exit(f"error: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        exit_if_out_of_memory(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ from usfm_jax.data import pipeline, synthetic
 TASKS = ("classify", "segment", "enhance")
 SPLITS = ("train", "val", "test")
 DEGRADATIONS = ("none", "speckle", "gaussian", "downsample")
+# each kind's level when config.data.degradation_level is 0: fully developed speckle, noise of
+# std 0.1 on [0, 1] intensities, x2 super-resolution
+DEFAULT_LEVELS = {"speckle": 1.0, "gaussian": 0.1, "downsample": 2.0}
 SPECKLE_RANGE_DB = 50.0  # dynamic range of the display that synthesised speckle assumes
 IGNORE = 255  # mask value excluded from the loss and the metrics
 TARGET_KEY = {"classify": "label", "segment": "mask", "enhance": "target"}
@@ -267,14 +270,19 @@ def train_stream(config: ml_collections.ConfigDict, data: TaskData) -> grain.Map
         .seed(config.seed)
         .shuffle()
         .repeat()
-        .random_map(TrainTransform(cfg.hflip, cfg.degradation, cfg.degradation_level))
+        .random_map(TrainTransform(cfg.hflip, cfg.degradation, degradation_level(cfg)))
     )
 
 
 def eval_split(config: ml_collections.ConfigDict, data: TaskData, split: str) -> grain.MapDataset:
     """A validation / test split as evaluated: fixed order, fixed synthetic degradation."""
     cfg = config.data
-    return fixed_degradation(data.splits[split], cfg.degradation, cfg.degradation_level, cfg.seed)
+    return fixed_degradation(data.splits[split], cfg.degradation, degradation_level(cfg), cfg.seed)
+
+
+def degradation_level(cfg: ml_collections.ConfigDict) -> float:
+    """``cfg.degradation_level``, or the kind's default (``DEFAULT_LEVELS``) when it is 0."""
+    return cfg.degradation_level or DEFAULT_LEVELS.get(cfg.degradation, 0.0)
 
 
 def write_synthetic_files(task: str, out: str, num: int, image_size: int, seed: int = 0) -> str:

@@ -110,6 +110,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 
 _GREEN, _RED = (40, 220, 60), (235, 50, 40)
 OVERLAY_HEIGHT = 256  # overlays of smaller images are enlarged (nearest) to about this height
+CAPTION_HEIGHT = 16  # pixels of the classification overlays' caption band
 
 
 def _rgb(gray: np.ndarray) -> np.ndarray:
@@ -138,8 +139,10 @@ def overlay(
             (canvas.shape[1] * zoom, canvas.shape[0] * zoom), PIL.Image.NEAREST
         )
         text = f"{classes[label]} {pred[label]:.2f} (true: {classes[int(truth)]})"
-        PIL.ImageDraw.Draw(picture).text((10, 10), text, fill=colour)
-        return picture
+        captioned = PIL.Image.new("RGB", (picture.width, picture.height + CAPTION_HEIGHT))
+        captioned.paste(picture, (0, CAPTION_HEIGHT))  # the caption on black, above the image
+        PIL.ImageDraw.Draw(captioned).text((4, 3), text, fill=colour)
+        return captioned
     if task == "segment":
         out = gray.astype(np.float32)
         predicted = (pred > 0) & (pred != IGNORE)

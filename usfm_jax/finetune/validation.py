@@ -46,8 +46,9 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _require(config.task == "enhance", "data.degradation", d.degradation,
                  "synthesised noisy inputs are for task='enhance'")  # fmt: skip
         low = 1.0 if d.degradation == "downsample" else 0.0
-        _require(d.degradation_level > low, "data.degradation_level", d.degradation_level,
-                 f"expected > {low:g} for {d.degradation}")  # fmt: skip
+        level = d.degradation_level
+        _require(level == 0 or level > low, "data.degradation_level", level,
+                 f"expected > {low:g} for {d.degradation} (0: its default)")  # fmt: skip
     for field in ("num_threads", "prefetch", "worker_count"):
         _require(d[field] >= 0, f"data.{field}", d[field], "expected >= 0")
     if not config.init:
