@@ -35,6 +35,16 @@ def test_batches_have_the_configured_shape_and_type():
     assert batch["organ"].shape == (16,)
 
 
+def test_every_reader_thread_can_work(caplog):
+    """Elements are whole batches: grain keeps at most ``prefetch_buffer_size`` in flight, so
+    a buffer of ``data.prefetch`` batches below the thread count would idle threads (and grain
+    says so)."""
+    config = make_tiny_config(**{"data.num_threads": 4, "data.prefetch": 2})
+    with caplog.at_level("WARNING"):
+        next(iter(create_pretrain_dataset(config, process_index=0, process_count=1)))
+    assert not [r for r in caplog.records if "smaller than num_threads" in r.getMessage()]
+
+
 def test_stream_is_deterministic_and_reshuffled_each_epoch():
     config = make_tiny_config()
     config.data.num_images = 32  # two batches of 16 per epoch

@@ -246,10 +246,12 @@ def process_batches(
     # process p holds its p-th block of rows, the rows its devices own in the global array.
     ds = stream.batch(config.batch_size // process_count, drop_remainder=True)
     ds = ds[process_index::process_count][start_step:]
+    # Each element is a whole batch, read by one thread: a buffer shorter than the thread count
+    # would leave threads idle (grain allows at most that many elements in flight).
+    threads = config.data.num_threads
     ids = ds.to_iter_dataset(
         grain.ReadOptions(
-            num_threads=config.data.num_threads,
-            prefetch_buffer_size=config.data.prefetch,
+            num_threads=threads, prefetch_buffer_size=max(config.data.prefetch, threads)
         )
     )
     if config.data.worker_count:
