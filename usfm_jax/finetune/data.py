@@ -30,6 +30,7 @@ import cv2
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
 from usfm_jax.data import pipeline, synthetic
 
@@ -180,6 +181,14 @@ def tfds_task(config: ml_collections.ConfigDict) -> TaskData:
     }
     if config.task == "classify":
         classes = tuple(card["organs"])
+        for split in ("val", "test"):
+            absent = [c for c in classes if c not in card["organ_ranges"][split]]
+            if absent:
+                logging.warning(
+                    "classes %s have no image in the %s split: its AUC is undefined (NaN), "
+                    "and the other scores leave them out",
+                    absent, split,
+                )  # fmt: skip
     elif config.task == "segment":
         top = max([v for v in card.get("mask_values", []) if v != IGNORE], default=1)
         classes = ("background", *(f"class_{v}" for v in range(1, top + 1)))
