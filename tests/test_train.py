@@ -10,6 +10,8 @@ from conftest import make_tiny_config
 from tensorboardX.proto import event_pb2
 
 from configs.pretrain import demo
+from usfm_jax.paths import as_path
+from usfm_jax.reporting import MetricsLog, strict_json
 from usfm_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +51,22 @@ def test_train_writes_scalars_images_and_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 8 and summary["loss"] == logged[-1]["loss"]
     assert json.loads((tmp_path / "config.json").read_text())["image_size"] == [32, 48]
+
+
+def _strict(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_outputs_are_strict_json_with_null_for_undefined_values(tmp_path):
+    row = {"step": 3, "auc": float("nan"), "hd95": [1.5, float("inf")], "size": (2, 3)}
+    text = strict_json(row)
+    assert json.loads(text, parse_constant=_strict) == {
+        "step": 3, "auc": None, "hd95": [1.5, None], "size": [2, 3]
+    }  # fmt: skip
+    log = MetricsLog(as_path(tmp_path / "metrics.jsonl"), 0)
+    log.append(row)
+    [line] = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=_strict)["auc"] is None
 
 
 def test_demo_recipe_learns_both_branches(tmp_path):

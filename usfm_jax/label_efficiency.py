@@ -111,6 +111,10 @@ def run_grid(
                     _check_same_run(run, asked)
                     with open(os.path.join(workdir, "results.json")) as f:
                         results = json.load(f)
+                    for split in ("val", "test"):  # undefined metrics are stored as null
+                        results[split] = {
+                            k: np.nan if v is None else v for k, v in results[split].items()
+                        }
                 else:
                     print(f"[{len(records) + 1}/{total}] {name}, fraction {fraction:g}, "
                           f"seed {seed}", flush=True)  # fmt: skip

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import math
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,6 +69,23 @@ def image_grid(rows: np.ndarray, pad: int = 2) -> np.ndarray:
     return (grid * 255).round().astype(np.uint8)
 
 
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes a non-finite float (an undefined metric, a diverged loss) as
+    ``null``: Python's ``NaN`` / ``Infinity`` tokens are not JSON, and jq, JavaScript and
+    most JSON readers reject the whole file over them."""
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON line per logging window. Written whole at every flush (object
     stores such as GCS cannot append); a resumed run drops the rows after its checkpoint."""
@@ -84,7 +103,7 @@ class MetricsLog:
         self._write()
 
     def append(self, row: Mapping[str, float]) -> None:
-        self.lines.append(json.dumps(row))
+        self.lines.append(strict_json(row))
         self._write()
 
     def _write(self) -> None:

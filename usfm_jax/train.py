@@ -12,7 +12,6 @@ loop over the data (log, preview) -> summary.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -30,7 +29,7 @@ from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
 from usfm_jax.paths import replace_text, work_directory
 from usfm_jax.probe import OrganProbe
-from usfm_jax.reporting import Reporter, quiet_library_logs
+from usfm_jax.reporting import Reporter, quiet_library_logs, strict_json
 from usfm_jax.train_step import create_training, make_preview
 
 
@@ -118,7 +117,7 @@ def train(
     checkpointer.close()
     reporter.close()
     if jax.process_index() == 0:
-        replace_text(root / "summary.json", json.dumps({"step": end, **means}, indent=2))
+        replace_text(root / "summary.json", strict_json({"step": end, **means}, indent=2))
     return means
 
 

@@ -12,7 +12,6 @@ step, test), ``test_predictions/`` (PNG overlays).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from typing import Any
 
@@ -42,7 +41,7 @@ from usfm_jax.models.factory import DTYPES
 from usfm_jax.optim import create_optimizer, layer_decay_scales
 from usfm_jax.paths import replace_text, work_directory
 from usfm_jax.pretrained import load_encoder_weights
-from usfm_jax.reporting import Reporter
+from usfm_jax.reporting import Reporter, strict_json
 from usfm_jax.train_step import TrainState, fresh_state
 
 
@@ -202,7 +201,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             root / "test_predictions", config.task, test, data.classes, config.eval.num_overlays
         )
         results["overlays"] = written
-        replace_text(root / "results.json", json.dumps(results, indent=2))
+        replace_text(root / "results.json", strict_json(results, indent=2))
         replace_text(root / "results.md", results_markdown(results))
         print(results_markdown(results))
     return results
