@@ -23,6 +23,7 @@ from conftest import make_tiny_config
 from flax import nnx
 
 from usfm_jax import train
+from usfm_jax.checkpoint import CheckpointError
 from usfm_jax.convert import (
     Architecture,
     ConversionError,
@@ -373,6 +374,29 @@ def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path):
 
     at_128 = load_pretrained(str(hub), image_size=128)  # resampled tables
     assert at_128(jnp.zeros((1, 128, 128, 1))).shape == (1, 1 + 64, 64)
+    imported = import_torch_weights(weights, "usfm", image_size=128)  # an int, as above
+    assert imported.arch.image_size == (128, 128)
+
+
+def test_load_pretrained_rejects_arguments_that_do_not_apply(tmp_path):
+    vit = _arch("vit", (64, 2, 2), image=64)
+    params = _random_params(vit)
+    state, _ = to_torch(params, vit, "timm-vit")
+    write_state_dict(state, tmp_path / "vit.safetensors")  # no card: heads unknown
+    weights = str(tmp_path / "vit.safetensors")
+    with pytest.raises(ConversionError, match="does not say its number of heads"):
+        load_pretrained(weights)
+    model = load_pretrained(weights, num_heads=2)  # passed through to the converter
+    assert model(jnp.zeros((1, 64, 64, 3))).shape == (1, 17, 64)
+    with pytest.raises(ConversionError, match="step and weights pick from a usfm_jax checkpoint"):
+        load_pretrained(weights, num_heads=2, step=3)
+    torch_to_export(weights, "timm-vit", str(tmp_path / "export"), num_heads=2)
+    with pytest.raises(ConversionError, match="fmt and num_heads describe PyTorch weights"):
+        load_pretrained(str(tmp_path / "export"), fmt="usfm")
+    with pytest.raises(ValueError, match=r"dtype='bf16': expected one of \['float32', 'bfloat16'"):
+        load_pretrained(str(tmp_path / "export"), dtype="bf16")
+    with pytest.raises(CheckpointError, match=r"vit\.safetensors is a file: expected a workdir"):
+        load_params(weights)
 
 
 # ----------------------------------------------------------------------------------------

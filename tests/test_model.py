@@ -433,6 +433,10 @@ def test_wrong_channels_or_size_raise():
         gray_model(jnp.zeros((1, 48, 32, 1)))
     with pytest.raises(ValueError, match="patches"):
         gray_model.embed(jnp.zeros((1, 32, 64, 1)))
+    with pytest.raises(ValueError, match=r"expected images \[B, H, W, C\], got .* \(1, 32, 48\)"):
+        gray_model(jnp.zeros((1, *IMAGE)))  # no channel axis: not read as 48 channels
+    with pytest.raises(TypeError, match="got uint8: for uint8 pixels, divide by 255"):
+        gray_model(jnp.zeros((1, *IMAGE, 1), jnp.uint8))  # never silently cast
 
 
 # ----------------------------------------------------------------------------------------

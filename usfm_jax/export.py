@@ -50,6 +50,11 @@ def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
     root = as_path(path)
     if not root.exists():
         raise CheckpointError(f"no checkpoint at {path}: it does not exist")
+    if not root.is_dir():
+        raise CheckpointError(
+            f"{path} is a file: expected a workdir, a step directory or an export (PyTorch "
+            "weights load with usfm_jax.pretrained.load_pretrained)"
+        )
     if (root / "params").exists() or (root / "state").exists():
         if step is not None and root.name != str(step):
             raise CheckpointError(f"{path} is the checkpoint of one step; do not pass a step")

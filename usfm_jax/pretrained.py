@@ -36,6 +36,8 @@ def build_encoder(
     attention: str = "auto",
 ) -> VisionTransformer:
     """An encoder of ``arch`` holding ``params`` (nested numpy arrays, our names)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
     model = arch.build(dtype=DTYPES[dtype], attention=attention)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, unflatten(flatten(params)))  # block keys as ints
@@ -50,13 +52,25 @@ def load_pretrained(
     dtype: str = "float32",
     attention: str = "auto",
     step: int | None = None,
+    weights: str = "auto",
     fmt: str = "auto",
+    num_heads: int | None = None,
 ) -> VisionTransformer:
     """The encoder stored at ``path`` (see the module doc), for inputs of ``image_size``
-    (default: its own; position tables are resampled otherwise). ``model.normalization`` is
-    the input normalisation it expects."""
+    (default: its own; position tables are resampled otherwise).
+
+    Call it on float images [B, H, W, C], gray in [0, 1] then normalised with
+    ``model.normalization`` (the input normalisation it expects): it returns the tokens
+    [B, 1 + N, D] (cls first). ``step`` and ``weights`` ("params", "ema" or "auto") pick from a
+    usfm_jax checkpoint; ``fmt`` and ``num_heads`` describe PyTorch weights
+    (``usfm_jax.convert``), where a card beside them does not."""
     params, arch, normalization = load_encoder_weights(
-        path, image_size=image_size, step=step, fmt=fmt
+        path,
+        image_size=image_size,
+        step=step,
+        weights=weights,
+        fmt=fmt,
+        num_heads=num_heads,
     )
     model = build_encoder(arch, params, dtype=dtype, attention=attention)
     model.normalization = normalization
@@ -68,31 +82,41 @@ def load_encoder_weights(
     *,
     image_size: int | tuple[int, int] | None = None,
     step: int | None = None,
+    weights: str = "auto",
     fmt: str = "auto",
+    num_heads: int | None = None,
 ) -> tuple[dict[str, Any], Architecture, Normalization]:
     """The encoder parameters at ``path`` (nested numpy arrays) for inputs of ``image_size``,
-    their architecture and the input normalisation they expect."""
+    their architecture and the input normalisation they expect (arguments as in
+    ``load_pretrained``)."""
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     root = as_path(path)
     if not root.exists():
         raise ConversionError(f"no pre-trained model at {path}")
-    weights = _torch_weights(root)
-    if weights is None:  # a usfm_jax checkpoint or export
+    torch_file = _torch_weights(root)
+    if torch_file is None:  # a usfm_jax checkpoint or export
         from usfm_jax.export import load_params
 
-        loaded = load_params(path, step)
+        if fmt != "auto" or num_heads is not None:
+            raise ConversionError(f"{path} is a usfm_jax checkpoint: fmt and num_heads describe "
+                                  "PyTorch weights")  # fmt: skip
+        loaded = load_params(path, step, weights)
         arch = Architecture.from_config(loaded.config["model"], loaded.config["image_size"])
         normalization = Normalization.from_json(loaded.config["normalization"])
         params, arch, _ = adapt_encoder(
             loaded.params["encoder"], arch, source=normalization, image_size=image_size
         )
     else:
+        if step is not None or weights != "auto":
+            raise ConversionError(f"{path} holds PyTorch weights: step and weights pick from a "
+                                  "usfm_jax checkpoint")  # fmt: skip
         imported = import_torch_weights(
-            weights,
+            torch_file,
             fmt,
+            num_heads=num_heads,
             image_size=image_size,
-            input_normalization=_hub_normalization(weights.parent),
+            input_normalization=_hub_normalization(torch_file.parent),
         )
         params, arch, normalization = (
             imported.params["encoder"],

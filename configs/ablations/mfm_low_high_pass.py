@@ -1,4 +1,5 @@
-"""Ablation: MFM's low-pass / high-pass mask instead of band-stop, with its spectral loss.
+"""Ablation: MFM's low-pass / high-pass mask instead of band-stop, with its spectral loss (and,
+as MFM, the real part of the inverse FFT as the corrupted image, not its magnitude).
 
 Argument ``demo`` applies it to the CPU demo recipe instead of the full ViT-B/16 one.
 """

@@ -151,7 +151,8 @@ def adapt_encoder(
     """Encoder parameters (nested) for another channel count / normalisation / image size.
     Returns the parameters, their architecture and a note per change (empty: unchanged)."""
     in_chans = in_chans or arch.in_chans
-    image_size = tuple(image_size or arch.image_size)
+    image_size = image_size or arch.image_size
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
     if image_size[0] % arch.patch_size or image_size[1] % arch.patch_size:

@@ -408,7 +408,15 @@ class VisionTransformer(nnx.Module):
         self.norm = layer_norm(width, dtype, rngs)
 
     def embed(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """Patch embedding + cls token (+ position embedding): [B, H, W, C] -> [B, 1 + N, D]."""
+        """Patch embedding + cls token (+ position embedding): [B, H, W, C] -> [B, 1 + N, D].
+        ``images``: floats, gray in [0, 1] then ``(x - mean) / std`` (``normalization``)."""
+        if images.ndim != 4:
+            raise ValueError(f"expected images [B, H, W, C], got an array of shape {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise TypeError(
+                f"expected float images (gray in [0, 1], then normalised), got {images.dtype}: "
+                "for uint8 pixels, divide by 255 first"
+            )
         if images.shape[-1] == 1 and self.in_chans == 3:
             images = jnp.repeat(images, 3, axis=-1)  # gray replicated to RGB, as USFM feeds it
         if images.shape[-1] != self.in_chans:
