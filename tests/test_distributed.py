@@ -63,10 +63,10 @@ def one_process(tmp_path_factory) -> dict[int, float]:
     return _losses(workdir)
 
 
-def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, one_process):
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_two_and_one(tmp_path, one_process):
     """2 processes x 4 devices give the 1 x 8 loss curve (each process feeds its block of every
     global batch: had both read the same rows, the losses would differ); the checkpoint they
-    write, with one data-iterator state per process, resumes in a single process."""
+    write, with one data-iterator state per process, resumes in two processes and in one."""
     _run(tmp_path, 2, 4, "--stop_after=6")
     two = _losses(tmp_path)
     assert sorted(two) == list(range(1, 7))
@@ -78,7 +78,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, o
         "process_1-of-2.json",
     ]
 
-    _run(tmp_path, 1, 8)  # another process count: the data stream is opened at step 6
+    _run(tmp_path, 2, 4, "--stop_after=2")  # the same processes: each restores its iterator
+    _run(tmp_path, 1, 8)  # another process count: the data stream is opened at step 8
     resumed = _losses(tmp_path)
     assert sorted(resumed) == list(range(1, TOTAL + 1))
     for step in range(7, TOTAL + 1):

@@ -184,7 +184,7 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
-            if config is not None and jax.process_index() == 0:
+            if config is not None:  # on every process: orbax's restore is collective
                 self._report_config_changes(step, config)
             restored_state, data_restored = restored
             if not data_restored:
@@ -250,7 +250,7 @@ class Checkpointer:
             logging.warning("cannot read the config saved in %s: %s", self.step_path(step), e)
             return
         changes = config_changes(saved, config.to_dict())
-        if changes:
+        if changes and jax.process_index() == 0:
             logging.warning(
                 "resuming from %s with a config that differs from the one it was written with "
                 "(each checkpoint keeps its own): %s",
