@@ -82,7 +82,7 @@ need_value() {
 
 # Usage: need_uint NAME VALUE [MIN]
 need_uint() {
-  [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a whole number, got '$2'"
+  [[ $2 =~ ^(0|[1-9][0-9]*)$ ]] || die "$1 must be a whole number (no leading zeros), got '$2'"
   (($2 >= ${3:-0})) || die "$1 must be at least ${3:-0}, got '$2'"
 }
 

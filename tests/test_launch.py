@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -182,6 +183,20 @@ def test_local_dry_run_port_and_errors(tmp_path):
     assert missing.returncode != 0 and "--workdir" in missing.stderr
     bad = run("launch/local/run.sh", "--processes", "0", "--", "--workdir", "w", check=False)
     assert bad.returncode != 0 and "--processes" in bad.stderr
+    octal = run("launch/local/run.sh", "--processes", "010", "--dry-run", "--", "--workdir=w",
+                check=False)  # fmt: skip
+    assert octal.returncode == 2 and "(no leading zeros), got '010'" in octal.stderr
+    high = run("launch/local/run.sh", "--port=70000", "--dry-run", "--", "--workdir=w", check=False)
+    assert high.returncode == 2 and "at most 65535" in high.stderr
+    with socket.socket() as server:  # a port something listens on
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        python = fake_python(tmp_path, "echo started\n")
+        busy = run("launch/local/run.sh", f"--port={port}", "--", "--workdir", tmp_path / "w",
+                   env=script_env(PYTHON=python), check=False)  # fmt: skip
+    assert busy.returncode == 2 and f"--port {port} is in use" in busy.stderr
+    assert not (tmp_path / "w" / "logs").exists()  # nothing started
 
 
 def test_local_real_run_two_processes_two_devices(tmp_path):
@@ -252,7 +267,8 @@ def test_local_failure_stops_the_other_processes(tmp_path):
     assert "stopped by SIGTERM" in (tmp_path / "run/logs/process_0.log").read_text()
 
 
-def test_local_sigterm_reaches_every_process(tmp_path):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["SIGTERM", "Ctrl-C"])
+def test_local_stop_signal_reaches_every_process(tmp_path, ctrl_c):
     python = fake_python(
         tmp_path,
         "trap 'echo checkpoint and exit; exit 0' TERM\necho ready\n"
@@ -266,6 +282,7 @@ def test_local_sigterm_reaches_every_process(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     try:
         deadline = time.monotonic() + 20
@@ -277,7 +294,10 @@ def test_local_sigterm_reaches_every_process(tmp_path):
             ):
                 break
             time.sleep(0.1)
-        launcher.send_signal(signal.SIGTERM)
+        if ctrl_c:  # a terminal sends SIGINT to every process of the foreground group
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:
+            launcher.send_signal(signal.SIGTERM)
         _, stderr = launcher.communicate(timeout=20)
     finally:
         launcher.kill()
@@ -406,6 +426,9 @@ def test_tpu_errors():
     assert no_type.returncode != 0 and "--accelerator-type" in no_type.stderr
     odd = run("launch/tpu/tpu.sh", "create", "--name=t", "--accelerator-type=x9", check=False)
     assert odd.returncode != 0 and "--version" in odd.stderr
+    dry = run("launch/tpu/tpu.sh", "create", "--name=t", "--accelerator-type=v7-8", "--dry-run",
+              check=False)  # fmt: skip
+    assert dry.returncode == 2 and "gcloud" not in dry.stdout  # stops: nothing to run
 
 
 def test_tpu_worker_start_status_stop(tmp_path):

@@ -79,6 +79,11 @@ s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])'
 }
 
+# Whether something already listens on port $1 of this host (bash's /dev/tcp connects).
+port_in_use() {
+  (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
 # The command of process $1, in the array PROCESS_CMD.
 process_command() {
   PROCESS_CMD=(env
@@ -152,10 +157,10 @@ stop_stream() {
     # (a kill could cut its last output), up to 10 s
     for ((i = 0; i < 100; i++)); do
       kill -0 "$STREAM_PID" 2>/dev/null || break
-      sleep 0.1
+      sleep 0.1 || true # Ctrl-C also reaches sleep (the foreground process group)
     done
   else
-    sleep 1 # let tail print the last lines
+    sleep 1 || true # let tail print the last lines
   fi
   kill "$STREAM_PID" 2>/dev/null || true
   wait "$STREAM_PID" 2>/dev/null || true
@@ -164,7 +169,7 @@ stop_stream() {
 
 start_processes() {
   local i
-  mkdir -p "$LOG_DIR"
+  mkdir -p "$LOG_DIR" 2>/dev/null || die "cannot create the log directory $LOG_DIR"
   for ((i = 0; i < NUM_PROCESSES; i++)); do
     # The log exists before the process starts, so that the stream (tail -f, which gives up
     # on a missing file) never races the background process's redirection.
@@ -203,7 +208,10 @@ monitor() {
       signal_running KILL
     fi
     if ((running > 0)); then
-      sleep 0.2
+      # Ctrl-C sends SIGINT to the whole foreground group, this sleep included: its failure
+      # must not end the script (set -e), whose exit trap would SIGKILL the trainers before
+      # they checkpoint
+      sleep 0.2 || true
     fi
   done
 }
@@ -254,12 +262,15 @@ main() {
     port=$(free_port) || die "could not find a free port with $PYTHON_BIN: give --port"
   fi
   need_uint --port "$port" 1
+  ((port <= 65535)) || die "--port must be at most 65535, got $port"
   COORDINATOR=127.0.0.1:$port
 
   if ((DRY_RUN)); then
     print_commands
     return 0
   fi
+  ! port_in_use "$port" || die "--port $port is in use on this host: choose another, or leave" \
+    "--port out for a free one"
   trap on_signal INT TERM
   trap on_exit EXIT
   start_processes

@@ -132,8 +132,10 @@ default_version() {
 
 cmd_create() {
   [[ -n $ACCELERATOR ]] || die "create needs --accelerator-type (or TPU_ACCELERATOR)"
-  local version=${VERSION:-$(default_version "$ACCELERATOR")}
-  local cmd
+  local version=$VERSION cmd
+  if [[ -z $version ]]; then
+    version=$(default_version "$ACCELERATOR") || exit # its error is printed already
+  fi
   scope_flags
   if queued; then
     cmd=(gcloud compute tpus queued-resources create "$NAME" "${SCOPE[@]}"
@@ -162,7 +164,8 @@ REMOTE_TARBALL=usfm_jax-src.tar.gz
 copy_tree() {
   local tarball=${TMPDIR:-/tmp}/usfm_jax-src-$$.tar.gz
   local list=(git -C "$USFM_REPO_ROOT" ls-files -z --cached --others --exclude-standard)
-  local pack=(tar -C "$USFM_REPO_ROOT" --null -T - -czf "$tarball")
+  # a tracked file deleted in the working tree is left out (with tar's warning), as it is gone
+  local pack=(tar -C "$USFM_REPO_ROOT" --ignore-failed-read --null -T - -czf "$tarball")
   if ((DRY_RUN)); then
     printf '%s | %s\n' "$(quote_words "${list[@]}")" "$(quote_words "${pack[@]}")"
   else
