@@ -83,12 +83,15 @@ add_glob() {
 
 # The lines of the overrides file, each as words (xargs's quoting) joined by \037.
 read_overrides() {
-  local line words
+  local line words parsed
   OVERRIDE_SETS=()
   while IFS= read -r line || [[ -n $line ]]; do
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     words=$(printf '%s\n' "$line" | xargs printf '%s\037') ||
       die "cannot parse this line of $OVERRIDES_FILE (unbalanced quotes?): $line"
+    IFS=$'\037' read -ra parsed <<<"$words"
+    ! has_flag --workdir "${parsed[@]}" ||
+      die "$OVERRIDES_FILE: --workdir is set per run (use --workdir-root): $line"
     OVERRIDE_SETS+=("$words")
   done <"$OVERRIDES_FILE"
   ((${#OVERRIDE_SETS[@]} > 0)) || die "$OVERRIDES_FILE has no override lines"

@@ -458,6 +458,12 @@ def test_tpu_worker_start_status_stop(tmp_path):
 # --- launch/gpu --------------------------------------------------------------------------
 
 
+def test_slurm_unknown_option_is_an_error():
+    bad = run("launch/gpu/slurm.sbatch", "--bogus", "--dry-run", "--", "--workdir", "w",
+              check=False)  # fmt: skip
+    assert bad.returncode == 2 and "unknown option '--bogus'" in bad.stderr and not bad.stdout
+
+
 def test_slurm_dry_run_shows_srun_with_the_trainer():
     args = ["--config", "configs/pretrain/usfm_vitb16.py", "--workdir", "/shared/runs/v"]
     env = script_env(XLA_FLAGS="--xla_gpu_foo=1")
@@ -612,6 +618,10 @@ def test_sweep_dry_run_overrides_file(tmp_path):
     assert runs[1][4:] == ["--config.image_size=(32, 32)"]
     jobs = [words[words.index("--job") + 1] for words in lines]
     assert jobs == [w.rsplit("/", 1)[1] for w in workdirs]
+    overrides.write_text("--config.spatial.ratio=0.4 --workdir=/tmp/elsewhere\n")
+    redirect = run("launch/sweep.sh", "--workdir-root=w", "--config", "configs/pretrain/demo.py",
+                   "--overrides-file", str(overrides), "--dry-run", check=False)  # fmt: skip
+    assert redirect.returncode == 2 and "--workdir is set per run" in redirect.stderr
 
 
 def test_sweep_continues_past_a_failed_run(tmp_path):
