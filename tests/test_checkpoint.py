@@ -3,6 +3,7 @@ divergence, and exporting parameters alone."""
 
 import glob
 import json
+import logging
 import os
 import random
 import shutil
@@ -322,6 +323,15 @@ def test_a_stop_signal_saves_the_current_step_and_exits_0(tmp_path, signum):
     more = _demo(tmp_path, f"--config.total_steps={stopped + 2}")  # the next run continues
     _finish(more, tmp_path)
     assert sorted(_losses(tmp_path))[-3:] == [stopped, stopped + 1, stopped + 2]
+
+
+def test_load_params_reads_quietly_and_leaves_logging_as_it_was(tmp_path, caplog):
+    train.train(_tiny(), str(tmp_path / "run"), stop_after=1)
+    filters = list(logging.getLogger("absl").filters)
+    with caplog.at_level("INFO"):
+        assert load_params(str(tmp_path / "run")).step == 1
+    assert not [r.getMessage() for r in caplog.records if "/orbax/" in r.pathname]
+    assert logging.getLogger("absl").filters == filters  # the caller's logging, untouched
 
 
 def test_asking_for_ema_weights_of_a_run_without_them_is_an_error(tmp_path):

@@ -29,7 +29,7 @@ from usfm_jax.checkpoint import (
     fingerprint,
 )
 from usfm_jax.paths import as_path
-from usfm_jax.reporting import quiet_library_logs
+from usfm_jax.reporting import library_logs_below, quiet_library_logs
 
 
 class Parameters(NamedTuple):
@@ -92,6 +92,12 @@ def load_params(path: str, step: int | None = None, weights: str = "auto") -> Pa
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights={weights!r}: expected one of {WEIGHTS}")
     source = find_checkpoint(path, step)
+    # orbax warns that a manager's item has no metadata file of its own: noise for the reader
+    with library_logs_below(std_logging.ERROR):
+        return _load_params(source, weights)
+
+
+def _load_params(source: epath.Path, weights: str) -> Parameters:
     try:
         if (source / "params").exists():  # an export: one set of weights, as exported
             info = json.loads((source / "export.json").read_text())

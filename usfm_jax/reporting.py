@@ -8,11 +8,12 @@ average correctly. Only process 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as std_logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -28,16 +29,32 @@ from usfm_jax.paths import as_path, replace_text
 _CHATTY = ("/orbax/", "/grain/", "/jax/_src/")  # libraries that narrate every file and step
 
 
+def _library_filter(level: int) -> Callable[[std_logging.LogRecord], bool]:
+    def keep(record: std_logging.LogRecord) -> bool:
+        return record.levelno >= level or not any(part in record.pathname for part in _CHATTY)
+
+    return keep
+
+
 def quiet_library_logs(level: int = std_logging.WARNING) -> None:
     """Hides what orbax, grain and JAX log below ``level`` (a few hundred INFO lines per run);
     usfm_jax's own lines still show. Filters absl's handler (programs run by ``absl.app``) and
     absl's logger (programs that are not, whose records reach Python's own handlers)."""
-
-    def keep(record: std_logging.LogRecord) -> bool:
-        return record.levelno >= level or not any(part in record.pathname for part in _CHATTY)
-
+    keep = _library_filter(level)
     logging.get_absl_handler().python_handler.addFilter(keep)
     std_logging.getLogger("absl").addFilter(keep)
+
+
+@contextlib.contextmanager
+def library_logs_below(level: int) -> Iterator[None]:
+    """``quiet_library_logs`` for one block only: what a library function (``load_params``
+    called from a notebook) may do without changing its caller's logging."""
+    keep, logger = _library_filter(level), std_logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
