@@ -378,6 +378,21 @@ def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path):
     assert imported.arch.image_size == (128, 128)
 
 
+def test_gray_weights_without_a_card_need_their_normalization(tmp_path):
+    arch = _arch("beit", (64, 2, 2), image=64, in_chans=1)
+    params = _random_params(arch)
+    state, _ = to_torch(params, arch, "timm-beit")
+    write_state_dict(state, tmp_path / "gray.safetensors")  # no card: ImageNet's is assumed
+    weights = str(tmp_path / "gray.safetensors")
+    with pytest.raises(ConversionError, match=r"take 1 channel\(s\), but the input normali"):
+        load_pretrained(weights)
+    model = load_pretrained(weights, input_normalization="0.5/0.25")
+    assert model.normalization == OURS
+    gray = _gray(2, 64)
+    _assert_close(np.asarray(model(jnp.asarray((gray - 0.5) / 0.25))),
+                  _flax_tokens(arch, params, gray, OURS))  # fmt: skip
+
+
 def test_load_pretrained_rejects_arguments_that_do_not_apply(tmp_path):
     vit = _arch("vit", (64, 2, 2), image=64)
     params = _random_params(vit)
@@ -391,7 +406,9 @@ def test_load_pretrained_rejects_arguments_that_do_not_apply(tmp_path):
     with pytest.raises(ConversionError, match="step and weights pick from a usfm_jax checkpoint"):
         load_pretrained(weights, num_heads=2, step=3)
     torch_to_export(weights, "timm-vit", str(tmp_path / "export"), num_heads=2)
-    with pytest.raises(ConversionError, match="fmt and num_heads describe PyTorch weights"):
+    with pytest.raises(
+        ConversionError, match="fmt, num_heads and input_normalization describe PyTorch"
+    ):
         load_pretrained(str(tmp_path / "export"), fmt="usfm")
     with pytest.raises(ValueError, match=r"dtype='bf16': expected one of \['float32', 'bfloat16'"):
         load_pretrained(str(tmp_path / "export"), dtype="bf16")

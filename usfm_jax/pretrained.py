@@ -55,6 +55,7 @@ def load_pretrained(
     weights: str = "auto",
     fmt: str = "auto",
     num_heads: int | None = None,
+    input_normalization: str | Normalization | None = None,
 ) -> VisionTransformer:
     """The encoder stored at ``path`` (see the module doc), for inputs of ``image_size``
     (default: its own; position tables are resampled otherwise).
@@ -62,8 +63,9 @@ def load_pretrained(
     Call it on float images [B, H, W, C], gray in [0, 1] then normalised with
     ``model.normalization`` (the input normalisation it expects): it returns the tokens
     [B, 1 + N, D] (cls first). ``step`` and ``weights`` ("params", "ema" or "auto") pick from a
-    usfm_jax checkpoint; ``fmt`` and ``num_heads`` describe PyTorch weights
-    (``usfm_jax.convert``), where a card beside them does not."""
+    usfm_jax checkpoint; ``fmt``, ``num_heads`` and ``input_normalization`` (the one the
+    weights were trained with) describe PyTorch weights (``usfm_jax.convert``), where a card
+    beside them does not."""
     params, arch, normalization = load_encoder_weights(
         path,
         image_size=image_size,
@@ -71,6 +73,7 @@ def load_pretrained(
         weights=weights,
         fmt=fmt,
         num_heads=num_heads,
+        input_normalization=input_normalization,
     )
     model = build_encoder(arch, params, dtype=dtype, attention=attention)
     model.normalization = normalization
@@ -85,6 +88,7 @@ def load_encoder_weights(
     weights: str = "auto",
     fmt: str = "auto",
     num_heads: int | None = None,
+    input_normalization: str | Normalization | None = None,
 ) -> tuple[dict[str, Any], Architecture, Normalization]:
     """The encoder parameters at ``path`` (nested numpy arrays) for inputs of ``image_size``,
     their architecture and the input normalisation they expect (arguments as in
@@ -98,9 +102,9 @@ def load_encoder_weights(
     if torch_file is None:  # a usfm_jax checkpoint or export
         from usfm_jax.export import load_params
 
-        if fmt != "auto" or num_heads is not None:
-            raise ConversionError(f"{path} is a usfm_jax checkpoint: fmt and num_heads describe "
-                                  "PyTorch weights")  # fmt: skip
+        if fmt != "auto" or num_heads is not None or input_normalization is not None:
+            raise ConversionError(f"{path} is a usfm_jax checkpoint: fmt, num_heads and "
+                                  "input_normalization describe PyTorch weights")  # fmt: skip
         loaded = load_params(path, step, weights)
         arch = Architecture.from_config(loaded.config["model"], loaded.config["image_size"])
         normalization = Normalization.from_json(loaded.config["normalization"])
@@ -116,7 +120,7 @@ def load_encoder_weights(
             fmt,
             num_heads=num_heads,
             image_size=image_size,
-            input_normalization=_hub_normalization(torch_file.parent),
+            input_normalization=input_normalization or _hub_normalization(torch_file.parent),
         )
         params, arch, normalization = (
             imported.params["encoder"],

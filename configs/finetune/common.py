@@ -27,6 +27,9 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     # weights (.safetensors / .pth, or a hub directory), through usfm_jax.convert.
     c.init = ""
     c.init_format = "auto"  # PyTorch weights: auto | timm-beit | usfm | timm-vit | ...
+    # PyTorch weights without a card: the input normalisation they were trained with ("": the
+    # format's; imagenet | clip | inception | MEAN/STD, e.g. 0.5/0.25 for a gray model)
+    c.init_normalization = ""
     c.label_fraction = args.fraction  # stratified, seeded subset of the training split
     c.image_size = (64, 64)  # position tables of a checkpoint are resampled to it
     c.batch_size = 32

@@ -181,6 +181,13 @@ def import_torch_weights(
     num_heads = num_heads or made_for.get("num_heads")
     params, arch, notes = from_torch(sd, fmt, num_heads, made_for.get("image_size"))
     source = weights_normalization(fmt, card, input_normalization, notes)
+    if len(source.mean) not in (1, arch.in_chans):
+        raise ConversionError(
+            f"{weights}: the weights take {arch.in_chans} channel(s), but the input "
+            f"normalisation assumed for them has {len(source.mean)} ({source.to_json()}). Give "
+            "the one they were trained with: --input-normalization / input_normalization= / "
+            "config.init_normalization, e.g. 0.5/0.25 (or keep the card beside the weights)"
+        )
     target = _normalization(normalization)
     if target is None:
         target = source if source.is_uniform else DEFAULT_NORMALIZATION

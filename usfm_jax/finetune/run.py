@@ -53,7 +53,10 @@ def initial_encoder(
     resampled to ``config.image_size``), or random from ``config.model``."""
     if config.init:
         params, arch, normalization = load_encoder_weights(
-            config.init, image_size=tuple(config.image_size), fmt=config.init_format
+            config.init,
+            image_size=tuple(config.image_size),
+            fmt=config.init_format,
+            input_normalization=config.init_normalization or None,
         )
         return params, arch, normalization
     arch = Architecture.from_config(config.model, tuple(config.image_size))
