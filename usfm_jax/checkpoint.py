@@ -184,9 +184,9 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
-            if config is not None:  # on every process: orbax's restore is collective
-                self._report_config_changes(step, config)
-            restored_state, data_restored = restored
+            restored_state, data_restored, saved_config = restored
+            if config is not None and jax.process_index() == 0:
+                self._report_config_changes(step, saved_config, config)
             if not data_restored:
                 logging.info(
                     "%s was written by another number of processes: data stream opened at "
@@ -226,10 +226,13 @@ class Checkpointer:
                     "another model or optimizer config? Use a new --workdir."
                 )
 
-    def _restore(self, step: int, target: Any, data: grain.DatasetIterator) -> tuple[Any, bool]:
-        """(state, whether ``data`` was moved to the saved position)."""
+    def _restore(
+        self, step: int, target: Any, data: grain.DatasetIterator
+    ) -> tuple[Any, bool, dict[str, Any]]:
+        """(state, whether ``data`` was moved to the saved position, the config saved with it)."""
         items = {
             "state": ocp.args.StandardRestore(target),
+            "config": ocp.args.JsonRestore(),
             "fingerprint": ocp.args.JsonRestore(),
         }
         # grain saves one file per process: process_{i}-of-{n}.json
@@ -239,18 +242,13 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         check_fingerprint(restored.state, restored.fingerprint, str(self.step_path(step)))
-        return restored.state, same_processes
+        return restored.state, same_processes, restored.config
 
-    def _report_config_changes(self, step: int, config: ml_collections.ConfigDict) -> None:
-        try:
-            saved = self.manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-            ).config
-        except Exception as e:  # the state restored fine: this is only a report
-            logging.warning("cannot read the config saved in %s: %s", self.step_path(step), e)
-            return
+    def _report_config_changes(
+        self, step: int, saved: dict[str, Any], config: ml_collections.ConfigDict
+    ) -> None:
         changes = config_changes(saved, config.to_dict())
-        if changes and jax.process_index() == 0:
+        if changes:
             logging.warning(
                 "resuming from %s with a config that differs from the one it was written with "
                 "(each checkpoint keeps its own): %s",

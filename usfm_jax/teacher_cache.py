@@ -100,14 +100,7 @@ def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """cache.json of ``config.teacher.targets``, if it was made for this config; else a
     ValueError naming the first setting that differs."""
     directory = config.teacher.targets
-    path = os.path.join(directory, CACHE_INFO)
-    if not os.path.exists(path) or not os.path.exists(os.path.join(directory, CACHE_ARRAY)):
-        raise ValueError(
-            f"config.teacher.targets={directory!r}: no teacher-target cache there (write one "
-            "with python -m usfm_jax.teacher_cache)"
-        )
-    with open(path) as f:
-        info = json.load(f)
+    info = read_cache_info(directory)
     expected = describe(config)
     for section, values in expected.items():
         got = info.get(section)
@@ -123,6 +116,18 @@ def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"{_get(info, field)!r}, this run has {_get(expected, field)!r}: rebuild it"
             )
     return info
+
+
+def read_cache_info(directory: str) -> dict[str, Any]:
+    """cache.json of the cache in ``directory``, unchecked (``check_cache`` checks it)."""
+    path = os.path.join(directory, CACHE_INFO)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(directory, CACHE_ARRAY)):
+        raise ValueError(
+            f"config.teacher.targets={directory!r}: no teacher-target cache there (write one "
+            "with python -m usfm_jax.teacher_cache)"
+        )
+    with open(path) as f:
+        return json.load(f)
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

@@ -274,9 +274,9 @@ def create_training(
     tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
     teacher_graphdef = teacher = features = None
     if representation is not None and config.teacher.targets:  # the batches bring them
-        from usfm_jax.teacher_cache import check_cache
+        from usfm_jax.teacher_cache import read_cache_info  # validate() checked it
 
-        _, tokens, features = check_cache(config)["shape"]
+        _, tokens, features = read_cache_info(config.teacher.targets)["shape"]
         grid = tuple(s // config.model.patch_size for s in config.image_size)
         if tokens != grid[0] * grid[1]:
             raise ValueError(f"teacher targets of {tokens} tokens; the student has {grid}")

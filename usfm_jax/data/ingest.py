@@ -51,7 +51,7 @@ import sys
 import types
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -126,6 +126,15 @@ class Item:
     study_id: str | None = None
     device: str | None = None
     center: str | None = None
+
+
+class Skipped(NamedTuple):
+    """A file that gave no image, and why."""
+
+    key: str  # the path relative to the input (only its hash goes into the dataset)
+    path: str
+    reason: str
+    split: str
 
 
 class NoUsableImages(RuntimeError):
@@ -338,7 +347,7 @@ class Writer:
         self.items, self.splits, self.organs = items, splits, organs
         self.options, self.pool = options, pool
         self.seen_hashes: set[str] = set()
-        self.skipped: list[tuple[str, str, str, str]] = []  # (key, path, reason, split)
+        self.skipped: list[Skipped] = []
         self.counts = {split: Counter() for split in SPLITS}
         # per split: frames dropped as duplicates; files used; files read fine whose every
         # frame was already in the dataset
@@ -349,7 +358,7 @@ class Writer:
     def carry(self, other: Writer, splits: Sequence[str]) -> None:
         """Takes over what ``other`` (an attempt that ended on an empty split) found about
         ``splits``, which this writer does not write."""
-        self.skipped += [entry for entry in other.skipped if entry[3] in splits]
+        self.skipped += [entry for entry in other.skipped if entry.split in splits]
         for counter in ("duplicates", "files_used", "files_all_duplicate"):
             for split in splits:
                 getattr(self, counter)[split] += getattr(other, counter)[split]
@@ -369,7 +378,7 @@ class Writer:
         for (index, item), (records, error) in bar:
             if error is not None:
                 reason = error.replace(item.path, "<file>")
-                self.skipped.append((item.key, item.path, reason, split))
+                self.skipped.append(Skipped(item.key, item.path, reason, split))
                 continue
             used = False
             for record in records:
@@ -481,7 +490,7 @@ def ingest(
             splits = [assign_split(patient, options) for patient in patients]
             writer, dropped = _build(name, staging, items, splits, organs, options, pool)
         report = os.path.join(output, f"{name}_skipped_paths.csv")
-        rows = [(p, r) for _, p, r, _ in writer.skipped]
+        rows = [(s.path, s.reason) for s in writer.skipped]
         rows += [(p, "ignored: neither an image nor a DICOM file") for p in ignored]
         with open(report, "w", newline="") as f:
             csv.writer(f).writerows([("path", "reason"), *rows])
@@ -492,15 +501,15 @@ def ingest(
                 "split %r is left out: none of its files gave a usable image (reasons in %s)",
                 split, report,
             )  # fmt: skip
-        card = dataset_card(name, organs, options, writer, os.path.join(target, VERSION))
-        card["files"]["ignored"] = len(ignored)
-        card["splits_left_out"] = dropped
-        card["skipped_paths_report"] = os.path.abspath(report)
+        card = dataset_card(
+            name, organs, options, writer, os.path.join(target, VERSION),
+            ignored=len(ignored), left_out=dropped, report=os.path.abspath(report),
+        )  # fmt: skip
         staged = os.path.join(staging, name, VERSION)
         with open(os.path.join(staged, "dataset_card.json"), "w") as f:
             json.dump(card, f, indent=2)
         # The dataset keeps path hashes only; the raw paths, for the user, stay in the report.
-        hashed = [(salted_hash(key, options.salt), reason) for key, _, reason, _ in writer.skipped]
+        hashed = [(salted_hash(s.key, options.salt), s.reason) for s in writer.skipped]
         with open(os.path.join(staged, "skipped.csv"), "w", newline="") as f:
             csv.writer(f).writerows([("path_hash", "reason"), *hashed])
         if os.path.exists(target):  # replaced only now that the new dataset is complete
@@ -570,8 +579,14 @@ def dataset_card(
     options: Options,
     writer: Writer,
     data_dir: str,
+    *,
+    ignored: int,
+    left_out: Sequence[str],
+    report: str,
 ) -> dict:
-    """What the dataset holds and how it was made; the pipeline reads organ ranges from here."""
+    """What the dataset holds and how it was made; the pipeline reads organ ranges from here.
+    ``ignored`` files were neither images nor DICOM; the ``left_out`` splits got no image;
+    ``report`` lists the skipped and ignored files by path."""
     ranges = {}
     for split in SPLITS:
         start, ranges[split] = 0, {}
@@ -580,7 +595,7 @@ def dataset_card(
             if count:
                 ranges[split][organ] = [start, start + count]
             start += count
-    reasons = Counter(reason.split(":")[0] for _, _, reason, _ in writer.skipped)
+    reasons = Counter(s.reason.split(":")[0] for s in writer.skipped)
     return {
         "name": name,
         "version": VERSION,
@@ -594,7 +609,10 @@ def dataset_card(
             "used": dict(writer.files_used),
             "skipped": len(writer.skipped),
             "all_frames_duplicate": sum(writer.files_all_duplicate.values()),
+            "ignored": ignored,
         },
+        "splits_left_out": list(left_out),
+        "skipped_paths_report": report,
         "skipped_reasons": dict(reasons),
         "duplicates_removed": sum(writer.duplicates.values()),
         "fields": list(options.pair_fields),  # paired images besides "image"
