@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 from configs.pretrain import usfm_vitb16  # noqa: E402
 from usfm_jax.models.factory import encoder_dims  # noqa: E402
+from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS  # noqa: E402
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0}
@@ -299,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-per-device", type=int, default=64)
     ap.add_argument("--objective", choices=("spatial", "frequency", "dual"), default="dual")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU/TPU)")
-    ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
+    ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
     ap.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     ap.add_argument("--scan", action="store_true", help="one lax.scan over the blocks")
     ap.add_argument("--steps", type=int, default=20)

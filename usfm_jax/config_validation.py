@@ -209,6 +209,14 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
             f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
             f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
         )
+    if m.attention == "pallas":
+        _require(
+            jax.default_backend() == "gpu",
+            "model.attention",
+            m.attention,
+            f"the Pallas attention kernels run on NVIDIA GPUs (backend "
+            f"{jax.default_backend()!r}; elsewhere only in Pallas' slow interpreter); use 'xla'",
+        )
     _one_of(config, "model.in_chans", (1, 3))
     for field in ("width", "depth", "num_heads"):
         value = m.get(field)

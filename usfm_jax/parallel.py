@@ -98,24 +98,29 @@ def jit_in_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
     return jax.jit(in_mesh, compiler_options=options, **jit_kwargs)
 
 
-def per_batch_shard(fn: Callable) -> Callable:
-    """Runs ``fn`` on each device's slice of the leading (batch) axis of all its arguments.
+def per_batch_shard(fn: Callable, shared: Sequence[int] = ()) -> Callable:
+    """Runs ``fn`` on each device's slice of the leading (batch) axis of its arguments.
 
     For batch-wise ops that XLA's SPMD partitioner does not split: it runs the FFT on the whole
-    gathered batch on every device. Without a context mesh (see ``jit_in_mesh``), or when the
-    batch does not divide over the batch axes (e.g. a few preview images), ``fn`` runs as is.
+    gathered batch on every device, and a Pallas kernel (a custom call) likewise. Arguments at
+    positions ``shared`` (or None) are passed whole to every device, e.g. a bias shared by the
+    batch: the gradient of one sums over the shards. Without a context mesh (see
+    ``jit_in_mesh``), or when the batch does not divide over the batch axes (e.g. a few preview
+    images), ``fn`` runs as is.
     """
 
     @functools.wraps(fn)
-    def wrapped(*args: jax.Array) -> Any:
+    def wrapped(*args: jax.Array | None) -> Any:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return fn(*args)
         shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-        if shards == 1 or any(x.shape[0] % shards for x in args):
+        split = [i not in shared and x is not None for i, x in enumerate(args)]
+        if shards == 1 or any(x.shape[0] % shards for x, s in zip(args, split, strict=True) if s):
             return fn(*args)
         spec = PartitionSpec(BATCH_AXES)
-        return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)(*args)
+        in_specs = tuple(spec if s else PartitionSpec() for s in split)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec)(*args)
 
     return wrapped
 

@@ -65,9 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
     c.model.remat = "none"  # per-block rematerialisation: none | dots (keep matmuls) | full
     c.model.scan_layers = False  # one lax.scan over the blocks: faster compiles for deep models
-    c.model.attention = (
-        "auto"  # "xla" | "cudnn" (fused, NVIDIA GPU + bf16) | "auto": cudnn if it can
-    )
+    # "xla" | "cudnn" (fused, NVIDIA GPU + bf16) | "pallas" (fused Triton kernels, NVIDIA GPU;
+    # experimental) | "auto": cudnn if it can
+    c.model.attention = "auto"
     c.model.head = "linear"  # "linear" (SimMIM) or "transformer"
     c.model.decoder = ml_collections.ConfigDict(dict(width=256, depth=2, num_heads=8))
 

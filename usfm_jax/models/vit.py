@@ -26,14 +26,16 @@ from jax.typing import DTypeLike
 
 from usfm_jax import parallel
 from usfm_jax.models.attention import softmax_attention
+from usfm_jax.models.fused_attention import fused_attention
 from usfm_jax.patches import patchify
 
 Variant = Literal["beit", "vit"]
 RelPos = Literal["shared", "per_block"]
 # Attention implementations: "xla", models.attention.softmax_attention compiled by XLA (any
-# backend), or "cudnn", cuDNN's fused kernel through jax.nn.dot_product_attention (NVIDIA GPUs,
-# bf16 / fp16 compute); "auto" picks cuDNN wherever it can run.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# backend); "cudnn", cuDNN's fused kernel through jax.nn.dot_product_attention (NVIDIA GPUs,
+# bf16 / fp16 compute); "pallas", the Pallas (Triton) kernels of models.fused_attention (NVIDIA
+# GPUs; elsewhere Pallas' interpreter, for tests); "auto" picks cuDNN wherever it can run.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 
 # name -> (width, depth, heads); patch 16 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -137,7 +139,8 @@ def cudnn_attention_available(dtype: DTypeLike) -> bool:
 
 
 def resolve_attention(attention: str, dtype: DTypeLike) -> str:
-    """The implementation ``attention`` ('auto', 'xla' or 'cudnn') means for ``dtype`` here."""
+    """The implementation ``attention`` (one of ATTENTION_IMPLEMENTATIONS) means for ``dtype``
+    here."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
     if attention == "auto":
@@ -202,6 +205,8 @@ class Attention(nnx.Module):
             q, k, v = (x[0] for x in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
             q = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype)
             out = softmax_attention(q, k, v, bias).transpose(0, 2, 1, 3)  # [B, T, heads, D / heads]
+        elif self.implementation == "pallas":  # reads q, k, v in place: no split, no padding
+            out = parallel.per_batch_shard(fused_attention, shared=(1,))(qkv, bias)
         else:  # cuDNN's fused kernel: [B, T, heads, D / heads] operands
             q, k, v = (x[:, :, 0] for x in jnp.split(qkv, 3, axis=2))
             bias = None if bias is None else bias.astype(q.dtype)

@@ -1,0 +1,129 @@
+"""Tests for the Pallas (Triton) attention kernels of ``usfm_jax.models.fused_attention``.
+
+Numerics run the kernels in Pallas' interpreter on the CPU and compare against
+``jax.nn.dot_product_attention`` (XLA's implementation) and JAX's autodiff of it. That the
+kernels are valid for a GPU is checked without one: they are lowered for CUDA (Pallas -> Triton
+IR) and compiled by Triton to an sm_90 cubin.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from usfm_jax.models.fused_attention import Tiling, fused_attention
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+import attention_kernels
+
+# small blocks, so that every kernel loops over several tiles and the batch over several chunks
+SMALL = Tiling(
+    block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16, block_k_dq=16,
+    batch_chunk=2,
+)  # fmt: skip
+
+
+def reference(qkv: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """XLA's attention on the same operands: [B, T, heads, Dh]."""
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (qkv.shape[0], *bias.shape[1:]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+
+
+def operands(b, t, heads, dh, with_bias, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    qkv = jax.random.normal(keys[0], (b, t, 3, heads, dh)).astype(dtype)
+    bias = 2 * jax.random.normal(keys[1], (1, heads, t, t)) if with_bias else None
+    cotangent = jax.random.normal(keys[2], (b, t, heads, dh))
+    return qkv, bias, cotangent
+
+
+@pytest.mark.parametrize(
+    "b, t, heads, dh, with_bias",
+    [
+        (4, 37, 2, 16, True),  # ragged last tile (37 = 2 x 16 + 5); 2 batch chunks
+        (3, 37, 2, 16, True),  # a batch the chunk does not divide
+        (2, 5, 1, 24, True),  # fewer tokens than a block; a head width that is not 2^n
+        (4, 20, 3, 16, False),  # no bias: no bias gradient
+    ],
+)
+def test_matches_xla_attention_and_its_gradients(b, t, heads, dh, with_bias):
+    qkv, bias, cotangent = operands(b, t, heads, dh, with_bias)
+    args = (qkv, bias) if with_bias else (qkv,)
+    ref_out, ref_vjp = jax.vjp(lambda *a: reference(*a, *[None] * (2 - len(a))), *args)
+    out, vjp = jax.vjp(lambda *a: fused_attention(*a, tiling=SMALL), *args)
+    assert out.shape == (b, t, heads, dh) and out.dtype == qkv.dtype
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for name, grad, ref in zip(("qkv", "bias"), vjp(cotangent), ref_vjp(cotangent), strict=False):
+        assert grad.shape == ref.shape, name
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+def test_bfloat16_stays_within_bfloat16_error():
+    """bf16 operands, float32 softmax: the error against float32 attention is bf16 rounding."""
+    qkv, bias, cotangent = operands(4, 37, 2, 16, True)
+    ref_out, ref_vjp = jax.vjp(reference, qkv, bias)
+    out, vjp = jax.vjp(
+        lambda x, b: fused_attention(x, b, tiling=SMALL), qkv.astype(jnp.bfloat16), bias
+    )
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=3e-2)
+    grads = vjp(cotangent.astype(jnp.bfloat16))
+    for grad, ref in zip(grads, ref_vjp(cotangent), strict=True):
+        error = float(jnp.abs(grad.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+        assert error < 2e-2
+
+
+def test_default_tiling_matches_at_vit_length():
+    """The tiling the GPU runs (one 256-key tile in the dq kernel), at ViT-B/16's 197 tokens."""
+    qkv, bias, cotangent = operands(2, 197, 1, 64, True)
+    ref_out, ref_vjp = jax.vjp(reference, qkv, bias)
+    out, vjp = jax.vjp(fused_attention, qkv, bias)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(vjp(cotangent), ref_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(grad, ref, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize(
+    "qkv_shape, bias_shape, dtype, match",
+    [
+        ((2, 5, 2, 16), None, jnp.float32, r"\[B, T, 3, heads, Dh\]"),
+        ((2, 5, 4, 2, 16), None, jnp.float32, r"\[B, T, 3, heads, Dh\]"),
+        ((2, 5, 3, 2, 16), (2, 2, 5, 5), jnp.float32, r"bias must be \[1, heads, T, T\]"),
+        ((2, 5, 3, 2, 16), None, jnp.int32, "floating point"),
+    ],
+)
+def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, match):
+    bias = None if bias_shape is None else jnp.zeros(bias_shape)
+    with pytest.raises(ValueError, match=match):
+        fused_attention(jnp.zeros(qkv_shape, dtype), bias)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(block_q=24), "block_q must be a power of two"), (dict(block_k_dq=8), "block_k_dq"),
+     (dict(warps_dq=0), "warps_dq must be positive")],
+)  # fmt: skip
+def test_tiling_rejects_invalid_blocks(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Tiling(**kw)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernels_lower_and_compile_for_an_nvidia_gpu(with_bias, tmp_path):
+    """Pallas -> Triton IR for CUDA, then Triton's compiler down to an sm_90 cubin, on this
+    CPU-only machine: three kernels, each within the register file (<= 255 per thread)."""
+    irs = attention_kernels.kernel_irs(Tiling(), 4, 197, 12, 64, with_bias=with_bias)
+    names = [name for name, *_ in irs]
+    assert names == ["usfm_attention_forward", "usfm_attention_dkv", "usfm_attention_dq"]
+    for name, warps, stages, bytecode in irs:
+        usage = attention_kernels.compile_kernel(name, warps, stages, bytecode, 90, str(tmp_path))
+        assert 0 < usage["registers"] <= 255, (name, usage)
+        assert usage["blocks_per_sm"] >= 1, (name, usage)
