@@ -16,7 +16,6 @@ may differ a little from what runs, the absence of a lowering or compilation err
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import subprocess
@@ -38,17 +37,10 @@ SM_SHARED_BYTES = 227 * 1024
 
 
 def parse_tiling(text: str) -> Tiling:
-    """'warps_dq=8,block_q_dq=16' -> Tiling(warps_dq=8, block_q_dq=16)."""
-    names = {f.name for f in dataclasses.fields(Tiling)}
-    values = {}
-    for item in filter(None, text.split(",")):
-        name, sep, value = item.partition("=")
-        if not sep or name not in names or not value.isdigit():
-            raise argparse.ArgumentTypeError(
-                f"--tiling takes name=integer pairs of {sorted(names)}, got {item!r}"
-            )
-        values[name] = int(value)
-    return Tiling(**values)
+    try:
+        return Tiling.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def kernel_irs(

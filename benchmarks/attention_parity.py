@@ -1,11 +1,14 @@
-"""cuDNN's fused attention against XLA's in the encoder, forward and gradient, on a GPU.
+"""The fused attention paths (cuDNN, Pallas) against XLA's in the encoder, forward and
+gradient, on a GPU.
 
     python benchmarks/attention_parity.py [--size base] [--batch 8] [--variant beit|vit]
+        [--implementations xla,cudnn,pallas]
 
-Three encoders with the same weights: XLA attention in float32 (the reference), XLA and cuDNN
-in bfloat16. For each bf16 one, prints the relative difference (||a - ref|| / ||ref||) of the
-output tokens and the largest over the parameter gradients of a fixed random projection of the
-tokens. cuDNN is right if it is as close to the reference as XLA's bf16 is.
+Encoders with the same weights: XLA attention in float32 (the reference), and each of
+``--implementations`` in bfloat16. For each bf16 one, prints the relative difference
+(||a - ref|| / ||ref||) of the output tokens and the largest over the parameter gradients of a
+fixed random projection of the tokens. A fused path is right if it is as close to the reference
+as XLA's bf16 is.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from usfm_jax.models.vit import SIZES, VisionTransformer
+from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS, SIZES, VisionTransformer
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -35,7 +38,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--variant", choices=("beit", "vit"), default="beit")
+    ap.add_argument("--implementations", default="xla,cudnn,pallas", help="comma-separated")
     args = ap.parse_args()
+    implementations = args.implementations.split(",")
+    unknown = set(implementations) - set(ATTENTION_IMPLEMENTATIONS)
+    if unknown:
+        ap.error(f"--implementations: unknown {sorted(unknown)}; from {ATTENTION_IMPLEMENTATIONS}")
     width, depth, heads = SIZES[args.size]
 
     def build(impl: str, dtype) -> VisionTransformer:
@@ -72,14 +80,14 @@ def main() -> None:
         f"device: {jax.devices()[0].device_kind}, ViT-{args.size} {args.variant} {args.image} px, "
         f"batch {args.batch}; relative difference to XLA in float32:"
     )
-    for impl in ("xla", "cudnn"):
+    for impl in implementations:
         tokens, grads = run(build(impl, jnp.bfloat16))
         worst = max(
             (rel(g, r), jax.tree_util.keystr(path))
             for (path, r), (_, g) in zip(ref_grads, grads, strict=True)
         )
         print(
-            f"  {impl:5s} bf16: tokens {rel(tokens, ref_tokens):.2e}, "
+            f"  {impl:6s} bf16: tokens {rel(tokens, ref_tokens):.2e}, "
             f"worst gradient {worst[0]:.2e} {worst[1]}"
         )
 

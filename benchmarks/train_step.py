@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.pretrain import usfm_vitb16  # noqa: E402
+from usfm_jax.models import fused_attention  # noqa: E402
 from usfm_jax.models.factory import encoder_dims  # noqa: E402
 from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS  # noqa: E402
 
@@ -135,6 +136,8 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     from usfm_jax.models.vit import resolve_attention
     from usfm_jax.train_step import create_training
 
+    if args.pallas_tiling:
+        fused_attention.DEFAULT_TILING = args.pallas_tiling
     cpu_runtime.execute_inline()  # as usfm_jax.train runs (before the backend starts)
     cpu_runtime.configure_for_backend()
     device = jax.devices()[0]
@@ -180,6 +183,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
         "device_count": jax.device_count(),
         "dtype": config.model.dtype,
         "options": f"attn {attention}, remat {args.remat}"
+        + (f", {args.pallas_tiling}" if args.pallas_tiling else "")
         + (", scan" if args.scan else "")
         + (", oneDNN matmuls" if cpu_options else "")
         + "".join(f", {flag}" for flag in args.xla_flag),
@@ -293,6 +297,13 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def pallas_tiling(text: str) -> fused_attention.Tiling:
+    try:
+        return fused_attention.Tiling.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="base")
@@ -301,6 +312,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--objective", choices=("spatial", "frequency", "dual"), default="dual")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU/TPU)")
     ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
+    ap.add_argument(
+        "--pallas-tiling",
+        type=pallas_tiling,
+        default=None,
+        metavar="NAME=INT,...",
+        help="block sizes / warps of the Pallas attention kernels (--attention pallas), e.g. "
+        "warps_dq=8,block_q_dq=32; see models.fused_attention.Tiling",
+    )
     ap.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     ap.add_argument("--scan", action="store_true", help="one lax.scan over the blocks")
     ap.add_argument("--steps", type=int, default=20)
@@ -336,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not frameworks:
         ap.error(f"--frameworks {args.frameworks!r}: choose from {', '.join(FRAMEWORKS)}")
     args.frameworks = frameworks
+    if args.pallas_tiling and args.attention != "pallas":
+        ap.error("--pallas-tiling applies to --attention pallas only")
     for name in ("steps", "batch_per_device", "image"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

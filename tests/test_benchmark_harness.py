@@ -15,6 +15,7 @@ from conftest import make_tiny_config
 from flax import nnx
 
 from benchmarks import train_step as bench
+from usfm_jax.models import fused_attention
 from usfm_jax.train_step import abstract_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,10 +66,18 @@ def test_figures_and_ratio_from_measurements():
 
 
 def test_arguments_are_checked():
-    for bad in (["--frameworks", "jax,tf"], ["--steps", "0"], ["--frameworks", ","]):
+    for bad in (
+        ["--frameworks", "jax,tf"],
+        ["--steps", "0"],
+        ["--frameworks", ","],
+        ["--attention", "pallas", "--pallas-tiling", "warps_dq=3"],
+        ["--pallas-tiling", "warps_dq=8"],  # without --attention pallas
+    ):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
     assert bench.parse_args(["--frameworks", "torch, jax"]).frameworks == ["torch", "jax"]
+    tiling = bench.parse_args(["--attention", "pallas", "--pallas-tiling", "warps_dq=8"])
+    assert tiling.pallas_tiling == fused_attention.Tiling(warps_dq=8)
 
 
 def test_both_frameworks_measured_by_one_run(tmp_path):

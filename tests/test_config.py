@@ -86,6 +86,7 @@ def test_ablations_change_what_they_name():
         ({"objective.norm_pix": True, "objective.frequency_fft_weight": 1.0}, r"norm_pix"),
         ({"model.attention": "flash"}, r"config\.model\.attention='flash'"),
         ({"model.attention": "cudnn"}, r"config\.model\.attention='cudnn'.*NVIDIA GPU.*'xla'"),
+        ({"model.attention": "pallas"}, r"config\.model\.attention='pallas'.*NVIDIA GPU.*'xla'"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, match):

@@ -8,18 +8,13 @@ IR) and compiled by Triton to an sm_90 cubin.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import attention_kernels
 from usfm_jax.models.fused_attention import Tiling, fused_attention
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-import attention_kernels
 
 # small blocks, so that every kernel loops over several tiles and the batch over several chunks
 SMALL = Tiling(
@@ -109,11 +104,20 @@ def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, match):
 @pytest.mark.parametrize(
     "kw, match",
     [(dict(block_q=24), "block_q must be a power of two"), (dict(block_k_dq=8), "block_k_dq"),
-     (dict(warps_dq=0), "warps_dq must be positive")],
+     (dict(warps_dq=3), "warps_dq must be a power of two"),
+     (dict(batch_chunk=0), "batch_chunk must be positive")],
 )  # fmt: skip
 def test_tiling_rejects_invalid_blocks(kw, match):
     with pytest.raises(ValueError, match=match):
         Tiling(**kw)
+
+
+def test_tiling_parses_overrides_and_names_bad_ones():
+    assert Tiling.parse("warps_dq=8, block_q_dq=32") == Tiling(warps_dq=8, block_q_dq=32)
+    assert Tiling.parse("") == Tiling()
+    for text in ("warps_dq", "warp=4", "block_q=big"):
+        with pytest.raises(ValueError, match="name=integer pairs"):
+            Tiling.parse(text)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -15,8 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh
 from scipy.special import erf
 
+from usfm_jax import parallel
 from usfm_jax.models.attention import softmax_attention
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, TransformerPixelHead
@@ -769,6 +771,36 @@ def test_softmax_attention_matches_jax_and_its_autodiff(dtype, with_bias):
         np.testing.assert_allclose(
             np.asarray(g, np.float32), ref, rtol=tol, atol=tol * scale, err_msg=name
         )
+
+
+@pytest.mark.parametrize("rel_pos, devices", [("shared", 1), ("per_block", 4)])
+def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, devices):
+    """The encoder with the Pallas kernels (interpreted on the CPU) against the XLA path: tokens
+    and every parameter's gradient, the position tables' included. On 4 devices the kernels run
+    per batch shard (shard_map), and the tables' gradients must be summed over the shards."""
+    images = jax.random.normal(jax.random.key(1), (4, *IMAGE, 1))
+    cotangent = jax.random.normal(jax.random.key(2), (4, 7, WIDTH))
+    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(1, devices, 1), parallel.MESH_AXES)
+
+    def tokens_and_grads(attention):
+        graphdef, params = nnx.split(make_vit(attention=attention, rel_pos=rel_pos))
+
+        def loss(params, images):
+            return jnp.sum(nnx.merge(graphdef, params)(images) * cotangent)
+
+        step = parallel.jit_in_mesh(jax.value_and_grad(loss), mesh)
+        params = jax.device_put(params, parallel.replicated(mesh))
+        with jax.default_matmul_precision("float32"):
+            return step(params, jax.device_put(images, parallel.batch_sharding(mesh)))
+
+    (loss, grads), (ref_loss, ref_grads) = tokens_and_grads("pallas"), tokens_and_grads("xla")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    flat, ref_flat = nnx.to_flat_state(grads), dict(nnx.to_flat_state(ref_grads))
+    assert any("relative_position_bias_table" in path for path, _ in flat)
+    for path, grad in flat:
+        ref = ref_flat[path][...]
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(grad[...], ref, atol=1e-4 * scale, err_msg=str(path))
 
 
 def test_softmax_attention_rejects_a_per_example_bias():

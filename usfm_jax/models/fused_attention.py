@@ -60,24 +60,42 @@ class Tiling:
             value = getattr(self, field.name)
             if field.name.startswith("block") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"Tiling.{field.name} must be a power of two >= 16, got {value}")
+            if field.name.startswith("warps") and (value < 1 or value & (value - 1)):
+                raise ValueError(f"Tiling.{field.name} must be a power of two, got {value}")
             if value < 1:
                 raise ValueError(f"Tiling.{field.name} must be positive, got {value}")
 
+    @classmethod
+    def parse(cls, text: str) -> Tiling:
+        """'warps_dq=8,block_q_dq=32' -> Tiling(warps_dq=8, block_q_dq=32), the rest default."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {}
+        for item in filter(None, text.split(",")):
+            name, sep, value = item.strip().partition("=")
+            if not sep or name not in names or not value.isdigit():
+                raise ValueError(f"a tiling is name=integer pairs of {names}, got {item!r}")
+            values[name] = int(value)
+        return cls(**values)
+
     def compiler_params(self, warps: int) -> plgpu.CompilerParams:
         return plgpu.CompilerParams(num_warps=warps, num_stages=self.stages)
+
+
+DEFAULT_TILING = Tiling()  # registers without spills on sm_90 (benchmarks/attention_kernels.py)
 
 
 def fused_attention(
     qkv: jax.Array,
     bias: jax.Array | None = None,
     *,
-    tiling: Tiling = Tiling(),
+    tiling: Tiling | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(Dh) + bias) v for q, k, v stacked as the qkv projection writes them.
 
     qkv [B, T, 3, heads, Dh]; ``bias`` [1, heads, T, T] (shared by the batch) or None. Returns
-    [B, T, heads, Dh] in qkv's dtype. ``interpret`` defaults to "not on a GPU".
+    [B, T, heads, Dh] in qkv's dtype. ``tiling`` defaults to DEFAULT_TILING (which benchmarks
+    may replace), ``interpret`` to "not on a GPU".
     """
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, T, 3, heads, Dh], got {qkv.shape}")
@@ -88,7 +106,7 @@ def fused_attention(
         raise ValueError(f"bias must be [1, heads, T, T] = {(1, heads, t, t)}, got {bias.shape}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return _attention(qkv, bias, tiling, interpret)
+    return _attention(qkv, bias, tiling or DEFAULT_TILING, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
