@@ -93,6 +93,7 @@ def test_default_tiling_matches_at_vit_length():
         ((2, 5, 4, 2, 16), None, jnp.float32, r"\[B, T, 3, heads, Dh\]"),
         ((2, 5, 3, 2, 16), (2, 2, 5, 5), jnp.float32, r"bias must be \[1, heads, T, T\]"),
         ((2, 5, 3, 2, 16), None, jnp.int32, "floating point"),
+        ((1, 257, 3, 2, 16), None, jnp.float32, "up to 256 tokens"),
     ],
 )
 def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, match):

@@ -9,6 +9,7 @@ from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
 from usfm_jax.data.pipeline import SOURCES, check_fixed_views, parse_organ_weights, read_card
 from usfm_jax.models.factory import DTYPES, encoder_dims
+from usfm_jax.models.fused_attention import MAX_TOKENS
 from usfm_jax.models.teacher import TARGET_LAYERS
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
@@ -216,6 +217,15 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
             m.attention,
             f"the Pallas attention kernels run on NVIDIA GPUs (backend "
             f"{jax.default_backend()!r}; elsewhere only in Pallas' slow interpreter); use 'xla'",
+        )
+        (h, w), patch = config.image_size, m.patch_size
+        tokens = (h // patch) * (w // patch) + 1
+        _require(
+            tokens <= MAX_TOKENS,
+            "model.attention",
+            m.attention,
+            f"the Pallas attention kernels take up to {MAX_TOKENS} tokens; "
+            f"config.image_size={tuple(config.image_size)} makes {tokens}: use 'cudnn' or 'xla'",
         )
     _one_of(config, "model.in_chans", (1, 3))
     for field in ("width", "depth", "num_heads"):

@@ -18,7 +18,7 @@ pass, ``sum(dO * O)`` as the softmax's row term):
 - forward, grid (query blocks, B, heads): online softmax over the key blocks;
 - dk and dv, grid (key blocks, B, heads): a loop over the query blocks;
 - dq and the bias gradient, grid (query blocks, heads, batch chunks): a loop over the chunk's
-  batch elements, keeping one accumulator per key block (so T should be a few hundred tokens).
+  batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens).
 
 Scores, softmax and accumulators are float32 whatever the compute dtype. Off an NVIDIA GPU the
 kernels run in Pallas' interpreter: correct, slow, for tests.
@@ -35,6 +35,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# The dq kernel keeps a bias-gradient sum per key tile and stages every key of a sequence in
+# shared memory: at 577 tokens (384 px) it needs more than an SM has
+# (benchmarks/attention_kernels.py --tokens 577).
+MAX_TOKENS = 256  # a ViT/16 at 224 px has 197
 LOG2E = math.log2(math.e)
 NEG_INF = -1e30  # a masked score: exp2 of it is 0, and it stays finite in float32 arithmetic
 
@@ -102,6 +106,11 @@ def fused_attention(
     if not jnp.issubdtype(qkv.dtype, jnp.floating):
         raise ValueError(f"qkv must be floating point, got {qkv.dtype}")
     _, t, _, heads, _ = qkv.shape
+    if t > MAX_TOKENS:
+        raise ValueError(
+            f"the Pallas attention kernels take up to {MAX_TOKENS} tokens (a ViT/16 at 224 px has "
+            f"197), got {t}: use attention 'cudnn' or 'xla'"
+        )
     if bias is not None and bias.shape != (1, heads, t, t):
         raise ValueError(f"bias must be [1, heads, T, T] = {(1, heads, t, t)}, got {bias.shape}")
     if interpret is None:
