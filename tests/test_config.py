@@ -97,13 +97,16 @@ def test_invalid_settings_name_the_field(overrides, match):
 
 def test_pallas_attention_is_checked_against_the_token_count(monkeypatch):
     """On a GPU (the backend faked: the check reads only its name), 'pallas' takes images of up
-    to 256 tokens: 224 px with 16-px patches (197) but not 384 px (577)."""
+    to 256 tokens (224 px with 16-px patches: 197; not 384 px: 577) and heads up to 64 wide."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     validate(make_tiny_config(**{"model.attention": "pallas"}), num_devices=8)
     big = make_tiny_config(**{"model.attention": "pallas", "image_size": (384, 384)})
     big.data.augment.crop_scale = (1.0, 1.0)
     with pytest.raises(ConfigError, match=r"up to 256 tokens.*\(384, 384\) makes 577"):
         validate(big, num_devices=8)
+    wide = make_tiny_config(**{"model.attention": "pallas", "model.width": 160})  # heads of 80
+    with pytest.raises(ConfigError, match=r"heads up to 64 wide.*are 80 \(width 160, 2 heads\)"):
+        validate(wide, num_devices=8)
 
 
 def test_configs_are_locked():

@@ -43,9 +43,10 @@ def operands(b, t, heads, dh, with_bias, dtype=jnp.float32, seed=0):
     "b, t, heads, dh, with_bias",
     [
         (4, 37, 2, 16, True),  # ragged last tile (37 = 2 x 16 + 5); 2 batch chunks
-        (3, 37, 2, 16, True),  # a batch the chunk does not divide
+        (3, 37, 2, 16, True),  # a batch the chunk does not divide: a short last chunk
         (2, 5, 1, 24, True),  # fewer tokens than a block; a head width that is not 2^n
         (4, 20, 3, 16, False),  # no bias: no bias gradient
+        (1, 32, 1, 16, True),  # one image; tokens a multiple of the block
     ],
 )
 def test_matches_xla_attention_and_its_gradients(b, t, heads, dh, with_bias):
@@ -61,19 +62,25 @@ def test_matches_xla_attention_and_its_gradients(b, t, heads, dh, with_bias):
         np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
-def test_bfloat16_stays_within_bfloat16_error():
-    """bf16 operands, float32 softmax: the error against float32 attention is bf16 rounding."""
+@pytest.mark.parametrize(
+    "dtype, bias_dtype, tol",
+    [(jnp.bfloat16, jnp.float32, 2e-2), (jnp.float16, jnp.float32, 2e-3),
+     (jnp.bfloat16, jnp.bfloat16, 2e-2)],
+)  # fmt: skip
+def test_half_precision_stays_within_its_rounding_error(dtype, bias_dtype, tol):
+    """Half-precision operands, float32 softmax: the error against float32 attention is the
+    operands' rounding; the gradients come back in the operands' dtypes."""
     qkv, bias, cotangent = operands(4, 37, 2, 16, True)
     ref_out, ref_vjp = jax.vjp(reference, qkv, bias)
     out, vjp = jax.vjp(
-        lambda x, b: fused_attention(x, b, tiling=SMALL), qkv.astype(jnp.bfloat16), bias
+        lambda x, b: fused_attention(x, b, tiling=SMALL), qkv.astype(dtype), bias.astype(bias_dtype)
     )
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=3e-2)
-    grads = vjp(cotangent.astype(jnp.bfloat16))
-    for grad, ref in zip(grads, ref_vjp(cotangent), strict=True):
-        error = float(jnp.abs(grad.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
-        assert error < 2e-2
+    assert out.dtype == dtype
+    grads = vjp(cotangent.astype(dtype))
+    assert grads[0].dtype == dtype and grads[1].dtype == bias_dtype
+    for got, ref in zip((out, *grads), (ref_out, *ref_vjp(cotangent)), strict=True):
+        error = float(jnp.abs(got.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+        assert error < tol
 
 
 def test_default_tiling_matches_at_vit_length():
@@ -94,6 +101,7 @@ def test_default_tiling_matches_at_vit_length():
         ((2, 5, 3, 2, 16), (2, 2, 5, 5), jnp.float32, r"bias must be \[1, heads, T, T\]"),
         ((2, 5, 3, 2, 16), None, jnp.int32, "floating point"),
         ((1, 257, 3, 2, 16), None, jnp.float32, "up to 256 tokens"),
+        ((1, 197, 3, 2, 80), None, jnp.float32, "heads up to 64 wide"),
     ],
 )
 def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, match):

@@ -773,14 +773,21 @@ def test_softmax_attention_matches_jax_and_its_autodiff(dtype, with_bias):
         )
 
 
-@pytest.mark.parametrize("rel_pos, devices", [("shared", 1), ("per_block", 4)])
-def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, devices):
+@pytest.mark.parametrize("rel_pos, mesh_shape", [("shared", (1, 1, 1)), ("per_block", (1, 2, 2))])
+def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, mesh_shape, monkeypatch):
     """The encoder with the Pallas kernels (interpreted on the CPU) against the XLA path: tokens
-    and every parameter's gradient, the position tables' included. On 4 devices the kernels run
-    per batch shard (shard_map), and the tables' gradients must be summed over the shards."""
-    images = jax.random.normal(jax.random.key(1), (4, *IMAGE, 1))
-    cotangent = jax.random.normal(jax.random.key(2), (4, 7, WIDTH))
-    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(1, devices, 1), parallel.MESH_AXES)
+    and every parameter's gradient, the position tables' included. On 4 devices (batch split
+    over data x fsdp, 2 images each) the kernels run per batch shard (shard_map), and the
+    tables' gradients must be summed over the shards."""
+    images = jax.random.normal(jax.random.key(1), (8, *IMAGE, 1))
+    cotangent = jax.random.normal(jax.random.key(2), (8, 7, WIDTH))
+    devices = np.asarray(jax.devices()[: math.prod(mesh_shape)]).reshape(mesh_shape)
+    mesh = Mesh(devices, parallel.MESH_AXES)
+    shard_maps = []
+    shard_map = jax.shard_map
+    monkeypatch.setattr(
+        jax, "shard_map", lambda *a, **k: shard_maps.append(k) or shard_map(*a, **k)
+    )
 
     def tokens_and_grads(attention):
         graphdef, params = nnx.split(make_vit(attention=attention, rel_pos=rel_pos))
@@ -793,7 +800,9 @@ def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, devices)
         with jax.default_matmul_precision("float32"):
             return step(params, jax.device_put(images, parallel.batch_sharding(mesh)))
 
-    (loss, grads), (ref_loss, ref_grads) = tokens_and_grads("pallas"), tokens_and_grads("xla")
+    loss, grads = tokens_and_grads("pallas")
+    assert len(shard_maps) == (DEPTH if mesh.size > 1 else 0)  # one per block's attention
+    ref_loss, ref_grads = tokens_and_grads("xla")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     flat, ref_flat = nnx.to_flat_state(grads), dict(nnx.to_flat_state(ref_grads))
     assert any("relative_position_bias_table" in path for path, _ in flat)

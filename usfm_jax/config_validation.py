@@ -9,7 +9,7 @@ from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
 from usfm_jax.data.pipeline import SOURCES, check_fixed_views, parse_organ_weights, read_card
 from usfm_jax.models.factory import DTYPES, encoder_dims
-from usfm_jax.models.fused_attention import MAX_TOKENS
+from usfm_jax.models.fused_attention import MAX_HEAD_DIM, MAX_TOKENS
 from usfm_jax.models.teacher import TARGET_LAYERS
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
@@ -210,6 +210,16 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
             f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
             f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
         )
+    _one_of(config, "model.in_chans", (1, 3))
+    for field in ("width", "depth", "num_heads"):
+        value = m.get(field)
+        _require(value is None or value > 0, f"model.{field}", value, "expected > 0 (or None)")
+    try:
+        width, _, heads = encoder_dims(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(width % heads == 0, "model.width", width, f"must be divisible by num_heads={heads}")
+    _in_range(config, "model.drop_path_rate", 0, 1, "[)")
     if m.attention == "pallas":
         _require(
             jax.default_backend() == "gpu",
@@ -227,16 +237,13 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
             f"the Pallas attention kernels take up to {MAX_TOKENS} tokens; "
             f"config.image_size={tuple(config.image_size)} makes {tokens}: use 'cudnn' or 'xla'",
         )
-    _one_of(config, "model.in_chans", (1, 3))
-    for field in ("width", "depth", "num_heads"):
-        value = m.get(field)
-        _require(value is None or value > 0, f"model.{field}", value, "expected > 0 (or None)")
-    try:
-        width, _, heads = encoder_dims(m)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _require(width % heads == 0, "model.width", width, f"must be divisible by num_heads={heads}")
-    _in_range(config, "model.drop_path_rate", 0, 1, "[)")
+        _require(
+            width // heads <= MAX_HEAD_DIM,
+            "model.attention",
+            m.attention,
+            f"the Pallas attention kernels take heads up to {MAX_HEAD_DIM} wide; this encoder's "
+            f"are {width // heads} (width {width}, {heads} heads): use 'cudnn' or 'xla'",
+        )
 
 
 def check_optimizer(config: ml_collections.ConfigDict) -> None:

@@ -20,8 +20,11 @@ pass, ``sum(dO * O)`` as the softmax's row term):
 - dq and the bias gradient, grid (query blocks, heads, batch chunks): a loop over the chunk's
   batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens).
 
+Kernels run where the model's default backend is a GPU; elsewhere in Pallas' interpreter.
+
 Scores, softmax and accumulators are float32 whatever the compute dtype. Off an NVIDIA GPU the
-kernels run in Pallas' interpreter: correct, slow, for tests.
+kernels run in Pallas' interpreter: correct, slow, for tests. The default tiling is sized for
+an H100 (sm_90); other GPUs have less shared memory per SM.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# The dq kernel keeps a bias-gradient sum per key tile and stages every key of a sequence in
-# shared memory: at 577 tokens (384 px) it needs more than an SM has
-# (benchmarks/attention_kernels.py --tokens 577).
+# Sizes the default tiling fits an H100's SM for (benchmarks/attention_kernels.py). The dq kernel
+# keeps a bias-gradient sum per key tile and stages every key of a sequence in shared memory:
+# at 577 tokens (384 px) it needs more than an SM has; heads wider than 64 (ViT-H's 80, padded
+# to 128) spill registers in the dk / dv kernel and need 160 KiB of shared memory in the dq one.
 MAX_TOKENS = 256  # a ViT/16 at 224 px has 197
+MAX_HEAD_DIM = 64  # ViT-S, B and L
 LOG2E = math.log2(math.e)
 NEG_INF = -1e30  # a masked score: exp2 of it is 0, and it stays finite in float32 arithmetic
 
@@ -105,11 +110,12 @@ def fused_attention(
         raise ValueError(f"qkv must be [B, T, 3, heads, Dh], got {qkv.shape}")
     if not jnp.issubdtype(qkv.dtype, jnp.floating):
         raise ValueError(f"qkv must be floating point, got {qkv.dtype}")
-    _, t, _, heads, _ = qkv.shape
-    if t > MAX_TOKENS:
+    _, t, _, heads, head_dim = qkv.shape
+    if t > MAX_TOKENS or head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"the Pallas attention kernels take up to {MAX_TOKENS} tokens (a ViT/16 at 224 px has "
-            f"197), got {t}: use attention 'cudnn' or 'xla'"
+            f"197) and heads up to {MAX_HEAD_DIM} wide, got {t} tokens and heads of {head_dim}: "
+            f"use attention 'cudnn' or 'xla'"
         )
     if bias is not None and bias.shape != (1, heads, t, t):
         raise ValueError(f"bias must be [1, heads, T, T] = {(1, heads, t, t)}, got {bias.shape}")
@@ -194,7 +200,7 @@ def _backward(tiling, interpret, residuals, d_out):
     )(qkv, qkv, qkv, bias_heads, d_out, lse, delta)
 
     # dq into slot 0 of the same gradient (aliased), and the bias gradient's partial sums
-    chunk = math.gcd(b, tiling.batch_chunk)
+    chunk = min(b, tiling.batch_chunk)  # the last chunk may be short
     block_q, block_k = _fit(tiling.block_q_dq, t), _fit(tiling.block_k_dq, t)
     t_keys = _round_up(t, block_k)
     rows = lambda i, h, c: (c, i, 0, h, 0)
@@ -202,11 +208,11 @@ def _backward(tiling, interpret, residuals, d_out):
     out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
     if bias is not None:
         out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b // chunk, heads, t, t), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(b, chunk), heads, t, t), jnp.float32))
     inputs = (qkv, qkv, qkv, bias_heads, d_out, lse, delta, d_qkv)
     d_qkv, *d_bias = pl.pallas_call(
-        functools.partial(_dq_kernel, block_k=block_k, **common),
-        grid=(pl.cdiv(t, block_q), heads, b // chunk),
+        functools.partial(_dq_kernel, batch=b, block_k=block_k, **common),
+        grid=(pl.cdiv(t, block_q), heads, pl.cdiv(b, chunk)),
         in_specs=[
             pl.BlockSpec((chunk, block_q, None, None, dp), rows),  # q [chunk, block_q, Dp]
             pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 1, h, 0)),  # k
@@ -324,6 +330,7 @@ def _dq_kernel(
     _,
     dq_ref,
     *dbias_ref,
+    batch,
     t,
     head_dim,
     block_k,
@@ -367,7 +374,8 @@ def _dq_kernel(
         return tuple(sums)
 
     zeros = tuple(jnp.zeros((block_q, block_k), jnp.float32) for _ in tiles) if dbias_ref else ()
-    d_bias = jax.lax.fori_loop(0, chunk, one_image, zeros)
+    images = jnp.minimum(chunk, batch - pl.program_id(2) * chunk)  # in this chunk
+    d_bias = jax.lax.fori_loop(0, images, one_image, zeros)
     if not dbias_ref:
         return
     for (keys, key_ok), acc in zip(tiles, d_bias, strict=True):
