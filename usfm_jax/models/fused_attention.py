@@ -265,7 +265,7 @@ def _forward_kernel(
         p = jnp.exp2(s - m_next[:, None])  # [block_q, block_k]
         total = total * correction + jnp.sum(p, axis=1)
         v = _load_rows(v_ref.at[keys], key_ok, width_ok)
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
         return m_next, total, acc
 
     m, total, acc = jax.lax.fori_loop(0, pl.cdiv(t, block_k), key_tile, (m, total, acc))
@@ -309,8 +309,8 @@ def _dkv_kernel(
         bias = None if bias_ref is None else bias_ref.at[rows]
         s = _scores(q, k, bias, row_ok, key_ok, scale)
         p, ds = _probs_and_grad(s, do, v, lse_ref.at[rows], delta_ref.at[rows], row_ok, key_ok)
-        dv += plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        dk += plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+        dv += _dot(p.astype(do.dtype), do, trans_a=True)
+        dk += _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     dk, dv = jax.lax.fori_loop(0, pl.cdiv(t, block_q), query_tile, (dk, dv))
@@ -363,7 +363,7 @@ def _dq_kernel(
                 row_ok,
                 key_ok,
             )
-            dq += plgpu.dot(ds.astype(k.dtype), k)
+            dq += _dot(ds.astype(k.dtype), k)
             if d_bias:
                 sums.append(d_bias[i] + ds)
         plgpu.store(
@@ -385,7 +385,7 @@ def _dq_kernel(
 def _scores(q, k, bias_ref, row_ok, key_ok, scale):
     """Base-2 scores [rows, keys] of a query tile against a key tile, plus the bias tile at
     ``bias_ref`` (if any); keys beyond T at NEG_INF."""
-    s = plgpu.dot(q, k, trans_b=True) * (scale * LOG2E)
+    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
     if bias_ref is not None:
         bias = plgpu.load(bias_ref, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
         s += bias.astype(jnp.float32) * LOG2E
@@ -398,7 +398,13 @@ def _probs_and_grad(s, do, v, lse_ref, delta_ref, row_ok, key_ok):
     lse = plgpu.load(lse_ref, mask=row_ok, other=0.0)
     delta = plgpu.load(delta_ref, mask=row_ok, other=0.0)
     p = jnp.where(row_ok[:, None] & key_ok[None, :], jnp.exp2(s - lse[:, None]), 0.0)
-    return p, p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
+    return p, p * (_dot(do, v, trans_b=True) - delta[:, None])
+
+
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """a @ b of 2-D tiles (either transposed), accumulated in float32: a tensor-core matmul."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _load_rows(ref, row_ok, width_ok):
