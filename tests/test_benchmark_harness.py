@@ -80,6 +80,17 @@ def test_arguments_are_checked():
     assert tiling.pallas_tiling == fused_attention.Tiling(warps_dq=8)
 
 
+@pytest.mark.parametrize("variants", sorted((ROOT / "benchmarks" / "variants").glob("*.txt")))
+def test_every_sweep_variant_parses(variants):
+    """Each line of a variants file is one train_step.py run on a lent accelerator: a typo
+    there would cost device time, so every line must parse here."""
+    lines = [line.split() for line in variants.read_text().splitlines()]
+    runs = [args for args in lines if args and not args[0].startswith("#")]
+    assert runs
+    for args in runs:
+        bench.parse_args(args)
+
+
 def test_both_frameworks_measured_by_one_run(tmp_path):
     out = tmp_path / "rows.jsonl"
     command = [
