@@ -20,11 +20,9 @@ pass, ``sum(dO * O)`` as the softmax's row term):
 - dq and the bias gradient, grid (query blocks, heads, batch chunks): a loop over the chunk's
   batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens).
 
-Kernels run where the model's default backend is a GPU; elsewhere in Pallas' interpreter.
-
-Scores, softmax and accumulators are float32 whatever the compute dtype. Off an NVIDIA GPU the
-kernels run in Pallas' interpreter: correct, slow, for tests. The default tiling is sized for
-an H100 (sm_90); other GPUs have less shared memory per SM.
+Scores, softmax and accumulators are float32 whatever the compute dtype. Where the default
+backend is not a GPU the kernels run in Pallas' interpreter: correct, slow, for tests. The
+default tiling is sized for an H100 (sm_90); other GPUs have less shared memory per SM.
 """
 
 from __future__ import annotations
