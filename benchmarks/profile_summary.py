@@ -10,9 +10,9 @@ event names only the kernel, per kernel: a fusion's kernel is named after its HL
 a cuBLAS / cuDNN kernel is categorised by its name). With the step's optimised HLO
 (``step.hlo.txt``, written by ``train_step.py --profile``) each operation is put in a category
 from the instructions it runs: matmul (dot, convolution, cuBLAS / YNNPACK calls), attention
-(cuDNN fused attention), fft, gather / scatter, reduction, copy / transpose, collective,
-elementwise. Durations are summed over threads and streams: on a multi-core CPU the total is
-CPU time, not wall time.
+(cuDNN fused attention, the Pallas attention kernels), fft, gather / scatter, reduction,
+copy / transpose, collective, elementwise. Durations are summed over threads and streams: on a
+multi-core CPU the total is CPU time, not wall time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 HLO_FILE = "step.hlo.txt"
 # (category, opcodes or call targets that put an operation in it), first match wins
 CATEGORIES = (
-    ("attention", ("__cudnn$fmha",)),
+    # cuDNN's fused attention; Triton custom calls (the step's only ones: models/fused_attention)
+    ("attention", ("__cudnn$fmha", "__gpu$xla.gpu.triton")),
     ("matmul", ("dot", "convolution", "__cublas", "__onednn$matmul")),
     ("fft", ("fft",)),
     ("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")),
@@ -41,7 +42,7 @@ CATEGORIES = (
 # GPU kernels that are not XLA fusions (library calls), by a piece of their name; used where the
 # trace names the kernel only (inside CUDA-graph command buffers)
 KERNEL_CATEGORIES = (
-    ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion")),
+    ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion", "usfm_attention")),
     ("matmul", ("nvjet", "gemm", "cublas", "cutlass", "splitKreduce")),
     ("fft", ("fft",)),
 )

@@ -133,6 +133,7 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
             event("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "command_buffer_1", 4000),
             event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "command_buffer_1", 2000),
             event("void cudnn::fusion::fmha_dbias<true>(void const*)", "command_buffer_1", 500),
+            event("usfm_attention_dq", "command_buffer_1", 700),  # a Pallas kernel, by its name
             event("input_reduce_fusion", "input_reduce_fusion", 300),  # outside a graph
             {"ph": "X", "name": "host work", "dur": 9000, "args": {}},
         ]
@@ -148,6 +149,7 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
             "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": 4.0,
             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": 2.0,
             "void cudnn::fusion::fmha_dbias<true>(void const*)": 0.5,
+            "usfm_attention_dq": 0.7,
             "input_reduce_fusion": 0.3,
         }
     )
@@ -162,4 +164,5 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
         "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": "matmul",
         "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": "attention",
         "void cudnn::fusion::fmha_dbias<true>(void const*)": "attention",
+        "usfm_attention_dq": "attention",
     }
