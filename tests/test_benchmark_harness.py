@@ -4,6 +4,7 @@ figures, and a real run of both frameworks in child processes."""
 import argparse
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,15 +81,22 @@ def test_arguments_are_checked():
     assert tiling.pallas_tiling == fused_attention.Tiling(warps_dq=8)
 
 
-@pytest.mark.parametrize("variants", sorted((ROOT / "benchmarks" / "variants").glob("*.txt")))
-def test_every_sweep_variant_parses(variants):
+def test_every_sweep_variant_parses():
     """Each line of a variants file is one train_step.py run on a lent accelerator: a typo
-    there would cost device time, so every line must parse here."""
-    lines = [line.split() for line in variants.read_text().splitlines()]
-    runs = [args for args in lines if args and not args[0].startswith("#")]
-    assert runs
-    for args in runs:
-        bench.parse_args(args)
+    there would cost device time, so every line must parse here, and XLA must know every
+    --xla-flag (it aborts on an unknown one; GPU flags are known to the CPU build too)."""
+    xla_flags = set()
+    for variants in sorted((ROOT / "benchmarks" / "variants").glob("*.txt")):
+        lines = [line.split() for line in variants.read_text().splitlines()]
+        runs = [args for args in lines if args and not args[0].startswith("#")]
+        assert runs, variants
+        for args in runs:
+            xla_flags.update(bench.parse_args(args).xla_flag)
+    assert xla_flags
+    env = {**os.environ, "XLA_FLAGS": " ".join(sorted(xla_flags))}
+    code = "import jax; jax.numpy.ones(2).block_until_ready()"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_both_frameworks_measured_by_one_run(tmp_path):
