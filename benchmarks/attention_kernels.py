@@ -29,19 +29,13 @@ import jax.numpy as jnp
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as triton_dialect
 
+from benchmarks.train_step import pallas_tiling
 from usfm_jax.models import fused_attention
 from usfm_jax.models.fused_attention import Tiling
 
-# registers and shared memory of one SM (Hopper and Ampere datacentre parts)
+# registers and shared memory of one SM of an H100 (sm_90)
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 227 * 1024
-
-
-def parse_tiling(text: str) -> Tiling:
-    try:
-        return Tiling.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def kernel_irs(
@@ -123,7 +117,7 @@ def compile_kernel(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiling", type=parse_tiling, action="append", help="name=int,...")
+    parser.add_argument("--tiling", type=pallas_tiling, action="append", help="name=int,...")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=197)
     parser.add_argument("--heads", type=int, default=12)
