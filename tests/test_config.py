@@ -88,6 +88,11 @@ def test_ablations_change_what_they_name():
         ({"model.attention": "flash"}, r"config\.model\.attention='flash'"),
         ({"model.attention": "cudnn"}, r"config\.model\.attention='cudnn'.*NVIDIA GPU.*'xla'"),
         ({"model.attention": "pallas"}, r"config\.model\.attention='pallas'.*NVIDIA GPU.*'xla'"),
+        (
+            {"model.mlp": "cublas"},
+            r"config\.model\.mlp='cublas': expected one of \('xla', 'pallas'\)",
+        ),
+        ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, match):
@@ -107,6 +112,12 @@ def test_pallas_attention_is_checked_against_the_token_count(monkeypatch):
     wide = make_tiny_config(**{"model.attention": "pallas", "model.width": 160})  # heads of 80
     with pytest.raises(ConfigError, match=r"heads up to 64 wide.*are 80 \(width 160, 2 heads\)"):
         validate(wide, num_devices=8)
+
+
+def test_pallas_mlp_is_accepted_on_a_gpu(monkeypatch):
+    """The fused MLP has no size limits: on a GPU (faked, as above) any encoder takes it."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    validate(make_tiny_config(**{"model.mlp": "pallas", "model.width": 160}), num_devices=8)
 
 
 def test_configs_are_locked():

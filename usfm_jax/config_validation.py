@@ -13,6 +13,7 @@ from usfm_jax.models.fused_attention import MAX_HEAD_DIM, MAX_TOKENS
 from usfm_jax.models.teacher import TARGET_LAYERS
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
+    MLP_IMPLEMENTATIONS,
     REMAT_POLICIES,
     cudnn_attention_available,
 )
@@ -210,6 +211,15 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
             f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
             f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
         )
+    _one_of(config, "model.mlp", MLP_IMPLEMENTATIONS)
+    for field in ("attention", "mlp"):
+        _require(
+            m[field] != "pallas" or jax.default_backend() == "gpu",
+            f"model.{field}",
+            m[field],
+            f"the Pallas (Triton) kernels run on NVIDIA GPUs (backend "
+            f"{jax.default_backend()!r}; elsewhere only in Pallas' slow interpreter); use 'xla'",
+        )
     _one_of(config, "model.in_chans", (1, 3))
     for field in ("width", "depth", "num_heads"):
         value = m.get(field)
@@ -221,13 +231,6 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
     _require(width % heads == 0, "model.width", width, f"must be divisible by num_heads={heads}")
     _in_range(config, "model.drop_path_rate", 0, 1, "[)")
     if m.attention == "pallas":
-        _require(
-            jax.default_backend() == "gpu",
-            "model.attention",
-            m.attention,
-            f"the Pallas attention kernels run on NVIDIA GPUs (backend "
-            f"{jax.default_backend()!r}; elsewhere only in Pallas' slow interpreter); use 'xla'",
-        )
         (h, w), patch = config.image_size, m.patch_size
         tokens = (h // patch) * (w // patch) + 1
         _require(

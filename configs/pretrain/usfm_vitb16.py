@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "xla" | "cudnn" (fused, NVIDIA GPU + bf16) | "pallas" (fused Triton kernels, NVIDIA GPU;
     # experimental) | "auto": cudnn if it can
     c.model.attention = "auto"
+    # "xla" | "pallas": the GELU fused into the MLP's matmuls (Triton kernels, NVIDIA GPU;
+    # experimental)
+    c.model.mlp = "xla"
     c.model.head = "linear"  # "linear" (SimMIM) or "transformer"
     c.model.decoder = ml_collections.ConfigDict(dict(width=256, depth=2, num_heads=8))
 

@@ -73,7 +73,7 @@ def create_model(
     """The task model: ``arch``'s encoder with ``config.model``'s training settings, and the
     head of ``config.task``."""
     m, h = config.model, config.head
-    encoder = arch.build(dtype=DTYPES[m.dtype], attention=m.attention, rngs=rngs,
+    encoder = arch.build(dtype=DTYPES[m.dtype], attention=m.attention, mlp=m.mlp, rngs=rngs,
                          drop_path_rate=m.drop_path_rate, remat=m.remat)  # fmt: skip
     normalize = Normalize(normalization, arch.in_chans)
     frozen = h.mode == "linear_probe"

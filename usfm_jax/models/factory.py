@@ -48,6 +48,7 @@ def create_encoder(
         remat=cfg.remat,
         scan=cfg.scan_layers,
         attention=cfg.attention,
+        mlp=cfg.mlp,
         dtype=DTYPES[cfg.dtype],
         rngs=rngs,
     )

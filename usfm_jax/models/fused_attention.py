@@ -36,6 +36,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from usfm_jax.models.triton_tiles import (
+    KernelTiling,
+    dot,
+    fit_block,
+    interpret_default,
+    round_up,
+    within,
+)
+
 # Sizes the default tiling fits an H100's SM for (benchmarks/attention_kernels.py). The dq kernel
 # keeps a bias-gradient sum per key tile and stages every key of a sequence in shared memory:
 # at 577 tokens (384 px) it needs more than an SM has; heads wider than 64 (ViT-H's 80, padded
@@ -47,7 +56,7 @@ NEG_INF = -1e30  # a masked score: exp2 of it is 0, and it stays finite in float
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiling:
+class Tiling(KernelTiling):
     """Block sizes (powers of two, >= 16: Triton's dot) and launch parameters of the kernels."""
 
     block_q: int = 64  # forward: query rows per program
@@ -61,31 +70,6 @@ class Tiling:
     warps_dkv: int = 4
     warps_dq: int = 4
     stages: int = 2  # software-pipelining stages of the loops (every kernel)
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.startswith("block") and (value < 16 or value & (value - 1)):
-                raise ValueError(f"Tiling.{field.name} must be a power of two >= 16, got {value}")
-            if field.name.startswith("warps") and (value < 1 or value & (value - 1)):
-                raise ValueError(f"Tiling.{field.name} must be a power of two, got {value}")
-            if value < 1:
-                raise ValueError(f"Tiling.{field.name} must be positive, got {value}")
-
-    @classmethod
-    def parse(cls, text: str) -> Tiling:
-        """'warps_dq=8,block_q_dq=32' -> Tiling(warps_dq=8, block_q_dq=32), the rest default."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {}
-        for item in filter(None, text.split(",")):
-            name, sep, value = item.strip().partition("=")
-            if not sep or name not in names or not value.isdigit():
-                raise ValueError(f"a tiling is name=integer pairs of {names}, got {item!r}")
-            values[name] = int(value)
-        return cls(**values)
-
-    def compiler_params(self, warps: int) -> plgpu.CompilerParams:
-        return plgpu.CompilerParams(num_warps=warps, num_stages=self.stages)
 
 
 DEFAULT_TILING = Tiling()  # registers without spills on sm_90 (benchmarks/attention_kernels.py)
@@ -118,7 +102,7 @@ def fused_attention(
     if bias is not None and bias.shape != (1, heads, t, t):
         raise ValueError(f"bias must be [1, heads, T, T] = {(1, heads, t, t)}, got {bias.shape}")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = interpret_default()
     return _attention(qkv, bias, tiling or DEFAULT_TILING, interpret)
 
 
@@ -130,8 +114,8 @@ def _attention(qkv, bias, tiling, interpret):
 def _forward(qkv, bias, tiling, interpret):
     b, t, _, heads, head_dim = qkv.shape
     dp = pl.next_power_of_2(head_dim)  # a head's width as the kernels see it (masked beyond Dh)
-    block_q, block_k = _fit(tiling.block_q, t), _fit(tiling.block_k, t)
-    t_keys = _round_up(t, block_k)
+    block_q, block_k = fit_block(tiling.block_q, t), fit_block(tiling.block_k, t)
+    t_keys = round_up(t, block_k)
     kernel = functools.partial(
         _forward_kernel, t=t, head_dim=head_dim, block_k=block_k, scale=head_dim**-0.5
     )
@@ -174,8 +158,8 @@ def _backward(tiling, interpret, residuals, d_out):
     common = dict(t=t, head_dim=head_dim, scale=scale)
 
     # dk, dv: written into slots 1 and 2 of the [B, T, 3, heads, Dh] gradient
-    block_q_dkv, block_k_dkv = _fit(tiling.block_q_dkv, t), _fit(tiling.block_k_dkv, t)
-    t_queries = _round_up(t, block_q_dkv)
+    block_q_dkv, block_k_dkv = fit_block(tiling.block_q_dkv, t), fit_block(tiling.block_k_dkv, t)
+    t_queries = round_up(t, block_q_dkv)
     d_qkv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=block_q_dkv, **common),
         grid=(pl.cdiv(t, block_k_dkv), b, heads),
@@ -199,8 +183,8 @@ def _backward(tiling, interpret, residuals, d_out):
 
     # dq into slot 0 of the same gradient (aliased), and the bias gradient's partial sums
     chunk = min(b, tiling.batch_chunk)  # the last chunk may be short
-    block_q, block_k = _fit(tiling.block_q_dq, t), _fit(tiling.block_k_dq, t)
-    t_keys = _round_up(t, block_k)
+    block_q, block_k = fit_block(tiling.block_q_dq, t), fit_block(tiling.block_k_dq, t)
+    t_keys = round_up(t, block_k)
     rows = lambda i, h, c: (c, i, 0, h, 0)
     out_specs = [pl.BlockSpec((chunk, block_q, None, None, dp), rows)]
     out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
@@ -243,8 +227,8 @@ def _forward_kernel(
 ):
     # q_ref [block_q, Dp]; k_ref, v_ref [T_keys, Dp]; bias_ref [block_q, T_keys] or None
     block_q, dp = q_ref.shape
-    row_ok = pl.program_id(0) * block_q + jnp.arange(block_q) < t
-    width_ok = jnp.arange(dp) < head_dim
+    row_ok = within(pl.program_id(0) * block_q, block_q, t)
+    width_ok = within(0, dp, head_dim)
     q = _load_rows(q_ref, row_ok, width_ok)
     m = jnp.full((block_q,), NEG_INF, jnp.float32)  # running max of the base-2 scores
     total = jnp.zeros((block_q,), jnp.float32)  # running sum of exp2(score - m)
@@ -254,7 +238,7 @@ def _forward_kernel(
         m, total, acc = carry
         start = j * block_k
         keys = pl.ds(start, block_k)
-        key_ok = start + jnp.arange(block_k) < t
+        key_ok = within(start, block_k, t)
         k = _load_rows(k_ref.at[keys], key_ok, width_ok)
         bias = None if bias_ref is None else bias_ref.at[:, keys]
         s = _scores(q, k, bias, row_ok, key_ok, scale)
@@ -263,7 +247,7 @@ def _forward_kernel(
         p = jnp.exp2(s - m_next[:, None])  # [block_q, block_k]
         total = total * correction + jnp.sum(p, axis=1)
         v = _load_rows(v_ref.at[keys], key_ok, width_ok)
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
         return m_next, total, acc
 
     m, total, acc = jax.lax.fori_loop(0, pl.cdiv(t, block_k), key_tile, (m, total, acc))
@@ -290,8 +274,8 @@ def _dkv_kernel(
     # q_ref, do_ref [T_queries, Dp]; k_ref, v_ref [block_kv, Dp]; bias_ref [T_queries, block_kv];
     # lse_ref, delta_ref [T_queries]; dqkv_ref [block_kv, 3, Dp]
     block_kv, dp = k_ref.shape
-    key_ok = pl.program_id(0) * block_kv + jnp.arange(block_kv) < t
-    width_ok = jnp.arange(dp) < head_dim
+    key_ok = within(pl.program_id(0) * block_kv, block_kv, t)
+    width_ok = within(0, dp, head_dim)
     k = _load_rows(k_ref, key_ok, width_ok)
     v = _load_rows(v_ref, key_ok, width_ok)
     dk = jnp.zeros((block_kv, dp), jnp.float32)
@@ -301,14 +285,14 @@ def _dkv_kernel(
         dk, dv = carry
         start = i * block_q
         rows = pl.ds(start, block_q)
-        row_ok = start + jnp.arange(block_q) < t
+        row_ok = within(start, block_q, t)
         q = _load_rows(q_ref.at[rows], row_ok, width_ok)
         do = _load_rows(do_ref.at[rows], row_ok, width_ok)
         bias = None if bias_ref is None else bias_ref.at[rows]
         s = _scores(q, k, bias, row_ok, key_ok, scale)
         p, ds = _probs_and_grad(s, do, v, lse_ref.at[rows], delta_ref.at[rows], row_ok, key_ok)
-        dv += _dot(p.astype(do.dtype), do, trans_a=True)
-        dk += _dot(ds.astype(q.dtype), q, trans_a=True)
+        dv += dot(p.astype(do.dtype), do, trans_a=True)
+        dk += dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     dk, dv = jax.lax.fori_loop(0, pl.cdiv(t, block_q), query_tile, (dk, dv))
@@ -337,11 +321,9 @@ def _dq_kernel(
     # q_ref, do_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
     # lse_ref, delta_ref [chunk, block_q]; bias_ref and dbias_ref[0] [block_q, T_keys] (if a bias)
     chunk, block_q, dp = q_ref.shape
-    row_ok = pl.program_id(0) * block_q + jnp.arange(block_q) < t
-    width_ok = jnp.arange(dp) < head_dim
-    tiles = [
-        (pl.ds(start, block_k), start + jnp.arange(block_k) < t) for start in range(0, t, block_k)
-    ]
+    row_ok = within(pl.program_id(0) * block_q, block_q, t)
+    width_ok = within(0, dp, head_dim)
+    tiles = [(pl.ds(start, block_k), within(start, block_k, t)) for start in range(0, t, block_k)]
 
     def one_image(n, d_bias):  # d_bias: the chunk's bias gradient so far, per key tile
         q = _load_rows(q_ref.at[n], row_ok, width_ok)
@@ -361,7 +343,7 @@ def _dq_kernel(
                 row_ok,
                 key_ok,
             )
-            dq += _dot(ds.astype(k.dtype), k)
+            dq += dot(ds.astype(k.dtype), k)
             if d_bias:
                 sums.append(d_bias[i] + ds)
         plgpu.store(
@@ -383,7 +365,7 @@ def _dq_kernel(
 def _scores(q, k, bias_ref, row_ok, key_ok, scale):
     """Base-2 scores [rows, keys] of a query tile against a key tile, plus the bias tile at
     ``bias_ref`` (if any); keys beyond T at NEG_INF."""
-    s = _dot(q, k, trans_b=True) * (scale * LOG2E)
+    s = dot(q, k, trans_b=True) * (scale * LOG2E)
     if bias_ref is not None:
         bias = plgpu.load(bias_ref, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
         s += bias.astype(jnp.float32) * LOG2E
@@ -396,13 +378,7 @@ def _probs_and_grad(s, do, v, lse_ref, delta_ref, row_ok, key_ok):
     lse = plgpu.load(lse_ref, mask=row_ok, other=0.0)
     delta = plgpu.load(delta_ref, mask=row_ok, other=0.0)
     p = jnp.where(row_ok[:, None] & key_ok[None, :], jnp.exp2(s - lse[:, None]), 0.0)
-    return p, p * (_dot(do, v, trans_b=True) - delta[:, None])
-
-
-def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
-    """a @ b of 2-D tiles (either transposed), accumulated in float32: a tensor-core matmul."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return p, p * (dot(do, v, trans_b=True) - delta[:, None])
 
 
 def _load_rows(ref, row_ok, width_ok):
@@ -413,12 +389,3 @@ def _load_rows(ref, row_ok, width_ok):
 def _qkv_block(rows: int, index_map, *, dp: int) -> pl.BlockSpec:
     """``rows`` tokens of one head's q, k or v from [B, T, 3, heads, Dh]."""
     return pl.BlockSpec((None, rows, None, None, dp), index_map)
-
-
-def _fit(block: int, t: int) -> int:
-    """A block no longer than needed for ``t`` tokens (and >= 16, Triton's smallest dot)."""
-    return min(block, max(16, pl.next_power_of_2(t)))
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple

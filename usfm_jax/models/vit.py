@@ -27,6 +27,7 @@ from jax.typing import DTypeLike
 from usfm_jax import parallel
 from usfm_jax.models.attention import softmax_attention
 from usfm_jax.models.fused_attention import fused_attention
+from usfm_jax.models.fused_mlp import fused_mlp
 from usfm_jax.patches import patchify
 
 Variant = Literal["beit", "vit"]
@@ -36,6 +37,10 @@ RelPos = Literal["shared", "per_block"]
 # bf16 / fp16 compute); "pallas", the Pallas (Triton) kernels of models.fused_attention (NVIDIA
 # GPUs; elsewhere Pallas' interpreter, for tests); "auto" picks cuDNN wherever it can run.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+# MLP implementations: "xla", matmuls and GELU as XLA compiles them; "pallas", the GELU fused
+# into the matmuls' epilogues by the Pallas (Triton) kernels of models.fused_mlp (NVIDIA GPUs;
+# elsewhere Pallas' interpreter, for tests).
+MLP_IMPLEMENTATIONS = ("xla", "pallas")
 
 # name -> (width, depth, heads); patch 16 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -233,24 +238,46 @@ def _pad_to_even_length(
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, dtype: DTypeLike, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, hidden: int, dtype: DTypeLike, rngs: nnx.Rngs, implementation: str = "xla"
+    ):
+        if implementation not in MLP_IMPLEMENTATIONS:
+            raise ValueError(f"mlp must be one of {MLP_IMPLEMENTATIONS}, got {implementation!r}")
+        self.implementation = implementation
         self.fc1 = dense(dim, hidden, dtype, rngs)
         self.fc2 = dense(hidden, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array, scale: nnx.Param | None = None) -> jax.Array:
         """x [B, T, D]; ``scale`` [D], BEiT's layer scale of the output, if any."""
-        return scaled_linear(self.fc2, gelu(self.fc1(x)), scale)
+        if self.implementation == "xla":
+            return scaled_linear(self.fc2, gelu(self.fc1(x)), scale)
+        w2, b2 = scaled_weights(self.fc2, scale)
+        fc1 = self.fc1
+        x, w1, b1, w2, b2 = fc1.promote_dtype(
+            (x, fc1.kernel[...], fc1.bias[...], w2, b2), dtype=fc1.dtype
+        )
+        return parallel.per_batch_shard(fused_mlp, shared=(1, 2, 3, 4))(x, w1, b1, w2, b2)
+
+
+def scaled_weights(
+    layer: nnx.Linear, scale: nnx.Param | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """``layer``'s kernel and bias (None without one) times ``scale``, if any: the layer scale
+    folded into the weights, a product over [D_in, D] rather than over the activations
+    [B, T, D], whose gradient sums over weights rather than over every token (XLA:CPU's slow
+    outer-dimension reduction)."""
+    kernel = layer.kernel[...]
+    bias = None if layer.bias is None else layer.bias[...]
+    if scale is None:
+        return kernel, bias
+    return kernel * scale[...], None if bias is None else bias * scale[...]
 
 
 def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: nnx.Param | None) -> jax.Array:
-    """``layer(x) * scale``, with the scale folded into the weights, x @ (kernel * scale) + bias
-    * scale: a product over [D_in, D] rather than over the activations [B, T, D], and a scale
-    gradient summed over weights rather than over every token (XLA:CPU's slow outer-dimension
-    reduction)."""
+    """``layer(x) * scale``, with the scale folded into the weights (``scaled_weights``)."""
     if scale is None:
         return layer(x)
-    kernel = layer.kernel[...] * scale[...]
-    bias = None if layer.bias is None else layer.bias[...] * scale[...]
+    kernel, bias = scaled_weights(layer, scale)
     x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
     y = token_matmul(x, kernel)
     return y if bias is None else y + bias
@@ -293,13 +320,14 @@ class Block(nnx.Module):
         rel_pos_grid: tuple[int, int] | None = None,
         drop_path_rate: float = 0.0,
         attention: str = "xla",
+        mlp: str = "xla",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.norm1 = layer_norm(dim, dtype, rngs)
         self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid, attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype, rngs, mlp)
         self.drop_path_rate = drop_path_rate
         scale = layer_scale_init is not None
         self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32)) if scale else None
@@ -345,6 +373,7 @@ class VisionTransformer(nnx.Module):
         remat: str = "none",
         scan: bool = False,
         attention: str = "auto",
+        mlp: str = "xla",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -404,6 +433,7 @@ class VisionTransformer(nnx.Module):
                     rel_pos_grid=self.grid if beit and rel_pos == "per_block" else None,
                     drop_path_rate=rate,
                     attention=attention,
+                    mlp=mlp,
                     dtype=dtype,
                     rngs=rngs,
                 )

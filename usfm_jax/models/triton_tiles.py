@@ -1,0 +1,73 @@
+"""Pieces shared by the Pallas (Triton) kernels of ``fused_attention`` and ``fused_mlp``.
+
+A kernel's tiling (block sizes and launch parameters, validated and parsed from the command
+line), float32-accumulated tensor-core dots of 2-D tiles, and the block arithmetic for sizes the
+blocks do not divide. Kernels run in Pallas' interpreter wherever the default backend is not a
+GPU (tests on a CPU); Triton's dot needs power-of-two tiles of at least 16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiling:
+    """Base of a kernel family's tiling: fields named ``block*`` are power-of-two block sizes
+    >= 16, ``warps*`` powers of two, every other field a positive integer."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            kind = type(self).__name__
+            if field.name.startswith("block") and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{kind}.{field.name} must be a power of two >= 16, got {value}")
+            if field.name.startswith("warps") and (value < 1 or value & (value - 1)):
+                raise ValueError(f"{kind}.{field.name} must be a power of two, got {value}")
+            if value < 1:
+                raise ValueError(f"{kind}.{field.name} must be positive, got {value}")
+
+    @classmethod
+    def parse(cls, text: str):
+        """'warps=8,block_m=64' -> cls(warps=8, block_m=64), the other fields at their defaults."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {}
+        for item in filter(None, text.split(",")):
+            name, sep, value = item.strip().partition("=")
+            if not sep or name not in names or not value.isdigit():
+                raise ValueError(f"a tiling is name=integer pairs of {names}, got {item!r}")
+            values[name] = int(value)
+        return cls(**values)
+
+    def compiler_params(self, warps: int) -> plgpu.CompilerParams:
+        return plgpu.CompilerParams(num_warps=warps, num_stages=self.stages)
+
+
+def interpret_default() -> bool:
+    """Whether kernels run in Pallas' interpreter by default: wherever there is no GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """a @ b of 2-D tiles (either transposed), accumulated in float32: a tensor-core matmul."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def within(start: jax.Array | int, block: int, size: int) -> jax.Array:
+    """[block] bool: which of the indices start, start + 1, ... lie below ``size``."""
+    return start + jnp.arange(block) < size
+
+
+def fit_block(block: int, size: int) -> int:
+    """A block no longer than needed for ``size`` elements (and >= 16, Triton's smallest dot)."""
+    return min(block, max(16, pl.next_power_of_2(size)))
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
