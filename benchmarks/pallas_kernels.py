@@ -1,13 +1,17 @@
-"""Compile the Pallas attention kernels for an NVIDIA GPU on any machine; report their resources.
+"""Compile the Pallas kernels for an NVIDIA GPU on any machine; report their resources.
 
-Lowers ``models.fused_attention`` (forward and both backward kernels) for CUDA with JAX's
-cross-platform lowering, takes the Triton IR out of each kernel's custom call, and compiles it
-with the ``triton`` package (installed with torch) for the target GPU, down to a cubin. Prints
-per kernel the registers per thread, spilled bytes (stack), shared memory and the resident blocks
-per SM this allows: what decides whether a tiling is worth measuring, found without a GPU.
+Lowers a training step's Pallas kernels (``models.fused_attention``: forward and both backward
+kernels; ``models.fused_mlp``: forward and backward) for CUDA with JAX's cross-platform lowering,
+takes the Triton IR out of each kernel's custom call, and compiles it with the ``triton`` package
+(installed with torch) for the target GPU, down to a cubin. Prints per kernel the registers per
+thread, spilled bytes (stack), shared memory, the resident blocks per SM this allows and the
+tensor-core instruction used (Hopper's asynchronous ``wgmma`` or the older ``mma.sync``): what
+decides whether a tiling is worth measuring, found without a GPU.
 
-    python benchmarks/attention_kernels.py                       # ViT-B/16 at 224, default tiling
-    python benchmarks/attention_kernels.py --tiling warps_dq=8 --tiling block_q_dq=16,warps_dq=4
+    python benchmarks/pallas_kernels.py                 # ViT-B/16 at 224, default tilings
+    python benchmarks/pallas_kernels.py --kernels attention --tiling warps_dq=8 \\
+        --tiling block_q_dq=16,warps_dq=4
+    python benchmarks/pallas_kernels.py --kernels mlp --mlp-tiling block_n=256
 
 The ``triton`` package's compiler is not XLA's (jaxlib builds its own Triton); register counts
 may differ a little from what runs, the absence of a lowering or compilation error much less so.
@@ -29,30 +33,21 @@ import jax.numpy as jnp
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as triton_dialect
 
-from benchmarks.train_step import pallas_tiling
-from usfm_jax.models import fused_attention
+from benchmarks.train_step import mlp_tiling, pallas_tiling
+from usfm_jax.models import fused_attention, fused_mlp
 from usfm_jax.models.fused_attention import Tiling
+from usfm_jax.models.fused_mlp import MlpTiling
 
 # registers and shared memory of one SM of an H100 (sm_90)
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 227 * 1024
+KERNEL_FAMILIES = ("attention", "mlp")
 
 
-def kernel_irs(
-    tiling: Tiling, batch: int, tokens: int, heads: int, head_dim: int, with_bias: bool = True
-) -> list[tuple[str, int, int, bytes]]:
-    """(name, num_warps, num_stages, Triton IR bytecode) of each kernel of a training step
-    (bf16 operands), lowered for CUDA."""
-    qkv = jax.ShapeDtypeStruct((batch, tokens, 3, heads, head_dim), jnp.bfloat16)
-    bias = jax.ShapeDtypeStruct((1, heads, tokens, tokens), jnp.float32) if with_bias else None
-
-    def loss(qkv, bias):
-        # the kernels without fused_attention's size limits, which come from this tool's figures
-        out = fused_attention._attention(qkv, bias, tiling, False)
-        return jnp.sum(out.astype(jnp.float32))
-
-    step = jax.jit(jax.grad(loss, argnums=(0, 1) if with_bias else 0))
-    module = step.trace(qkv, bias).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+def kernel_irs(fn, *args: jax.ShapeDtypeStruct | None) -> list[tuple[str, int, int, bytes]]:
+    """(name, num_warps, num_stages, Triton IR bytecode) of each Pallas kernel that
+    ``jax.jit(fn)(*args)`` runs, lowered for CUDA."""
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
     found = []
 
     def visit(op: ir.Operation) -> None:
@@ -75,10 +70,40 @@ def kernel_irs(
     return found
 
 
+def attention_irs(
+    tiling: Tiling, batch: int, tokens: int, heads: int, head_dim: int, with_bias: bool = True
+) -> list[tuple[str, int, int, bytes]]:
+    """The attention kernels of a training step (bf16 operands)."""
+    qkv = jax.ShapeDtypeStruct((batch, tokens, 3, heads, head_dim), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((1, heads, tokens, tokens), jnp.float32) if with_bias else None
+
+    def loss(qkv, bias):
+        # the kernels without fused_attention's size limits, which come from this tool's figures
+        out = fused_attention._attention(qkv, bias, tiling, False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return kernel_irs(jax.grad(loss, argnums=(0, 1) if with_bias else 0), qkv, bias)
+
+
+def mlp_irs(
+    tiling: MlpTiling, tokens: int, width: int, hidden: int
+) -> list[tuple[str, int, int, bytes]]:
+    """The MLP kernels of a training step (bf16 operands, ``tokens`` rows)."""
+    shapes = [(tokens, width), (width, hidden), (hidden,), (hidden, width), (width,)]
+    args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
+
+    def loss(*args):
+        out = fused_mlp.fused_mlp(*args, tiling=tiling, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return kernel_irs(jax.grad(loss, argnums=tuple(range(5))), *args)
+
+
 def compile_kernel(
     name: str, warps: int, stages: int, bytecode: bytes, capability: int, workdir: str
 ) -> dict:
-    """Compiles one kernel's Triton IR to a cubin; its resource usage as reported by cuobjdump."""
+    """Compiles one kernel's Triton IR to a cubin; its resource usage as reported by cuobjdump
+    and the tensor-core instruction in its PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -110,41 +135,73 @@ def compile_kernel(
     blocks = min(
         SM_REGISTERS // (registers * threads), SM_SHARED_BYTES // max(shared, 1), 2048 // threads
     )
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     return dict(
-        registers=registers, spill_bytes=int(fields["STACK"]), shared=shared, blocks_per_sm=blocks
+        registers=registers,
+        spill_bytes=int(fields["STACK"]),
+        shared=shared,
+        blocks_per_sm=blocks,
+        mma=mma,
     )
+
+
+def families(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = set(names) - set(KERNEL_FAMILIES)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {KERNEL_FAMILIES}, got {text!r}"
+        )
+    return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiling", type=pallas_tiling, action="append", help="name=int,...")
+    parser.add_argument(
+        "--kernels", type=families, default=list(KERNEL_FAMILIES), help="attention,mlp"
+    )
+    parser.add_argument(
+        "--tiling", type=pallas_tiling, action="append", help="attention: name=int,..."
+    )
+    parser.add_argument("--mlp-tiling", type=mlp_tiling, action="append", help="MLP: name=int,...")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=197)
+    parser.add_argument("--tokens", type=int, default=197, help="per image")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--no-bias", action="store_true", help="without a position bias")
+    parser.add_argument("--no-bias", action="store_true", help="attention without position bias")
+    parser.add_argument("--hidden", type=int, default=None, help="MLP width (default 4x model)")
     parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90")
     args = parser.parse_args()
     try:
         import triton
     except ImportError:
         sys.exit("error: this needs the triton package (pip install triton; torch brings it)")
+    width = args.heads * args.head_dim
+    hidden = args.hidden or 4 * width
     print(f"jax {jax.__version__}, triton {triton.__version__}, target sm_{args.capability}")
     print(f"batch {args.batch}, {args.tokens} tokens, {args.heads} heads of {args.head_dim}")
+    runs = []
+    if "attention" in args.kernels:
+        for tiling in args.tiling or [Tiling()]:
+            bias = not args.no_bias
+            irs = attention_irs(tiling, args.batch, args.tokens, args.heads, args.head_dim, bias)
+            runs.append((tiling, irs))
+    if "mlp" in args.kernels:
+        for tiling in args.mlp_tiling or [MlpTiling()]:
+            runs.append((tiling, mlp_irs(tiling, args.batch * args.tokens, width, hidden)))
     header = (
-        f"{'kernel':<24} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9} {'blocks/SM':>9}"
+        f"{'kernel':<24} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9} "
+        f"{'blocks/SM':>9} {'mma':>8}"
     )
-    for tiling in args.tiling or [Tiling()]:
+    for tiling, irs in runs:
         print(f"\n{tiling}\n{header}")
-        irs = kernel_irs(
-            tiling, args.batch, args.tokens, args.heads, args.head_dim, not args.no_bias
-        )
         with tempfile.TemporaryDirectory() as workdir:
             for name, warps, stages, bytecode in irs:
                 r = compile_kernel(name, warps, stages, bytecode, args.capability, workdir)
                 print(
                     f"{name:<24} {warps:>5} {r['registers']:>5} {r['spill_bytes']:>8} "
-                    f"{r['shared']:>9} {r['blocks_per_sm']:>9}"
+                    f"{r['shared']:>9} {r['blocks_per_sm']:>9} {r['mma']:>8}"
                 )
 
 

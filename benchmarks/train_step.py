@@ -32,9 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.pretrain import usfm_vitb16  # noqa: E402
-from usfm_jax.models import fused_attention  # noqa: E402
+from usfm_jax.models import fused_attention, fused_mlp  # noqa: E402
 from usfm_jax.models.factory import encoder_dims  # noqa: E402
-from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS  # noqa: E402
+from usfm_jax.models.triton_tiles import KernelTiling  # noqa: E402
+from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS, MLP_IMPLEMENTATIONS  # noqa: E402
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0}
@@ -65,7 +66,9 @@ def build_config(args: argparse.Namespace, device_count: int, accelerator: bool)
     config.image_size = (args.image, args.image)
     config.batch_size = args.batch_per_device * device_count
     config.model.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
-    config.model.update(attention=args.attention, remat=args.remat, scan_layers=args.scan)
+    config.model.update(
+        attention=args.attention, mlp=args.mlp, remat=args.remat, scan_layers=args.scan
+    )
     config.spatial.enabled = args.objective in ("spatial", "dual")
     config.frequency.enabled = args.objective in ("frequency", "dual")
     return config
@@ -138,6 +141,8 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.pallas_tiling:
         fused_attention.DEFAULT_TILING = args.pallas_tiling
+    if args.mlp_tiling:
+        fused_mlp.DEFAULT_MLP_TILING = args.mlp_tiling
     cpu_runtime.execute_inline()  # as usfm_jax.train runs (before the backend starts)
     cpu_runtime.configure_for_backend()
     device = jax.devices()[0]
@@ -184,6 +189,8 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": config.model.dtype,
         "options": f"attn {attention}, remat {args.remat}"
         + (f", {args.pallas_tiling}" if args.pallas_tiling else "")
+        + (f", mlp {args.mlp}" if args.mlp != "xla" else "")
+        + (f", {args.mlp_tiling}" if args.mlp_tiling else "")
         + (", scan" if args.scan else "")
         + (", oneDNN matmuls" if cpu_options else "")
         + "".join(f", {flag}" for flag in args.xla_flag),
@@ -297,11 +304,20 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def pallas_tiling(text: str) -> fused_attention.Tiling:
-    try:
-        return fused_attention.Tiling.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _tiling_parser(cls: type[KernelTiling]) -> Callable[[str], KernelTiling]:
+    """An argparse type for a kernel family's tiling ('name=int,...')."""
+
+    def parse(text: str) -> KernelTiling:
+        try:
+            return cls.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+pallas_tiling = _tiling_parser(fused_attention.Tiling)
+mlp_tiling = _tiling_parser(fused_mlp.MlpTiling)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -319,6 +335,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=INT,...",
         help="block sizes / warps of the Pallas attention kernels (--attention pallas), e.g. "
         "warps_dq=8,block_q_dq=32; see models.fused_attention.Tiling",
+    )
+    ap.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, default="xla")
+    ap.add_argument(
+        "--mlp-tiling",
+        type=mlp_tiling,
+        default=None,
+        metavar="NAME=INT,...",
+        help="block sizes / warps of the Pallas MLP kernels (--mlp pallas), e.g. "
+        "block_n=256,warps=8; see models.fused_mlp.MlpTiling",
     )
     ap.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     ap.add_argument("--scan", action="store_true", help="one lax.scan over the blocks")
@@ -357,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.frameworks = frameworks
     if args.pallas_tiling and args.attention != "pallas":
         ap.error("--pallas-tiling applies to --attention pallas only")
+    if args.mlp_tiling and args.mlp != "pallas":
+        ap.error("--mlp-tiling applies to --mlp pallas only")
     for name in ("steps", "batch_per_device", "image"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -16,7 +16,7 @@ from conftest import make_tiny_config
 from flax import nnx
 
 from benchmarks import train_step as bench
-from usfm_jax.models import fused_attention
+from usfm_jax.models import fused_attention, fused_mlp
 from usfm_jax.train_step import abstract_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,12 +73,17 @@ def test_arguments_are_checked():
         ["--frameworks", ","],
         ["--attention", "pallas", "--pallas-tiling", "warps_dq=3"],
         ["--pallas-tiling", "warps_dq=8"],  # without --attention pallas
+        ["--mlp", "pallas", "--mlp-tiling", "block_m=100"],
+        ["--mlp-tiling", "warps=8"],  # without --mlp pallas
+        ["--mlp", "cublas"],
     ):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
     assert bench.parse_args(["--frameworks", "torch, jax"]).frameworks == ["torch", "jax"]
     tiling = bench.parse_args(["--attention", "pallas", "--pallas-tiling", "warps_dq=8"])
     assert tiling.pallas_tiling == fused_attention.Tiling(warps_dq=8)
+    tiling = bench.parse_args(["--mlp", "pallas", "--mlp-tiling", "block_n=256"])
+    assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)
 
 
 def test_every_sweep_variant_parses():

@@ -773,12 +773,21 @@ def test_softmax_attention_matches_jax_and_its_autodiff(dtype, with_bias):
         )
 
 
-@pytest.mark.parametrize("rel_pos, mesh_shape", [("shared", (1, 1, 1)), ("per_block", (1, 2, 2))])
-def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, mesh_shape, monkeypatch):
-    """The encoder with the Pallas kernels (interpreted on the CPU) against the XLA path: tokens
-    and every parameter's gradient, the position tables' included. On 4 devices (batch split
-    over data x fsdp, 2 images each) the kernels run per batch shard (shard_map), and the
-    tables' gradients must be summed over the shards."""
+@pytest.mark.parametrize(
+    "kernels, rel_pos, mesh_shape",
+    [
+        (dict(attention="pallas"), "shared", (1, 1, 1)),
+        (dict(attention="pallas"), "per_block", (1, 2, 2)),
+        (dict(mlp="pallas"), "shared", (1, 2, 2)),
+        (dict(attention="pallas", mlp="pallas"), "shared", (1, 1, 1)),
+    ],
+)
+def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, monkeypatch):
+    """The encoder with Pallas kernels (interpreted on the CPU) against the XLA path: tokens
+    and every parameter's gradient, the position tables' and layer scales' included. On 4
+    devices (batch split over data x fsdp, 2 images each) the kernels run per batch shard
+    (shard_map), and the gradients of what they share (position bias, MLP weights) must be
+    summed over the shards."""
     images = jax.random.normal(jax.random.key(1), (8, *IMAGE, 1))
     cotangent = jax.random.normal(jax.random.key(2), (8, 7, WIDTH))
     devices = np.asarray(jax.devices()[: math.prod(mesh_shape)]).reshape(mesh_shape)
@@ -789,8 +798,8 @@ def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, mesh_sha
         jax, "shard_map", lambda *a, **k: shard_maps.append(k) or shard_map(*a, **k)
     )
 
-    def tokens_and_grads(attention):
-        graphdef, params = nnx.split(make_vit(attention=attention, rel_pos=rel_pos))
+    def tokens_and_grads(**options):
+        graphdef, params = nnx.split(make_vit(rel_pos=rel_pos, **options))
 
         def loss(params, images):
             return jnp.sum(nnx.merge(graphdef, params)(images) * cotangent)
@@ -800,12 +809,14 @@ def test_pallas_attention_matches_xla_attention_in_the_encoder(rel_pos, mesh_sha
         with jax.default_matmul_precision("float32"):
             return step(params, jax.device_put(images, parallel.batch_sharding(mesh)))
 
-    loss, grads = tokens_and_grads("pallas")
-    assert len(shard_maps) == (DEPTH if mesh.size > 1 else 0)  # one per block's attention
-    ref_loss, ref_grads = tokens_and_grads("xla")
+    loss, grads = tokens_and_grads(**kernels)
+    # one per block and Pallas-run layer
+    assert len(shard_maps) == (DEPTH * len(kernels) if mesh.size > 1 else 0)
+    ref_loss, ref_grads = tokens_and_grads(attention="xla", mlp="xla")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     flat, ref_flat = nnx.to_flat_state(grads), dict(nnx.to_flat_state(ref_grads))
     assert any("relative_position_bias_table" in path for path, _ in flat)
+    assert any("gamma_2" in path for path, _ in flat)
     for path, grad in flat:
         ref = ref_flat[path][...]
         scale = float(jnp.abs(ref).max())
