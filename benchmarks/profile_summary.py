@@ -28,9 +28,9 @@ from pathlib import Path
 HLO_FILE = "step.hlo.txt"
 # (category, opcodes or call targets that put an operation in it), first match wins
 CATEGORIES = (
-    # cuDNN's fused attention; Triton custom calls (the step's only ones: models/fused_attention)
-    ("attention", ("__cudnn$fmha", "__gpu$xla.gpu.triton")),
+    ("attention", ("__cudnn$fmha",)),  # cuDNN's fused attention
     ("matmul", ("dot", "convolution", "__cublas", "__onednn$matmul")),
+    ("other Triton kernels", ("__gpu$xla.gpu.triton",)),  # Pallas kernels not named below
     ("fft", ("fft",)),
     ("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")),
     ("scatter", ("scatter",)),
@@ -42,10 +42,14 @@ CATEGORIES = (
 # GPU kernels that are not XLA fusions (library calls), by a piece of their name; used where the
 # trace names the kernel only (inside CUDA-graph command buffers)
 KERNEL_CATEGORIES = (
-    ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion", "usfm_attention")),
+    ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion")),
     ("matmul", ("nvjet", "gemm", "cublas", "cutlass", "splitKreduce")),
     ("fft", ("fft",)),
 )
+# this project's Pallas kernels, by the name they are given (in the HLO and as GPU kernels):
+# checked first, as they are Triton custom calls like any other
+PALLAS_KERNELS = (("attention", "usfm_attention"), ("matmul", "usfm_mlp"))
+_PALLAS_NAME = re.compile(r"\b(usfm_[a-z_]+)")
 _FUSION_KERNEL = re.compile(r"([a-z][a-z_]*?)_(\d+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -110,6 +114,9 @@ def hlo_contents(text: str) -> dict[str, set[str]]:
         target = _TARGET.search(line)
         if target:
             found.add(target.group(1))
+            kernel = _PALLAS_NAME.search(line)
+            if kernel:
+                found.add(kernel.group(1))
         called = _CALLS.search(line)
         if called and depth < 8:
             for inner in computations.get(called.group(1), []):
@@ -124,6 +131,9 @@ def hlo_contents(text: str) -> dict[str, set[str]]:
 
 
 def category(contents: set[str]) -> str:
+    for name, prefix in PALLAS_KERNELS:
+        if any(c.startswith(prefix) for c in contents):
+            return name
     for name, markers in CATEGORIES:
         if any(c == m or (m.startswith("__") and m in c) for m in markers for c in contents):
             return name

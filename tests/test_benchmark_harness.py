@@ -147,6 +147,8 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
             event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "command_buffer_1", 2000),
             event("void cudnn::fusion::fmha_dbias<true>(void const*)", "command_buffer_1", 500),
             event("usfm_attention_dq", "command_buffer_1", 700),  # a Pallas kernel, by its name
+            event("usfm_mlp_forward", "command_buffer_1", 800),  # a Pallas matmul
+            event("usfm_mlp_backward", "custom-call.7", 900),  # one outside a graph: by its HLO
             event("input_reduce_fusion", "input_reduce_fusion", 300),  # outside a graph
             {"ph": "X", "name": "host work", "dur": 9000, "args": {}},
         ]
@@ -163,13 +165,17 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": 2.0,
             "void cudnn::fusion::fmha_dbias<true>(void const*)": 0.5,
             "usfm_attention_dq": 0.7,
+            "usfm_mlp_forward": 0.8,
+            "custom-call.7": 0.9,
             "input_reduce_fusion": 0.3,
         }
     )
     hlo = ps.hlo_contents(
         "%fused_add.3 (p0: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} add(%p0, %p0)\n}\n"
         "ENTRY %main (x: f32[4]) -> f32[4] {\n"
-        "  ROOT %loop_add_fusion.3 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add.3\n}\n"
+        "  %loop_add_fusion.3 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add.3\n"
+        '  ROOT %custom-call.7 = f32[4]{0} custom-call(%x), custom_call_target="__gpu$xla.gpu.'
+        'triton", backend_config={name="usfm_mlp_backward", ir="..."}\n}\n'
     )
     kinds = {op: ps.category(hlo.get(op, {op.split(".")[0]})) for op in times if "reduce" not in op}
     assert kinds == {
@@ -178,4 +184,6 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
         "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": "attention",
         "void cudnn::fusion::fmha_dbias<true>(void const*)": "attention",
         "usfm_attention_dq": "attention",
+        "usfm_mlp_forward": "matmul",
+        "custom-call.7": "matmul",
     }

@@ -1,14 +1,14 @@
-"""The fused attention paths (cuDNN, Pallas) against XLA's in the encoder, forward and
-gradient, on a GPU.
+"""The fused kernels (cuDNN and Pallas attention, the Pallas MLP) against XLA's in the encoder,
+forward and gradient, on a GPU.
 
-    python benchmarks/attention_parity.py [--size base] [--batch 8] [--variant beit|vit]
-        [--implementations xla,cudnn,pallas]
+    python benchmarks/kernel_parity.py [--size base] [--batch 8] [--variant beit|vit]
+        [--implementations xla,cudnn,pallas,xla/pallas]
 
-Encoders with the same weights: XLA attention in float32 (the reference), and each of
-``--implementations`` in bfloat16. For each bf16 one, prints the relative difference
-(||a - ref|| / ||ref||) of the output tokens and the largest over the parameter gradients of a
-fixed random projection of the tokens. A fused path is right if it is as close to the reference
-as XLA's bf16 is.
+Encoders with the same weights: XLA attention and MLP in float32 (the reference), and each of
+``--implementations`` (ATTENTION or ATTENTION/MLP, the MLP "xla" if not given) in bfloat16. For
+each bf16 one, prints the relative difference (||a - ref|| / ||ref||) of the output tokens and
+the largest over the parameter gradients of a fixed random projection of the tokens. A fused
+path is right if it is as close to the reference as XLA's bf16 is.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS, SIZES, VisionTransformer
+from usfm_jax.models.vit import (
+    ATTENTION_IMPLEMENTATIONS,
+    MLP_IMPLEMENTATIONS,
+    SIZES,
+    VisionTransformer,
+)
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -38,22 +43,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--variant", choices=("beit", "vit"), default="beit")
-    ap.add_argument("--implementations", default="xla,cudnn,pallas", help="comma-separated")
+    ap.add_argument(
+        "--implementations",
+        default="xla,cudnn,pallas,xla/pallas",
+        help="comma-separated ATTENTION or ATTENTION/MLP",
+    )
     args = ap.parse_args()
-    implementations = args.implementations.split(",")
-    unknown = set(implementations) - set(ATTENTION_IMPLEMENTATIONS)
-    if unknown:
-        ap.error(f"--implementations: unknown {sorted(unknown)}; from {ATTENTION_IMPLEMENTATIONS}")
+    implementations = []
+    for item in args.implementations.split(","):
+        attention, _, mlp = item.partition("/")
+        mlp = mlp or "xla"
+        if attention not in ATTENTION_IMPLEMENTATIONS or mlp not in MLP_IMPLEMENTATIONS:
+            ap.error(
+                f"--implementations: {item!r} is not ATTENTION[/MLP] with ATTENTION from "
+                f"{ATTENTION_IMPLEMENTATIONS} and MLP from {MLP_IMPLEMENTATIONS}"
+            )
+        implementations.append((attention, mlp))
     width, depth, heads = SIZES[args.size]
 
-    def build(impl: str, dtype) -> VisionTransformer:
+    def build(attention: str, mlp: str, dtype) -> VisionTransformer:
         model = VisionTransformer(
             width=width,
             depth=depth,
             num_heads=heads,
             variant=args.variant,
             image_size=(args.image, args.image),
-            attention=impl,
+            attention=attention,
+            mlp=mlp,
             dtype=dtype,
             rngs=nnx.Rngs(0),
         )
@@ -64,7 +80,7 @@ def main() -> None:
 
     images = jax.random.uniform(jax.random.key(2), (args.batch, args.image, args.image, 3))
 
-    tokens_shape = jax.eval_shape(lambda m, x: m(x), build("xla", jnp.float32), images).shape
+    tokens_shape = jax.eval_shape(lambda m, x: m(x), build("xla", "xla", jnp.float32), images).shape
     direction = jax.random.normal(jax.random.key(3), tokens_shape)
 
     def loss(model, images):  # a fixed random projection: gradients that do not cancel
@@ -75,19 +91,19 @@ def main() -> None:
         grads = jax.tree_util.tree_flatten_with_path(nnx.jit(nnx.grad(loss))(model, images))[0]
         return tokens, grads
 
-    ref_tokens, ref_grads = run(build("xla", jnp.float32))
+    ref_tokens, ref_grads = run(build("xla", "xla", jnp.float32))
     print(
         f"device: {jax.devices()[0].device_kind}, ViT-{args.size} {args.variant} {args.image} px, "
         f"batch {args.batch}; relative difference to XLA in float32:"
     )
-    for impl in implementations:
-        tokens, grads = run(build(impl, jnp.bfloat16))
+    for attention, mlp in implementations:
+        tokens, grads = run(build(attention, mlp, jnp.bfloat16))
         worst = max(
             (rel(g, r), jax.tree_util.keystr(path))
             for (path, r), (_, g) in zip(ref_grads, grads, strict=True)
         )
         print(
-            f"  {impl:6s} bf16: tokens {rel(tokens, ref_tokens):.2e}, "
+            f"  attention {attention:6s} mlp {mlp:6s} bf16: tokens {rel(tokens, ref_tokens):.2e}, "
             f"worst gradient {worst[0]:.2e} {worst[1]}"
         )
 
