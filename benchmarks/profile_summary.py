@@ -11,8 +11,8 @@ a cuBLAS / cuDNN kernel is categorised by its name). With the step's optimised H
 (``step.hlo.txt``, written by ``train_step.py --profile``) each operation is put in a category
 from the instructions it runs: matmul (dot, convolution, cuBLAS / YNNPACK calls, the Pallas MLP
 kernels), attention (cuDNN fused attention, the Pallas attention kernels), fft, gather /
-scatter, reduction, copy / transpose, collective, elementwise. Durations are summed over threads and streams: on a
-multi-core CPU the total is CPU time, not wall time.
+scatter, reduction, copy / transpose, collective, elementwise. Durations are summed over threads
+and streams: on a multi-core CPU the total is CPU time, not wall time.
 """
 
 from __future__ import annotations
