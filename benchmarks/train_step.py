@@ -328,23 +328,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--objective", choices=("spatial", "frequency", "dual"), default="dual")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU/TPU)")
     ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
-    ap.add_argument(
-        "--pallas-tiling",
-        type=pallas_tiling,
-        default=None,
-        metavar="NAME=INT,...",
-        help="block sizes / warps of the Pallas attention kernels (--attention pallas), e.g. "
-        "warps_dq=8,block_q_dq=32; see models.fused_attention.Tiling",
-    )
     ap.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, default="xla")
-    ap.add_argument(
-        "--mlp-tiling",
-        type=mlp_tiling,
-        default=None,
-        metavar="NAME=INT,...",
-        help="block sizes / warps of the Pallas MLP kernels (--mlp pallas), e.g. "
-        "block_n=256,warps=8; see models.fused_mlp.MlpTiling",
-    )
+    for flag, parse, kernels, example in (
+        (
+            "--pallas-tiling",
+            pallas_tiling,
+            "attention",
+            "warps_dq=8; models.fused_attention.Tiling",
+        ),
+        ("--mlp-tiling", mlp_tiling, "MLP", "block_m=64,warps=4; models.fused_mlp.MlpTiling"),
+    ):
+        ap.add_argument(
+            flag,
+            type=parse,
+            default=None,
+            metavar="NAME=INT,...",
+            help=f"block sizes / warps of the Pallas {kernels} kernels, e.g. {example}",
+        )
     ap.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     ap.add_argument("--scan", action="store_true", help="one lax.scan over the blocks")
     ap.add_argument("--steps", type=int, default=20)
