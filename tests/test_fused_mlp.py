@@ -150,3 +150,35 @@ def test_kernels_lower_and_compile_for_an_nvidia_gpu(tmp_path):
         usage = pallas_kernels.compile_kernel(name, warps, stages, bytecode, 90, str(tmp_path))
         assert usage["spill_bytes"] == 0 and usage["blocks_per_sm"] >= 1, (name, usage)
         assert usage["mma"] == "wgmma", (name, usage)
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_the_encoder_mlp_runs_the_kernels_with_the_same_weights(with_scale):
+    """``vit.Mlp(implementation="pallas")`` against the XLA one with the same parameters, with
+    and without BEiT's layer scale (folded into fc2's weights), in bf16 compute: the same
+    function, to bf16 rounding, and the same parameter gradients."""
+    from flax import nnx
+
+    from usfm_jax.models.vit import Mlp
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 32))
+    scale = nnx.Param(jax.random.uniform(jax.random.key(1), (32,))) if with_scale else None
+    results = []
+    for implementation in ("pallas", "xla"):
+        mlp = Mlp(32, 128, jnp.bfloat16, nnx.Rngs(0), implementation)
+
+        def loss(mlp, x):
+            return jnp.sum(mlp(x, scale).astype(jnp.float32) * x)
+
+        results.append((mlp(x, scale), nnx.grad(loss)(mlp, x)))
+    (out, grads), (ref_out, ref_grads) = results
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=3e-2
+    )
+    for (path, grad), (_, ref) in zip(
+        nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads), strict=True
+    ):
+        ref = np.asarray(ref[...], np.float32)
+        assert grad[...].dtype == jnp.float32, path  # parameters stay float32
+        np.testing.assert_allclose(grad[...], ref, atol=2e-2 * np.abs(ref).max(), err_msg=str(path))
