@@ -291,6 +291,7 @@ def mim_cfg(**kw) -> ml_collections.ConfigDict:
             remat="none",
             scan_layers=False,
             attention="xla",
+            mlp="xla",
             dtype="float32",
             head="linear",
             decoder=dict(width=WIDTH, depth=1, num_heads=HEADS),
