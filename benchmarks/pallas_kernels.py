@@ -20,6 +20,7 @@ may differ a little from what runs, the absence of a lowering or compilation err
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import subprocess
@@ -156,7 +157,7 @@ def families(text: str) -> list[str]:
     return names
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--kernels", type=families, default=list(KERNEL_FAMILIES), help="attention,mlp"
@@ -172,15 +173,17 @@ def main() -> None:
     parser.add_argument("--no-bias", action="store_true", help="attention without position bias")
     parser.add_argument("--hidden", type=int, default=None, help="MLP width (default 4x model)")
     parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90")
-    args = parser.parse_args()
+    parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead")
+    args = parser.parse_args(argv)
     try:
         import triton
     except ImportError:
         sys.exit("error: this needs the triton package (pip install triton; torch brings it)")
     width = args.heads * args.head_dim
     hidden = args.hidden or 4 * width
-    print(f"jax {jax.__version__}, triton {triton.__version__}, target sm_{args.capability}")
-    print(f"batch {args.batch}, {args.tokens} tokens, {args.heads} heads of {args.head_dim}")
+    if not args.json:
+        print(f"jax {jax.__version__}, triton {triton.__version__}, target sm_{args.capability}")
+        print(f"batch {args.batch}, {args.tokens} tokens, {args.heads} heads of {args.head_dim}")
     runs = []
     if "attention" in args.kernels:
         for tiling in args.tiling or [Tiling()]:
@@ -195,10 +198,14 @@ def main() -> None:
         f"{'blocks/SM':>9} {'mma':>8}"
     )
     for tiling, irs in runs:
-        print(f"\n{tiling}\n{header}")
+        if not args.json:
+            print(f"\n{tiling}\n{header}")
         with tempfile.TemporaryDirectory() as workdir:
             for name, warps, stages, bytecode in irs:
                 r = compile_kernel(name, warps, stages, bytecode, args.capability, workdir)
+                if args.json:
+                    print(json.dumps(dict(tiling=str(tiling), kernel=name, warps=warps, **r)))
+                    continue
                 print(
                     f"{name:<24} {warps:>5} {r['registers']:>5} {r['spill_bytes']:>8} "
                     f"{r['shared']:>9} {r['blocks_per_sm']:>9} {r['mma']:>8}"

@@ -1,6 +1,9 @@
 """Test setup: 8 fake CPU devices for sharding tests, and a tiny run config."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -64,3 +67,16 @@ def biomedclip_file(tmp_path, width=768, depth=12, heads=12, image=224, proj=512
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(sd, path)
     return path, trunk, weight
+
+
+def compile_pallas_kernels(*args: str) -> list[dict]:
+    """``benchmarks/pallas_kernels.py ARGS --json`` in a process of its own (Triton's compiler
+    brings its own LLVM, kept out of the test workers): one dict per compiled kernel."""
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "benchmarks", "pallas_kernels.py"
+    )
+    run = subprocess.run(
+        [sys.executable, script, *args, "--json"], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compile_pallas_kernels
 
-from benchmarks import pallas_kernels
 from usfm_jax.models.fused_attention import Tiling, fused_attention
 
 # small blocks, so that every kernel loops over several tiles and the batch over several chunks
@@ -130,13 +130,14 @@ def test_tiling_parses_overrides_and_names_bad_ones():
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_kernels_lower_and_compile_for_an_nvidia_gpu(with_bias, tmp_path):
+def test_kernels_lower_and_compile_for_an_nvidia_gpu(with_bias):
     """Pallas -> Triton IR for CUDA, then Triton's compiler down to an sm_90 cubin, on this
     CPU-only machine: three kernels, each within the register file (<= 255 per thread)."""
-    irs = pallas_kernels.attention_irs(Tiling(), 4, 197, 12, 64, with_bias=with_bias)
-    names = [name for name, *_ in irs]
+    kernels = compile_pallas_kernels(
+        "--kernels", "attention", "--batch", "4", *([] if with_bias else ["--no-bias"])
+    )
+    names = [k["kernel"] for k in kernels]
     assert names == ["usfm_attention_forward", "usfm_attention_dkv", "usfm_attention_dq"]
-    for name, warps, stages, bytecode in irs:
-        usage = pallas_kernels.compile_kernel(name, warps, stages, bytecode, 90, str(tmp_path))
-        assert 0 < usage["registers"] <= 255, (name, usage)
-        assert usage["blocks_per_sm"] >= 1, (name, usage)
+    for usage in kernels:
+        assert 0 < usage["registers"] <= 255, usage
+        assert usage["blocks_per_sm"] >= 1, usage

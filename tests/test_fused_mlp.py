@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compile_pallas_kernels
 from scipy import special
 
-from benchmarks import pallas_kernels
 from usfm_jax.models import fused_mlp as fm
 from usfm_jax.models.fused_mlp import MlpTiling, fused_mlp
 from usfm_jax.models.vit import gelu
@@ -141,15 +141,15 @@ def test_tiling_is_validated_and_parsed():
         MlpTiling.parse("block_q=64")  # an attention field
 
 
-def test_kernels_lower_and_compile_for_an_nvidia_gpu(tmp_path):
+def test_kernels_lower_and_compile_for_an_nvidia_gpu():
     """Pallas -> Triton IR for CUDA, then Triton's compiler down to an sm_90 cubin, on this
     CPU-only machine (ViT-B's MLP): two kernels on Hopper's wgmma, without register spills."""
-    irs = pallas_kernels.mlp_irs(MlpTiling(), 2 * 197, 768, 3072)
-    assert [name for name, *_ in irs] == ["usfm_mlp_forward", "usfm_mlp_backward"]
-    for name, warps, stages, bytecode in irs:
-        usage = pallas_kernels.compile_kernel(name, warps, stages, bytecode, 90, str(tmp_path))
-        assert usage["spill_bytes"] == 0 and usage["blocks_per_sm"] >= 1, (name, usage)
-        assert usage["mma"] == "wgmma", (name, usage)
+    kernels = compile_pallas_kernels("--kernels", "mlp", "--batch", "2")
+    assert [k["kernel"] for k in kernels] == ["usfm_mlp_forward", "usfm_mlp_backward"]
+    for usage in kernels:
+        assert usage["tiling"] == str(MlpTiling()), usage
+        assert usage["spill_bytes"] == 0 and usage["blocks_per_sm"] >= 1, usage
+        assert usage["mma"] == "wgmma", usage
 
 
 @pytest.mark.parametrize("with_scale", [False, True])
