@@ -185,13 +185,13 @@ def _tile_masks(shape, rows, cols):
 
 def _both(row_ok, col_ok):
     """The [rows, cols] mask of a tile from its row and column masks (None: all inside)."""
-    if row_ok is None or col_ok is None:
-        return None if row_ok is col_ok else _broadcast(row_ok, col_ok)
+    if row_ok is None and col_ok is None:
+        return None
+    if col_ok is None:
+        return row_ok[:, None]
+    if row_ok is None:
+        return col_ok[None, :]
     return row_ok[:, None] & col_ok[None, :]
-
-
-def _broadcast(row_ok, col_ok):
-    return row_ok[:, None] if col_ok is None else col_ok[None, :]
 
 
 def _contract(a_ref, b_ref, row_ok, col_ok, depth, block_k, trans_b):

@@ -18,8 +18,9 @@ from jax.experimental.pallas import triton as plgpu
 
 @dataclasses.dataclass(frozen=True)
 class KernelTiling:
-    """Base of a kernel family's tiling: fields named ``block*`` are power-of-two block sizes
-    >= 16, ``warps*`` powers of two, every other field a positive integer."""
+    """Base of a kernel family's tiling (a frozen dataclass with a ``stages`` field): fields
+    named ``block*`` are power-of-two block sizes >= 16, ``warps*`` powers of two, every other
+    field a positive integer."""
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
