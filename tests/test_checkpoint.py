@@ -246,6 +246,28 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
 
 
+def test_divergence_between_two_logging_steps_stops_the_run(tmp_path, monkeypatch):
+    """Steps 5-7 hold NaN and step 8 is clean again: the run of 3 skipped steps ended before the
+    logging step 8, and still stops the run there (max_bad_steps=3, log_every=4)."""
+    config = _tiny(**{"log_every": 4, "checkpoint.every": 4, "max_bad_steps": 3})
+    clean = train.global_batch
+    calls = []
+
+    def poisoned(local, mesh):
+        calls.append(1)
+        images = local["image"].astype(np.float32)
+        if len(calls) in (5, 6, 7):
+            images[0, 0, 0, 0] = np.nan
+        return clean({"image": images}, mesh)
+
+    monkeypatch.setattr(train, "global_batch", poisoned)
+    with pytest.raises(train.TrainingDiverged, match="3 consecutive steps"):
+        train.train(config, str(tmp_path))
+    assert len(calls) == 8
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["skipped"], r["bad_steps"]) for r in logged] == [(0, 0), (3, 3)]
+
+
 def _numpy_fingerprint(x: np.ndarray) -> int:
     """Independent reference: sum of bits * (2i + 1) over the C-order flat index i, mod 2**32."""
     x = np.asarray(x)

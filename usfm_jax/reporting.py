@@ -72,6 +72,8 @@ def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
             out[name] = float(values[-1])
         elif name == "skipped":
             out[name] = float(values.sum())  # steps skipped in the window
+        elif name == "bad_steps":
+            out[name] = float(values.max())  # the longest run of skipped steps reached in it
         else:
             out[name] = float(values.mean())
     return out

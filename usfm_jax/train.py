@@ -95,10 +95,11 @@ def train(
             last = step == end or preemption.reached(step)
             if step % config.log_every == 0 or last:
                 means = reporter.flush(step)
-                if int(state.bad_steps) >= config.max_bad_steps:
+                # the longest run in the window: one that ended since the last flush counts too
+                if means["bad_steps"] >= config.max_bad_steps:
                     checkpointer.close()  # the last good checkpoint stays the latest
                     raise TrainingDiverged(
-                        f"{int(state.bad_steps)} consecutive steps had a non-finite loss or "
+                        f"{int(means['bad_steps'])} consecutive steps had a non-finite loss or "
                         f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
                         f"checkpoint in {workdir}/checkpoints is from before them"
                     )

@@ -200,23 +200,26 @@ def apply_gradients(
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update (and EMA update) of ``state``; a non-finite loss or gradient skips
     it, leaving parameters and optimizer state unchanged and counting a bad step. Returns the
-    new state and the metrics loss, grad_norm, lr, skipped."""
+    new state and the metrics loss, grad_norm, lr, skipped and bad_steps (the run of
+    consecutive skipped steps after this one)."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad_steps = jnp.where(finite, 0, state.bad_steps + 1)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "lr": schedule(applied_updates(state.opt_state)),  # the lr of this update
         "skipped": 1 - finite.astype(jnp.int32),
+        "bad_steps": bad_steps,
     }
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
-        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        bad_steps=bad_steps,
     )
     if state.ema_params is not None:  # ema <- decay * ema + (1 - decay) * params
         ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
