@@ -1,5 +1,6 @@
 """The fused kernels (cuDNN and Pallas attention, the Pallas MLP) against XLA's in the encoder,
-forward and gradient, on a GPU.
+forward and gradient, on a GPU (elsewhere the Pallas kernels run in Pallas' interpreter, slowly:
+use a small --size and --batch).
 
     python benchmarks/kernel_parity.py [--size base] [--batch 8] [--variant beit|vit]
         [--implementations xla,cudnn,pallas,xla/pallas]
@@ -29,6 +30,7 @@ from usfm_jax.models.vit import (
     MLP_IMPLEMENTATIONS,
     SIZES,
     VisionTransformer,
+    mlp_ratio_of,
 )
 
 
@@ -39,7 +41,7 @@ def rel(a: jax.Array, b: jax.Array) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="base")
+    ap.add_argument("--size", choices=tuple(SIZES), default="base")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--variant", choices=("beit", "vit"), default="beit")
@@ -66,6 +68,7 @@ def main() -> None:
             width=width,
             depth=depth,
             num_heads=heads,
+            mlp_ratio=mlp_ratio_of(args.size),
             variant=args.variant,
             image_size=(args.image, args.image),
             attention=attention,

@@ -205,6 +205,25 @@ def test_cli_mistakes_get_one_line(tmp_path, config, args, error):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "module, args, error",
+    [
+        (
+            "usfm_jax.teacher_cache",
+            ["--config=configs/pretrain/urfm_vitb16.py:demo", "--config.teacher.layr=x"],
+            'invalid --config override: layr Did you mean "layer"',
+        ),
+        ("usfm_jax.export", ["--checkpoint=runs/x", "--ema=maybe"], "flag --ema=maybe: value"),
+    ],
+)
+def test_other_entry_points_give_one_line_for_a_bad_flag(tmp_path, module, args, error):
+    cmd = [sys.executable, "-m", module, *args, f"--out={tmp_path}/out"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {error}"), result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(f"{tmp_path}/out")
+
+
 def test_cli_rejects_a_misspelled_field(tmp_path):
     result = _cli(f"--workdir={tmp_path}", "--config.spatial.ratoi=0.5")
     assert result.returncode != 0

@@ -153,8 +153,24 @@ def test_bad_representation_settings_name_the_field(teacher_64, overrides, match
 def test_teacher_of_another_patch_grid_is_a_clear_error(teacher_64):
     config = _urfm_config(teacher_64)
     config.image_size = (96, 96)
-    with pytest.raises(ValueError, match=r"teacher .* 4x4 grid .* the student's is 6x6"):
+    with pytest.raises(ConfigError, match=r"teacher .* 4x4 grid .* the student's is 6x6"):
         create_teacher(config, parallel.create_mesh(config.mesh))
+
+
+def test_teacher_of_another_patch_grid_is_one_line_on_the_command_line(tmp_path, teacher_64):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "usfm_jax.train", "--config", "configs/pretrain/urfm_vitb16.py:demo",
+         f"--config.teacher.path={teacher_64}", "--config.teacher.num_heads=2",
+         "--config.image_size=(96, 96)", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: teacher "), done.stderr
+    assert "4x4 grid of patches" in done.stderr and "the student's is 6x6" in done.stderr
 
 
 def test_ema_follows_its_formula(teacher_64):

@@ -28,6 +28,7 @@ from usfm_jax.checkpoint import (
     describe_error,
     fingerprint,
 )
+from usfm_jax.cli import parse_flags
 from usfm_jax.paths import as_path
 from usfm_jax.reporting import library_logs_below, quiet_library_logs
 
@@ -200,4 +201,4 @@ if __name__ == "__main__":  # flags defined here: other entry points import this
         "Export the EMA weights: auto (if the run kept them), yes, no.",
     )
     flags.mark_flags_as_required(["checkpoint", "out"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

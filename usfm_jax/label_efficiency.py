@@ -12,10 +12,10 @@ initialisation: the way to compare masking strategies of ``configs/ablations/``.
 ``--config.FIELD=VALUE`` overrides the fine-tuning config of every run.
 
 Every run writes ``OUT/runs/INIT/fFRACTION/sSEED`` (a finished run is not repeated, so an
-interrupted study continues where it stopped). Then: ``OUT/results.csv`` (one row per run and
-test metric), ``OUT/results.md`` (mean +- std over seeds), ``OUT/label_efficiency.png``
-(the selection metric vs the label fraction, one line per initialisation, error bars = std
-over seeds).
+interrupted study continues where it stopped). Then: ``OUT/results.csv`` (one row per run, a
+``test_METRIC`` column per test metric), ``OUT/results.md`` (mean +- std over seeds),
+``OUT/label_efficiency.png`` (the selection metric vs the label fraction, one line per
+initialisation, error bars = std over seeds).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from usfm_jax.cli import parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> None:
         config.teacher.targets = ""  # validate the rest: the cache is what we build
         config.probe.every = 0  # pre-training's probes play no part in the cache
         validate(config)
+        start_jax()
         info = build_cache(config, out, flags.FLAGS.batch)
     except (ConfigError, ConversionError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -158,4 +160,4 @@ if __name__ == "__main__":  # flags defined here: the module is also imported be
     flags.DEFINE_string("out", None, "New directory for the cache.")
     flags.DEFINE_integer("batch", 64, "Images per teacher forward pass.")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

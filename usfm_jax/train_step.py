@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from usfm_jax import parallel
+from usfm_jax.config_validation import ConfigError
 from usfm_jax.models.factory import create_pretrain_model
 from usfm_jax.models.teacher import teacher_from_config
 from usfm_jax.objectives.dual import BRANCHES, DualMIM, create_objective
@@ -250,7 +251,7 @@ def create_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.G
     grid = loaded.arch.grid
     student = tuple(s // config.model.patch_size for s in config.image_size)
     if grid != student:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {config.teacher.path} has a {grid[0]}x{grid[1]} grid of patches "
             f"({loaded.arch.image_size[0]} px, patch {loaded.arch.patch_size}); the student's "
             f"is {student[0]}x{student[1]}: choose config.image_size / model.patch_size to match"
@@ -282,7 +283,10 @@ def create_training(
         _, tokens, features = read_cache_info(config.teacher.targets)["shape"]
         grid = tuple(s // config.model.patch_size for s in config.image_size)
         if tokens != grid[0] * grid[1]:
-            raise ValueError(f"teacher targets of {tokens} tokens; the student has {grid}")
+            raise ConfigError(
+                f"config.teacher.targets={config.teacher.targets!r} holds {tokens} tokens per "
+                f"image; the student has {grid[0]}x{grid[1]}: rebuild it for this image size"
+            )
     elif representation is not None:
         teacher_graphdef, teacher = create_teacher(config, mesh)
         features = nnx.merge(teacher_graphdef, teacher).features

@@ -2,7 +2,7 @@
 
 URFM (Kang et al. 2025) publishes the idea and the released weights' shape (an MAE ViT-B/16
 with a decoder 768 wide and 8 blocks deep, saved as a timm ViT), not the recipe. Our choices,
-from its public peers (usfm_reference.md section 3), marked "ours":
+from its public peers (docs/urfm.md), marked "ours":
 - student: MAE-style (encoder on the visible 25%, decoder with mask tokens), plain ViT
   (absolute positions, qkv bias), random patch masking at ratio 0.75 (MAE / MILAN; ours);
 - targets: the teacher's patch tokens after its final norm, normalised per token by LayerNorm

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from usfm_jax.models.vit import MLP_RATIOS, SIZES, VisionTransformer
+from usfm_jax.models.vit import SIZES, VisionTransformer, mlp_ratio_of
 
 TO_TORCH = ("timm-beit", "usfm", "timm-vit")
 FROM_TORCH = (*TO_TORCH, "open-clip-visual")
@@ -97,7 +97,7 @@ class Architecture:
         """The ``config.model`` fields that build this encoder."""
         dims = (self.width, self.depth, self.num_heads)
         size = next((name for name, d in SIZES.items() if d == dims), None)
-        if self.mlp_ratio != MLP_RATIOS.get(size, 4.0):
+        if self.mlp_ratio != mlp_ratio_of(size):
             raise ConversionError(
                 f"MLP ratio {self.mlp_ratio:g} is not that of a supported size "
                 f"(4, or 48/11 for ViT-g/14)"
@@ -135,7 +135,7 @@ class Architecture:
             patch_size=model["patch_size"],
             in_chans=model["in_chans"],
             image_size=tuple(image_size),
-            mlp_ratio=MLP_RATIOS.get(model["size"], 4.0),
+            mlp_ratio=mlp_ratio_of(model["size"]),
             rel_pos=model.get("rel_pos", "shared"),
         )
 

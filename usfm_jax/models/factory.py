@@ -12,7 +12,7 @@ from usfm_jax.models.heads import (
     MaskedImageModel,
     TransformerPixelHead,
 )
-from usfm_jax.models.vit import MLP_RATIOS, SIZES, VisionTransformer, dense
+from usfm_jax.models.vit import SIZES, VisionTransformer, dense, mlp_ratio_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -41,7 +41,7 @@ def create_encoder(
         width=width,
         depth=depth,
         num_heads=heads,
-        mlp_ratio=MLP_RATIOS.get(cfg.size, 4.0),
+        mlp_ratio=mlp_ratio_of(cfg.size),
         rel_pos=cfg.rel_pos,
         layer_scale_init=cfg.layer_scale_init,
         drop_path_rate=cfg.drop_path_rate,

@@ -45,7 +45,7 @@ from usfm_jax.models.triton_tiles import (
     within,
 )
 
-# Sizes the default tiling fits an H100's SM for (benchmarks/attention_kernels.py). The dq kernel
+# Sizes the default tiling fits an H100's SM for (benchmarks/pallas_kernels.py). The dq kernel
 # keeps a bias-gradient sum per key tile and stages every key of a sequence in shared memory:
 # at 577 tokens (384 px) it needs more than an SM has; heads wider than 64 (ViT-H's 80, padded
 # to 128) spill registers in the dk / dv kernel and need 160 KiB of shared memory in the dq one.
@@ -72,7 +72,7 @@ class Tiling(KernelTiling):
     stages: int = 2  # software-pipelining stages of the loops (every kernel)
 
 
-DEFAULT_TILING = Tiling()  # registers without spills on sm_90 (benchmarks/attention_kernels.py)
+DEFAULT_TILING = Tiling()  # registers without spills on sm_90 (benchmarks/pallas_kernels.py)
 
 
 def fused_attention(

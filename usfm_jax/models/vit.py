@@ -54,6 +54,12 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 MLP_RATIOS = {"giant": 48 / 11}  # hidden 6144; every other size uses 4
 
+
+def mlp_ratio_of(size: str | None) -> float:
+    """The MLP's hidden width over the model width for a named size (4 unless it says otherwise)."""
+    return MLP_RATIOS.get(size, 4.0)
+
+
 LN_EPS = 1e-6
 
 # What a rematerialised block keeps from the forward pass for the backward pass.
