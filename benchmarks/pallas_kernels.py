@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
         "--kernels", type=families, default=list(KERNEL_FAMILIES), help="attention,mlp"
     )
     parser.add_argument(
-        "--tiling", type=pallas_tiling, action="append", help="attention: name=int,..."
+        "--tiling",
+        "--pallas-tiling",  # train_step.py's name for it
+        type=pallas_tiling,
+        action="append",
+        help="attention: name=int,...",
     )
     parser.add_argument("--mlp-tiling", type=mlp_tiling, action="append", help="MLP: name=int,...")
     parser.add_argument("--batch", type=int, default=8)
@@ -175,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead")
     args = parser.parse_args(argv)
+    for option, tilings, family in (("--tiling", args.tiling, "attention"),
+                                    ("--mlp-tiling", args.mlp_tiling, "mlp")):  # fmt: skip
+        if tilings and family not in args.kernels:
+            parser.error(f"{option} is for the {family} kernels, which --kernels leaves out")
     try:
         import triton
     except ImportError:

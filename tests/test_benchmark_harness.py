@@ -86,6 +86,18 @@ def test_arguments_are_checked():
     assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)
 
 
+def test_kernel_tool_refuses_a_tiling_for_a_family_it_leaves_out(capsys):
+    from benchmarks import pallas_kernels
+
+    for bad in (
+        ["--kernels", "mlp", "--pallas-tiling", "warps_dq=8"],
+        ["--kernels", "attention", "--mlp-tiling", "block_m=64"],
+    ):
+        with pytest.raises(SystemExit):
+            pallas_kernels.main(bad)
+        assert "which --kernels leaves out" in capsys.readouterr().err
+
+
 def test_every_sweep_variant_parses():
     """Each line of a variants file is one train_step.py run on a lent accelerator: a typo
     there would cost device time, so every line must parse here, and XLA must know every
