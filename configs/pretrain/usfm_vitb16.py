@@ -137,8 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.min_lr_ratio = 0.01
     c.optimizer.grad_accum_steps = 1
 
-    # Mesh axis sizes (-1: all remaining devices); arrays under fsdp_min_size stay replicated.
-    # Device mesh: dcn (TPU slices / nodes) x data x fsdp; -1 = the remaining devices.
+    # Device mesh: dcn (TPU slices / nodes) x data x fsdp, -1 = all remaining devices; arrays
+    # under fsdp_min_size elements stay replicated.
     c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, fsdp_min_size=2**16))
 
     # Save every `every` steps (and at the first step and on pre-emption); keep the last `keep`
