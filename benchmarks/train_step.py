@@ -176,7 +176,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[config.model.dtype]
     n = ceiling_size(args, device.platform != "cpu")
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    cpu_options = cpu_runtime.compiler_options(device.platform)  # those the step compiles with
+    cpu_options = cpu_runtime.compiler_options(mesh.devices.flat)  # those the step compiles with
     matmul = jax.jit(lambda x: x @ x, compiler_options=cpu_options)
     ceiling_s = measure(lambda: matmul(a), jax.block_until_ready, 2, 10)["step_s"]
     attention = resolve_attention(args.attention, dtype)

@@ -13,12 +13,17 @@ thread and keeping freed memory in the heap for the next step removes them.
 
 And XLA:CPU runs matmuls faster through oneDNN than through its default, YNNPACK (which keeps
 the elementwise work, the reductions and the softmax it fuses into attention's first matmul):
-~10% off the ViT-tiny step. Those are per-executable options (``compiler_options``).
+~10% off the ViT-tiny step. Those are per-executable options (``compiler_options``), given only
+to a computation on one CPU device of this process with executions on the calling thread:
+XLA:CPU (jaxlib 0.10.2) aborts the process (``object_pool.h`` "Check failed: available_.size()
+== num_created_" in ``OneDnnFusionThunk``'s destructor) when an executable with oneDNN fusions
+is freed while one of its executions is still running, which asynchronous dispatch and
+several devices executing in parallel both allow.
 
     cpu_runtime.execute_inline()        # before anything touches a JAX backend
     ...
     cpu_runtime.keep_freed_memory()     # once the backend is known to be the CPU
-    jax.jit(step, compiler_options=cpu_runtime.compiler_options(platform))
+    jax.jit(step, compiler_options=cpu_runtime.compiler_options(mesh.devices.flat))
 
 Set ``USFM_CPU_RUNTIME=default`` to leave JAX's, XLA's and glibc's defaults alone.
 """
@@ -29,6 +34,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -64,6 +70,11 @@ def execute_inline() -> None:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+def executes_inline() -> bool:
+    """Whether CPU executions run on the calling thread (``execute_inline`` was in effect)."""
+    return not jax.config.read("jax_cpu_enable_async_dispatch")
+
+
 def keep_freed_memory() -> bool:
     """Makes glibc serve large allocations from the heap and never return freed memory to the
     system, so that each step reuses the pages of the last one; True if applied.
@@ -87,13 +98,17 @@ def configure_for_backend() -> None:
         keep_freed_memory()
 
 
-def compiler_options(platform_name: str) -> dict[str, Any]:
-    """``jax.jit`` compiler options for a step compiled for ``platform_name`` devices: on an x86
-    CPU, ``CPU_COMPILER_OPTIONS``; none elsewhere (XLA's oneDNN support is for x86), with
-    ``USFM_CPU_RUNTIME=default``, or when ``XLA_FLAGS`` names any of them (the user's setting is
-    kept)."""
+def compiler_options(devices: Iterable[jax.Device]) -> dict[str, Any]:
+    """``jax.jit`` compiler options for a step that runs on ``devices`` (a mesh's, all
+    processes'): ``CPU_COMPILER_OPTIONS`` for one x86 CPU device of this process with
+    ``execute_inline`` in effect. None elsewhere: off x86 (XLA's oneDNN support is for x86),
+    with several local devices or asynchronous dispatch (the abort in this module's docstring),
+    with ``USFM_CPU_RUNTIME=default``, or when ``XLA_FLAGS`` names any of them (the user's
+    setting is kept)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     user_set = any(name in os.environ.get("XLA_FLAGS", "") for name in CPU_COMPILER_OPTIONS)
-    if platform_name != "cpu" or not x86 or user_set or not _enabled():
+    one_cpu = len(local) == 1 and local[0].platform == "cpu"
+    if not (one_cpu and executes_inline() and x86) or user_set or not _enabled():
         return {}
     return dict(CPU_COMPILER_OPTIONS)

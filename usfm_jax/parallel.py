@@ -94,7 +94,7 @@ def jit_in_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
 
-    options = cpu_runtime.compiler_options(mesh.devices.flat[0].platform)
+    options = cpu_runtime.compiler_options(mesh.devices.flat)
     return jax.jit(in_mesh, compiler_options=options, **jit_kwargs)
 
 
