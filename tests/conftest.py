@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices for sharding tests, and a tiny run config."""
+"""Test setup: 8 fake CPU devices for sharding tests, a shared compilation cache, and a tiny run
+config."""
 
 import json
 import os
@@ -8,11 +9,20 @@ import sys
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# XLA's executables on disk, shared by the test workers and the runs they start as subprocesses
+# (keyed by the program, the options and the devices: a hit is what compiling would give); the
+# suite's many short runs of the same steps then compile each once.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")),
+)
 
 import ml_collections
 import pytest
 
 from configs.pretrain import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -72,9 +82,7 @@ def biomedclip_file(tmp_path, width=768, depth=12, heads=12, image=224, proj=512
 def compile_pallas_kernels(*args: str) -> list[dict]:
     """``benchmarks/pallas_kernels.py ARGS --json`` in a process of its own (Triton's compiler
     brings its own LLVM, kept out of the test workers): one dict per compiled kernel."""
-    script = os.path.join(
-        os.path.dirname(os.path.dirname(__file__)), "benchmarks", "pallas_kernels.py"
-    )
+    script = os.path.join(ROOT, "benchmarks", "pallas_kernels.py")
     run = subprocess.run(
         [sys.executable, script, *args, "--json"], capture_output=True, text=True, timeout=600
     )
