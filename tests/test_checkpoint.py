@@ -23,6 +23,7 @@ from conftest import make_tiny_config
 from usfm_jax import checkpoint, train
 from usfm_jax.checkpoint import CheckpointError, IncompatibleCheckpoint, fingerprint
 from usfm_jax.export import export_params, load_params
+from usfm_jax.paths import new_directory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo recipe, short: 1 loss line per step, a checkpoint every 4 steps.
@@ -317,15 +318,42 @@ def test_export_holds_the_parameters_alone_bit_for_bit(tmp_path):
         load_params(str(tmp_path / "run"), step=2)
 
 
-def test_export_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "out, error",
+    [
+        ("out", "no checkpoint at {tmp}/nothing: it does not exist"),
+        ("file", "--out {tmp}/file is a file; give a new directory"),
+        ("file/out", "--out {tmp}/file/out: {tmp}/file is a file, not a directory"),
+    ],
+)
+def test_export_cli_reports_a_mistake_in_one_line(tmp_path, out, error):
+    (tmp_path / "file").write_text("not a directory")
     cmd = [sys.executable, "-m", "usfm_jax.export", f"--checkpoint={tmp_path}/nothing",
-           f"--out={tmp_path}/out"]  # fmt: skip
+           f"--out={tmp_path}/{out}"]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: no checkpoint at {tmp_path}/nothing: it does not exist"
-    )
+    assert result.stderr.strip().splitlines()[-1] == "error: " + error.format(tmp=tmp_path)
     assert "Traceback" not in result.stderr
+
+
+def test_a_new_directory_is_missing_or_empty_under_a_writable_parent(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept").write_text("")
+    assert str(new_directory(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
+    assert str(new_directory(tmp_path / "empty")) == str(tmp_path / "empty")
+    with pytest.raises(FileExistsError, match=r"--out .*/full exists and is not empty"):
+        new_directory(tmp_path / "full")
+    with pytest.raises(FileExistsError, match=r"--out .*/kept is a file"):
+        new_directory(tmp_path / "full" / "kept")
+    with pytest.raises(NotADirectoryError, match="/kept is a file, not a directory"):
+        new_directory(tmp_path / "full" / "kept" / "a" / "b")
+    assert (tmp_path / "full" / "kept").read_text() == ""  # nothing was touched
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(tmp_path) and writable(p, mode))
+    with pytest.raises(PermissionError, match=f"cannot create it, {tmp_path} is not writable"):
+        new_directory(tmp_path / "a" / "b", flag="--workdir")
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

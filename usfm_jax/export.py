@@ -29,7 +29,7 @@ from usfm_jax.checkpoint import (
     fingerprint,
 )
 from usfm_jax.cli import parse_flags
-from usfm_jax.paths import as_path
+from usfm_jax.paths import as_path, new_directory
 from usfm_jax.reporting import library_logs_below, quiet_library_logs
 
 
@@ -129,11 +129,11 @@ def _load_params(source: epath.Path, weights: str) -> Parameters:
 
 
 def check_new_directory(out: str) -> epath.Path:
-    """``out`` as a path, if it does not exist or is empty (nothing is ever overwritten)."""
-    destination = as_path(out)
-    if destination.exists() and any(destination.iterdir()):
-        raise CheckpointError(f"--out {out} exists and is not empty; choose another directory")
-    return destination
+    """``paths.new_directory``, its error a CheckpointError."""
+    try:
+        return new_directory(out)
+    except OSError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def write_export(

@@ -36,6 +36,7 @@ from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import teacher_from_config
+from usfm_jax.paths import new_directory
 from usfm_jax.reporting import quiet_library_logs
 
 CACHE_INFO = "cache.json"
@@ -75,8 +76,7 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) -> dict[str, Any]:
     """Runs the teacher over every record of the config's data; returns cache.json's content."""
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"--out {out} exists and is not empty; choose another directory")
+    new_directory(out)
     loaded = teacher_from_config(config)
     teacher = nnx.merge(loaded.graphdef, loaded.params)
     forward = jax.jit(lambda t, x: t(x.astype(np.float32) / 255.0))
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
         validate(config)
         start_jax()
         info = build_cache(config, out, flags.FLAGS.batch)
-    except (ConfigError, ConversionError, ValueError) as e:
+    except (ConfigError, ConversionError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}: teacher targets {info['shape']} float16")
 
