@@ -93,6 +93,7 @@ def test_ablations_change_what_they_name():
             r"config\.model\.mlp='cublas': expected one of \('xla', 'pallas'\)",
         ),
         ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
+        ({"seed": -1}, r"config\.seed=-1: expected an int >= 0"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, match):
@@ -214,6 +215,17 @@ def test_cli_mistakes_get_one_line(tmp_path, config, args, error):
             'invalid --config override: layr Did you mean "layer"',
         ),
         ("usfm_jax.export", ["--checkpoint=runs/x", "--ema=maybe"], "flag --ema=maybe: value"),
+        (
+            "usfm_jax.teacher_cache",
+            ["--config=configs/finetune/classify.py"],
+            "--config is not a pre-training config (it has no config.objective); it is a "
+            "fine-tuning config: run it with python -m usfm_jax.finetune",
+        ),
+        (
+            "usfm_jax.teacher_cache",
+            ["--config=configs/pretrain/urfm_vitb16.py:demo", "--batch=-8"],
+            "flag --batch=-8: -8 is not a positive integer",
+        ),
     ],
 )
 def test_other_entry_points_give_one_line_for_a_bad_flag(tmp_path, module, args, error):
@@ -222,6 +234,41 @@ def test_other_entry_points_give_one_line_for_a_bad_flag(tmp_path, module, args,
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {error}"), result.stderr
     assert "Traceback" not in result.stderr and not os.path.exists(f"{tmp_path}/out")
+
+
+def test_a_config_of_the_other_kind_is_named_before_its_fields_are_read():
+    pretrain = make_tiny_config()
+    finetune = load_config("configs/finetune/classify.py")
+    with pytest.raises(ConfigError, match=r"is a fine-tuning config: .*usfm_jax\.finetune$"):
+        validate(finetune)
+    with pytest.raises(ConfigError, match=r"is a pre-training config: .*usfm_jax\.train$"):
+        validate_finetune(pretrain)
+    with finetune.unlocked():
+        del finetune["task"]
+    with pytest.raises(ConfigError, match=r"not a pre-training config .* it is of neither kind"):
+        validate(finetune)
+
+
+@pytest.mark.parametrize(
+    "name, text, error",
+    [
+        ("syntax.py", "def get_config(:\n", "SyntaxError at {path}:1: invalid syntax"),
+        ("imports.py", "import no_such_module\n", "ModuleNotFoundError: No module named"),
+        ("image.png", "\x89PNG\n", "SyntaxError at {path}:1:"),
+        ("none.py", "def get_config():\n    pass\n", "get_config() returned None"),
+    ],
+    ids=["syntax error", "failed import", "not python", "no config"],
+)
+def test_a_config_file_that_cannot_load_is_one_line(tmp_path, name, text, error):
+    path = tmp_path / name
+    path.write_text(text)
+    result = _cli(f"--workdir={tmp_path}/run", config=str(path))
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and error.format(path=path) in last, result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match=f"cannot load config|{name}: get_config"):
+        load_config(str(path))  # label_efficiency's --pretrain configs
 
 
 def test_cli_rejects_a_misspelled_field(tmp_path):

@@ -31,6 +31,8 @@ from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
 from usfm_jax.train import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_finetune_config(task: str, **overrides):
     """A fine-tuning config small enough for tests: 32x32 images, a 4-block ViT of width 32."""
@@ -353,6 +355,33 @@ def test_label_efficiency_study(tmp_path):
         label_efficiency.parse_named("a=x,a=y", "inits")
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         label_efficiency.parse_fractions("0.5,2")
+
+
+def test_label_efficiency_checks_everything_before_the_first_run(tmp_path):
+    config = tiny_finetune_config("classify")
+    inits = [("scratch", "scratch")]
+    with pytest.raises(ValueError, match="--seeds must be >= 1, got 0"):
+        label_efficiency.check_study(config, inits, 0)
+    with pytest.raises(ValueError, match=r"names must be unique, got \['scratch', 'scratch'\]"):
+        label_efficiency.check_study(config, inits, 1, pretrained=["scratch"])
+    config.task = "bogus"
+    with pytest.raises(ConfigError, match=r"config\.task='bogus'"):
+        label_efficiency.check_study(config, inits, 1)
+    config = tiny_finetune_config("classify")
+    config.model.depth = 0  # checked for the scratch init, whose encoder the config describes
+    with pytest.raises(ConfigError, match=r"config\.model\.depth=0"):
+        label_efficiency.check_study(config, inits, 1)
+    label_efficiency.check_study(config, [("a", str(tmp_path))], 1)  # a checkpoint's own encoder
+    classify = os.path.join(ROOT, "configs", "finetune", "classify.py")
+    with pytest.raises(ConfigError, match=r"--pretrain a=.*classify\.py is not a pre-training"):
+        label_efficiency.load_pretrain_configs([("a", classify)], None)
+    demo = os.path.join(ROOT, "configs", "pretrain", "demo.py")
+    with pytest.raises(ConfigError, match=r"--pretrain a=.*demo\.py:steps=0: config\.total_steps"):
+        label_efficiency.load_pretrain_configs([("a", demo + ":steps=0")], None)
+    with pytest.raises(ValueError, match="--pretrain_steps must be >= 1, got 0"):
+        label_efficiency.load_pretrain_configs([("a", demo)], 0)
+    [(name, loaded)] = label_efficiency.load_pretrain_configs([("a", demo + ":steps=40")], 30)
+    assert name == "a" and loaded.total_steps == 30
 
 
 def test_finetune_ingested_enhancement_pairs_and_clean_only(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -24,9 +25,13 @@ def parse_flags(argv: list[str]) -> list[str]:
             spec = message.partition(": ")[0].removeprefix("flag --config=")
             sys.exit(f"error: --config {spec}: {_last_line(message)}")
         message = message.replace("\\n", " ").replace("\\", "").replace("'", "")
-        if message.startswith("flag --") and not message.startswith("flag --config"):
+        if message.startswith("flag --config=None:") and _config_spec(argv):
+            sys.exit(f"error: --config {_config_spec(argv)}: get_config() returned None")
+        if message.startswith("flag --") and not message.startswith("flag --config."):
             sys.exit(f"error: {message}")  # a plain flag: --workdir, --stop_after, ...
         sys.exit(f"error: invalid --config override: {message}")
+    except Exception as e:  # the config file itself: a syntax error, a failed import, ...
+        sys.exit(f"error: cannot load --config {_config_spec(argv)}: {_describe_load_error(e)}")
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
         config = flags.FLAGS["config"]
         try:
@@ -37,6 +42,24 @@ def parse_flags(argv: list[str]) -> list[str]:
                 sys.exit(f"error: config file {path!r} does not exist")
             sys.exit(f"error: cannot load --config {config.config_filename}: {_last_line(e)}")
     return argv
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of ``--config`` in a command line (the last one given), if any."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.partition("=")[2]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
+
+
+def _describe_load_error(error: BaseException) -> str:
+    """One line for an error raised while a config file was executed."""
+    if isinstance(error, SyntaxError):  # the message alone does not say where
+        return f"{type(error).__name__} at {error.filename}:{error.lineno}: {error.msg}"
+    return f"{type(error).__name__}: {_last_line(error)}"
 
 
 def _last_line(error: BaseException | str) -> str:
@@ -65,10 +88,17 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     name = "usfm_config_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        loader = importlib.machinery.SourceFileLoader(name, path)  # whatever the suffix
+        module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        raise ValueError(f"cannot load config {spec}: {_describe_load_error(e)}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config {spec}: get_config() returned {type(config).__name__}")
+    return config
 
 
 def exit_if_out_of_memory(error: Exception) -> None:

@@ -37,6 +37,30 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
         raise ConfigError(f"config.{field}={value!r}: {expected}")
 
 
+# A field only each kind of config has, and the program that runs it.
+KINDS = {
+    "pre-training": ("objective", "python -m usfm_jax.train"),
+    "fine-tuning": ("task", "python -m usfm_jax.finetune"),
+}
+
+
+def require_kind(config: ml_collections.ConfigDict, kind: str, where: str = "--config") -> None:
+    """Refuses a config of another kind (``KINDS``) before any of its fields is read."""
+    field, _ = KINDS[kind]
+    if field in config:
+        return
+    other = [(name, program) for name, (f, program) in KINDS.items() if f in config]
+    found = f"a {other[0][0]} config: run it with {other[0][1]}" if other else "of neither kind"
+    raise ConfigError(f"{where} is not a {kind} config (it has no config.{field}); it is {found}")
+
+
+def _check_seed(config: ml_collections.ConfigDict, field: str = "seed") -> None:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    _require(isinstance(value, int) and value >= 0, field, value, "expected an int >= 0")
+
+
 def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> None:
     value = config
     for part in field.split("."):
@@ -285,6 +309,8 @@ def check_batch_split(config: ml_collections.ConfigDict, num_devices: int, views
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first invalid setting of a pre-training config."""
+    require_kind(config, "pre-training")
+    _check_seed(config)
     check_image_size(config)
     for field in ("batch_size", "total_steps", "log_every", "max_bad_steps"):
         _require(config[field] > 0, field, config[field], "expected > 0")

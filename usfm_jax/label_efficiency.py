@@ -35,10 +35,11 @@ from ml_collections import config_flags
 
 from usfm_jax.checkpoint import CheckpointError, config_changes
 from usfm_jax.cli import load_config, parse_flags, start_jax
-from usfm_jax.config_validation import ConfigError
+from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.finetune import evaluate
 from usfm_jax.finetune.run import finetune
+from usfm_jax.finetune.validation import validate_finetune
 from usfm_jax.reporting import quiet_library_logs
 
 SCRATCH = "scratch"
@@ -72,20 +73,63 @@ def parse_fractions(text: str) -> list[float]:
     return fractions
 
 
-def pretrain_all(specs: Sequence[tuple[str, str]], out: str, steps: int | None) -> list:
-    """Pre-trains each (name, config spec) into OUT/pretrain/NAME; returns (name, workdir)."""
+def load_pretrain_configs(
+    specs: Sequence[tuple[str, str]], steps: int | None
+) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """The (name, config) of each ``--pretrain NAME=CONFIG[:ARG]``, validated."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"--pretrain_steps must be >= 1, got {steps}")
+    configs = []
+    for name, spec in specs:
+        config = load_config(spec)
+        require_kind(config, "pre-training", where=f"--pretrain {name}={spec}")
+        if steps:
+            config.total_steps = steps
+        try:
+            validate(config)
+        except ConfigError as e:
+            raise ConfigError(f"--pretrain {name}={spec}: {e}") from None
+        configs.append((name, config))
+    return configs
+
+
+def pretrain_all(configs: Sequence[tuple[str, ml_collections.ConfigDict]], out: str) -> list:
+    """Pre-trains each (name, config) into OUT/pretrain/NAME; returns (name, workdir)."""
     from usfm_jax.train import train  # here: only this path needs the pre-training loop
 
     inits = []
-    for name, spec in specs:
-        config = load_config(spec)
-        if steps:
-            config.total_steps = steps
+    for name, config in configs:
         workdir = os.path.join(out, "pretrain", name)
-        logging.info("pre-training %s (%s) in %s", name, spec, workdir)
+        logging.info("pre-training %s in %s", name, workdir)
         train(config, workdir)
         inits.append((name, workdir))
     return inits
+
+
+def check_study(
+    config: ml_collections.ConfigDict,
+    inits: Sequence[tuple[str, str]],
+    seeds: int,
+    pretrained: Sequence[str] = (),
+) -> None:
+    """What can be checked before the first run: the fine-tuning config with each init, the
+    inits' paths, the seeds; ``pretrained`` names the inits that pre-training will add."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    names = [name for name, _ in inits] + list(pretrained)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--inits and --pretrain: names must be unique, got {names}")
+    for name, path in inits:  # all of them now, not when their turn comes
+        if path != SCRATCH and not os.path.exists(path):
+            raise ValueError(f"--inits {name}={path}: no such file or directory")
+    require_kind(config, "fine-tuning")
+    checked = {"" if path == SCRATCH else path for _, path in inits}
+    if pretrained:  # a checkpoint's fields are checked when it is read, not here
+        checked.add(os.path.join("pretrain", pretrained[0]))
+    for init in checked:
+        run = copy.deepcopy(config)
+        run.init = init
+        validate_finetune(run)
 
 
 def run_grid(
@@ -227,11 +271,7 @@ def study(
 ) -> list[dict[str, Any]]:
     """Runs the grid and writes results.csv, results.md and label_efficiency.png into ``out``;
     returns the summary rows."""
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    for name, path in inits:  # all of them now, not when their turn comes
-        if path != SCRATCH and not os.path.exists(path):
-            raise ValueError(f"--inits {name}={path}: no such file or directory")
+    check_study(config, inits, seeds)
     os.makedirs(out, exist_ok=True)
     records = run_grid(config, inits, fractions, seeds, out)
     write_csv(records, os.path.join(out, "results.csv"))
@@ -253,10 +293,11 @@ def main(argv: list[str]) -> None:
     try:
         inits = parse_named(f.inits, "inits")
         fractions = parse_fractions(f.fractions)
-        inits += pretrain_all(parse_named(f.pretrain, "pretrain"), f.out, f.pretrain_steps)
+        pretrain = load_pretrain_configs(parse_named(f.pretrain, "pretrain"), f.pretrain_steps)
+        check_study(f.config, inits, f.seeds, [name for name, _ in pretrain])
+        inits += pretrain_all(pretrain, f.out)
         rows = study(f.config, inits, fractions, f.seeds, f.out)
-    except (CheckpointError, ConfigError, ConversionError, FileExistsError, FileNotFoundError,
-            ValueError) as e:  # fmt: skip
+    except (CheckpointError, ConfigError, ConversionError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(markdown(rows, f.config.task))
 

@@ -32,7 +32,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from usfm_jax.cli import parse_flags, start_jax
-from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import teacher_from_config
@@ -76,6 +76,8 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) -> dict[str, Any]:
     """Runs the teacher over every record of the config's data; returns cache.json's content."""
+    if batch < 1:
+        raise ValueError(f"batch={batch}: expected >= 1")
     new_directory(out)
     loaded = teacher_from_config(config)
     teacher = nnx.merge(loaded.graphdef, loaded.params)
@@ -143,6 +145,7 @@ def main(argv: list[str]) -> None:
     quiet_library_logs(std_logging.ERROR)
     config, out = flags.FLAGS.config, flags.FLAGS.out
     try:
+        require_kind(config, "pre-training")
         if not config.representation.enabled:
             raise ConfigError("config.representation.enabled is False: no teacher to run")
         config.teacher.targets = ""  # validate the rest: the cache is what we build
@@ -158,6 +161,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":  # flags defined here: the module is also imported beside train.py's
     config_flags.DEFINE_config_file("config", None, "Run config file (python).")
     flags.DEFINE_string("out", None, "New directory for the cache.")
-    flags.DEFINE_integer("batch", 64, "Images per teacher forward pass.")
+    flags.DEFINE_integer("batch", 64, "Images per teacher forward pass.", lower_bound=1)
     flags.mark_flags_as_required(["config", "out"])
     app.run(main, flags_parser=parse_flags)

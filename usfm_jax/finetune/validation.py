@@ -6,6 +6,7 @@ import ml_collections
 
 from usfm_jax.config_validation import (
     ConfigError,
+    _check_seed,
     _in_range,
     _one_of,
     _require,
@@ -13,6 +14,7 @@ from usfm_jax.config_validation import (
     check_encoder,
     check_image_size,
     check_optimizer,
+    require_kind,
 )
 from usfm_jax.data.pipeline import read_card
 from usfm_jax.finetune.data import DEGRADATIONS, IGNORE, TASKS
@@ -23,7 +25,10 @@ MODES = ("finetune", "linear_probe")
 
 def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first invalid setting of a fine-tuning config."""
+    require_kind(config, "fine-tuning")
     _one_of(config, "task", TASKS)
+    for field in ("seed", "data.seed"):
+        _check_seed(config, field)
     check_image_size(config)
     for field in ("batch_size", "total_steps", "log_every", "eval_every"):
         _require(config[field] > 0, field, config[field], "expected > 0")
