@@ -23,7 +23,14 @@ from conftest import make_tiny_config
 from usfm_jax import checkpoint, train
 from usfm_jax.checkpoint import CheckpointError, IncompatibleCheckpoint, fingerprint
 from usfm_jax.export import export_params, load_params
-from usfm_jax.paths import new_directory
+from usfm_jax.paths import (
+    PathError,
+    as_path,
+    make_directory,
+    new_directory,
+    new_file,
+    work_directory,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo recipe, short: 1 loss line per step, a checkpoint every 4 steps.
@@ -336,24 +343,37 @@ def test_export_cli_reports_a_mistake_in_one_line(tmp_path, out, error):
     assert "Traceback" not in result.stderr
 
 
-def test_a_new_directory_is_missing_or_empty_under_a_writable_parent(tmp_path, monkeypatch):
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "kept").write_text("")
     assert str(new_directory(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
     assert str(new_directory(tmp_path / "empty")) == str(tmp_path / "empty")
-    with pytest.raises(FileExistsError, match=r"--out .*/full exists and is not empty"):
+    assert str(work_directory(tmp_path / "full")) == str(tmp_path / "full")  # resumed
+    assert str(new_file(tmp_path / "new.pth")) == str(tmp_path / "new.pth")
+    with pytest.raises(PathError, match=r"--out .*/full exists and is not empty"):
         new_directory(tmp_path / "full")
-    with pytest.raises(FileExistsError, match=r"--out .*/kept is a file"):
+    with pytest.raises(PathError, match=r"--out .*/kept is a file"):
         new_directory(tmp_path / "full" / "kept")
-    with pytest.raises(NotADirectoryError, match="/kept is a file, not a directory"):
-        new_directory(tmp_path / "full" / "kept" / "a" / "b")
+    with pytest.raises(PathError, match=r"--workdir .*/kept is a file"):
+        work_directory(tmp_path / "full" / "kept")
+    with pytest.raises(PathError, match=r"--out .*/kept exists; choose another file name"):
+        new_file(tmp_path / "full" / "kept")
+    with pytest.raises(PathError, match=r"--out .*/a/x\.pth: directory .*/a does not exist"):
+        new_file(tmp_path / "a" / "x.pth")
+    for check in (new_directory, work_directory, new_file):
+        with pytest.raises(PathError, match="/kept is a file, not a directory"):
+            check(tmp_path / "full" / "kept" / "a" / "b")
     assert (tmp_path / "full" / "kept").read_text() == ""  # nothing was touched
     writable = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(tmp_path) and writable(p, mode))
-    with pytest.raises(PermissionError, match=f"cannot create it, {tmp_path} is not writable"):
-        new_directory(tmp_path / "a" / "b", flag="--workdir")
+    with pytest.raises(PathError, match=f"--workdir .*: cannot create it, {tmp_path} is not"):
+        work_directory(tmp_path / "a" / "b")
+    with pytest.raises(PathError, match=f"--out .*: cannot create it, {tmp_path} is not"):
+        new_file(tmp_path / "x.pth")
     assert not (tmp_path / "a").exists()
+    with pytest.raises(PathError, match=r"--workdir .*/kept/a: cannot create it \(.+\)"):
+        make_directory(as_path(tmp_path / "full" / "kept" / "a"), "--workdir")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

@@ -193,8 +193,14 @@ def _cli(*args: str, config: str = "configs/pretrain/demo.py") -> subprocess.Com
             "flag --stop_after=0: 0 is not a positive",
         ),
         ("configs/pretrain/demo.py", ["--workdir=README.md"], "--workdir README.md is a file"),
+        (
+            "configs/pretrain/demo.py",
+            ["--workdir=README.md/run"],
+            f"--workdir README.md/run: {ROOT}/README.md is a file, not a directory",
+        ),
+        ("configs/pretrain/demo.py", ["stray"], "unexpected arguments ['stray']: flags take"),
     ],
-    ids=["missing file", "bad argument", "bad flag", "workdir is a file"],
+    ids=["missing file", "bad argument", "bad flag", "workdir is a file", "under a file", "stray"],
 )
 def test_cli_mistakes_get_one_line(tmp_path, config, args, error):
     args = (

@@ -506,6 +506,8 @@ def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
          "no weights file at"),
         (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path / 'x.onnx'}",
          "name it *.safetensors"),
+        (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path}/taken.safetensors/x.pth",
+         f"--out {tmp_path}/taken.safetensors/x.pth: {tmp_path}/taken.safetensors is a file, not"),
     ]  # fmt: skip
     for args, message in cases:
         done = _cli(args)

@@ -241,3 +241,13 @@ def test_cli_exit_status(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: --frame_stride must be >= 1, got 0"
     assert "Traceback" not in result.stderr
+    broken = tmp_path / "liver" / "broken.png"
+    for extra, error in [
+        ([f"--output={broken}/out"], f"--output {broken}/out: {broken} is a file, not a directory"),
+        (["--workers=0"], "flag --workers=0: 0 is not a positive integer"),
+        (["stray"], "unexpected arguments ['stray']: flags take the form --name=value"),
+    ]:
+        result = subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, check=False)  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"error: {error}", result.stderr

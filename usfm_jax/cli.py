@@ -16,7 +16,7 @@ from usfm_jax import cpu_runtime, distributed
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with one-line errors for a bad flag, a bad ``--config.field=value``
-    override and a config file that cannot be loaded."""
+    override, a config file that cannot be loaded and a positional argument (none is taken)."""
     try:
         argv = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -41,6 +41,8 @@ def parse_flags(argv: list[str]) -> list[str]:
             if not os.path.isfile(path):
                 sys.exit(f"error: config file {path!r} does not exist")
             sys.exit(f"error: cannot load --config {config.config_filename}: {_last_line(e)}")
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value")
     return argv
 
 

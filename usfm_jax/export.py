@@ -29,7 +29,7 @@ from usfm_jax.checkpoint import (
     fingerprint,
 )
 from usfm_jax.cli import parse_flags
-from usfm_jax.paths import as_path, new_directory
+from usfm_jax.paths import PathError, as_path, make_directory, new_directory
 from usfm_jax.reporting import library_logs_below, quiet_library_logs
 
 
@@ -132,7 +132,7 @@ def check_new_directory(out: str) -> epath.Path:
     """``paths.new_directory``, its error a CheckpointError."""
     try:
         return new_directory(out)
-    except OSError as e:
+    except PathError as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -142,7 +142,10 @@ def write_export(
     """Writes ``params`` (numpy arrays) as an export directory that ``load_params`` reads;
     ``info`` (source, step, ...) goes into export.json with the count and the fingerprint."""
     destination = check_new_directory(out)
-    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        make_directory(destination, "--out")
+    except PathError as e:
+        raise CheckpointError(str(e)) from None
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(destination / "params", params)
     (destination / "config.json").write_text(json.dumps(config, indent=2))
@@ -174,8 +177,7 @@ def export_params(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refuses positional arguments
     quiet_library_logs(std_logging.ERROR)  # orbax warns of missing optional metadata files
     try:
         f = flags.FLAGS

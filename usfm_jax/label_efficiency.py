@@ -40,6 +40,7 @@ from usfm_jax.convert import ConversionError
 from usfm_jax.finetune import evaluate
 from usfm_jax.finetune.run import finetune
 from usfm_jax.finetune.validation import validate_finetune
+from usfm_jax.paths import work_directory
 from usfm_jax.reporting import quiet_library_logs
 
 SCRATCH = "scratch"
@@ -285,8 +286,7 @@ def study(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refuses positional arguments
     quiet_library_logs()
     f = flags.FLAGS
     start_jax()
@@ -295,6 +295,7 @@ def main(argv: list[str]) -> None:
         fractions = parse_fractions(f.fractions)
         pretrain = load_pretrain_configs(parse_named(f.pretrain, "pretrain"), f.pretrain_steps)
         check_study(f.config, inits, f.seeds, [name for name, _ in pretrain])
+        work_directory(f.out, "--out")
         inits += pretrain_all(pretrain, f.out)
         rows = study(f.config, inits, fractions, f.seeds, f.out)
     except (CheckpointError, ConfigError, ConversionError, OSError, ValueError) as e:

@@ -18,35 +18,66 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
-def work_directory(path: str | os.PathLike) -> epath.Path:
-    """``as_path`` of a run's ``--workdir``, refused when it names a file."""
+class PathError(OSError):
+    """A path given on the command line that cannot serve; the message names the flag."""
+
+
+def work_directory(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
+    """``as_path`` of a run's ``--workdir``: a directory, or one that can be created."""
     root = as_path(path)
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"--workdir {os.fspath(path)} is a file: give a directory")
+    if root.exists():
+        if not root.is_dir():
+            raise PathError(f"{flag} {os.fspath(path)} is a file: give a directory")
+    else:
+        _check_creatable(root, flag, os.fspath(path))
     return root
 
 
 def new_directory(out: str | os.PathLike, flag: str = "--out") -> epath.Path:
     """``as_path`` of an output directory that does not exist yet or is empty (nothing is ever
-    overwritten), checked before any work is done; an OSError says what is wrong with it."""
+    overwritten), checked before any work is done."""
+    name = os.fspath(out)
+    path = as_path(out)
+    if not path.exists():
+        _check_creatable(path, flag, name)
+    elif not path.is_dir():
+        raise PathError(f"{flag} {name} is a file; give a new directory")
+    elif any(path.iterdir()):
+        raise PathError(f"{flag} {name} exists and is not empty; choose another one")
+    return path
+
+
+def new_file(out: str | os.PathLike, flag: str = "--out") -> epath.Path:
+    """``as_path`` of an output file that does not exist yet, in an existing directory."""
     name = os.fspath(out)
     path = as_path(out)
     if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"{flag} {name} is a file; give a new directory")
-        if any(path.iterdir()):
-            raise FileExistsError(f"{flag} {name} exists and is not empty; choose another one")
-        return path
+        raise PathError(f"{flag} {name} exists; choose another file name")
+    _check_creatable(path, flag, name)
+    if "://" not in name and not path.parent.exists():
+        raise PathError(f"{flag} {name}: directory {path.parent} does not exist")
+    return path
+
+
+def make_directory(path: epath.Path, flag: str) -> None:
+    """``path.mkdir(parents=True, exist_ok=True)``; a failure names the flag."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
+
+
+def _check_creatable(path: epath.Path, flag: str, name: str) -> None:
+    """The nearest existing ancestor of a local ``path`` is a writable directory."""
     if "://" in name:
-        return path  # an object store: there are no parent directories to check
+        return  # an object store: no parent directories, permissions are checked on write
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"{flag} {name}: {parent} is a file, not a directory")
+        raise PathError(f"{flag} {name}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {name}: cannot create it, {parent} is not writable")
-    return path
+        raise PathError(f"{flag} {name}: cannot create it, {parent} is not writable")
 
 
 def replace_text(path: epath.Path, text: str) -> None:

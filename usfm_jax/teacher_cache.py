@@ -36,7 +36,7 @@ from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import teacher_from_config
-from usfm_jax.paths import new_directory
+from usfm_jax.paths import PathError, as_path, make_directory, new_directory
 from usfm_jax.reporting import quiet_library_logs
 
 CACHE_INFO = "cache.json"
@@ -85,7 +85,7 @@ def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) ->
     records = record_source(config)
     count = len(records)
     tokens = loaded.arch.grid[0] * loaded.arch.grid[1]
-    os.makedirs(out, exist_ok=True)
+    make_directory(as_path(out), "--out")
     array = np.lib.format.open_memmap(
         os.path.join(out, CACHE_ARRAY), "w+", np.float16, (count, tokens, teacher.features)
     )
@@ -140,8 +140,7 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refuses positional arguments
     quiet_library_logs(std_logging.ERROR)
     config, out = flags.FLAGS.config, flags.FLAGS.out
     try:
@@ -153,7 +152,7 @@ def main(argv: list[str]) -> None:
         validate(config)
         start_jax()
         info = build_cache(config, out, flags.FLAGS.batch)
-    except (ConfigError, ConversionError, OSError, ValueError) as e:
+    except (ConfigError, ConversionError, PathError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}: teacher targets {info['shape']} float16")
 

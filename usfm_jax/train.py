@@ -27,7 +27,7 @@ from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
-from usfm_jax.paths import replace_text, work_directory
+from usfm_jax.paths import PathError, make_directory, replace_text, work_directory
 from usfm_jax.probe import OrganProbe
 from usfm_jax.reporting import Reporter, quiet_library_logs, strict_json
 from usfm_jax.train_step import create_training, make_preview
@@ -46,7 +46,7 @@ def train(
     validate(config, jax.device_count())
     root = work_directory(workdir)  # local, or gs://...
     if jax.process_index() == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        make_directory(root, "--workdir")
         replace_text(root / "config.json", config.to_json_best_effort(indent=2))
 
     mesh = parallel.create_mesh(config.mesh)
@@ -145,8 +145,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refuses positional arguments
     quiet_library_logs()
     f = flags.FLAGS
     try:
@@ -157,7 +156,7 @@ def main(argv: list[str]) -> None:
         ConfigError,
         ConversionError,  # a teacher file that is not what config.teacher says
         DistributedError,
-        NotADirectoryError,
+        PathError,
         TrainingDiverged,
     ) as e:
         sys.exit(f"error: {e}")

@@ -31,6 +31,7 @@ from usfm_jax.convert.formats import (
     from_torch,
     to_torch,
 )
+from usfm_jax.paths import PathError, new_file
 
 __all__ = [
     "FROM_TORCH",
@@ -108,10 +109,10 @@ def checkpoint_to_torch(
     if fmt not in TO_TORCH:
         raise ConversionError(f"--format {fmt!r}: to-torch writes one of {TO_TORCH}")
     destination = check_weights_name(out)
-    if destination.exists():
-        raise ConversionError(f"--out {out} exists; choose another file name")
-    if not destination.parent.exists():
-        raise ConversionError(f"--out {out}: directory {destination.parent} does not exist")
+    try:
+        new_file(out, "--out")
+    except PathError as e:
+        raise ConversionError(str(e)) from None
     loaded = load_params(checkpoint, step, weights)
     if "encoder" not in loaded.params:
         raise ConversionError(f"{loaded.source} holds no encoder (keys {sorted(loaded.params)})")

@@ -60,7 +60,9 @@ import tensorflow_datasets as tfds
 import tqdm
 from absl import app, flags, logging
 
+from usfm_jax.cli import parse_flags
 from usfm_jax.data import readers
+from usfm_jax.paths import PathError, work_directory
 
 VERSION = "1.0.0"
 SPLITS = ("train", "val", "test")
@@ -463,8 +465,7 @@ def ingest(
     it would overwrite stays until the new one is ready."""
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ValueError(f"--output {output!r} is a file: give a directory")
+    work_directory(output, "--output")  # a directory, or one that can be created
     target = os.path.join(output, name)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
@@ -644,12 +645,14 @@ _SALT = flags.DEFINE_string("salt", None, "Secret for the id hashes (default: $U
 _PNG = flags.DEFINE_integer(
     "png_compression", 6, "PNG zlib level 0-9: 0 decodes ~2x faster, ~3x larger files."
 )
-_WORKERS = flags.DEFINE_integer("workers", None, "Worker processes (default: all cores).")
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "Worker processes (default: all cores).", lower_bound=1
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of this name.")
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    del argv  # parse_flags refuses positional arguments
     try:
         options = Options(
             resize=_RESIZE.value,
@@ -670,7 +673,7 @@ def main(argv: list[str]) -> None:
         tfds.disable_progress_bar()  # the per-split bars of this module say more
         card = ingest(_INPUT.value, _OUTPUT.value, _NAME.value, options,
                       workers=_WORKERS.value, overwrite=_OVERWRITE.value)  # fmt: skip
-    except (ValueError, FileExistsError, NoUsableImages) as e:
+    except (ValueError, FileExistsError, NoUsableImages, PathError) as e:
         sys.exit(f"error: {e}")
     keys = ("data_dir", "images", "files", "skipped_reasons", "splits_left_out")
     print(json.dumps({k: card[k] for k in keys}, indent=2))
@@ -680,4 +683,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["input", "output", "name"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

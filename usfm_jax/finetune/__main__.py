@@ -23,6 +23,7 @@ from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import ConversionError
 from usfm_jax.distributed import DistributedError
 from usfm_jax.finetune.run import finetune
+from usfm_jax.paths import PathError
 from usfm_jax.reporting import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (python).")
@@ -33,14 +34,13 @@ _DISTRIBUTED = flags.DEFINE_enum(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refuses positional arguments
     quiet_library_logs()
     try:
         start_jax(_DISTRIBUTED.value)
         finetune(_CONFIG.value, _WORKDIR.value)
     except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
-            NotADirectoryError, ValueError) as e:  # fmt: skip
+            PathError, ValueError) as e:  # fmt: skip
         sys.exit(f"error: {e}")
     except jax.errors.JaxRuntimeError as e:
         exit_if_out_of_memory(e)

@@ -39,7 +39,7 @@ from usfm_jax.finetune.step import make_predict, make_train_step
 from usfm_jax.finetune.validation import validate_finetune
 from usfm_jax.models.factory import DTYPES
 from usfm_jax.optim import create_optimizer, layer_decay_scales
-from usfm_jax.paths import replace_text, work_directory
+from usfm_jax.paths import make_directory, replace_text, work_directory
 from usfm_jax.pretrained import load_encoder_weights
 from usfm_jax.reporting import Reporter, strict_json
 from usfm_jax.train_step import TrainState, fresh_state
@@ -101,7 +101,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config.model.update(arch.model_config())  # the architecture actually trained, for exports
     config.normalization = ml_collections.ConfigDict(normalization.to_json())
     if is_main:
-        root.mkdir(parents=True, exist_ok=True)
+        make_directory(root, "--workdir")
         replace_text(root / "config.json", config.to_json_best_effort(indent=2))
 
     mesh = parallel.create_mesh(config.mesh)
