@@ -39,6 +39,7 @@ from usfm_jax.convert.formats import (
     SHARED_TABLE,
     flatten,
     from_torch,
+    heads_for,
     to_torch,
     unflatten,
 )
@@ -419,6 +420,24 @@ def test_load_pretrained_rejects_arguments_that_do_not_apply(tmp_path):
 # ----------------------------------------------------------------------------------------
 # 6. Wrong inputs: clear errors naming the problem
 # ----------------------------------------------------------------------------------------
+
+
+def test_a_number_of_heads_that_cannot_be_right_is_refused():
+    vit = _arch("vit", (64, 2, 2), image=64)
+    vit_state, _ = to_torch(_random_params(vit), vit, "timm-vit")
+    for heads in (3, 0, -4):  # not dividing the width 64: the q / k / v reshape would fail
+        with pytest.raises(ConversionError, match=f"num_heads={heads}: expected a positive divis"):
+            from_torch(vit_state, "timm-vit", num_heads=heads)
+    beit = _arch("beit", (64, 2, 2), image=64)
+    beit_state, _ = to_torch(_random_params(beit), beit, "usfm")
+    assert from_torch(beit_state, "usfm", num_heads=2)[1] == beit
+    with pytest.raises(ConversionError, match=r"num_heads=4, but .*bias_table is for 2 heads"):
+        from_torch(beit_state, "usfm", num_heads=4)  # the table says how many
+    card = {"architecture": {"num_heads": 2}}
+    assert heads_for(None, card, "w") == 2 and heads_for(2, card, "w") == 2
+    assert heads_for(None, {}, "w") is None and heads_for(8, {}, "w") == 8
+    with pytest.raises(ConversionError, match="w: num_heads=8, but its card says 2"):
+        heads_for(8, card, "w")  # a silent override would give wrong features
 
 
 def test_wrong_architecture_errors_name_the_first_mismatching_key(tmp_path):

@@ -165,6 +165,8 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
     _require(as_path(t.path).exists(), "teacher.path", t.path, "no such file")
     _one_of(config, "teacher.format", ("auto", "open-clip-visual", "timm-vit"))
     _one_of(config, "teacher.layer", TARGET_LAYERS)
+    _require(t.num_heads is None or t.num_heads >= 1, "teacher.num_heads", t.num_heads,
+             "expected >= 1 (or None: the card's, or the standard one of the width)")  # fmt: skip
     if t.dtype:
         _one_of(config, "teacher.dtype", tuple(DTYPES))
     if t.targets:

@@ -29,6 +29,7 @@ from usfm_jax.convert.formats import (
     ConversionError,
     detect_format,
     from_torch,
+    heads_for,
     to_torch,
 )
 from usfm_jax.paths import PathError, new_file
@@ -179,7 +180,7 @@ def import_torch_weights(
                 f"(keys start {', '.join(list(sd)[:3])}); pass the format"
             )
     made_for = card.get("architecture", {})  # exact where the file has a card
-    num_heads = num_heads or made_for.get("num_heads")
+    num_heads = heads_for(num_heads, card, str(weights))
     params, arch, notes = from_torch(sd, fmt, num_heads, made_for.get("image_size"))
     source = weights_normalization(fmt, card, input_normalization, notes)
     if len(source.mean) not in (1, arch.in_chans):

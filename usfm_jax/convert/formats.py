@@ -340,6 +340,14 @@ def _require_key(sd: Mapping[str, Any], key: str, fmt: str) -> np.ndarray:
     return sd[key]
 
 
+def heads_for(num_heads: int | None, card: Mapping[str, Any], source: str) -> int | None:
+    """The number of heads of weights: the one given, else their card's; the two must agree."""
+    carded = card.get("architecture", {}).get("num_heads")
+    if num_heads is not None and carded is not None and num_heads != carded:
+        raise ConversionError(f"{source}: num_heads={num_heads}, but its card says {carded}")
+    return carded if num_heads is None else num_heads
+
+
 def _infer_architecture(
     sd: Mapping[str, Any], fmt: str, num_heads: int | None, image_size: tuple[int, int] | None
 ) -> Architecture:
@@ -347,6 +355,8 @@ def _infer_architecture(
     proj = _require_key(sd, "patch_embed.proj.weight", fmt)
     fc1 = _require_key(sd, "blocks.0.mlp.fc1.weight", fmt)
     width, in_chans, patch = cls.shape[-1], proj.shape[1], proj.shape[-1]
+    if num_heads is not None and (num_heads < 1 or width % num_heads):
+        raise ConversionError(f"num_heads={num_heads}: expected a positive divisor of {width}")
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     if fmt == "timm-vit":
         variant = "vit"
@@ -362,6 +372,8 @@ def _infer_architecture(
         key = SHARED_TABLE if fmt == "usfm" else BLOCK_TABLE.format(0)
         table = _require_key(sd, key, fmt)
         heads, positions = table.shape[1], table.shape[0] - 3  # (2 gh - 1)(2 gw - 1) offsets
+        if num_heads is not None and num_heads != heads:
+            raise ConversionError(f"num_heads={num_heads}, but {key} is for {heads} heads")
     if image_size is not None:
         grid = (image_size[0] // patch, image_size[1] // patch)
     else:  # a square grid, unless told otherwise

@@ -17,7 +17,7 @@ from flax import nnx
 
 from usfm_jax.convert import ConversionError, Normalization, weights_normalization
 from usfm_jax.convert.files import read_card, read_state_dict
-from usfm_jax.convert.formats import Architecture, detect_format, from_torch
+from usfm_jax.convert.formats import Architecture, detect_format, from_torch, heads_for
 from usfm_jax.models.factory import DTYPES
 from usfm_jax.models.vit import VisionTransformer
 
@@ -103,7 +103,7 @@ def load_teacher(
             "(open-clip-visual) or a plain timm ViT (timm-vit)"
         )
     made_for = card.get("architecture", {})
-    heads = num_heads or made_for.get("num_heads")  # a non-standard width does not say it
+    heads = heads_for(num_heads, card, f"teacher {path}")  # a non-standard width needs it
     params, arch, notes = from_torch(sd, fmt, heads, made_for.get("image_size"))
     norm = weights_normalization(fmt, card, normalization, notes)
     if layer == "projection" and "projection" not in params:
