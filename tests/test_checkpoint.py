@@ -160,6 +160,10 @@ def _corrupt(step_dir, how: str) -> None:
         state["params"]["encoder"]["patch_embed"]["proj"]["kernel"].view(np.uint32)[0, 0] ^= 1 << 9
         shutil.rmtree(os.path.join(step_dir, "state"))
         ocp.PyTreeCheckpointer().save(os.path.join(step_dir, "state"), state)
+    elif how == "metadata damaged":  # the tree metadata's files, cut in half
+        for path in glob.glob(os.path.join(step_dir, "state", "d", "*")):
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
     else:  # metadata lost
         os.remove(os.path.join(step_dir, "state", "_METADATA"))
 
@@ -341,6 +345,23 @@ def test_export_cli_reports_a_mistake_in_one_line(tmp_path, out, error):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: " + error.format(tmp=tmp_path)
     assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_checkpoint_is_one_line_without_library_noise(tmp_path):
+    train.train(_tiny(), str(tmp_path / "run"), stop_after=1)
+    for how, error in [
+        ("truncated", "cannot read {run}/checkpoints/1: ValueError: OUT_OF_RANGE: "),
+        ("metadata damaged", "cannot read {run}/checkpoints/1/state: its metadata is missing or"),
+    ]:
+        run = tmp_path / how.replace(" ", "_")
+        shutil.copytree(tmp_path / "run", run)
+        _corrupt(run / "checkpoints" / "1", how)
+        cmd = [sys.executable, "-m", "usfm_jax.export", f"--checkpoint={run}",
+               f"--out={tmp_path}/out"]  # fmt: skip
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()  # no 'Event loop is closed' tracebacks
+        assert len(lines) == 1 and lines[0].startswith("error: " + error.format(run=run)), lines
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):

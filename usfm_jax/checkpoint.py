@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -105,6 +106,23 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:300]
 
 
+def drop_closed_event_loop_noise() -> None:
+    """When a restore fails, TensorStore reads still in flight complete onto orbax's closed
+    event loop, each printing an 'Event loop is closed' traceback around the error or warning
+    that says what is damaged. Drops exactly those, process-wide; installed once."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loop_noise", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_event_loop_noise = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Saves every ``cfg.every`` steps, at the first step of a fresh run (an unwritable directory
     shows at once) and on pre-emption; keeps the last ``cfg.keep`` plus every multiple of
@@ -165,6 +183,7 @@ class Checkpointer:
         )
         data = make_data(0)
         unusable = []
+        drop_closed_event_loop_noise()  # a damaged checkpoint's warning comes alone
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 self._check_compatible(step, target)

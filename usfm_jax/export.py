@@ -26,6 +26,7 @@ from usfm_jax.checkpoint import (
     CheckpointError,
     check_fingerprint,
     describe_error,
+    drop_closed_event_loop_noise,
     fingerprint,
 )
 from usfm_jax.cli import parse_flags
@@ -78,12 +79,20 @@ def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
 def _read_numpy(directory: epath.Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """An orbax PyTree checkpoint (or its entries ``keys``) as numpy arrays on the host."""
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(directory).item_metadata.tree
+    tree = _tree_metadata(directory)
     if keys:
         tree = {key: tree[key] for key in keys}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     args = ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True)
     return checkpointer.restore(directory, args=args)
+
+
+def _tree_metadata(directory: epath.Path) -> dict[str, Any]:
+    """The tree of an orbax PyTree checkpoint's metadata, or a CheckpointError if unreadable."""
+    metadata = ocp.PyTreeCheckpointer().metadata(directory).item_metadata
+    if metadata is None:  # orbax returns None where its metadata files are damaged
+        raise CheckpointError(f"cannot read {directory}: its metadata is missing or damaged")
+    return metadata.tree
 
 
 def load_params(path: str, step: int | None = None, weights: str = "auto") -> Parameters:
@@ -93,6 +102,7 @@ def load_params(path: str, step: int | None = None, weights: str = "auto") -> Pa
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights={weights!r}: expected one of {WEIGHTS}")
     source = find_checkpoint(path, step)
+    drop_closed_event_loop_noise()  # a damaged checkpoint's error comes alone
     # orbax warns that a manager's item has no metadata file of its own: noise for the reader
     with library_logs_below(std_logging.ERROR):
         return _load_params(source, weights)
@@ -110,7 +120,7 @@ def _load_params(source: epath.Path, weights: str) -> Parameters:
                 raise CheckpointError(f"{source} holds the {kind} weights, not {weights}")
             name = "params"
         else:
-            tree = ocp.PyTreeCheckpointer().metadata(source / "state").item_metadata.tree
+            tree = _tree_metadata(source / "state")
             has_ema = bool(tree.get("ema_params"))
             if weights == "ema" and not has_ema:
                 raise CheckpointError(f"{source} holds no EMA weights (config.ema_decay was 0)")
