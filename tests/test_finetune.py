@@ -3,6 +3,7 @@ fine-tuning run (synthetic and ingested data), the label-efficiency study."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -256,6 +257,11 @@ def test_finetune_ingested_segmentation(tmp_path):
     results = finetune(config, str(tmp_path / "run"))
     assert results["test_images"] == sum(card["images"]["test"].values())
     assert 0.0 <= results["test"]["dice"] <= 1.0
+    [val] = glob.glob(os.path.join(card["data_dir"], "*-val.array_record-*"))
+    os.remove(val)  # found before training, not at the first evaluation
+    with pytest.raises(ValueError, match=r"-val\.array_record-\S+ \(val split\) is missing"):
+        finetune(config, str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
 
 
 def test_ingest_pairs_need_crop_none_and_splits_add_up(tmp_path):

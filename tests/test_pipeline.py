@@ -1,8 +1,11 @@
 """The grain pre-training pipeline: shapes, determinism, disjoint per-process shards."""
 
 import collections
+import glob
 import io
 import itertools
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -182,6 +185,25 @@ def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
     for data, match in cases:
         with pytest.raises(ConfigError, match=match):
             validate(_tfds_config(ingested_dir, **data), num_devices=1)
+
+
+@pytest.mark.parametrize("damage", ["card", "missing shard", "cut shard"])
+def test_a_damaged_dataset_is_a_config_error_naming_the_file(ingested_dir, tmp_path, damage):
+    data_dir = tmp_path / "copy"
+    shutil.copytree(ingested_dir, data_dir)
+    [shard] = glob.glob(str(data_dir / "*-train.array_record-*"))
+    if damage == "card":
+        (data_dir / "dataset_card.json").write_text('{"organ_ranges": ')
+        match = r"dataset_card\.json: not a dataset card \(Expecting value"
+    elif damage == "missing shard":
+        os.remove(shard)
+        match = rf"{os.path.basename(shard)} \(train split\) is missing; re-run"
+    else:
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+        match = rf"{os.path.basename(shard)} \(train split\) is unreadable \("
+    with pytest.raises(ConfigError, match=match):
+        validate(_tfds_config(str(data_dir)), num_devices=1)
 
 
 def test_training_reads_an_ingested_dataset(ingested_dir, tmp_path):

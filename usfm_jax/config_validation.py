@@ -7,7 +7,13 @@ import ml_collections
 
 from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
-from usfm_jax.data.pipeline import SOURCES, check_fixed_views, parse_organ_weights, read_card
+from usfm_jax.data.pipeline import (
+    SOURCES,
+    check_fixed_views,
+    check_shards,
+    parse_organ_weights,
+    read_card,
+)
 from usfm_jax.models.factory import DTYPES, encoder_dims
 from usfm_jax.models.fused_attention import MAX_HEAD_DIM, MAX_TOKENS
 from usfm_jax.models.teacher import TARGET_LAYERS
@@ -85,10 +91,15 @@ def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
     d = config.data
     try:
         card = read_card(d.tfds_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     splits = [split for split, ranges in card["organ_ranges"].items() if ranges]
     _require(d.split in splits, "data.split", d.split, f"the dataset has {splits}")
+    read = {d.split, config.probe.split} if config.probe.every else {d.split}
+    try:
+        check_shards(d.tfds_dir, sorted(read & set(splits)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _one_of(config, "data.weighting", WEIGHTINGS)
     _require(d.temperature >= 0, "data.temperature", d.temperature, "expected >= 0")
     try:

@@ -74,7 +74,38 @@ def read_card(tfds_dir: str) -> dict[str, Any]:
             f"config.data.tfds_dir={tfds_dir!r}: no {CARD} there; point it at the versioned "
             "directory written by `python -m usfm_jax.data.ingest` (DATA_DIR/NAME/1.0.0)"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not a dataset card ({e}); re-run the ingest") from None
+
+
+def check_shards(tfds_dir: str, splits: Sequence[str]) -> None:
+    """Every record file of ``splits`` of an ingested dataset is there, readable and holds the
+    records its dataset_info.json counts: a missing or cut file is an error before training,
+    not at the first batch (or, for a fine-tuning's val split, at the first evaluation)."""
+    import tensorflow_datasets as tfds  # imported here: slow, and only this source needs it
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    builder = tfds.builder_from_directory(tfds_dir)
+    for split in splits:
+        info = builder.info.splits[split]
+        for path, count in zip(info.filepaths, info.shard_lengths, strict=True):
+            if not path.exists():
+                problem = "is missing"
+            else:
+                try:
+                    reader = ArrayRecordReader(os.fspath(path))
+                    found = reader.num_records()
+                    reader.close()
+                    problem = None if found == count else f"holds {found} records, not {count}"
+                except Exception as e:  # Riegeli's 'Corrupted ... file', a failed open, ...
+                    problem = f"is unreadable ({str(e).strip().splitlines()[0][:200]})"
+            if problem:
+                raise ValueError(
+                    f"config.data.tfds_dir={tfds_dir!r}: {path.name} ({split} split) {problem}; "
+                    "re-run `python -m usfm_jax.data.ingest --overwrite`"
+                )
 
 
 def organ_datasets(cfg: ml_collections.ConfigDict) -> dict[str, grain.MapDataset]:

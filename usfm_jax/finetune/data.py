@@ -162,6 +162,7 @@ def tfds_task(config: ml_collections.ConfigDict) -> TaskData:
             f"config.data.tfds_dir={cfg.tfds_dir!r} has no {missing} split(s): ingest it with "
             "--val_fraction and --test_fraction"
         )
+    pipeline.check_shards(cfg.tfds_dir, SPLITS)
     fields = card.get("fields", [])
     if config.task == "segment" and "mask" not in fields:
         raise ValueError(f"{cfg.tfds_dir} holds no masks: ingest it with --masks DIR")

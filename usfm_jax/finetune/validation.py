@@ -42,7 +42,7 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _require(bool(d.tfds_dir), "data.tfds_dir", d.tfds_dir, "set it for data.source='tfds'")
         try:
             card = read_card(d.tfds_dir)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
         _check_labels(config, card)
     _in_range(config, "data.hflip", 0, 1)
