@@ -377,6 +377,12 @@ def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path):
     assert at_128(jnp.zeros((1, 128, 128, 1))).shape == (1, 1 + 64, 64)
     imported = import_torch_weights(weights, "usfm", image_size=128)  # an int, as above
     assert imported.arch.image_size == (128, 128)
+    for size in ((128, -32), 0, 128.0):
+        with pytest.raises(ConversionError, match=r"image size .*: expected a positive int or"):
+            load_pretrained(str(hub), image_size=size)
+    (hub / "config.json").write_text('{"pretrained_cfg": ')  # cut short
+    with pytest.raises(ConversionError, match=r"hub/config\.json: not a JSON config \(Expecting"):
+        load_pretrained(str(hub))
 
 
 def test_gray_weights_without_a_card_need_their_normalization(tmp_path):

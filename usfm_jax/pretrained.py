@@ -157,7 +157,10 @@ def _hub_normalization(directory: epath.Path) -> Normalization | None:
         path = directory / name
         if not path.exists():
             continue
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConversionError(f"{path}: not a JSON config ({e})") from None
         cfg = cfg.get(section, {}) if section else cfg.get("preprocess_cfg", {})
         if "mean" in cfg and "std" in cfg:
             return Normalization.from_json(cfg)

@@ -152,9 +152,12 @@ def adapt_encoder(
     Returns the parameters, their architecture and a note per change (empty: unchanged)."""
     in_chans = in_chans or arch.in_chans
     image_size = image_size or arch.image_size
-    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    size = (image_size,) * 2 if not isinstance(image_size, tuple | list) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+        raise ValueError(f"image size {image_size!r}: expected a positive int or (height, width)")
+    image_size = size
     if image_size[0] % arch.patch_size or image_size[1] % arch.patch_size:
         raise ValueError(
             f"image size {image_size} is not a multiple of the patch size {arch.patch_size}"
