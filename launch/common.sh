@@ -77,7 +77,7 @@ normalize_args() {
 
 # Usage: need_value "$@" inside an option loop: the option in $1 must be followed by a value.
 need_value() {
-  [[ $# -ge 2 ]] || die "$1 needs a value"
+  [[ $# -ge 2 && $2 != -- ]] || die "$1 needs a value"
 }
 
 # Usage: need_uint NAME VALUE [MIN]

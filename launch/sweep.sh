@@ -50,6 +50,7 @@ CONFIGS=()
 CONFIG_ARG=""
 OVERRIDES_FILE=""
 WHERE=local
+WHERE_FLAG=""  # the flag that chose WHERE, if any
 PROCESSES=1
 DEVICES=1
 TPU_NAME_ARG=""
@@ -64,6 +65,13 @@ RUN_NAMES=()
 RUN_CONFIGS=()
 RUN_OVERRIDES=()
 OVERRIDE_SETS=()
+
+# Usage: set_where WHERE FLAG (one of --local, --processes, --tpu, --slurm, at most once)
+set_where() {
+  [[ -z $WHERE_FLAG || $WHERE_FLAG == "$2" ]] || die "$WHERE_FLAG and $2 exclude each other"
+  WHERE=$1
+  WHERE_FLAG=$2
+}
 
 add_glob() {
   local pattern=$1 file found=0
@@ -236,11 +244,11 @@ main() {
       --config) need_value "$@"; sources+=("file:$2"); shift 2 ;;
       --arg) need_value "$@"; CONFIG_ARG=$2; shift 2 ;;
       --overrides-file) need_value "$@"; OVERRIDES_FILE=$2; shift 2 ;;
-      --local) WHERE=local; shift ;;
-      --processes) need_value "$@"; WHERE=processes; PROCESSES=$2; shift 2 ;;
+      --local) set_where local "$1"; shift ;;
+      --processes) need_value "$@"; set_where processes "$1"; PROCESSES=$2; shift 2 ;;
       --devices-per-process) need_value "$@"; DEVICES=$2; shift 2 ;;
-      --tpu) need_value "$@"; WHERE=tpu; TPU_NAME_ARG=$2; shift 2 ;;
-      --slurm) WHERE=slurm; shift ;;
+      --tpu) need_value "$@"; set_where tpu "$1"; TPU_NAME_ARG=$2; shift 2 ;;
+      --slurm) set_where slurm "$1"; shift ;;
       --nodes) need_value "$@"; SLURM_NODES=$2; shift 2 ;;
       --gpus-per-node) need_value "$@"; SLURM_GPUS=$2; shift 2 ;;
       --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;

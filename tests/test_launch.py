@@ -188,6 +188,8 @@ def test_local_dry_run_port_and_errors(tmp_path):
     assert octal.returncode == 2 and "(no leading zeros), got '010'" in octal.stderr
     high = run("launch/local/run.sh", "--port=70000", "--dry-run", "--", "--workdir=w", check=False)
     assert high.returncode == 2 and "at most 65535" in high.stderr
+    no_value = run("launch/local/run.sh", "--processes", "--", "--workdir=w", check=False)
+    assert no_value.returncode == 2 and "--processes needs a value" in no_value.stderr
     with socket.socket() as server:  # a port something listens on
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -429,6 +431,8 @@ def test_tpu_errors():
     dry = run("launch/tpu/tpu.sh", "create", "--name=t", "--accelerator-type=v7-8", "--dry-run",
               check=False)  # fmt: skip
     assert dry.returncode == 2 and "gcloud" not in dry.stdout  # stops: nothing to run
+    worker = run("launch/tpu/tpu.sh", "logs", "--name=t", "--worker=-1", "--dry-run", check=False)
+    assert worker.returncode == 2 and "--worker must be a whole number" in worker.stderr
 
 
 def test_tpu_worker_start_status_stop(tmp_path):
@@ -622,6 +626,9 @@ def test_sweep_dry_run_overrides_file(tmp_path):
     redirect = run("launch/sweep.sh", "--workdir-root=w", "--config", "configs/pretrain/demo.py",
                    "--overrides-file", str(overrides), "--dry-run", check=False)  # fmt: skip
     assert redirect.returncode == 2 and "--workdir is set per run" in redirect.stderr
+    both = run("launch/sweep.sh", "--workdir-root=w", "--config", "configs/pretrain/demo.py",
+               "--local", "--slurm", "--dry-run", check=False)  # fmt: skip
+    assert both.returncode == 2 and "--local and --slurm exclude each other" in both.stderr
 
 
 def test_sweep_continues_past_a_failed_run(tmp_path):

@@ -322,6 +322,8 @@ main() {
   need_uint --slices "$SLICES" 1
   need_uint --lines "$LINES"
   need_uint --timeout "$TIMEOUT" 1
+  need_uint --worker "$WORKER"
+  need_uint --node "$NODE"
   [[ $JOB =~ ^[A-Za-z0-9._=-]+$ ]] || die "--job must be a plain name, got '$JOB'"
   [[ $QUEUED == 0 || $QUEUED == 1 ]] || die "TPU_QUEUED must be 0 or 1, got '$QUEUED'"
   case $command in
