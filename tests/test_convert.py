@@ -540,6 +540,9 @@ def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         assert done.stderr.startswith("error: ") and message in done.stderr
         assert done.stderr.count("\n") == 1, done.stderr  # no traceback
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+    (tmp_path / "notes.pth").write_text("hello")  # text, not a pickle
+    with pytest.raises(ConversionError, match=r"notes\.pth as PyTorch weights: not a PyTorch w"):
+        read_state_dict(tmp_path / "notes.pth")
 
 
 def test_card_says_how_to_load(tmp_path):

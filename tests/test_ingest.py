@@ -201,8 +201,11 @@ def test_a_split_whose_files_are_all_bad_is_left_out(tmp_path):
         rows.append((f"{i}.png", "liver", patient))
     (tmp_path / "cut.png").write_bytes(_png_bytes(generate(5, 9, 64)[0])[:100])
     rows.append(("cut.png", "liver", _patients_in("val", options, 1)[0]))
-    with open(tmp_path / "manifest.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    with open(tmp_path / "manifest.csv", "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f).writerows(rows)  # with a byte-order mark, as Excel saves CSV
+    (tmp_path / "latin1.csv").write_bytes("path,organ\nf\xf6tus.png,liver\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"manifest .*latin1\.csv is not a UTF-8 CSV file"):
+        ingest(str(tmp_path / "latin1.csv"), str(tmp_path / "out"), "no_val", options)
     card = ingest(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), "no_val", options)
     assert card["splits_left_out"] == ["val"]
     assert card["images"]["train"] == {"liver": 3} and card["images"]["val"] == {}

@@ -126,4 +126,6 @@ def _reason(error: Exception) -> str:
                 "for safety; save the state dict alone, e.g. torch.save(ckpt['model'], path)"
             )
         return f"not a PyTorch weights file ({detail})"
+    if isinstance(error, KeyError):  # the unpickler met a byte that starts no opcode
+        return f"not a PyTorch weights file (unknown pickle opcode {text})"
     return text.splitlines()[0] if text else type(error).__name__

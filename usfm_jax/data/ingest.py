@@ -222,8 +222,11 @@ def _read_mask(path: str, shape: tuple[int, int], size: int) -> np.ndarray:
 
 def _read_manifest(path: str) -> list[Item]:
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM as Excel writes it
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"manifest {path} is not a UTF-8 CSV file ({e})") from None
     if not rows or not {"path", "organ"} <= set(rows[0]):
         raise ValueError(f"manifest {path} needs a header with at least 'path' and 'organ' columns")
     items = []
