@@ -334,7 +334,7 @@ def test_export_holds_the_parameters_alone_bit_for_bit(tmp_path):
     "out, error",
     [
         ("out", "no checkpoint at {tmp}/nothing: it does not exist"),
-        ("file", "--out {tmp}/file is a file; give a new directory"),
+        ("file", "--out {tmp}/file is a file: give a directory"),
         ("file/out", "--out {tmp}/file/out: {tmp}/file is a file, not a directory"),
     ],
 )

@@ -25,8 +25,8 @@ def parse_flags(argv: list[str]) -> list[str]:
             spec = message.partition(": ")[0].removeprefix("flag --config=")
             sys.exit(f"error: --config {spec}: {_last_line(message)}")
         message = message.replace("\\n", " ").replace("\\", "").replace("'", "")
-        if message.startswith("flag --config=None:") and _config_spec(argv):
-            sys.exit(f"error: --config {_config_spec(argv)}: get_config() returned None")
+        if message.startswith("flag --config=None:") and (spec := _config_spec(argv)):
+            sys.exit(f"error: --config {spec}: get_config() returned None")
         if message.startswith("flag --") and not message.startswith("flag --config."):
             sys.exit(f"error: {message}")  # a plain flag: --workdir, --stop_after, ...
         sys.exit(f"error: invalid --config override: {message}")

@@ -60,17 +60,20 @@ def require_kind(config: ml_collections.ConfigDict, kind: str, where: str = "--c
     raise ConfigError(f"{where} is not a {kind} config (it has no config.{field}); it is {found}")
 
 
-def _check_seed(config: ml_collections.ConfigDict, field: str = "seed") -> None:
-    value = config
+def _get(config: ml_collections.ConfigDict, field: str):
+    """The value of a dotted ``field`` ("data.seed") of ``config``."""
     for part in field.split("."):
-        value = value[part]
+        config = config[part]
+    return config
+
+
+def _check_seed(config: ml_collections.ConfigDict, field: str = "seed") -> None:
+    value = _get(config, field)
     _require(isinstance(value, int) and value >= 0, field, value, "expected an int >= 0")
 
 
 def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> None:
-    value = config
-    for part in field.split("."):
-        value = value[part]
+    value = _get(config, field)
     _require(value in allowed, field, value, f"expected one of {allowed}")
 
 
@@ -78,9 +81,7 @@ def _in_range(
     config: ml_collections.ConfigDict, field: str, low: float, high: float, interval: str = "[]"
 ) -> None:
     """Checks ``low <= value <= high``; ``interval`` says which ends are open, e.g. "[)"."""
-    value = config
-    for part in field.split("."):
-        value = value[part]
+    value = _get(config, field)
     above = value >= low if interval[0] == "[" else value > low
     below = value <= high if interval[1] == "]" else value < high
     _require(above and below, field, value, f"expected {interval[0]}{low}, {high}{interval[1]}")

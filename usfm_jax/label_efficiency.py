@@ -124,12 +124,12 @@ def check_study(
         if path != SCRATCH and not os.path.exists(path):
             raise ValueError(f"--inits {name}={path}: no such file or directory")
     require_kind(config, "fine-tuning")
-    checked = {"" if path == SCRATCH else path for _, path in inits}
-    if pretrained:  # a checkpoint's fields are checked when it is read, not here
-        checked.add(os.path.join("pretrain", pretrained[0]))
-    for init in checked:
+    # validate_finetune checks the encoder fields only without an init (a checkpoint brings its
+    # own, checked when read): once for scratch, once for any checkpoint
+    scratch = {path == SCRATCH for _, path in inits} | ({False} if pretrained else set())
+    for from_scratch in scratch:
         run = copy.deepcopy(config)
-        run.init = init
+        run.init = "" if from_scratch else "a checkpoint"
         validate_finetune(run)
 
 

@@ -23,7 +23,8 @@ class PathError(OSError):
 
 
 def work_directory(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
-    """``as_path`` of a run's ``--workdir``: a directory, or one that can be created."""
+    """``as_path`` of a directory to write in (a run's ``--workdir``, an ``--output``): one
+    that exists, or one that can be created."""
     root = as_path(path)
     if root.exists():
         if not root.is_dir():
@@ -36,14 +37,9 @@ def work_directory(path: str | os.PathLike, flag: str = "--workdir") -> epath.Pa
 def new_directory(out: str | os.PathLike, flag: str = "--out") -> epath.Path:
     """``as_path`` of an output directory that does not exist yet or is empty (nothing is ever
     overwritten), checked before any work is done."""
-    name = os.fspath(out)
-    path = as_path(out)
-    if not path.exists():
-        _check_creatable(path, flag, name)
-    elif not path.is_dir():
-        raise PathError(f"{flag} {name} is a file; give a new directory")
-    elif any(path.iterdir()):
-        raise PathError(f"{flag} {name} exists and is not empty; choose another one")
+    path = work_directory(out, flag)
+    if path.exists() and any(path.iterdir()):
+        raise PathError(f"{flag} {os.fspath(out)} exists and is not empty; choose another one")
     return path
 
 

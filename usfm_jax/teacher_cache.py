@@ -36,7 +36,7 @@ from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import teacher_from_config
-from usfm_jax.paths import PathError, as_path, make_directory, new_directory
+from usfm_jax.paths import PathError, make_directory, new_directory
 from usfm_jax.reporting import quiet_library_logs
 
 CACHE_INFO = "cache.json"
@@ -78,14 +78,14 @@ def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) ->
     """Runs the teacher over every record of the config's data; returns cache.json's content."""
     if batch < 1:
         raise ValueError(f"batch={batch}: expected >= 1")
-    new_directory(out)
+    destination = new_directory(out)
     loaded = teacher_from_config(config)
     teacher = nnx.merge(loaded.graphdef, loaded.params)
     forward = jax.jit(lambda t, x: t(x.astype(np.float32) / 255.0))
     records = record_source(config)
     count = len(records)
     tokens = loaded.arch.grid[0] * loaded.arch.grid[1]
-    make_directory(as_path(out), "--out")
+    make_directory(destination, "--out")
     array = np.lib.format.open_memmap(
         os.path.join(out, CACHE_ARRAY), "w+", np.float16, (count, tokens, teacher.features)
     )
