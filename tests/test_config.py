@@ -94,6 +94,11 @@ def test_ablations_change_what_they_name():
         ),
         ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
         ({"seed": -1}, r"config\.seed=-1: expected an int >= 0"),
+        (
+            {"data.tfds_dir": "/data/tfds/liver/1.0.0"},  # data.source stays "synthetic"
+            r"config\.data\.tfds_dir='/data/tfds/liver/1\.0\.0': is set, but "
+            r"data\.source='synthetic' .* add --config\.data\.source=tfds",
+        ),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, match):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,12 @@ from scipy import ndimage
 from configs.finetune import common as finetune_configs
 from usfm_jax import label_efficiency
 from usfm_jax.config_validation import ConfigError
-from usfm_jax.convert import checkpoint_to_torch, import_torch_weights
+from usfm_jax.convert import (
+    Architecture,
+    Normalization,
+    checkpoint_to_torch,
+    import_torch_weights,
+)
 from usfm_jax.convert.formats import flatten
 from usfm_jax.data import ingest, synthetic
 from usfm_jax.export import load_params
@@ -27,7 +34,7 @@ from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune.models import adaptive_pool_matrix, feature_layers, resize
 from usfm_jax.finetune.run import finetune
 from usfm_jax.finetune.step import segmentation_loss
-from usfm_jax.finetune.validation import validate_finetune
+from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
 from usfm_jax.train import train
@@ -219,6 +226,58 @@ def test_finetune_from_pretraining_linear_probe_keeps_the_encoder(tmp_path):
         initial["rel_pos_bias"]["relative_position_bias_table"].shape
     )
     assert not np.allclose(tuned["head"]["kernel"], 0)
+    # An architecture field given on the command line that the checkpoint contradicts is
+    # refused in one line, before anything is written; training settings are free.
+    cmd = [sys.executable, "-m", "usfm_jax.finetune", "--config=configs/finetune/classify.py",
+           f"--config.init={tmp_path / 'pre'}", "--config.model.dtype=bfloat16",
+           "--config.model.depth=4", f"--workdir={tmp_path / 'cli'}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: --config.model.depth=4 differs from --config.init={tmp_path / 'pre'}, whose "
+            "encoder has depth 2: a checkpoint brings its own architecture"
+        )
+    ), result.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def _arch(**changes) -> Architecture:
+    base = Architecture("beit", 768, 12, 12, 16, 1, (224, 224))
+    return base.replace(**changes)
+
+
+@pytest.mark.parametrize(
+    "overrides, arch, error",
+    [
+        ({"model.depth": 12, "model.size": "base", "model.dtype": "bfloat16"}, _arch(), None),
+        ({"model.depth": 24}, _arch(), "model.depth=24 differs .* has depth 12"),
+        ({"model.size": "large"}, _arch(), "model.size='large' differs .* has size 'base'"),
+        ({"model.size": "base"}, _arch(width=320, num_heads=5), r"has size 'none \(\(320, 12, 5"),
+        ({"model.variant": "vit"}, _arch(), "has variant 'beit'"),
+        ({"model.patch_size": 14}, _arch(), "has patch_size 16"),
+        ({"model.in_chans": 3}, _arch(), "has in_chans 1"),
+        ({"model.rel_pos": "per_block"}, _arch(), "has rel_pos 'shared'"),
+        ({"model.rel_pos": "per_block"}, _arch(variant="vit"), None),  # no relative positions
+        ({"normalization.mean": 0.5}, _arch(), None),  # the same as the checkpoint's
+        ({"normalization.std": 0.5}, _arch(), r"has input normalisation .*std=\(0.25,\)"),
+    ],
+)
+def test_init_overrides_must_agree_with_the_checkpoint(overrides, arch, error):
+    config = tiny_finetune_config("classify", init="runs/pre")
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        config[section][field] = value
+    normalization = Normalization((0.5,), (0.25,))
+    if error is None:
+        check_init_overrides(config, overrides, arch, normalization)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            check_init_overrides(config, overrides, arch, normalization)
+    config.init = ""  # from scratch, config.model is the architecture: nothing to contradict
+    check_init_overrides(config, {"model.depth": 24}, arch, normalization)
 
 
 def test_finetune_from_pytorch_weights(tmp_path):
@@ -280,6 +339,8 @@ def test_finetune_config_errors():
         finetune(tiny_finetune_config("classify", label_fraction=0.0), "/tmp/never")
     with pytest.raises(ConfigError, match=r"config\.data\.degradation"):
         finetune(tiny_finetune_config("classify", **{"data.degradation": "speckle"}), "/x")
+    with pytest.raises(ConfigError, match=r"data\.tfds_dir='/d': is set, but data\.source="):
+        finetune(tiny_finetune_config("segment", **{"data.tfds_dir": "/d"}), "/x")
 
 
 def _card_dir(tmp_path, name: str, organs: dict[str, int], **card) -> str:

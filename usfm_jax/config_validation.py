@@ -87,6 +87,17 @@ def _in_range(
     _require(above and below, field, value, f"expected {interval[0]}{low}, {high}{interval[1]}")
 
 
+def check_data_source(config: ml_collections.ConfigDict, sources: tuple[str, ...]) -> None:
+    """``data.source`` is one of ``sources``; a ``data.tfds_dir`` given with the synthetic
+    source would be ignored (the run would train on generated images), so it is an error."""
+    _one_of(config, "data.source", sources)
+    d = config.data
+    _require(d.source != "synthetic" or not d.tfds_dir, "data.tfds_dir", d.tfds_dir,
+             "is set, but data.source='synthetic' draws images from the embedded generator: "
+             "add --config.data.source=tfds to use the dataset, or leave data.tfds_dir "
+             "empty")  # fmt: skip
+
+
 def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
     """The ingested dataset exists and the sampling and augmentation settings make sense."""
     d = config.data
@@ -343,7 +354,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "expected >= 1 (or image_every=0)",
         )
 
-    _one_of(config, "data.source", SOURCES)
+    check_data_source(config, SOURCES)
     if config.data.source == "tfds":
         _check_tfds_data(config)
     if config.data.source == "synthetic":

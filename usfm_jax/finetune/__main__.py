@@ -3,6 +3,10 @@
     python -m usfm_jax.finetune --config configs/finetune/classify.py --workdir runs/cls \
         [--config.init=CHECKPOINT_OR_WEIGHTS] [--config.label_fraction=0.2] [--config.seed=1]
 
+With ``--config.init``, the checkpoint brings the encoder's architecture and input
+normalisation: a ``--config.model.*`` or ``--config.normalization.*`` value that contradicts it
+is an error, not silently ignored.
+
 Trains on the label-fraction subset, evaluates on val every ``eval_every`` steps keeping the
 best parameters (``best/``), then writes the test metrics (``results.json``, ``results.md``)
 and overlays (``test_predictions/``). See ``usfm_jax.finetune.run``.
@@ -38,7 +42,8 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     try:
         start_jax(_DISTRIBUTED.value)
-        finetune(_CONFIG.value, _WORKDIR.value)
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        finetune(_CONFIG.value, _WORKDIR.value, overrides)
     except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
             PathError, ValueError) as e:  # fmt: skip
         sys.exit(f"error: {e}")

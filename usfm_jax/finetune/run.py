@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -36,7 +37,7 @@ from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune import evaluate
 from usfm_jax.finetune.models import Classifier, Enhancer, Normalize, Segmenter, TaskModel
 from usfm_jax.finetune.step import make_predict, make_train_step
-from usfm_jax.finetune.validation import validate_finetune
+from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import DTYPES
 from usfm_jax.optim import create_optimizer, layer_decay_scales
 from usfm_jax.paths import make_directory, replace_text, work_directory
@@ -85,17 +86,22 @@ def create_model(
     return Enhancer(encoder, normalize, refine_width=h.refine_width, frozen=frozen, rngs=rngs)
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs one fine-tuning; returns the results written to ``workdir/results.json``."""
+def finetune(
+    config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Runs one fine-tuning; returns the results written to ``workdir/results.json``.
+    ``overrides``: the command line's ``--config.FIELD`` values, checked against what
+    ``config.init`` brings (``check_init_overrides``)."""
     validate_finetune(config, jax.device_count())
     root = work_directory(workdir)
     is_main = jax.process_index() == 0
     if (root / "results.json").exists():
         raise FileExistsError(f"{workdir} already holds a finished run (results.json)")
 
+    encoder_params, arch, normalization = initial_encoder(config)
+    check_init_overrides(config, overrides or {}, arch, normalization)
     data = task_data.load_task(config)
     num_classes = len(data.classes) if config.task != "enhance" else 0
-    encoder_params, arch, normalization = initial_encoder(config)
     config = copy.deepcopy(config)
     config.unlock()
     config.model.update(arch.model_config())  # the architecture actually trained, for exports

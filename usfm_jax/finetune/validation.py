@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 from usfm_jax.config_validation import (
@@ -11,14 +14,17 @@ from usfm_jax.config_validation import (
     _one_of,
     _require,
     check_batch_split,
+    check_data_source,
     check_encoder,
     check_image_size,
     check_optimizer,
     require_kind,
 )
+from usfm_jax.convert import Architecture, Normalization
 from usfm_jax.data.pipeline import read_card
 from usfm_jax.finetune.data import DEGRADATIONS, IGNORE, TASKS
 from usfm_jax.finetune.evaluate import METRICS
+from usfm_jax.models.vit import SIZES
 
 MODES = ("finetune", "linear_probe")
 
@@ -34,7 +40,7 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _require(config[field] > 0, field, config[field], "expected > 0")
     _in_range(config, "label_fraction", 0, 1, "(]")
     d = config.data
-    _one_of(config, "data.source", ("synthetic", "tfds"))
+    check_data_source(config, ("synthetic", "tfds"))
     if d.source == "synthetic":
         for field in ("num_train", "num_val", "num_test"):
             _require(d[field] >= 1, f"data.{field}", d[field], "expected >= 1")
@@ -92,3 +98,46 @@ def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
                  f"its masks hold only the values {values}: background (0) and ignore "
                  f"({IGNORE}), no class to learn. Masks saved as 0/255 must hold class ids "
                  "(0/1: mask // 255) before ingest")  # fmt: skip
+
+
+def check_init_overrides(
+    config: ml_collections.ConfigDict,
+    overrides: Mapping[str, Any],
+    arch: Architecture,
+    normalization: Normalization,
+) -> None:
+    """With ``config.init``, the checkpoint brings the architecture and the input
+    normalisation: a command-line value (``overrides``, flat as ``{"model.depth": 24}``) of one
+    of those fields that differs from the checkpoint's would be silently ignored, so it is an
+    error. Training settings (dtype, attention, drop path, remat...) are not checked."""
+    if not config.init:
+        return
+    dims = (arch.width, arch.depth, arch.num_heads)
+    found = {
+        "model.variant": arch.variant,
+        "model.size": next((name for name, d in SIZES.items() if d == dims), f"none ({dims})"),
+        "model.width": arch.width,
+        "model.depth": arch.depth,
+        "model.num_heads": arch.num_heads,
+        "model.patch_size": arch.patch_size,
+        "model.in_chans": arch.in_chans,
+        "model.rel_pos": arch.rel_pos if arch.variant == "beit" else None,
+    }
+    for field, value in overrides.items():
+        if field.startswith("normalization."):
+            given = Normalization.from_json(config.normalization)
+            if len(given.mean) == 1:
+                given = given.for_channels(len(normalization.mean))
+            if given != normalization:
+                _init_conflict(config, field, value, f"input normalisation {normalization}")
+        elif found.get(field) is not None and value is not None and value != found[field]:
+            _init_conflict(config, field, value, f"{field[6:]} {found[field]!r}")
+
+
+def _init_conflict(config: ml_collections.ConfigDict, field: str, value: Any, has: str) -> None:
+    raise ConfigError(
+        f"--config.{field}={value!r} differs from --config.init={config.init}, whose encoder "
+        f"has {has}: a checkpoint brings its own architecture and input normalisation "
+        "(PyTorch weights without a card: --config.init_normalization); drop the override, or "
+        "leave config.init empty to train from scratch"
+    )
