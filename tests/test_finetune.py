@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from conftest import make_tiny_config
@@ -32,12 +33,13 @@ from usfm_jax.data import ingest, synthetic
 from usfm_jax.export import load_params
 from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune.models import adaptive_pool_matrix, feature_layers, resize
-from usfm_jax.finetune.run import finetune
-from usfm_jax.finetune.step import segmentation_loss
+from usfm_jax.finetune.run import create_model, finetune
+from usfm_jax.finetune.step import make_train_step, segmentation_loss
 from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
 from usfm_jax.train import train
+from usfm_jax.train_step import fresh_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,6 +175,39 @@ def test_layer_decay_scales():
     assert s["head"]["kernel"] == 1.0
     frozen = layer_decay_scales(params, depth=2, decay=0.5, frozen="encoder")
     assert frozen["encoder"]["blocks"][1]["w"] == 0.0 and frozen["head"]["kernel"] == 1.0
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "enhance"])
+def test_gradient_accumulation_gives_the_whole_batch_step(task):
+    """optimizer.grad_accum_steps=2 takes the same step as the whole batch (Dice is pooled per
+    micro-batch, so segmentation is compared on its cross-entropy alone)."""
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8),
+             "label": rng.integers(0, 2, 8), "mask": rng.integers(0, 3, (8, 32, 32)),
+             "target": rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)}  # fmt: skip
+    config = tiny_finetune_config(task, **{"model.drop_path_rate": 0.0, "loss.dice_weight": 0.0})
+    arch = Architecture.from_config(config.model, config.image_size)
+    model = create_model(config, arch, Normalization((0.5,), (0.25,)), 3, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # zero-initialised outputs: perturb
+    params = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape, np.float32), params)
+    tx = optax.scale_by_schedule(lambda _: -1.0)  # plain gradient descent at lr 1
+    stepped = []
+    for accum in (1, 2):
+        config.optimizer.grad_accum_steps = accum
+        step = make_train_step(config, nnx.graphdef(model), tx, lambda _: 1.0)
+        state = fresh_state(params, tx, 0)
+        # one micro-batch at a time, in a loop, is what saves memory
+        assert ("scan[" in str(jax.make_jaxpr(step)(state, batch))) == (accum > 1)
+        stepped.append(jax.jit(step)(state, batch))
+    (whole, whole_metrics), (accumulated, metrics) = stepped
+    np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-5)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max() > 0, whole.params, params)
+    assert np.mean(jax.tree.leaves(moved)) > 0.9  # the step is not empty (the cls token may be)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        accumulated.params,
+        whole.params,
+    )
 
 
 def test_segmentation_loss_ignores_pixels_and_rewards_overlap():

@@ -299,7 +299,8 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
 
 
 def check_optimizer(config: ml_collections.ConfigDict) -> None:
-    """``config.optimizer`` against the run's length and batch."""
+    """``config.optimizer`` against the run's length and batch (gradient accumulation
+    included)."""
     o = config.optimizer
     _require(o.base_lr > 0, "optimizer.base_lr", o.base_lr, "expected > 0")
     _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "expected >= 0 (0: off)")
@@ -314,6 +315,13 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
         f"expected [0, total_steps={config.total_steps}); lower it with "
         "--config.optimizer.warmup_steps, or use the config's `:steps=N` argument where it has "
         "one (it sets both)",
+    )
+    _require(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
+    _require(
+        config.batch_size % o.grad_accum_steps == 0,
+        "optimizer.grad_accum_steps",
+        o.grad_accum_steps,
+        f"must divide config.batch_size={config.batch_size}",
     )
 
 
@@ -425,13 +433,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     o = config.optimizer
     check_optimizer(config)
-    _require(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
-    _require(
-        config.batch_size % o.grad_accum_steps == 0,
-        "optimizer.grad_accum_steps",
-        o.grad_accum_steps,
-        f"must divide config.batch_size={config.batch_size}",
-    )
 
     # What the field checks above do not cover, e.g. the band-stop ring geometry.
     built = {}

@@ -110,6 +110,24 @@ def _micro_batches(inputs: Any, num: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(-1, num, *x.shape[1:]).swapaxes(0, 1), inputs)
 
 
+def accumulate(fn: Callable[[Any, jax.Array], Any], inputs: Any, num: int, key: jax.Array) -> Any:
+    """Gradient accumulation: ``fn(inputs, key)`` for ``num`` = 1, else the sum over ``num``
+    strided micro-batches j of ``inputs`` of ``fn(micro_batch, fold_in(key, j))``, run as a
+    scan so that one micro-batch's activations are live at a time."""
+    if num == 1:
+        return fn(inputs, key)
+
+    def body(total, xs):
+        i, micro = xs
+        return jax.tree.map(jnp.add, total, fn(micro, jax.random.fold_in(key, i))), None
+
+    micro = _micro_batches(inputs, num)
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num), micro))
+    return total
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     graphdef: nnx.GraphDef,
@@ -164,24 +182,12 @@ def make_train_step(
                 features = nnx.merge(teacher_graphdef, teacher)(images)  # [B, N, E]
             target = jax.lax.stop_gradient(representation.targets(features))
             rep = (representation.views(images, jax.random.fold_in(k_views, 2)), target)
-        inputs = (views, rep)
-        if accum == 1:
-            (loss, sums), grads = grad_fn(state.params, inputs, counts, k_drop)
-        else:
-
-            def body(carry, micro_inputs):
-                i, micro = micro_inputs
-                out, g = grad_fn(state.params, micro, counts, jax.random.fold_in(k_drop, i))
-                return jax.tree.map(jnp.add, carry, (out, g)), None
-
-            micro = _micro_batches(inputs, accum)
-            zeros = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype),
-                jax.eval_shape(
-                    grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), counts, k_drop
-                ),
-            )
-            ((loss, sums), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        (loss, sums), grads = accumulate(
+            lambda micro, key: grad_fn(state.params, micro, counts, key),
+            (views, rep),
+            accum,
+            k_drop,
+        )
         new_state, metrics = apply_gradients(state, grads, loss, tx, schedule, config.ema_decay)
         metrics.update(sums)
         if counts is not None:

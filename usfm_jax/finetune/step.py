@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from usfm_jax.finetune.data import IGNORE
-from usfm_jax.train_step import Batch, Metrics, TrainState, apply_gradients
+from usfm_jax.train_step import Batch, Metrics, TrainState, accumulate, apply_gradients
 
 
 def images_of(batch: Batch) -> jax.Array:
@@ -64,16 +64,23 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The (un-jitted) fine-tuning step of ``config.task``."""
+    """The (un-jitted) fine-tuning step of ``config.task``. With
+    ``optimizer.grad_accum_steps`` = A, the gradient is the mean of those of A micro-batches:
+    the whole batch's for classification and enhancement; for segmentation each micro-batch
+    normalises its cross-entropy and pools its Dice on its own."""
+    accum = config.optimizer.grad_accum_steps
 
     def loss_fn(params, batch: Batch, key: jax.Array):
         outputs = nnx.merge(graphdef, params)(images_of(batch), dropout_key=key)
-        return task_loss(config, outputs, batch)
+        loss, aux = task_loss(config, outputs, batch)
+        return loss / accum, jax.tree.map(lambda x: x / accum, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        (loss, aux), grads = grad_fn(state.params, batch, state.step_key())
+        (loss, aux), grads = accumulate(
+            lambda micro, key: grad_fn(state.params, micro, key), batch, accum, state.step_key()
+        )
         state, metrics = apply_gradients(state, grads, loss, tx, schedule)
         return state, {**metrics, **aux}
 

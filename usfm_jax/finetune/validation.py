@@ -80,7 +80,9 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _require(config.eval.select in metrics, "eval.select", config.eval.select,
                  f"expected one of {list(metrics)} for task={config.task!r}")  # fmt: skip
     if num_devices is not None:
-        check_batch_split(config, num_devices, config.batch_size)
+        check_batch_split(
+            config, num_devices, config.batch_size // config.optimizer.grad_accum_steps
+        )
 
 
 def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
