@@ -465,7 +465,19 @@ def test_label_efficiency_checks_everything_before_the_first_run(tmp_path):
     with pytest.raises(ValueError, match="--seeds must be >= 1, got 0"):
         label_efficiency.check_study(config, inits, 0)
     with pytest.raises(ValueError, match=r"names must be unique, got \['scratch', 'scratch'\]"):
-        label_efficiency.check_study(config, inits, 1, pretrained=["scratch"])
+        label_efficiency.check_study(config, inits, 1, pretrain=[("scratch", make_tiny_config())])
+    for field, value, flag in (("init", "runs/x", "--inits"), ("label_fraction", 0.2,
+                               "--fractions"), ("seed", 4, "--seeds")):  # fmt: skip
+        changed = tiny_finetune_config("classify", **{field: value})
+        with pytest.raises(ConfigError, match=rf"config\.{field}=.*sets it .* from {flag}"):
+            label_efficiency.check_study(changed, inits, 1)
+    # an architecture override describes the scratch encoder; an init must agree with it
+    pretrain = [("dual", make_tiny_config())]  # depth 2
+    config.model.depth = 2
+    label_efficiency.check_study(config, inits, 1, pretrain, {"model.depth": 2})
+    config.model.depth = 3
+    with pytest.raises(ConfigError, match=r"model\.depth=3 differs from --pretrain dual, whose"):
+        label_efficiency.check_study(config, inits, 1, pretrain, {"model.depth": 3})
     config.task = "bogus"
     with pytest.raises(ConfigError, match=r"config\.task='bogus'"):
         label_efficiency.check_study(config, inits, 1)

@@ -9,7 +9,10 @@
 ``--config.init`` accepts). ``--pretrain NAME=CONFIG[:ARG],...`` first pre-trains each config
 (``usfm_jax.train``, in ``OUT/pretrain/NAME``; resumed if interrupted) and adds it as an
 initialisation: the way to compare masking strategies of ``configs/ablations/``.
-``--config.FIELD=VALUE`` overrides the fine-tuning config of every run.
+``--config.FIELD=VALUE`` overrides the fine-tuning config of every run; the study sets
+``init``, ``label_fraction`` and ``seed`` itself (from ``--inits``, ``--fractions`` and
+``--seeds``), so a config that sets them otherwise is an error, and so is an architecture or
+normalisation override that an init's checkpoint contradicts (it describes the scratch encoder).
 
 Every run writes ``OUT/runs/INIT/fFRACTION/sSEED`` (a finished run is not repeated, so an
 interrupted study continues where it stopped). Then: ``OUT/results.csv`` (one row per run, a
@@ -25,7 +28,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -36,10 +39,10 @@ from ml_collections import config_flags
 from usfm_jax.checkpoint import CheckpointError, config_changes
 from usfm_jax.cli import load_config, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, require_kind, validate
-from usfm_jax.convert import ConversionError
+from usfm_jax.convert import Architecture, ConversionError, Normalization
 from usfm_jax.finetune import evaluate
-from usfm_jax.finetune.run import finetune
-from usfm_jax.finetune.validation import validate_finetune
+from usfm_jax.finetune.run import finetune, initial_encoder
+from usfm_jax.finetune.validation import check_init_overrides, init_overrides, validate_finetune
 from usfm_jax.paths import work_directory
 from usfm_jax.reporting import quiet_library_logs
 
@@ -107,30 +110,54 @@ def pretrain_all(configs: Sequence[tuple[str, ml_collections.ConfigDict]], out: 
     return inits
 
 
+# The fields the study sets for every run, their value in a config the study accepts, and the
+# flag that sets them: any other value would be silently replaced.
+STUDY_FIELDS = {"init": ("", "--inits"), "label_fraction": (1.0, "--fractions"),
+                "seed": (0, "--seeds")}  # fmt: skip
+
+
 def check_study(
     config: ml_collections.ConfigDict,
     inits: Sequence[tuple[str, str]],
     seeds: int,
-    pretrained: Sequence[str] = (),
+    pretrain: Sequence[tuple[str, ml_collections.ConfigDict]] = (),
+    overrides: Mapping[str, Any] | None = None,
 ) -> None:
     """What can be checked before the first run: the fine-tuning config with each init, the
-    inits' paths, the seeds; ``pretrained`` names the inits that pre-training will add."""
+    inits' paths, the seeds, the command line's ``overrides`` against what each init brings;
+    ``pretrain`` holds the (name, config) of the inits that pre-training will add."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    names = [name for name, _ in inits] + list(pretrained)
+    names = [name for name, _ in inits] + [name for name, _ in pretrain]
     if len(set(names)) != len(names):
         raise ValueError(f"--inits and --pretrain: names must be unique, got {names}")
     for name, path in inits:  # all of them now, not when their turn comes
         if path != SCRATCH and not os.path.exists(path):
             raise ValueError(f"--inits {name}={path}: no such file or directory")
     require_kind(config, "fine-tuning")
+    for field, (value, flag) in STUDY_FIELDS.items():
+        if config[field] != value:
+            raise ConfigError(f"config.{field}={config[field]!r}: the study sets it for every "
+                              f"run from {flag}; leave it at {value!r}")  # fmt: skip
     # validate_finetune checks the encoder fields only without an init (a checkpoint brings its
     # own, checked when read): once for scratch, once for any checkpoint
-    scratch = {path == SCRATCH for _, path in inits} | ({False} if pretrained else set())
+    scratch = {path == SCRATCH for _, path in inits} | ({False} if pretrain else set())
     for from_scratch in scratch:
         run = copy.deepcopy(config)
         run.init = "" if from_scratch else "a checkpoint"
         validate_finetune(run)
+    if init_overrides(overrides or {}):  # what each init brings: read only when it matters
+        run = copy.deepcopy(config)
+        for name, path in inits:
+            if path != SCRATCH:
+                run.init = path
+                _, arch, normalization = initial_encoder(run)
+                check_init_overrides(run, overrides, arch, normalization, f"--inits {name}={path}")
+        for name, pretrain_config in pretrain:
+            run.init = name
+            arch = Architecture.from_config(pretrain_config.model, pretrain_config.image_size)
+            normalization = Normalization.from_json(pretrain_config.normalization)
+            check_init_overrides(run, overrides, arch, normalization, f"--pretrain {name}")
 
 
 def run_grid(
@@ -139,8 +166,10 @@ def run_grid(
     fractions: Sequence[float],
     seeds: int,
     out: str,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Fine-tunes every (init, fraction, seed); returns one record per run."""
+    """Fine-tunes every (init, fraction, seed); returns one record per run (``overrides``: as
+    for ``finetune``)."""
     records = []
     total = len(inits) * len(fractions) * seeds
     for name, path in inits:
@@ -166,7 +195,7 @@ def run_grid(
                     os.makedirs(workdir, exist_ok=True)
                     with open(asked, "w") as f:
                         f.write(run.to_json_best_effort(indent=2))
-                    results = finetune(run, workdir)
+                    results = finetune(run, workdir, overrides)
                 # the study's name of the init, not the run's path of it
                 records.append({**results, "init": name, "fraction": fraction, "seed": seed})
     return records
@@ -269,12 +298,13 @@ def study(
     fractions: Sequence[float],
     seeds: int,
     out: str,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs the grid and writes results.csv, results.md and label_efficiency.png into ``out``;
-    returns the summary rows."""
-    check_study(config, inits, seeds)
+    returns the summary rows. ``overrides``: the command line's ``--config.FIELD`` values."""
+    check_study(config, inits, seeds, overrides=overrides)
     os.makedirs(out, exist_ok=True)
-    records = run_grid(config, inits, fractions, seeds, out)
+    records = run_grid(config, inits, fractions, seeds, out, overrides)
     write_csv(records, os.path.join(out, "results.csv"))
     rows = summarize(records)
     metric = config.eval.select or evaluate.METRICS[config.task][0]
@@ -294,10 +324,11 @@ def main(argv: list[str]) -> None:
         inits = parse_named(f.inits, "inits")
         fractions = parse_fractions(f.fractions)
         pretrain = load_pretrain_configs(parse_named(f.pretrain, "pretrain"), f.pretrain_steps)
-        check_study(f.config, inits, f.seeds, [name for name, _ in pretrain])
+        overrides = config_flags.get_override_values(f["config"])
+        check_study(f.config, inits, f.seeds, pretrain, overrides)
         work_directory(f.out, "--out")
         inits += pretrain_all(pretrain, f.out)
-        rows = study(f.config, inits, fractions, f.seeds, f.out)
+        rows = study(f.config, inits, fractions, f.seeds, f.out, overrides)
     except (CheckpointError, ConfigError, ConversionError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(markdown(rows, f.config.task))

@@ -102,44 +102,59 @@ def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
                  "(0/1: mask // 255) before ingest")  # fmt: skip
 
 
+# What a checkpoint given as config.init brings, besides normalization.*.
+ARCHITECTURE_FIELDS = tuple(f"model.{field}" for field in (
+    "variant", "size", "width", "depth", "num_heads", "patch_size", "in_chans", "rel_pos"
+))  # fmt: skip
+
+
+def init_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The command-line values that a checkpoint given as ``config.init`` must agree with."""
+    return {field: value for field, value in overrides.items()
+            if field in ARCHITECTURE_FIELDS or field.startswith("normalization.")}  # fmt: skip
+
+
 def check_init_overrides(
     config: ml_collections.ConfigDict,
     overrides: Mapping[str, Any],
     arch: Architecture,
     normalization: Normalization,
+    source: str = "",
 ) -> None:
-    """With ``config.init``, the checkpoint brings the architecture and the input
-    normalisation: a command-line value (``overrides``, flat as ``{"model.depth": 24}``) of one
-    of those fields that differs from the checkpoint's would be silently ignored, so it is an
-    error. Training settings (dtype, attention, drop path, remat...) are not checked."""
+    """With ``config.init``, the checkpoint (``source``: how the user named it, by default
+    ``--config.init=PATH``) brings the architecture and the input normalisation: a
+    command-line value (``overrides``, flat as ``{"model.depth": 24}``) of one of those fields
+    that differs from the checkpoint's would be silently ignored, so it is an error. Training
+    settings (dtype, attention, drop path, remat...) are not checked."""
     if not config.init:
         return
+    source = source or f"--config.init={config.init}"
     dims = (arch.width, arch.depth, arch.num_heads)
-    found = {
-        "model.variant": arch.variant,
-        "model.size": next((name for name, d in SIZES.items() if d == dims), f"none ({dims})"),
-        "model.width": arch.width,
-        "model.depth": arch.depth,
-        "model.num_heads": arch.num_heads,
-        "model.patch_size": arch.patch_size,
-        "model.in_chans": arch.in_chans,
-        "model.rel_pos": arch.rel_pos if arch.variant == "beit" else None,
-    }
-    for field, value in overrides.items():
+    found = dict(zip(ARCHITECTURE_FIELDS, (
+        arch.variant,
+        next((name for name, d in SIZES.items() if d == dims), f"none ({dims})"),
+        arch.width,
+        arch.depth,
+        arch.num_heads,
+        arch.patch_size,
+        arch.in_chans,
+        arch.rel_pos if arch.variant == "beit" else None,
+    ), strict=True))  # fmt: skip
+    for field, value in init_overrides(overrides).items():
         if field.startswith("normalization."):
             given = Normalization.from_json(config.normalization)
             if len(given.mean) == 1:
                 given = given.for_channels(len(normalization.mean))
             if given != normalization:
-                _init_conflict(config, field, value, f"input normalisation {normalization}")
-        elif found.get(field) is not None and value is not None and value != found[field]:
-            _init_conflict(config, field, value, f"{field[6:]} {found[field]!r}")
+                _init_conflict(field, value, source, f"input normalisation {normalization}")
+        elif found[field] is not None and value is not None and value != found[field]:
+            _init_conflict(field, value, source, f"{field[6:]} {found[field]!r}")
 
 
-def _init_conflict(config: ml_collections.ConfigDict, field: str, value: Any, has: str) -> None:
+def _init_conflict(field: str, value: Any, source: str, has: str) -> None:
     raise ConfigError(
-        f"--config.{field}={value!r} differs from --config.init={config.init}, whose encoder "
-        f"has {has}: a checkpoint brings its own architecture and input normalisation "
-        "(PyTorch weights without a card: --config.init_normalization); drop the override, or "
-        "leave config.init empty to train from scratch"
+        f"--config.{field}={value!r} differs from {source}, whose encoder has {has}: a "
+        "checkpoint brings its own architecture and input normalisation (PyTorch weights "
+        "without a card: --config.init_normalization); drop the override, or train from "
+        "scratch"
     )
