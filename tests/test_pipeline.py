@@ -180,6 +180,10 @@ def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
         (dict(weighting="explicit", organ_weights="liver=1"), r"config\.data\.organ_weights"),
         (dict(organ_weights="liver:1"), r"config\.data: config\.data\.organ_weights"),
         (dict(organ_weights="liver=1,liver=2"), r"'liver' is given twice"),
+        (  # weighting stays "balanced": the weights would be ignored
+            dict(organ_weights="liver=2"),
+            r"config\.data\.organ_weights='liver=2': is used only with data\.weighting='explicit'",
+        ),
         (dict(worker_count=-1), r"config\.data\.worker_count=-1"),
     ]
     for data, match in cases:

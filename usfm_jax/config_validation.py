@@ -119,6 +119,10 @@ def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
         AugmentConfig.from_mapping(config.image_size, d.augment)
     except ValueError as e:
         raise ConfigError(f"config.data: {e}") from None
+    _require(d.weighting == "explicit" or not d.organ_weights, "data.organ_weights",
+             d.organ_weights, f"is used only with data.weighting='explicit' (it is "
+             f"{d.weighting!r}): add --config.data.weighting=explicit, or leave it "
+             "empty")  # fmt: skip
     if d.weighting == "explicit":
         organs = sorted(card["organ_ranges"][d.split])
         named = set(weights or ())
