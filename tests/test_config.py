@@ -95,6 +95,10 @@ def test_ablations_change_what_they_name():
         ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
         ({"seed": -1}, r"config\.seed=-1: expected an int >= 0"),
         (
+            {"checkpoint.every": 300, "checkpoint.keep_every": 1000},
+            r"config\.checkpoint\.keep_every=1000: must be a multiple of checkpoint\.every=300",
+        ),
+        (
             {"data.tfds_dir": "/data/tfds/liver/1.0.0"},  # data.source stays "synthetic"
             r"config\.data\.tfds_dir='/data/tfds/liver/1\.0\.0': is set, but "
             r"data\.source='synthetic' .* add --config\.data\.source=tfds",

@@ -358,6 +358,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _require(value > 0, f"checkpoint.{field}", value, "expected > 0")
     keep_every = config.checkpoint.keep_every
     _require(keep_every >= 0, "checkpoint.keep_every", keep_every, "expected >= 0 (0: none)")
+    every = config.checkpoint.every
+    _require(keep_every % every == 0, "checkpoint.keep_every", keep_every,
+             f"must be a multiple of checkpoint.every={every}: only the steps saved (multiples "
+             f"of every) can be kept, so others would never be")  # fmt: skip
     if config.image_every:
         _require(
             config.num_preview_images >= 1,
