@@ -74,6 +74,10 @@ def test_ablations_change_what_they_name():
         ({"model.dtype": "float8"}, r"config\.model\.dtype"),
         ({"optimizer.warmup_steps": 100}, r"config\.optimizer\.warmup_steps"),
         ({"objective.combine": "sometimes"}, r"config\.objective:.*combine"),
+        (
+            {"objective.combine": "split", "frequency.enabled": False},
+            r"config\.objective: combine='split' shares .* only spatial is enabled",
+        ),
         ({"batch_size": 12}, r"config\.batch_size=12.*8 devices"),
         ({"optimizer.clip_norm": -1.0}, r"config\.optimizer\.clip_norm=-1\.0"),
         ({"optimizer.b2": 1.0}, r"config\.optimizer\.b2=1\.0: expected \[0, 1\)"),

@@ -84,6 +84,12 @@ class DualMIM:
             )
         if self.std <= 0:
             raise ValueError(f"normalization std must be > 0, got {self.std}")
+        if self.combine != "both" and len(self.branches) == 1:
+            raise ValueError(
+                f"combine={self.combine!r} shares the batch between the spatial and the "
+                f"frequency branch; only {self.branches[0]} is enabled (use 'both', or enable "
+                "the other branch)"
+            )
 
     @property
     def branches(self) -> tuple[str, ...]:
