@@ -75,6 +75,11 @@ def test_ablations_change_what_they_name():
         ({"optimizer.warmup_steps": 100}, r"config\.optimizer\.warmup_steps"),
         ({"objective.combine": "sometimes"}, r"config\.objective:.*combine"),
         (
+            {"teacher.targets": "caches/biomedclip"},  # representation.enabled stays False
+            r"config\.teacher\.targets='caches/biomedclip': is set, but "
+            r"representation\.enabled=False",
+        ),
+        (
             {"objective.combine": "split", "frequency.enabled": False},
             r"config\.objective: combine='split' shares .* only spatial is enabled",
         ),

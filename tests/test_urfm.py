@@ -315,6 +315,11 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-02-02T00:00:00"}))
     with pytest.raises(ValueError, match=r"made with data\.created='2026-01-01"):
         check_cache(config)
+    (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-01-01T00:00:00"}))
+    check_cache(config)
+    config.teacher.num_heads = 4  # the teacher's attention splits its width another way
+    with pytest.raises(ValueError, match=r"made with teacher\.num_heads=2, this run has 4"):
+        check_cache(config)
 
 
 def test_only_identity_augmentation_is_deterministic():

@@ -413,6 +413,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     r = config.representation
     if r.enabled:
         _check_representation(config)
+    for field in ("path", "targets"):  # else a teacher would be loaded, or read, for nothing
+        value = config.teacher[field]
+        _require(r.enabled or not value, f"teacher.{field}", value,
+                 "is set, but representation.enabled=False: the teacher gives URFM's targets "
+                 "(configs/pretrain/urfm_vitb16.py, or --config.representation.enabled=True), "
+                 "or leave it empty")  # fmt: skip
     _require(
         s.enabled or f.enabled or r.enabled,
         "spatial.enabled",

@@ -64,6 +64,7 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "path": os.path.abspath(t.path),
             "sha256": digest,
             "format": t.format,
+            "num_heads": t.num_heads,
             "layer": t.layer,
             "normalization": t.normalization,
             "dtype": t.dtype or config.model.dtype,
