@@ -374,6 +374,8 @@ def test_finetune_config_errors():
         finetune(tiny_finetune_config("classify", label_fraction=0.0), "/tmp/never")
     with pytest.raises(ConfigError, match=r"config\.data\.degradation"):
         finetune(tiny_finetune_config("classify", **{"data.degradation": "speckle"}), "/x")
+    with pytest.raises(ConfigError, match=r"data\.degradation_level=0\.3: is used only with"):
+        finetune(tiny_finetune_config("enhance", **{"data.degradation_level": 0.3}), "/x")
     with pytest.raises(ConfigError, match=r"data\.tfds_dir='/d': is set, but data\.source="):
         finetune(tiny_finetune_config("segment", **{"data.tfds_dir": "/d"}), "/x")
 
@@ -519,3 +521,9 @@ def test_finetune_ingested_enhancement_pairs_and_clean_only(tmp_path):
     synthesised = finetune(config, str(tmp_path / "synthesised"))
     # inputs are the clean images plus noise of std 0.05: PSNR about -20 log10(0.05) = 26 dB
     assert abs(synthesised["test"]["psnr_input"] - 26.0) < 1.5
+    config.data.tfds_dir = pairs["data_dir"]  # real noisy inputs are not replaced by synthesised
+    with pytest.raises(
+        ValueError, match=r"holds noisy / clean pairs .*degradation='gaussian' would replace"
+    ):
+        finetune(config, str(tmp_path / "replaced"))
+    assert not (tmp_path / "replaced").exists()

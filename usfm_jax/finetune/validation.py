@@ -53,11 +53,13 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _check_labels(config, card)
     _in_range(config, "data.hflip", 0, 1)
     _one_of(config, "data.degradation", DEGRADATIONS)
+    level = d.degradation_level
+    _require(d.degradation != "none" or level == 0, "data.degradation_level", level,
+             "is used only with a data.degradation (it is 'none')")  # fmt: skip
     if d.degradation != "none":
         _require(config.task == "enhance", "data.degradation", d.degradation,
                  "synthesised noisy inputs are for task='enhance'")  # fmt: skip
         low = 1.0 if d.degradation == "downsample" else 0.0
-        level = d.degradation_level
         _require(level == 0 or level > low, "data.degradation_level", level,
                  f"expected > {low:g} for {d.degradation} (0: its default)")  # fmt: skip
     for field in ("num_threads", "prefetch", "worker_count"):
