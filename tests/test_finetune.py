@@ -210,6 +210,21 @@ def test_gradient_accumulation_gives_the_whole_batch_step(task):
     )
 
 
+def test_encoder_settings_reach_the_task_model():
+    """model.scan_layers and (from scratch) model.layer_scale_init build the encoder."""
+    config = tiny_finetune_config(
+        "classify", **{"model.layer_scale_init": 0.01, "model.scan_layers": True}
+    )
+    arch = Architecture.from_config(config.model, config.image_size)
+    normalization = Normalization((0.5,), (0.25,))
+    model = create_model(config, arch, normalization, 2, nnx.Rngs(0))
+    assert model.encoder.scan
+    np.testing.assert_allclose(model.encoder.blocks[0].gamma_1[...], 0.01)
+    config.init = "runs/pre"  # a checkpoint's values replace the initial ones: not applied
+    model = create_model(config, arch, normalization, 2, nnx.Rngs(0))
+    assert model.encoder.blocks[0].gamma_1 is not None
+
+
 def test_segmentation_loss_ignores_pixels_and_rewards_overlap():
     mask = np.zeros((1, 8, 8), np.uint8)
     mask[0, 2:5, 2:5] = 1
