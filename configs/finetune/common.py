@@ -50,7 +50,7 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     # speckle: 0-1; gaussian: std; downsample: factor > 1; 0: the kind's default (1, 0.1, 2)
     c.data.degradation_level = 0.0
     c.data.num_threads = 2
-    c.data.prefetch = 2
+    c.data.prefetch = 2  # batches read ahead: at least num_threads (a batch per thread)
     c.data.worker_count = 0
 
     # Used only without c.init (random initialisation); a checkpoint brings its own.

@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              contrast=(0.8, 1.2), brightness=0.0)
     )  # fmt: skip
     c.data.num_threads = 16
-    c.data.prefetch = 2
+    c.data.prefetch = 2  # batches read ahead: at least num_threads (a batch per thread)
     c.data.worker_count = 0  # > 0: decode and augment in that many worker processes
 
     c.normalization = ml_collections.ConfigDict(dict(mean=0.5, std=0.25))
