@@ -119,6 +119,12 @@ def test_invalid_settings_name_the_field(overrides, match):
         validate(make_tiny_config(**overrides), num_devices=8)
 
 
+def test_keep_every_follows_every():
+    config = make_tiny_config(**{"checkpoint.every": 3})
+    assert config.checkpoint.keep_every == 30  # a multiple of every unless set otherwise
+    validate(config, num_devices=8)
+
+
 def test_pallas_attention_is_checked_against_the_token_count(monkeypatch):
     """On a GPU (the backend faked: the check reads only its name), 'pallas' takes images of up
     to 256 tokens (224 px with 16-px patches: 197; not 384 px: 577) and heads up to 64 wide."""

@@ -320,6 +320,14 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     config.teacher.num_heads = 4  # the teacher's attention splits its width another way
     with pytest.raises(ValueError, match=r"made with teacher\.num_heads=2, this run has 4"):
         check_cache(config)
+    written = json.loads((tmp_path / "cache" / CACHE_INFO).read_text())
+    del written["teacher"]["num_heads"]  # a cache written before the field was recorded
+    (tmp_path / "cache" / CACHE_INFO).write_text(json.dumps(written))
+    config.teacher.num_heads = None
+    check_cache(config)  # it matches a run that leaves num_heads to the teacher's card
+    config.teacher.num_heads = 2
+    with pytest.raises(ValueError, match=r"made with teacher\.num_heads=None, this run has 2"):
+        check_cache(config)
 
 
 def test_only_identity_augmentation_is_deterministic():

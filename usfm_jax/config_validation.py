@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 
@@ -360,8 +362,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _require(keep_every >= 0, "checkpoint.keep_every", keep_every, "expected >= 0 (0: none)")
     every = config.checkpoint.every
     _require(keep_every % every == 0, "checkpoint.keep_every", keep_every,
-             f"must be a multiple of checkpoint.every={every}: only the steps saved (multiples "
-             f"of every) can be kept, so others would never be")  # fmt: skip
+             f"must be a multiple of checkpoint.every={every}: only saved steps can be kept, "
+             f"so the steps kept would be the multiples of {math.lcm(keep_every, every)}, not "
+             f"of {keep_every}")  # fmt: skip
     if config.image_every:
         _require(
             config.num_preview_images >= 1,

@@ -142,8 +142,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(dcn=1, data=-1, fsdp=1, fsdp_min_size=2**16))
 
     # Save every `every` steps (and at the first step and on pre-emption); keep the last `keep`
-    # and, for the record, every multiple of `keep_every` (0: none).
-    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, keep_every=10_000))
+    # and, for the record, every multiple of `keep_every` (0: none; a multiple of `every`).
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3))
+    c.checkpoint.keep_every = c.checkpoint.get_ref("every") * 10  # follows every
     c.max_bad_steps = 100  # stop after this many consecutive non-finite (skipped) steps
     # > 0: keep an exponential moving average of the parameters (checkpointed; exports and
     # conversions take it by default)

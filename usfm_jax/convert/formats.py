@@ -93,10 +93,15 @@ class Architecture:
         state = nnx.state(nnx.eval_shape(self.build), nnx.Param)
         return {name: tuple(x.shape) for name, x in flatten(nnx.to_pure_dict(state)).items()}
 
+    @property
+    def size(self) -> str | None:
+        """The named size (``config.model.size``) of this width, depth and head count, if any."""
+        dims = (self.width, self.depth, self.num_heads)
+        return next((name for name, d in SIZES.items() if d == dims), None)
+
     def model_config(self) -> dict[str, Any]:
         """The ``config.model`` fields that build this encoder."""
-        dims = (self.width, self.depth, self.num_heads)
-        size = next((name for name, d in SIZES.items() if d == dims), None)
+        size = self.size
         if self.mlp_ratio != mlp_ratio_of(size):
             raise ConversionError(
                 f"MLP ratio {self.mlp_ratio:g} is not that of a supported size "

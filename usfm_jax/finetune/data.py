@@ -163,20 +163,6 @@ def tfds_task(config: ml_collections.ConfigDict) -> TaskData:
             "--val_fraction and --test_fraction"
         )
     pipeline.check_shards(cfg.tfds_dir, SPLITS)
-    fields = card.get("fields", [])
-    if config.task == "segment" and "mask" not in fields:
-        raise ValueError(f"{cfg.tfds_dir} holds no masks: ingest it with --masks DIR")
-    if config.task == "enhance" and "target" in fields and cfg.degradation != "none":
-        raise ValueError(
-            f"{cfg.tfds_dir} holds noisy / clean pairs (--targets at ingest): "
-            f"config.data.degradation={cfg.degradation!r} would replace their noisy inputs by "
-            "synthesised ones; leave it 'none' (or ingest the clean images alone)"
-        )
-    if config.task == "enhance" and "target" not in fields and cfg.degradation == "none":
-        raise ValueError(
-            f"{cfg.tfds_dir} holds no targets (--targets at ingest): set "
-            f"config.data.degradation to one of {DEGRADATIONS[1:]} to synthesise noisy inputs"
-        )
     decode = functools.partial(_decode, task=config.task, image_size=tuple(config.image_size))
     splits = {}
     for split in SPLITS:

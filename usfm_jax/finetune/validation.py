@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from usfm_jax.config_validation import (
     ConfigError,
@@ -24,7 +25,6 @@ from usfm_jax.convert import Architecture, Normalization
 from usfm_jax.data.pipeline import read_card
 from usfm_jax.finetune.data import DEGRADATIONS, IGNORE, TASKS
 from usfm_jax.finetune.evaluate import METRICS
-from usfm_jax.models.vit import SIZES
 
 MODES = ("finetune", "linear_probe")
 
@@ -50,7 +50,6 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
             card = read_card(d.tfds_dir)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
-        _check_labels(config, card)
     _in_range(config, "data.hflip", 0, 1)
     _one_of(config, "data.degradation", DEGRADATIONS)
     level = d.degradation_level
@@ -62,6 +61,8 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         low = 1.0 if d.degradation == "downsample" else 0.0
         _require(level == 0 or level > low, "data.degradation_level", level,
                  f"expected > {low:g} for {d.degradation} (0: its default)")  # fmt: skip
+    if d.source == "tfds":
+        _check_labels(config, card)
     for field in ("num_threads", "prefetch", "worker_count"):
         _require(d[field] >= 0, f"data.{field}", d[field], "expected >= 0")
     if not config.init:
@@ -88,15 +89,27 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
 
 
 def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
-    """An ingested dataset has something to learn for the task: two classes or more; masks
-    with a foreground class."""
+    """An ingested dataset has something to learn for the task: two classes or more; masks,
+    with a foreground class; noisy / clean pairs, or clean images and a degradation."""
     d = config.data
     if config.task == "classify":
         classes = [c for c, r in card["organ_ranges"].get("train", {}).items() if r[1] > r[0]]
         _require(len(classes) >= 2, "data.tfds_dir", d.tfds_dir,
                  f"classification needs two classes or more in train, the dataset has "
                  f"{classes} (one folder per class at ingest)")  # fmt: skip
-    if config.task == "segment" and "mask" in card.get("fields", []):
+    fields = card.get("fields", [])
+    _require(config.task != "segment" or "mask" in fields, "data.tfds_dir", d.tfds_dir,
+             "holds no masks: ingest it with --masks DIR")  # fmt: skip
+    if config.task == "enhance":
+        paired = "target" in fields
+        _require(paired or d.degradation != "none", "data.tfds_dir", d.tfds_dir,
+                 "holds no targets (--targets at ingest): set config.data.degradation to one of "
+                 f"{DEGRADATIONS[1:]} to synthesise noisy inputs")  # fmt: skip
+        _require(not paired or d.degradation == "none", "data.degradation", d.degradation,
+                 "would replace the real noisy inputs of the dataset's noisy / clean pairs "
+                 "(--targets at ingest) by synthesised ones: leave it 'none' (or ingest the "
+                 "clean images alone)")  # fmt: skip
+    if config.task == "segment":
         values = sorted(card.get("mask_values", []))
         _require(any(v not in (0, IGNORE) for v in values), "data.tfds_dir", d.tfds_dir,
                  f"its masks hold only the values {values}: background (0) and ignore "
@@ -104,16 +117,18 @@ def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
                  "(0/1: mask // 255) before ingest")  # fmt: skip
 
 
-# What a checkpoint given as config.init brings, besides normalization.*.
+# What a checkpoint given as config.init brings, besides normalization.*: its architecture,
+# and the initial value of its layer scale weights (which a checkpoint replaces).
 ARCHITECTURE_FIELDS = tuple(f"model.{field}" for field in (
     "variant", "size", "width", "depth", "num_heads", "patch_size", "in_chans", "rel_pos"
 ))  # fmt: skip
+INIT_FIELDS = (*ARCHITECTURE_FIELDS, "model.layer_scale_init", "normalization.mean",
+               "normalization.std")  # fmt: skip
 
 
 def init_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The command-line values that a checkpoint given as ``config.init`` must agree with."""
-    return {field: value for field, value in overrides.items()
-            if field in ARCHITECTURE_FIELDS or field.startswith("normalization.")}  # fmt: skip
+    return {field: value for field, value in overrides.items() if field in INIT_FIELDS}
 
 
 def check_init_overrides(
@@ -124,17 +139,16 @@ def check_init_overrides(
     source: str = "",
 ) -> None:
     """With ``config.init``, the checkpoint (``source``: how the user named it, by default
-    ``--config.init=PATH``) brings the architecture and the input normalisation: a
+    ``--config.init=PATH``) brings the architecture, the input normalisation and the weights: a
     command-line value (``overrides``, flat as ``{"model.depth": 24}``) of one of those fields
     that differs from the checkpoint's would be silently ignored, so it is an error. Training
     settings (dtype, attention, drop path, remat...) are not checked."""
     if not config.init:
         return
     source = source or f"--config.init={config.init}"
-    dims = (arch.width, arch.depth, arch.num_heads)
     found = dict(zip(ARCHITECTURE_FIELDS, (
         arch.variant,
-        next((name for name, d in SIZES.items() if d == dims), f"none ({dims})"),
+        arch.size or f"none ({arch.width}, {arch.depth}, {arch.num_heads})",
         arch.width,
         arch.depth,
         arch.num_heads,
@@ -143,20 +157,25 @@ def check_init_overrides(
         arch.rel_pos if arch.variant == "beit" else None,
     ), strict=True))  # fmt: skip
     for field, value in init_overrides(overrides).items():
-        if field.startswith("normalization."):
-            given = Normalization.from_json(config.normalization)
-            if len(given.mean) == 1:
-                given = given.for_channels(len(normalization.mean))
-            if given != normalization:
+        name = field.partition(".")[2]
+        if field == "model.layer_scale_init":
+            _init_conflict(field, value, source, "trained layer scale weights (the initial "
+                           "value is for a random encoder)")  # fmt: skip
+        elif field.startswith("normalization."):
+            expected = np.asarray(getattr(normalization, name))
+            given = np.atleast_1d(np.asarray(value, np.float64))
+            if given.size == 1:
+                given = np.repeat(given, expected.size)
+            if given.shape != expected.shape or not np.allclose(given, expected, rtol=1e-6):
                 _init_conflict(field, value, source, f"input normalisation {normalization}")
         elif found[field] is not None and value is not None and value != found[field]:
-            _init_conflict(field, value, source, f"{field[6:]} {found[field]!r}")
+            _init_conflict(field, value, source, f"{name} {found[field]!r}")
 
 
 def _init_conflict(field: str, value: Any, source: str, has: str) -> None:
     raise ConfigError(
         f"--config.{field}={value!r} differs from {source}, whose encoder has {has}: a "
-        "checkpoint brings its own architecture and input normalisation (PyTorch weights "
-        "without a card: --config.init_normalization); drop the override, or train from "
-        "scratch"
+        "checkpoint brings its own architecture, weights and input normalisation (PyTorch "
+        "weights without a card: --config.init_normalization); drop the override, or train "
+        "from scratch"
     )
