@@ -301,8 +301,9 @@ def study(
     overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs the grid and writes results.csv, results.md and label_efficiency.png into ``out``;
-    returns the summary rows. ``overrides``: the command line's ``--config.FIELD`` values."""
-    check_study(config, inits, seeds, overrides=overrides)
+    returns the summary rows. ``overrides``: the command line's ``--config.FIELD`` values,
+    checked against each init by its fine-tuning (``main`` checks them before any run)."""
+    check_study(config, inits, seeds)
     os.makedirs(out, exist_ok=True)
     records = run_grid(config, inits, fractions, seeds, out, overrides)
     write_csv(records, os.path.join(out, "results.csv"))

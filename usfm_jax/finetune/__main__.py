@@ -3,9 +3,9 @@
     python -m usfm_jax.finetune --config configs/finetune/classify.py --workdir runs/cls \
         [--config.init=CHECKPOINT_OR_WEIGHTS] [--config.label_fraction=0.2] [--config.seed=1]
 
-With ``--config.init``, the checkpoint brings the encoder's architecture and input
-normalisation: a ``--config.model.*`` or ``--config.normalization.*`` value that contradicts it
-is an error, not silently ignored.
+With ``--config.init``, the checkpoint brings the encoder's architecture, weights and input
+normalisation: an architecture field (``--config.model.depth``...), ``model.layer_scale_init``
+or ``--config.normalization.*`` that contradicts it is an error, not silently ignored.
 
 Trains on the label-fraction subset, evaluates on val every ``eval_every`` steps keeping the
 best parameters (``best/``), then writes the test metrics (``results.json``, ``results.md``)

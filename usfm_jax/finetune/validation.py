@@ -117,13 +117,14 @@ def _check_labels(config: ml_collections.ConfigDict, card: dict) -> None:
                  "(0/1: mask // 255) before ingest")  # fmt: skip
 
 
-# What a checkpoint given as config.init brings, besides normalization.*: its architecture,
-# and the initial value of its layer scale weights (which a checkpoint replaces).
-ARCHITECTURE_FIELDS = tuple(f"model.{field}" for field in (
-    "variant", "size", "width", "depth", "num_heads", "patch_size", "in_chans", "rel_pos"
-))  # fmt: skip
-INIT_FIELDS = (*ARCHITECTURE_FIELDS, "model.layer_scale_init", "normalization.mean",
-               "normalization.std")  # fmt: skip
+# What a checkpoint given as config.init brings: its architecture, input normalisation and
+# weights (whose initial value layer_scale_init sets for a random encoder).
+INIT_FIELDS = (
+    *(f"model.{field}" for field in ("variant", "size", "width", "depth", "num_heads",
+                                     "patch_size", "in_chans", "rel_pos", "layer_scale_init")),
+    "normalization.mean",
+    "normalization.std",
+)  # fmt: skip
 
 
 def init_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,16 +147,16 @@ def check_init_overrides(
     if not config.init:
         return
     source = source or f"--config.init={config.init}"
-    found = dict(zip(ARCHITECTURE_FIELDS, (
-        arch.variant,
-        arch.size or f"none ({arch.width}, {arch.depth}, {arch.num_heads})",
-        arch.width,
-        arch.depth,
-        arch.num_heads,
-        arch.patch_size,
-        arch.in_chans,
-        arch.rel_pos if arch.variant == "beit" else None,
-    ), strict=True))  # fmt: skip
+    found = {
+        "model.variant": arch.variant,
+        "model.size": arch.size or f"none ({arch.width}, {arch.depth}, {arch.num_heads})",
+        "model.width": arch.width,
+        "model.depth": arch.depth,
+        "model.num_heads": arch.num_heads,
+        "model.patch_size": arch.patch_size,
+        "model.in_chans": arch.in_chans,
+        "model.rel_pos": arch.rel_pos if arch.variant == "beit" else None,
+    }
     for field, value in init_overrides(overrides).items():
         name = field.partition(".")[2]
         if field == "model.layer_scale_init":
