@@ -23,6 +23,14 @@ import pytest
 from configs.pretrain import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The training CLI on the demo recipe, shrunk for runs in a subprocess (resume, signals, several
+# processes): a 2-block ViT of width 32, no probes, a loss line every step, a checkpoint every 4.
+DEMO_CLI = [
+    sys.executable, "-m", "usfm_jax.train", "--config", "configs/pretrain/demo.py",
+    "--config.model.width=32", "--config.model.depth=2", "--config.model.num_heads=2",
+    "--config.probe.every=0", "--config.log_every=1", "--config.image_every=0",
+    "--config.checkpoint.every=4", "--config.optimizer.warmup_steps=3",
+]  # fmt: skip
 
 
 def make_tiny_config(**overrides) -> ml_collections.ConfigDict:

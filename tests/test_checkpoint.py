@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import make_tiny_config
+from conftest import DEMO_CLI, ROOT, make_tiny_config
 
 from usfm_jax import checkpoint, train
 from usfm_jax.checkpoint import CheckpointError, IncompatibleCheckpoint, fingerprint
@@ -32,19 +32,13 @@ from usfm_jax.paths import (
     work_directory,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The demo recipe, short: 1 loss line per step, a checkpoint every 4 steps.
-DEMO_FLAGS = [
-    "--config", "configs/pretrain/demo.py", "--config.log_every=1", "--config.image_every=0",
-    "--config.checkpoint.every=4", "--config.optimizer.warmup_steps=3",
-]  # fmt: skip
 TOTAL = 24
 
 
 def _demo(workdir, *extra: str, devices: int = 8, **popen) -> subprocess.Popen:
     """Starts the training CLI on ``devices`` fake CPU devices; stdout carries the step lines."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "usfm_jax.train", *DEMO_FLAGS, f"--workdir={workdir}", *extra]
+    cmd = [*DEMO_CLI, f"--workdir={workdir}", *extra]
     stderr = open(os.path.join(workdir, "stderr.txt"), "a")  # noqa: SIM115
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, **popen

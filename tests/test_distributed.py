@@ -4,21 +4,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import DEMO_CLI, ROOT
 
 from usfm_jax import distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12
-FLAGS = [
-    "--config", "configs/pretrain/demo.py", "--config.log_every=1", "--config.image_every=0",
-    "--config.checkpoint.every=4", "--config.optimizer.warmup_steps=3",
-    f"--config.total_steps={TOTAL}",
-]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -36,7 +30,7 @@ def _run(workdir, processes: int, devices: int, *extra: str) -> None:
     procs, logs = [], []
     for i in range(processes):
         logs.append(open(os.path.join(workdir, f"process_{i}.log"), "w"))  # noqa: SIM115
-        cmd = [sys.executable, "-m", "usfm_jax.train", *FLAGS, f"--workdir={workdir}", *extra]
+        cmd = [*DEMO_CLI, f"--config.total_steps={TOTAL}", f"--workdir={workdir}", *extra]
         env_i = dict(env, USFM_PROCESS_ID=str(i)) if processes > 1 else env
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env_i, stdout=logs[i], stderr=logs[i]))
     try:

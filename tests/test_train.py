@@ -1,20 +1,21 @@
 """End to end: the train loop writes logs, TensorBoard scalars and image grids, and learns."""
 
 import glob
+import importlib.util
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
-from conftest import make_tiny_config
+from conftest import ROOT, make_tiny_config
 from tensorboardX.proto import event_pb2
 
 from configs.pretrain import demo
 from usfm_jax.paths import as_path
 from usfm_jax.reporting import MetricsLog, strict_json
 from usfm_jax.train import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_events(workdir: str) -> list[event_pb2.Event]:
@@ -29,6 +30,16 @@ def read_events(workdir: str) -> list[event_pb2.Event]:
                 f.read(4)
                 events.append(event)
     return events
+
+
+def test_training_processes_do_not_load_pytorch():
+    """tensorboardX imports PyTorch whenever it is installed (as it is here, for the parity
+    tests): the training and fine-tuning entry points keep it out of their processes."""
+    assert importlib.util.find_spec("torch") is not None
+    code = "import sys, usfm_jax.train, usfm_jax.finetune.__main__; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
 
 
 def test_train_writes_scalars_images_and_summary(tmp_path):

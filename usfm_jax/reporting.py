@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging as std_logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -21,10 +22,28 @@ import numpy as np
 import tqdm
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from usfm_jax.objectives.dual import BRANCHES
 from usfm_jax.paths import as_path, replace_text
+
+
+def _import_summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
+    whenever it is installed (only to accept its tensors), which would load PyTorch and its CUDA
+    libraries into every training process (~1.5 s, and a second cuDNN beside JAX's)."""
+    if "torch" in sys.modules:  # already loaded by the caller: nothing to save
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 _CHATTY = ("/orbax/", "/grain/", "/jax/_src/")  # libraries that narrate every file and step
 
