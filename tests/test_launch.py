@@ -24,7 +24,8 @@ RUNNABLE = [p for p in SCRIPTS if p.name != "common.sh"]
 SHELLCHECK = os.path.join(os.path.dirname(sys.executable), "shellcheck")
 ABLATIONS = sorted(p for p in (ROOT / "configs/ablations").glob("*.py") if p.name[0] != "_")
 
-# The tiny run of the real multi-process test: a 1-block ViT of width 32 on 32x32 images.
+# The tiny run of the real multi-process test: a 1-block ViT of width 32 on 32x32 images, no
+# probes.
 TINY_RUN = [
     "--config",
     "configs/pretrain/demo.py:steps=2",
@@ -35,6 +36,7 @@ TINY_RUN = [
     "--config.model.width=32",
     "--config.model.num_heads=2",
     "--config.image_size=(32, 32)",
+    "--config.probe.every=0",
 ]
 
 
