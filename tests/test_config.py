@@ -84,6 +84,7 @@ def test_ablations_change_what_they_name():
             r"config\.objective: combine='split' shares .* only spatial is enabled",
         ),
         ({"batch_size": 12}, r"config\.batch_size=12.*8 devices"),
+        ({"batch_size": 12, "mesh.data": 1, "mesh.fsdp": 8}, r"config\.batch_size=12.*8 devices"),
         ({"optimizer.clip_norm": -1.0}, r"config\.optimizer\.clip_norm=-1\.0"),
         ({"optimizer.b2": 1.0}, r"config\.optimizer\.b2=1\.0: expected \[0, 1\)"),
         ({"objective.spatial_weight": -1.0}, r"config\.objective\.spatial_weight"),
@@ -286,8 +287,9 @@ def test_a_config_of_the_other_kind_is_named_before_its_fields_are_read():
         ("imports.py", "import no_such_module\n", "ModuleNotFoundError: No module named"),
         ("image.png", "\x89PNG\n", "SyntaxError at {path}:1:"),
         ("none.py", "def get_config():\n    pass\n", "get_config() returned None"),
+        ("empty.py", "CONFIG = {}\n", "--config {path}: defines no get_config() function"),
     ],
-    ids=["syntax error", "failed import", "not python", "no config"],
+    ids=["syntax error", "failed import", "not python", "no config", "no get_config"],
 )
 def test_a_config_file_that_cannot_load_is_one_line(tmp_path, name, text, error):
     path = tmp_path / name

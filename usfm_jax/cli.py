@@ -21,6 +21,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         argv = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         message = str(e)
+        if isinstance(e, AttributeError) and "get_config" in message:  # a file without one
+            sys.exit(f"error: --config {_config_spec(argv)}: defines no get_config() function")
         if "Error whilst parsing config file" in message:  # get_config(arg) raised
             spec = message.partition(": ")[0].removeprefix("flag --config=")
             sys.exit(f"error: --config {spec}: {_last_line(message)}")

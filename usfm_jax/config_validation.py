@@ -32,7 +32,7 @@ from usfm_jax.objectives.representation import (
     TARGET_NORMS,
     create_representation,
 )
-from usfm_jax.parallel import mesh_shape
+from usfm_jax.parallel import BATCH_AXES, MESH_AXES, mesh_shape
 from usfm_jax.paths import as_path
 
 
@@ -337,7 +337,9 @@ def check_batch_split(config: ml_collections.ConfigDict, num_devices: int, views
         shape = mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    shards = shape[0] * shape[1]
+    shards = math.prod(
+        size for name, size in zip(MESH_AXES, shape, strict=True) if name in BATCH_AXES
+    )
     _require(
         config.batch_size % shards == 0 and views % shards == 0,
         "batch_size",
