@@ -5,7 +5,8 @@ carries the run's PRNG key, the step's key is ``fold_in(state.rng, state.step)``
 on device from it, and the function is compiled once with ``jax.jit`` over a device mesh with
 explicit shardings. With the representation objective (URFM) the frozen teacher's weights are a
 third argument of the compiled step (data, never differentiated nor updated); ``create_training``
-binds them. Nothing here does I/O except ``create_training`` reading the teacher's file.
+binds them. Nothing here does I/O except ``create_training`` reading the teacher's file (or the
+description of its precomputed targets).
 """
 
 from __future__ import annotations
