@@ -31,15 +31,14 @@ def _import_summary_writer() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
     whenever it is installed (only to accept its tensors), which would load PyTorch and its CUDA
     libraries into every training process (~1.5 s, and a second cuDNN beside JAX's)."""
-    if "torch" in sys.modules:  # already loaded by the caller: nothing to save
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it handles
+    hide = "torch" not in sys.modules  # (if the caller loaded it, there is nothing to save)
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it handles
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
