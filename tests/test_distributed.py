@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -23,6 +24,13 @@ def _free_port() -> int:
 
 def _run(workdir, processes: int, devices: int, *extra: str) -> None:
     """Runs the training CLI as ``processes`` processes with ``devices`` CPU devices each."""
+    cmd = [*DEMO_CLI, f"--config.total_steps={TOTAL}", f"--workdir={workdir}", *extra]
+    _launch(cmd, workdir, processes, devices)
+
+
+def _launch(cmd: list[str], workdir, processes: int, devices: int) -> None:
+    """Runs ``cmd`` as ``processes`` processes of one JAX runtime (``distributed.ENV``), with
+    ``devices`` CPU devices each; their output goes to workdir/process_I.log."""
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if processes > 1:
@@ -30,7 +38,6 @@ def _run(workdir, processes: int, devices: int, *extra: str) -> None:
     procs, logs = [], []
     for i in range(processes):
         logs.append(open(os.path.join(workdir, f"process_{i}.log"), "w"))  # noqa: SIM115
-        cmd = [*DEMO_CLI, f"--config.total_steps={TOTAL}", f"--workdir={workdir}", *extra]
         env_i = dict(env, USFM_PROCESS_ID=str(i)) if processes > 1 else env
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env_i, stdout=logs[i], stderr=logs[i]))
     try:
@@ -78,6 +85,32 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_two_and_one(tmp
     assert sorted(resumed) == list(range(1, TOTAL + 1))
     for step in range(7, TOTAL + 1):
         np.testing.assert_allclose(resumed[step], one_process[step], rtol=1e-5, err_msg=f"{step}")
+
+
+# Every process holds the same evaluation batch; the mesh's data axis alternates between the
+# processes' devices (as a multi-host TPU slice's topology can order them).
+INTERLEAVED = """
+import numpy as np, jax
+from jax.experimental import multihost_utils
+from usfm_jax import distributed, parallel
+from usfm_jax.data.pipeline import global_batch_from_whole
+distributed.initialize("auto")
+by_process = [[d for d in jax.devices() if d.process_index == p] for p in (0, 1)]
+devices = [d for pair in zip(*by_process, strict=True) for d in pair]
+mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 4, 1), parallel.MESH_AXES)
+whole = np.arange(24).reshape(8, 3)
+batch = global_batch_from_whole({"x": whole}, mesh)["x"]
+print("rows", multihost_utils.process_allgather(batch, tiled=True)[:, 0].tolist())
+"""
+
+
+def test_evaluation_batch_keeps_its_row_order_when_processes_interleave(tmp_path):
+    """Predictions are compared with the labels the host holds: the global batch built from a
+    whole evaluation batch must keep its rows in order whichever devices own them."""
+    _launch([sys.executable, "-c", INTERLEAVED], tmp_path, 2, 2)
+    for i in range(2):
+        log = (tmp_path / f"process_{i}.log").read_text()
+        assert "rows [0, 3, 6, 9, 12, 15, 18, 21]" in log, log[-2000:]
 
 
 @pytest.mark.parametrize(

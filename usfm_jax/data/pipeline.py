@@ -274,7 +274,8 @@ def process_batches(
             f"the {process_count} processes"
         )
     # Global batch k is items [k B, (k + 1) B) of the stream whatever the number of processes;
-    # process p holds its p-th block of rows, the rows its devices own in the global array.
+    # process p reads its p-th block, which goes to the rows its devices own in the global array
+    # (on a multi-host TPU slice not always the p-th block: the batch's rows are then permuted).
     ds = stream.batch(config.batch_size // process_count, drop_remainder=True)
     ds = ds[process_index::process_count][start_step:]
     # Each element is a whole batch, read by one thread: a buffer shorter than the thread count
@@ -297,13 +298,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def global_batch_from_whole(whole: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A global batch that every process holds whole (an evaluation set): each process places
-    its block of rows, as ``global_batch`` expects."""
-    count, index = jax.process_count(), jax.process_index()
-    block = {
-        k: v[index * (len(v) // count) : (index + 1) * (len(v) // count)] for k, v in whole.items()
+    """A global batch that every process holds whole (an evaluation set), row for row: each
+    device gets the rows it owns, which on a multi-host TPU slice need not be one contiguous
+    block per process (predictions are compared with the host's labels in this order)."""
+    sharding = parallel.batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+        for k, v in whole.items()
     }
-    return global_batch(block, mesh)
 
 
 def padded_batches(
