@@ -505,6 +505,9 @@ def test_label_efficiency_checks_everything_before_the_first_run(tmp_path):
     config.model.depth = 0  # checked for the scratch init, whose encoder the config describes
     with pytest.raises(ConfigError, match=r"config\.model\.depth=0"):
         label_efficiency.check_study(config, inits, 1)
+    odd_batch = tiny_finetune_config("classify", batch_size=12)  # 8 devices, before any run
+    with pytest.raises(ConfigError, match=r"config\.batch_size=12: must split evenly over 8"):
+        label_efficiency.check_study(odd_batch, inits, 1)
     label_efficiency.check_study(config, [("a", str(tmp_path))], 1)  # a checkpoint's own encoder
     classify = os.path.join(ROOT, "configs", "finetune", "classify.py")
     with pytest.raises(ConfigError, match=r"--pretrain a=.*classify\.py is not a pre-training"):
@@ -512,6 +515,11 @@ def test_label_efficiency_checks_everything_before_the_first_run(tmp_path):
     demo = os.path.join(ROOT, "configs", "pretrain", "demo.py")
     with pytest.raises(ConfigError, match=r"--pretrain a=.*demo\.py:steps=0: config\.total_steps"):
         label_efficiency.load_pretrain_configs([("a", demo + ":steps=0")], None)
+    odd = tmp_path / "odd_batch.py"
+    odd.write_text("from configs.pretrain import demo\n\ndef get_config():\n"
+                   "    c = demo.get_config()\n    c.batch_size = 12\n    return c\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--pretrain a=.*: config\.batch_size=12: must split"):
+        label_efficiency.load_pretrain_configs([("a", str(odd))], None)
     with pytest.raises(ValueError, match="--pretrain_steps must be >= 1, got 0"):
         label_efficiency.load_pretrain_configs([("a", demo)], 0)
     [(name, loaded)] = label_efficiency.load_pretrain_configs([("a", demo + ":steps=40")], 30)

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -80,7 +81,8 @@ def parse_fractions(text: str) -> list[float]:
 def load_pretrain_configs(
     specs: Sequence[tuple[str, str]], steps: int | None
 ) -> list[tuple[str, ml_collections.ConfigDict]]:
-    """The (name, config) of each ``--pretrain NAME=CONFIG[:ARG]``, validated."""
+    """The (name, config) of each ``--pretrain NAME=CONFIG[:ARG]``, validated (on this
+    machine's devices)."""
     if steps is not None and steps < 1:
         raise ValueError(f"--pretrain_steps must be >= 1, got {steps}")
     configs = []
@@ -90,7 +92,7 @@ def load_pretrain_configs(
         if steps:
             config.total_steps = steps
         try:
-            validate(config)
+            validate(config, jax.device_count())
         except ConfigError as e:
             raise ConfigError(f"--pretrain {name}={spec}: {e}") from None
         configs.append((name, config))
@@ -145,7 +147,7 @@ def check_study(
     for from_scratch in scratch:
         run = copy.deepcopy(config)
         run.init = "" if from_scratch else "a checkpoint"
-        validate_finetune(run)
+        validate_finetune(run, jax.device_count())
     if init_overrides(overrides or {}):  # what each init brings: read only when it matters
         run = copy.deepcopy(config)
         for name, path in inits:
