@@ -93,6 +93,7 @@ def test_ablations_change_what_they_name():
         ({"model.depth": 0}, r"config\.model\.depth=0"),
         ({"model.head": "transformer", "model.decoder.width": 100}, r"model\.decoder\.width"),
         ({"num_preview_images": 0}, r"config\.num_preview_images=0"),
+        ({"num_preview_images": 20}, r"num_preview_images=20: expected \[1, batch_size=16\]"),
         ({"data.source": "dicom"}, r"config\.data\.source='dicom'"),
         ({"objective.norm_pix": True, "objective.frequency_fft_weight": 1.0}, r"norm_pix"),
         ({"model.attention": "flash"}, r"config\.model\.attention='flash'"),

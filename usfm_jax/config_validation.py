@@ -331,8 +331,11 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_batch_split(config: ml_collections.ConfigDict, num_devices: int, views: int) -> None:
-    """The batch (and ``views`` model inputs per micro-batch) divide over the batch axes."""
+def check_batch_split(
+    config: ml_collections.ConfigDict, num_devices: int, *micro_batches: int
+) -> None:
+    """The batch, and each of the ``micro_batches`` (model inputs per micro-batch: views of a
+    pixel objective, images of the representation one), divide over the batch axes."""
     try:
         shape = mesh_shape(config.mesh, num_devices)
     except ValueError as e:
@@ -341,7 +344,7 @@ def check_batch_split(config: ml_collections.ConfigDict, num_devices: int, views
         size for name, size in zip(MESH_AXES, shape, strict=True) if name in BATCH_AXES
     )
     _require(
-        config.batch_size % shards == 0 and views % shards == 0,
+        all(size % shards == 0 for size in (config.batch_size, *micro_batches)),
         "batch_size",
         config.batch_size,
         f"must split evenly over {shards} devices (per micro-batch of views too)",
@@ -369,10 +372,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
              f"of {keep_every}")  # fmt: skip
     if config.image_every:
         _require(
-            config.num_preview_images >= 1,
+            1 <= config.num_preview_images <= config.batch_size,
             "num_preview_images",
             config.num_preview_images,
-            "expected >= 1 (or image_every=0)",
+            f"expected [1, batch_size={config.batch_size}] (or image_every=0)",
         )
 
     check_data_source(config, SOURCES)
@@ -473,5 +476,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(f"config.{e}") from None
     _check_probe(config)
     if num_devices is not None:
-        views = config.batch_size if objective is None else objective.num_views(config.batch_size)
-        check_batch_split(config, num_devices, views // o.grad_accum_steps)
+        inputs = [] if objective is None else [objective.num_views(config.batch_size)]
+        if r.enabled:
+            inputs.append(config.batch_size)  # the representation branch's images
+        check_batch_split(config, num_devices, *[n // o.grad_accum_steps for n in inputs])
