@@ -1,5 +1,7 @@
 """The jitted, sharded train step: device-count invariance, FSDP, gradient accumulation."""
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -62,6 +64,17 @@ def test_three_axis_mesh_matches_one_device():
     for m1, m8 in zip(one, eight, strict=True):
         np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     _assert_close(params_eight, params_one, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slices, dcn", [(1, 2), (2, 1), (2, 4)])
+def test_dcn_other_than_the_tpu_slice_count_is_named(slices, dcn):
+    """On TPUs the dcn axis is the slices (a hybrid mesh); any other size would fail inside
+    JAX's mesh construction."""
+    devices = [SimpleNamespace(id=i, platform="tpu", slice_index=i * slices // 8) for i in range(8)]
+    config = make_tiny_config(**{"mesh.dcn": dcn, "mesh.data": -1})
+    with pytest.raises(parallel.MeshError, match=rf"dcn={dcn}: the devices form {slices} TPU "
+                       rf"slice\(s\) .* set --config\.mesh\.dcn={slices}$"):  # fmt: skip
+        parallel.create_mesh(config.mesh, devices)
 
 
 def test_fsdp_shards_large_weights_only():

@@ -39,6 +39,10 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, .
     return tuple(sizes)
 
 
+class MeshError(ValueError):
+    """``config.mesh`` does not fit the devices at hand."""
+
+
 def create_mesh(
     cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
@@ -48,11 +52,18 @@ def create_mesh(
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if shape[0] > 1 and hasattr(devices[0], "slice_index"):
-        grid = mesh_utils.create_hybrid_device_mesh(
-            (1, *shape[1:]), (shape[0], 1, 1), devices, allow_split_physical_axes=True
-        )
-        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    if hasattr(devices[0], "slice_index"):
+        slices = len({d.slice_index for d in devices})
+        if shape[0] != slices and (shape[0] > 1 or devices[0].platform == "tpu"):
+            raise MeshError(
+                f"config.mesh.dcn={cfg.dcn}: the devices form {slices} TPU slice(s) and dcn "
+                f"runs across slices: set --config.mesh.dcn={slices}"
+            )
+        if shape[0] > 1:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                (1, *shape[1:]), (shape[0], 1, 1), devices, allow_split_physical_axes=True
+            )
+            return Mesh(grid, MESH_AXES, axis_types=axis_types)
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 

@@ -27,6 +27,7 @@ from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
+from usfm_jax.parallel import MeshError
 from usfm_jax.paths import PathError, make_directory, replace_text, work_directory
 from usfm_jax.probe import OrganProbe
 from usfm_jax.reporting import Reporter, quiet_library_logs, strict_json
@@ -156,6 +157,7 @@ def main(argv: list[str]) -> None:
         ConfigError,
         ConversionError,  # a teacher file that is not what config.teacher says
         DistributedError,
+        MeshError,
         PathError,
         TrainingDiverged,
     ) as e:
