@@ -77,6 +77,19 @@ def test_dcn_other_than_the_tpu_slice_count_is_named(slices, dcn):
         parallel.create_mesh(config.mesh, devices)
 
 
+def test_fsdp_misses_are_the_large_arrays_no_dimension_of_which_divides():
+    tree = {
+        "qkv": jax.ShapeDtypeStruct((1024, 3072), np.float32),  # 3072 divides by 6
+        "fc1": jax.ShapeDtypeStruct((1024, 4096), np.float32),  # nothing does
+        "bias": jax.ShapeDtypeStruct((4096,), np.float32),  # too small to shard
+    }
+    total = 1024 * 3072 + 1024 * 4096 + 4096
+    assert parallel.fsdp_misses(tree, 6, min_size=2**16) == pytest.approx(1024 * 4096 / total)
+    assert parallel.fsdp_misses(tree, 5, min_size=2**16) == pytest.approx(1024 * 7168 / total)
+    assert parallel.fsdp_misses(tree, 8, min_size=2**16) == 0
+    assert parallel.fsdp_misses(tree, 1, min_size=2**16) == 0
+
+
 def test_fsdp_shards_large_weights_only():
     config = make_tiny_config()
     config.mesh.update(data=1, fsdp=8)

@@ -27,6 +27,7 @@ from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
+from usfm_jax.models.factory import encoder_dims
 from usfm_jax.parallel import MeshError
 from usfm_jax.paths import PathError, make_directory, replace_text, work_directory
 from usfm_jax.probe import OrganProbe
@@ -62,6 +63,14 @@ def train(
         (objective.branches if objective is not None else ())
         + (("representation",) if config.representation.enabled else ()),
     )
+    fsdp = mesh.shape["fsdp"]
+    if missed := parallel.fsdp_misses(state.params, fsdp, config.mesh.fsdp_min_size):
+        logging.warning(
+            "the mesh's fsdp axis (%d devices) divides no dimension of arrays holding %.0f%% of "
+            "the parameters: they are replicated on every device (an fsdp size dividing the "
+            "model width, %d, shards them)",
+            fsdp, 100 * missed, encoder_dims(config.model)[0],
+        )  # fmt: skip
 
     batch_keys = ("image", "target") if config.teacher.targets else ("image",)
     checkpointer = Checkpointer(workdir, config.checkpoint)
