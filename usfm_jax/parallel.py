@@ -91,13 +91,16 @@ def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int) -> PartitionSpec:
 def fsdp_misses(tree: Any, fsdp: int, min_size: int) -> float:
     """The share of ``tree``'s elements in arrays large enough for FSDP that stay replicated
     because no dimension divides by ``fsdp`` (0 without FSDP)."""
-    sizes = [math.prod(x.shape) for x in jax.tree.leaves(tree)]
+    shapes = [x.shape for x in jax.tree.leaves(tree)]
+    total = sum(math.prod(shape) for shape in shapes)
+    if fsdp == 1 or not total:
+        return 0.0
     missed = sum(
-        size
-        for x, size in zip(jax.tree.leaves(tree), sizes, strict=True)
-        if size >= min_size and fsdp_spec(x.shape, fsdp, min_size) == PartitionSpec()
+        math.prod(shape)
+        for shape in shapes
+        if math.prod(shape) >= min_size and fsdp_spec(shape, fsdp, min_size) == PartitionSpec()
     )
-    return missed / sum(sizes) if fsdp > 1 and sizes else 0.0
+    return missed / total
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
