@@ -70,11 +70,20 @@ def test_three_axis_mesh_matches_one_device():
 def test_dcn_other_than_the_tpu_slice_count_is_named(slices, dcn):
     """On TPUs the dcn axis is the slices (a hybrid mesh); any other size would fail inside
     JAX's mesh construction."""
-    devices = [SimpleNamespace(id=i, platform="tpu", slice_index=i * slices // 8) for i in range(8)]
+    devices = [
+        SimpleNamespace(id=i, platform="tpu", process_index=0, slice_index=i * slices // 8)
+        for i in range(8)
+    ]
     config = make_tiny_config(**{"mesh.dcn": dcn, "mesh.data": -1})
     with pytest.raises(parallel.MeshError, match=rf"dcn={dcn}: the devices form {slices} TPU "
                        rf"slice\(s\) .* set --config\.mesh\.dcn={slices}$"):  # fmt: skip
         parallel.create_mesh(config.mesh, devices)
+
+
+def test_processes_with_unequal_device_counts_are_named():
+    devices = [SimpleNamespace(id=i, platform="cpu", process_index=int(i >= 4)) for i in range(6)]
+    with pytest.raises(parallel.MeshError, match=r"different numbers of devices \(\{0: 4, 1: 2\}"):
+        parallel.create_mesh(make_tiny_config(**{"mesh.data": -1}).mesh, devices)
 
 
 def test_fsdp_misses_are_the_large_arrays_no_dimension_of_which_divides():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -52,6 +53,13 @@ def create_mesh(
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    per_process = collections.Counter(d.process_index for d in devices)
+    if len(set(per_process.values())) > 1:  # each process feeds batch_size / processes rows
+        raise MeshError(
+            f"the processes hold different numbers of devices ({dict(sorted(per_process.items()))}"
+            " by process index): each process feeds an equal share of the batch, so give every "
+            "process as many devices"
+        )
     if hasattr(devices[0], "slice_index"):
         slices = len({d.slice_index for d in devices})
         if shape[0] != slices and (shape[0] > 1 or devices[0].platform == "tpu"):
