@@ -32,7 +32,7 @@ from usfm_jax.objectives.representation import (
     TARGET_NORMS,
     create_representation,
 )
-from usfm_jax.parallel import BATCH_AXES, MESH_AXES, mesh_shape
+from usfm_jax.parallel import MESH_AXES, batch_shards, mesh_shape
 from usfm_jax.paths import as_path
 
 
@@ -340,9 +340,7 @@ def check_batch_split(
         shape = mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    shards = math.prod(
-        size for name, size in zip(MESH_AXES, shape, strict=True) if name in BATCH_AXES
-    )
+    shards = batch_shards(dict(zip(MESH_AXES, shape, strict=True)))
     _require(
         all(size % shards == 0 for size in (config.batch_size, *micro_batches)),
         "batch_size",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +38,11 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, .
             f"but {num_devices} are present"
         )
     return tuple(sizes)
+
+
+def batch_shards(sizes: Mapping[str, int]) -> int:
+    """Into how many shards a batch splits on a mesh of axis ``sizes`` (``mesh.shape``)."""
+    return math.prod(sizes[axis] for axis in BATCH_AXES)
 
 
 class MeshError(ValueError):
@@ -99,14 +104,14 @@ def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int) -> PartitionSpec:
 def fsdp_misses(tree: Any, fsdp: int, min_size: int) -> float:
     """The share of ``tree``'s elements in arrays large enough for FSDP that stay replicated
     because no dimension divides by ``fsdp`` (0 without FSDP)."""
-    shapes = [x.shape for x in jax.tree.leaves(tree)]
-    total = sum(math.prod(shape) for shape in shapes)
+    arrays = [(x.shape, math.prod(x.shape)) for x in jax.tree.leaves(tree)]
+    total = sum(size for _, size in arrays)
     if fsdp == 1 or not total:
         return 0.0
     missed = sum(
-        math.prod(shape)
-        for shape in shapes
-        if math.prod(shape) >= min_size and fsdp_spec(shape, fsdp, min_size) == PartitionSpec()
+        size
+        for shape, size in arrays
+        if size >= min_size and fsdp_spec(shape, fsdp, min_size) == PartitionSpec()
     )
     return missed / total
 
@@ -148,7 +153,7 @@ def per_batch_shard(fn: Callable, shared: Sequence[int] = ()) -> Callable:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return fn(*args)
-        shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+        shards = batch_shards(mesh.shape)
         split = [i not in shared and x is not None for i, x in enumerate(args)]
         if shards == 1 or any(x.shape[0] % shards for x, s in zip(args, split, strict=True) if s):
             return fn(*args)
@@ -168,7 +173,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    shards = batch_shards(mesh.shape)
     if shards == 1 or x.shape[0] % shards:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
