@@ -20,8 +20,8 @@ pass, ``sum(dO * O)`` as the softmax's row term):
 - dq and the bias gradient, grid (query blocks, heads, batch chunks): a loop over the chunk's
   batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens).
 
-Scores, softmax and accumulators are float32 whatever the compute dtype. Where the default
-backend is not a GPU the kernels run in Pallas' interpreter: correct, slow, for tests. The
+Scores, softmax and accumulators are float32 whatever the compute dtype. Where the program is
+not lowered for a GPU the kernels run in Pallas' interpreter: correct, slow, for tests. The
 default tiling is sized for an H100 (sm_90); other GPUs have less shared memory per SM.
 """
 
@@ -40,7 +40,7 @@ from usfm_jax.models.triton_tiles import (
     KernelTiling,
     dot,
     fit_block,
-    interpret_default,
+    pallas_call,
     round_up,
     within,
 )
@@ -86,7 +86,7 @@ def fused_attention(
 
     qkv [B, T, 3, heads, Dh]; ``bias`` [1, heads, T, T] (shared by the batch) or None. Returns
     [B, T, heads, Dh] in qkv's dtype. ``tiling`` defaults to DEFAULT_TILING (which benchmarks
-    may replace), ``interpret`` to "not on a GPU".
+    may replace); ``interpret`` None: Triton when lowered for a GPU, the interpreter elsewhere.
     """
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, T, 3, heads, Dh], got {qkv.shape}")
@@ -101,8 +101,6 @@ def fused_attention(
         )
     if bias is not None and bias.shape != (1, heads, t, t):
         raise ValueError(f"bias must be [1, heads, T, T] = {(1, heads, t, t)}, got {bias.shape}")
-    if interpret is None:
-        interpret = interpret_default()
     return _attention(qkv, bias, tiling or DEFAULT_TILING, interpret)
 
 
@@ -126,7 +124,7 @@ def _forward(qkv, bias, tiling, interpret):
         qkv_spec(t_keys, lambda i, n, h: (n, 0, 2, h, 0)),  # v [T_keys, Dp]
         None if bias is None else pl.BlockSpec((None, block_q, t_keys), lambda i, n, h: (h, i, 0)),
     ]
-    out, lse = pl.pallas_call(
+    out, lse = pallas_call(
         kernel,
         grid=(pl.cdiv(t, block_q), b, heads),
         in_specs=in_specs,
@@ -160,7 +158,7 @@ def _backward(tiling, interpret, residuals, d_out):
     # dk, dv: written into slots 1 and 2 of the [B, T, 3, heads, Dh] gradient
     block_q_dkv, block_k_dkv = fit_block(tiling.block_q_dkv, t), fit_block(tiling.block_k_dkv, t)
     t_queries = round_up(t, block_q_dkv)
-    d_qkv = pl.pallas_call(
+    d_qkv = pallas_call(
         functools.partial(_dkv_kernel, block_q=block_q_dkv, **common),
         grid=(pl.cdiv(t, block_k_dkv), b, heads),
         in_specs=[
@@ -192,7 +190,7 @@ def _backward(tiling, interpret, residuals, d_out):
         out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(b, chunk), heads, t, t), jnp.float32))
     inputs = (qkv, qkv, qkv, bias_heads, d_out, lse, delta, d_qkv)
-    d_qkv, *d_bias = pl.pallas_call(
+    d_qkv, *d_bias = pallas_call(
         functools.partial(_dq_kernel, batch=b, block_k=block_k, **common),
         grid=(pl.cdiv(t, block_q), heads, pl.cdiv(b, chunk)),
         in_specs=[

@@ -15,7 +15,8 @@ GEMMs. Here two kernels do that work in the epilogues of the matmuls that produc
 fc2 and the other matmuls of the backward pass (dw2, dw1, dx) stay XLA's (cuBLAS). The kernels
 compute in float32 and round once, so in bf16 they are if anything closer to float32 than XLA's
 path. Triton has no erf, so the GELU uses an approximation of erf, within 5e-7 in float32.
-Elsewhere than on a GPU the kernels run in Pallas' interpreter: correct, slow, for tests.
+Where the program is not lowered for a GPU the kernels run in Pallas' interpreter: correct,
+slow, for tests.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from usfm_jax.models.triton_tiles import (
     KernelTiling,
     dot,
     fit_block,
-    interpret_default,
+    pallas_call,
     round_up,
     within,
 )
@@ -67,7 +68,8 @@ def fused_mlp(
     """GELU(x @ w1 + b1) @ w2 + b2 with the exact (erf) GELU, over tokens x [..., D].
 
     w1 [D, H], b1 [H], w2 [H, D_out], b2 [D_out], all in x's (floating) dtype. Returns
-    [..., D_out]. ``tiling`` defaults to DEFAULT_MLP_TILING, ``interpret`` to "not on a GPU".
+    [..., D_out]. ``tiling`` defaults to DEFAULT_MLP_TILING; ``interpret`` None: Triton when
+    lowered for a GPU, the interpreter elsewhere.
     """
     d, hidden, d_out = x.shape[-1], w1.shape[-1], w2.shape[-1]
     expected = dict(w1=(d, hidden), b1=(hidden,), w2=(hidden, d_out), b2=(d_out,))
@@ -81,8 +83,6 @@ def fused_mlp(
             raise ValueError(f"fused_mlp: {name} is {array.dtype}, x is {x.dtype}: cast first")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"fused_mlp: x must be floating point, got {x.dtype}")
-    if interpret is None:
-        interpret = interpret_default()
     tokens = x.reshape(-1, d)  # [N, D]
     y = _mlp(tokens, w1, b1, w2, b2, tiling or DEFAULT_MLP_TILING, interpret)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -135,7 +135,7 @@ def _matmul_epilogue(kernel, a, b, extra, tiling, interpret):
             jax.ShapeDtypeStruct((pl.cdiv(rows, block_m), cols), jnp.float32),
         ]
     # hidden columns vary fastest: programs running together share a's rows (b stays in L2)
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(kernel, rows=rows, cols=cols, depth=depth, block_k=block_k),
         grid=(pl.cdiv(cols, block_n), pl.cdiv(rows, block_m)),
         in_specs=[pl.BlockSpec((block_m, depth_padded), lambda j, i: (i, 0)), b_spec, extra_spec],

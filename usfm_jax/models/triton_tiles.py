@@ -2,13 +2,16 @@
 
 A kernel's tiling (block sizes and launch parameters, validated and parsed from the command
 line), float32-accumulated tensor-core dots of 2-D tiles, and the block arithmetic for sizes the
-blocks do not divide. Kernels run in Pallas' interpreter wherever the default backend is not a
-GPU (tests on a CPU); Triton's dot needs power-of-two tiles of at least 16.
+blocks do not divide. Kernels are compiled by Triton where the program is lowered for a GPU
+and run in Pallas' interpreter elsewhere (tests on a CPU): the choice is made per lowering
+platform, so a step compiled ahead of time for a GPU on a machine without one gets the Triton
+kernels. Triton's dot needs power-of-two tiles of at least 16.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +52,21 @@ class KernelTiling:
         return plgpu.CompilerParams(num_warps=warps, num_stages=self.stages)
 
 
-def interpret_default() -> bool:
-    """Whether kernels run in Pallas' interpreter by default: wherever there is no GPU."""
-    return jax.default_backend() != "gpu"
+def pallas_call(kernel: Callable, *, interpret: bool | None, **kwargs) -> Callable:
+    """``pl.pallas_call(kernel, **kwargs)``: Triton where the program is lowered for a GPU and
+    Pallas' interpreter elsewhere (``interpret=None``), or as ``interpret`` says.
+
+    The platform is the lowering's (``lax.platform_dependent``), not the default backend's: an
+    ahead-of-time compile for a GPU on a CPU-only machine gets the Triton kernels, and each
+    lowering contains only its own branch.
+    """
+    if interpret is not None:
+        return pl.pallas_call(kernel, interpret=interpret, **kwargs)
+    triton = pl.pallas_call(kernel, interpret=False, **kwargs)
+    interpreted = pl.pallas_call(kernel, interpret=True, **kwargs)
+    return lambda *args: jax.lax.platform_dependent(
+        *args, cuda=triton, rocm=triton, default=interpreted
+    )
 
 
 def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
