@@ -31,15 +31,6 @@ import sys
 import time
 from importlib import metadata
 
-# libtpu probes the GCE metadata server for the host's accelerator and worker list unless told;
-# a compile-only topology needs neither, so these only silence its warnings (topology and chip
-# come from --topology, whatever the values here).
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-# Host-side tracing (eval_shape, lowering) runs on the CPU backend; TPU is the compile target only.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
@@ -71,6 +62,20 @@ MEGACORE = ("v4", "v5p", "v5")
 DEFAULT_TOPOLOGIES = ("v5p:2x2x1", "v4:2x2x1", "v5e:2x2")
 
 SIZE_LETTERS = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
+
+
+def compile_only_environment() -> None:
+    """Settings for compiling for a device this machine lacks; before JAX starts a backend.
+
+    Host-side tracing (eval_shape, lowering) runs on the CPU backend: the accelerator is the
+    compile target only. libtpu probes the GCE metadata server for the host's accelerator and
+    worker list unless told; a compile-only topology needs neither, so these only silence its
+    warnings (topology and chip come from --topology, whatever the values here).
+    """
+    jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
 def topology_devices(name: str) -> list:
@@ -146,19 +151,10 @@ def flops_of(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-OOM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
-
-
-def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> dict:
-    """AOT-compiles one configuration; returns the row of the table.
-
-    A step that cannot fit is an answer, not an error: XLA:TPU rematerialises what it can to fit
-    the chip, then fails the compile with RESOURCE_EXHAUSTED (CompileTimeHbmOom); the row then
-    holds the temporaries it asked for. Other compile errors propagate.
-    """
-    n = len(devices)
-    batch = args.batch_per_device * n
-    config = make_config(size, batch, fsdp, args)
+def lower_step(config, devices: list) -> tuple:
+    """The real train step of ``config`` for ``devices`` (compile-only ones will do), lowered
+    from abstract shapes: (lowered step, mesh, abstract train state, the state's shardings).
+    Nothing is allocated."""
     mesh = parallel.create_mesh(config.mesh, devices)
     objective = create_objective(config)
     tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
@@ -173,8 +169,26 @@ def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> di
     )
     h, w = config.image_size
     images = jax.ShapeDtypeStruct(
-        (batch, h, w, 1), jnp.uint8, sharding=parallel.batch_sharding(mesh)
+        (config.batch_size, h, w, 1), jnp.uint8, sharding=parallel.batch_sharding(mesh)
     )
+    return step.lower(state_arg, {"image": images}), mesh, abstract_state, shardings
+
+
+OOM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> dict:
+    """AOT-compiles one configuration; returns the row of the table.
+
+    A step that cannot fit is an answer, not an error: XLA:TPU rematerialises what it can to fit
+    the chip, then fails the compile with RESOURCE_EXHAUSTED (CompileTimeHbmOom); the row then
+    holds the temporaries it asked for. Other compile errors propagate.
+    """
+    n = len(devices)
+    batch = args.batch_per_device * n
+    config = make_config(size, batch, fsdp, args)
+    start = time.perf_counter()  # lowering and compilation
+    lowered, mesh, abstract_state, shardings = lower_step(config, devices)
     kind = devices[0].device_kind
     hbm = HBM_GIB.get(kind)
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
@@ -190,9 +204,8 @@ def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> di
         "state_gib": shard_bytes(abstract_state, shardings) / GiB,
         "hbm_gib": hbm,
     }
-    start = time.perf_counter()
     try:
-        compiled = step.lower(state_arg, {"image": images}).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         oom = OOM.search(str(e))
         if not oom:
@@ -263,6 +276,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    compile_only_environment()
     topologies = {name: topology_devices(name) for name in args.topology}  # fails early
     print(
         f"# {datetime.date.today()}, jax {jax.__version__}, libtpu {metadata.version('libtpu')}, "

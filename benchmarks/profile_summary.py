@@ -54,7 +54,7 @@ _FUSION_KERNEL = re.compile(r"([a-z][a-z_]*?)_(\d+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
+_COMPUTATION = re.compile(r"^(?:(ENTRY) )?%?([\w.\-]+) .*\{\s*$")  # unindented
 
 
 def newest_trace(directory: Path) -> Path:
@@ -95,19 +95,26 @@ def kernel_operation(kernel: str) -> str:
     return f"{match.group(1)}.{match.group(2)}" if match else kernel
 
 
-def hlo_contents(text: str) -> dict[str, set[str]]:
-    """Per instruction of the HLO module: the opcodes (and custom-call targets) it runs,
-    looking through fusions into their computations."""
+def hlo_computations(text: str) -> dict[str, list[tuple[str, str, str]]]:
+    """The computations of an HLO module's text: name -> its instructions as (name, opcode,
+    line), in order; the entry computation is named ENTRY."""
     computations: dict[str, list[tuple[str, str, str]]] = {}
     current = None
     for line in text.splitlines():
         header = _COMPUTATION.match(line)
-        if header and "=" not in line.split("{")[0]:
-            current = computations.setdefault(header.group(1), [])
+        if header:
+            current = computations.setdefault(header.group(1) or header.group(2), [])
             continue
         match = _INSTRUCTION.match(line)
         if match and current is not None:
             current.append((match.group(1), match.group(2), line))
+    return computations
+
+
+def hlo_contents(text: str) -> dict[str, set[str]]:
+    """Per instruction of the HLO module: the opcodes (and custom-call targets) it runs,
+    looking through fusions into their computations."""
+    computations = hlo_computations(text)
 
     def runs(name: str, opcode: str, line: str, depth: int = 0) -> set[str]:
         found = {opcode}

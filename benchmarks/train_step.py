@@ -65,6 +65,7 @@ def build_config(args: argparse.Namespace, device_count: int, accelerator: bool)
     config = usfm_vitb16.get_config(f"size={args.size}")
     config.image_size = (args.image, args.image)
     config.batch_size = args.batch_per_device * device_count
+    config.image_every = 0  # no previews: the step alone (and batches below num_preview_images)
     config.model.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
     config.model.update(
         attention=args.attention, mlp=args.mlp, remat=args.remat, scan_layers=args.scan

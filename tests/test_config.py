@@ -127,24 +127,28 @@ def test_keep_every_follows_every():
     validate(config, num_devices=8)
 
 
-def test_pallas_attention_is_checked_against_the_token_count(monkeypatch):
-    """On a GPU (the backend faked: the check reads only its name), 'pallas' takes images of up
-    to 256 tokens (224 px with 16-px patches: 197; not 384 px: 577) and heads up to 64 wide."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    validate(make_tiny_config(**{"model.attention": "pallas"}), num_devices=8)
+def test_pallas_attention_is_checked_against_the_token_count():
+    """For a GPU (``backend``, as an ahead-of-time compile for one names it), 'pallas' takes
+    images of up to 256 tokens (224 px with 16-px patches: 197; not 384 px: 577) and heads up
+    to 64 wide."""
+    validate(make_tiny_config(**{"model.attention": "pallas"}), num_devices=8, backend="gpu")
     big = make_tiny_config(**{"model.attention": "pallas", "image_size": (384, 384)})
     big.data.augment.crop_scale = (1.0, 1.0)
     with pytest.raises(ConfigError, match=r"up to 256 tokens.*\(384, 384\) makes 577"):
-        validate(big, num_devices=8)
+        validate(big, num_devices=8, backend="gpu")
     wide = make_tiny_config(**{"model.attention": "pallas", "model.width": 160})  # heads of 80
     with pytest.raises(ConfigError, match=r"heads up to 64 wide.*are 80 \(width 160, 2 heads\)"):
-        validate(wide, num_devices=8)
+        validate(wide, num_devices=8, backend="gpu")
 
 
-def test_pallas_mlp_is_accepted_on_a_gpu(monkeypatch):
-    """The fused MLP has no size limits: on a GPU (faked, as above) any encoder takes it."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    validate(make_tiny_config(**{"model.mlp": "pallas", "model.width": 160}), num_devices=8)
+def test_gpu_kernels_are_accepted_for_a_gpu():
+    """The fused MLP has no size limits: for a GPU any encoder takes it; cuDNN attention takes
+    half-precision compute only."""
+    validate(make_tiny_config(**{"model.mlp": "pallas", "model.width": 160}), 8, backend="gpu")
+    cudnn = {"model.attention": "cudnn", "model.dtype": "bfloat16"}
+    validate(make_tiny_config(**cudnn), num_devices=8, backend="gpu")
+    with pytest.raises(ConfigError, match=r"bf16 / fp16 compute \(backend 'gpu'"):
+        validate(make_tiny_config(**{"model.attention": "cudnn"}), 8, backend="gpu")
 
 
 def test_configs_are_locked():
@@ -174,7 +178,6 @@ def _validate(config) -> None:
 
 
 def test_running_out_of_device_memory_is_one_line_with_the_remedies():
-    import jax
     import jax.numpy as jnp
 
     from usfm_jax.cli import exit_if_out_of_memory

@@ -722,6 +722,14 @@ def test_auto_attention_is_xla_without_a_gpu():
     assert resolve_attention("cudnn", jnp.bfloat16) == "cudnn"  # asked for: kept, fails later
 
 
+def test_auto_attention_for_a_named_backend():
+    """An ahead-of-time compile for a GPU resolves "auto" for the GPU, not for this CPU."""
+    assert resolve_attention("auto", jnp.bfloat16, backend="gpu") == "cudnn"
+    assert resolve_attention("auto", jnp.float16, backend="gpu") == "cudnn"
+    assert resolve_attention("auto", jnp.float32, backend="gpu") == "xla"  # cuDNN: half only
+    assert resolve_attention("auto", jnp.bfloat16, backend="tpu") == "xla"
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_padding_for_cudnn_leaves_attention_unchanged(with_bias):
     """cuDNN trains only on even lengths: the padded key must get no weight and the real

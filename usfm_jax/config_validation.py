@@ -250,9 +250,11 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_encoder(config: ml_collections.ConfigDict) -> None:
-    """The encoder fields of ``config.model``."""
+def check_encoder(config: ml_collections.ConfigDict, backend: str | None = None) -> None:
+    """The encoder fields of ``config.model``, for running on ``backend`` (default: JAX's
+    default backend; an ahead-of-time compile names its target's)."""
     m = config.model
+    backend = backend or jax.default_backend()
     _one_of(config, "model.variant", ("beit", "vit"))
     _one_of(config, "model.rel_pos", ("shared", "per_block"))
     _one_of(config, "model.dtype", tuple(DTYPES))
@@ -260,20 +262,20 @@ def check_encoder(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
     if m.attention == "cudnn":
         _require(
-            cudnn_attention_available(DTYPES[m.dtype]),
+            cudnn_attention_available(DTYPES[m.dtype], backend),
             "model.attention",
             m.attention,
             f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "
-            f"(backend {jax.default_backend()!r}, model.dtype={m.dtype!r}); use 'xla'",
+            f"(backend {backend!r}, model.dtype={m.dtype!r}); use 'xla'",
         )
     _one_of(config, "model.mlp", MLP_IMPLEMENTATIONS)
     for field in ("attention", "mlp"):
         _require(
-            m[field] != "pallas" or jax.default_backend() == "gpu",
+            m[field] != "pallas" or backend == "gpu",
             f"model.{field}",
             m[field],
             f"the Pallas (Triton) kernels run on NVIDIA GPUs (backend "
-            f"{jax.default_backend()!r}; elsewhere only in Pallas' slow interpreter); use 'xla'",
+            f"{backend!r}; elsewhere only in Pallas' slow interpreter); use 'xla'",
         )
     _one_of(config, "model.in_chans", (1, 3))
     for field in ("width", "depth", "num_heads"):
@@ -349,8 +351,11 @@ def check_batch_split(
     )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError for the first invalid setting of a pre-training config."""
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, backend: str | None = None
+) -> None:
+    """Raises ConfigError for the first invalid setting of a pre-training config, for
+    ``num_devices`` devices of ``backend`` (default: JAX's default backend)."""
     require_kind(config, "pre-training")
     _check_seed(config)
     check_image_size(config)
@@ -385,7 +390,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _require(config.data[field] >= 0, f"data.{field}", config.data[field], "expected >= 0")
 
     m = config.model
-    check_encoder(config)
+    check_encoder(config, backend)
     _one_of(config, "model.head", ("linear", "transformer"))
     _one_of(config, "model.out_chans", (1,))  # the images are single-channel
     if m.head == "transformer":

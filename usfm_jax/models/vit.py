@@ -144,18 +144,20 @@ def position_bias(table: nnx.Param, grid: tuple[int, int]) -> jax.Array:
     return jnp.transpose(bias, (2, 0, 1))[None]
 
 
-def cudnn_attention_available(dtype: DTypeLike) -> bool:
-    """Whether cuDNN's fused attention can run here: an NVIDIA GPU and bf16 / fp16 compute."""
-    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+def cudnn_attention_available(dtype: DTypeLike, backend: str | None = None) -> bool:
+    """Whether cuDNN's fused attention can run on ``backend`` (default: JAX's default backend):
+    an NVIDIA GPU and bf16 / fp16 compute."""
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-def resolve_attention(attention: str, dtype: DTypeLike) -> str:
+def resolve_attention(attention: str, dtype: DTypeLike, backend: str | None = None) -> str:
     """The implementation ``attention`` (one of ATTENTION_IMPLEMENTATIONS) means for ``dtype``
-    here."""
+    on ``backend`` (default: JAX's default backend)."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
     if attention == "auto":
-        return "cudnn" if cudnn_attention_available(dtype) else "xla"
+        return "cudnn" if cudnn_attention_available(dtype, backend) else "xla"
     return attention
 
 

@@ -1,0 +1,267 @@
+"""Ahead-of-time compile of the pre-training step for an NVIDIA GPU, on a machine without one.
+
+    python3 -m venv /tmp/gpuaot && /tmp/gpuaot/bin/pip install -r requirements-gpu-aot.txt
+    /tmp/gpuaot/bin/python benchmarks/gpu_aot.py --size base --batch-per-device 128 \\
+        --attention pallas --mlp pallas
+    /tmp/gpuaot/bin/python benchmarks/gpu_aot.py --variants benchmarks/variants/gpu_pallas.txt
+
+XLA:GPU compiles the real train step for the GPU a target description names
+(``benchmarks/gpu_targets/h100_sxm.txtpb``), through JAX's PJRT topology API, with neither GPU
+nor driver. A configuration is given in ``benchmarks/train_step.py``'s options (a variants file
+has one per line), so what a GPU session will time can be checked before its time is spent:
+
+- that the step compiles for the GPU: the Pallas kernels through jaxlib's own Triton, cuDNN's
+  fused attention, XLA flags (``--xla-flag``, passed as compiler options);
+- per-device memory (XLA's ``memory_analysis``): the state, the activations and whether they fit;
+- the kernels the step launches and the bytes they move, by kind (``profile_summary``'s
+  categories): each kernel's operands and results, read or written once. The memory-bound
+  kernels (all but matmuls and attention) are what the 2026-11-22 profile found at the HBM
+  bandwidth, so their bytes over the measured bandwidth estimate their time.
+
+Not modelled: autotuning, which needs a GPU to time on; without it XLA compiles every GEMM as
+a Triton GEMM. ``--gemm auto`` (the default) asks for cuBLAS, which the autotuner picked for
+every GEMM of the step on the H100, except in variants whose ``--xla-flag`` is about GEMMs
+(``--xla_gpu_triton_gemm_any=true``, ...): those get XLA's choice under their flags. The byte
+counts are an upper estimate where a kernel reads a part of an operand (slices) and a lower one
+where it reads an operand twice. docs/benchmarks.md has tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import re
+import shlex
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS.parent))
+
+import jax  # noqa: E402
+
+from benchmarks import aot_memory, profile_summary, train_step  # noqa: E402
+from usfm_jax.config_validation import ConfigError, validate  # noqa: E402
+from usfm_jax.models import fused_attention, fused_mlp  # noqa: E402
+from usfm_jax.models.factory import DTYPES  # noqa: E402
+from usfm_jax.models.vit import resolve_attention  # noqa: E402
+
+GiB = 2**30
+DEFAULT_TARGET = BENCHMARKS / "gpu_targets" / "h100_sxm.txtpb"
+# Device-to-device copy measured on the H100 of 2026-11-22 (TB/s): what memory-bound kernels reach.
+DEFAULT_BANDWIDTH = 3.0
+COMPUTE_BOUND = ("matmul", "attention")
+# Instructions that launch no kernel: buffers, tuples and control flow (looked into).
+NO_KERNEL = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+    "add-dependency", "opt-barrier", "partition-id", "replica-id", "while", "conditional", "call",
+}  # fmt: skip
+_ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f8\w*|f16|f32|f64|c64|c128)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128}
+_SHAPE = re.compile(r" = (.*?) [a-z][\w\-]*\(")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_CALLED = re.compile(
+    r"\b(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def array_bytes(shape: str) -> int:
+    """Bytes of every array in an HLO shape (an array or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += count * bits // 8
+    return total
+
+
+def kernel_traffic(hlo: str) -> dict[str, list[float]]:
+    """Per category: [kernels launched, bytes of their operands and results], for one run of
+    the entry computation of an optimised HLO module: loops counted by their trip counts, every
+    branch of a conditional counted (an upper estimate; the step has none). An operand passed
+    twice (q, k and v from one qkv array) counts once."""
+    computations = profile_summary.hlo_computations(hlo)
+    contents = profile_summary.hlo_contents(hlo)
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0])
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        instructions = computations.get(name, [])
+        shapes = {n: _SHAPE.search(line).group(1) for n, _, line in instructions}
+        for inst, opcode, line in instructions:
+            called = _CALLED.findall(line) + [
+                b.strip().lstrip("%")
+                for group in _BRANCHES.findall(line)
+                for b in group.split(",")
+                if b.strip()
+            ]
+            if opcode in NO_KERNEL:
+                trips = _TRIPS.search(line)
+                for inner in called if depth < 8 else []:
+                    visit(inner, times * (int(trips.group(1)) if trips else 1), depth + 1)
+                continue
+            args = line[line.index(f" {opcode}(") + len(opcode) + 2 :].split(")")[0]
+            operands = set(_OPERAND.findall(args))  # a buffer passed twice is read once
+            moved = array_bytes(shapes[inst]) + sum(
+                array_bytes(shapes.get(o, "")) for o in operands
+            )
+            entry = totals[profile_summary.category(contents.get(inst, {opcode}))]
+            entry[0] += times
+            entry[1] += times * moved
+
+    visit("ENTRY", 1)
+    return dict(totals)
+
+
+def gpu_devices(target: Path, gpus: int) -> list:
+    """Compile-only devices of ``gpus`` GPUs of the kind ``target`` describes, on one host."""
+    from jax.experimental import topologies
+
+    try:
+        description = topologies.get_topology_desc(
+            platform="cuda", target_config=target.read_text(), topology=f"1x1x{gpus}"
+        )
+    except NotImplementedError:  # no CUDA plugin: JAX has no topology for the platform
+        sys.exit(
+            "error: JAX's CUDA plugin is not installed, so nothing can be compiled for a GPU: "
+            "pip install -r requirements-gpu-aot.txt"
+        )
+    return list(description.devices)
+
+
+def compiler_options(args: argparse.Namespace, gemm: str) -> dict[str, bool | int | str]:
+    """XLA options of one variant: the GEMM backend, then its ``--xla-flag`` values (typed:
+    XLA takes a bool option as a bool, not as the text of a flag). ``gemm`` "auto": cuBLAS,
+    unless the variant's flags are about GEMMs (``*gemm*``, ``*cublas*``): XLA's defaults then."""
+    flags: dict[str, bool | int | str] = {}
+    for flag in args.xla_flag:
+        name, sep, value = flag.lstrip("-").partition("=")
+        if not name.startswith("xla_") or not sep:
+            raise ValueError(f"--xla-flag {flag!r}: expected --xla_NAME=VALUE")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            flags[name] = lowered == "true"
+        else:
+            flags[name] = int(value) if value.lstrip("-").isdigit() else value
+    if gemm == "auto":
+        about_gemms = any("gemm" in name or "cublas" in name for name in flags)
+        gemm = "xla" if about_gemms else "cublas"
+    options: dict[str, bool | int | str] = {}
+    if gemm != "xla":
+        options["xla_gpu_enable_triton_gemm"] = gemm == "triton"
+    return options | flags
+
+
+def compile_variant(argv: list[str], devices: list, gemm: str) -> dict:
+    """AOT-compiles one train_step.py configuration for ``devices``; the row of the table."""
+    args = train_step.parse_args(argv)
+    fused_attention.DEFAULT_TILING = args.pallas_tiling or fused_attention.Tiling()
+    fused_mlp.DEFAULT_MLP_TILING = args.mlp_tiling or fused_mlp.MlpTiling()
+    config = train_step.build_config(args, len(devices), accelerator=True)
+    config.model.attention = resolve_attention(
+        config.model.attention, DTYPES[config.model.dtype], backend="gpu"
+    )
+    validate(config, len(devices), backend="gpu")
+    start = time.perf_counter()
+    lowered = aot_memory.lower_step(config, devices)[0]
+    compiled = lowered.compile(compiler_options(args, gemm))
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    total = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    return {
+        "compile_s": seconds,
+        "args_gib": mem.argument_size_in_bytes / GiB,
+        "temp_gib": mem.temp_size_in_bytes / GiB,
+        "total_gib": total / GiB,
+        "traffic": kernel_traffic(compiled.as_text()),
+    }
+
+
+def variant_lines(path: Path) -> list[str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Other options are benchmarks/train_step.py's and describe the configuration.",
+    )
+    ap.add_argument("--variants", type=Path, help="a file of train_step.py option lines")
+    ap.add_argument("--target", type=Path, default=DEFAULT_TARGET, help="GPU target description")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs of one host (data parallel)")
+    ap.add_argument(
+        "--gemm",
+        choices=("auto", "cublas", "triton", "xla"),
+        default="auto",
+        help="GEMM backend: cuBLAS; XLA's Triton GEMMs; XLA's choice without autotuning; auto: "
+        "cuBLAS unless a variant's --xla-flag is about GEMMs",
+    )
+    ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, help="HBM TB/s")
+    ap.add_argument("--categories", action="store_true", help="also a table per variant")
+    args, rest = ap.parse_known_args(argv)
+    if args.variants and rest:
+        ap.error(f"give --variants or train_step.py options, not both: {' '.join(rest)}")
+    if not args.target.is_file():
+        ap.error(f"--target {args.target}: no such file")
+    variants = variant_lines(args.variants) if args.variants else [shlex.join(rest)]
+    aot_memory.compile_only_environment()  # (and the CUDA plugin skips its check of a driver)
+    devices = gpu_devices(args.target, args.gpus)
+    memory = re.search(r"device_memory_size:\s*(\d+)", args.target.read_text())
+    hbm_gib = int(memory.group(1)) / GiB if memory else float("inf")
+    print(
+        f"# {datetime.date.today()}, compiled on {train_step.cpu_name()} for {args.gpus} x "
+        f"{devices[0].device_kind} ({args.target.name}), jax {jax.__version__}, "
+        f"jax-cuda13-plugin {metadata.version('jax-cuda13-plugin')}, --gemm {args.gemm}, "
+        f"memory-bound kernels at {args.bandwidth} TB/s"
+    )
+    print(
+        f"| variant | compile s | arguments GiB | temporaries GiB | total GiB "
+        f"| fits {hbm_gib:.1f} GiB | kernels | matmul GB | attention GB | other GB | other ms |"
+    )
+    print("|---" * 11 + "|", flush=True)
+    failed = False
+    details = []
+    for line in variants:
+        try:
+            row = compile_variant(shlex.split(line), devices, args.gemm)
+        except (ConfigError, ValueError, SystemExit, jax.errors.JaxRuntimeError) as e:
+            failed = True
+            print(f"| `{line}` | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} |")
+            continue
+        traffic = row["traffic"]
+        gigabytes = {name: moved / 1e9 for name, (_, moved) in traffic.items()}
+        other = sum(v for k, v in gigabytes.items() if k not in COMPUTE_BOUND)
+        print(
+            f"| `{line}` | {row['compile_s']:.0f} | {row['args_gib']:.2f} | {row['temp_gib']:.2f} "
+            f"| {row['total_gib']:.2f} | {'yes' if row['total_gib'] <= hbm_gib else '**no**'} "
+            f"| {sum(int(kernels) for kernels, _ in traffic.values())} "
+            f"| {gigabytes.get('matmul', 0):.1f} | {gigabytes.get('attention', 0):.1f} "
+            f"| {other:.1f} | {other / args.bandwidth:.1f} |",
+            flush=True,
+        )
+        details.append((line, traffic))
+    if args.categories:
+        for line, traffic in details:
+            print(f"\n`{line}`\n\n| category | kernels | GB | ms at {args.bandwidth} TB/s |")
+            print("|---|---|---|---|")
+            for name, (kernels, moved) in sorted(traffic.items(), key=lambda kv: -kv[1][1]):
+                ms = moved / 1e9 / args.bandwidth
+                print(f"| {name} | {int(kernels)} | {moved / 1e9:.1f} | {ms:.1f} |")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The GPU ahead-of-time tool (benchmarks/gpu_aot.py): its reading of an optimised HLO module
+(kernels and the bytes they move) and its options. The compile for a GPU itself needs JAX's CUDA
+plugin (requirements-gpu-aot.txt), which the test environment does not install."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gpu_aot, train_step
+from configs.pretrain import usfm_vitb16
+from usfm_jax.models.factory import encoder_dims
+
+ROOT = Path(__file__).resolve().parent.parent
+F32 = 128 * 256 * 4  # bytes of one f32[128, 256]
+
+
+def test_array_bytes_of_arrays_and_tuples():
+    assert gpu_aot.array_bytes("f32[128,256]{1,0}") == F32
+    shape = "(bf16[2,3]{1,0}, f32[4]{0}, pred[8]{0}, s4[4]{0}, u8[0]{0}, f8e4m3fn[2]{0}, s32[])"
+    assert gpu_aot.array_bytes(shape) == 12 + 16 + 8 + 2 + 0 + 2 + 4
+
+
+def _loop_hlo(trips: int) -> str:
+    """A compiled loop of ``trips`` iterations of one elementwise kernel over f32[128, 256] (two
+    operands, one result); its entry takes six arguments, so its header carries /*index=5*/."""
+
+    def f(x, y, a, b, c, d):
+        step = lambda i, carry: jnp.tanh(carry) * 2.0 + y
+        return jax.lax.fori_loop(0, trips, step, x) + a + b + c + d
+
+    args = [jnp.ones((128, 256))] * 2 + [jnp.ones(())] * 4
+    return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_traffic_counts_each_loop_iteration():
+    """Bytes moved by the loop body's kernel (read the carry and y, write the result: 3 arrays)
+    times the loop's trip count, plus the entry's kernel after the loop (read the loop's result
+    and four scalars, write one array); the loop's counter and compare add a few bytes."""
+    traffic = {trips: gpu_aot.kernel_traffic(_loop_hlo(trips)) for trips in (4, 8)}
+    for trips, by_category in traffic.items():
+        kernels, moved = by_category["elementwise"]
+        expected = 3 * F32 * trips + 2 * F32
+        assert expected <= moved < expected + 100 * (trips + 1)
+        assert kernels >= trips + 1
+    loop_bytes = traffic[8]["elementwise"][1] - traffic[4]["elementwise"][1]
+    assert 4 * 3 * F32 <= loop_bytes < 4 * 3 * F32 + 400
+
+
+def test_compiler_options_are_typed_and_checked():
+    """cuBLAS GEMMs unless asked otherwise or a variant's flags are about GEMMs; flag values
+    typed as XLA takes them."""
+    options = lambda gemm, *flags: gpu_aot.compiler_options(
+        train_step.parse_args([f"--xla-flag={flag}" for flag in flags]), gemm
+    )
+    assert options("auto", "--xla_gpu_autotune_level=0", "--xla_gpu_enable_command_buffer=") == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_autotune_level": 0,
+        "xla_gpu_enable_command_buffer": "",
+    }
+    assert options("auto", "--xla_gpu_triton_gemm_any=True") == {"xla_gpu_triton_gemm_any": True}
+    assert options("auto", "--xla_gpu_cublas_fallback=false") == {"xla_gpu_cublas_fallback": False}
+    assert options("triton") == {"xla_gpu_enable_triton_gemm": True}
+    assert options("xla") == {}
+    with pytest.raises(ValueError, match="expected --xla_NAME=VALUE"):
+        options("auto", "--xla_gpu_x")
+
+
+def test_compiles_for_a_gpu_or_names_the_install():
+    """With JAX's CUDA plugin: the step, with both Pallas kernels, compiles for the H100, each
+    block running the three attention kernels (forward, dk / dv, dq) once; without it, one line
+    saying what to install (not a NotImplementedError from inside JAX)."""
+    command = [sys.executable, "benchmarks/gpu_aot.py", "--size", "tiny", "--image", "32"]
+    command += ["--batch-per-device", "2", "--attention", "pallas", "--mlp", "pallas"]
+    command += ["--categories"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    plugin = importlib.util.find_spec("jax_plugins") and importlib.util.find_spec(
+        "jax_plugins.xla_cuda13"
+    )
+    if not plugin:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "pip install -r requirements-gpu-aot.txt" in result.stderr
+        return
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 x NVIDIA H100 80GB HBM3" in result.stdout
+    row = [line for line in result.stdout.splitlines() if line.startswith("| `--size tiny")]
+    cells = row[0].split(" | ")
+    assert cells[5] == "yes" and int(cells[6]) > 0  # fits; kernels
+    depth = encoder_dims(usfm_vitb16.get_config("size=tiny").model)[1]
+    assert f"| attention | {3 * depth} |" in result.stdout
+
+
+def test_cli_refuses_both_variants_and_options(tmp_path, capsys):
+    variants = tmp_path / "v.txt"
+    variants.write_text("# a comment\n\n--size tiny\n")
+    assert gpu_aot.variant_lines(variants) == ["--size tiny"]
+    with pytest.raises(SystemExit):
+        gpu_aot.main(["--variants", str(variants), "--size", "tiny"])
+    assert "give --variants or train_step.py options, not both" in capsys.readouterr().err
