@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import re
 import shlex
@@ -68,6 +69,9 @@ _CALLED = re.compile(
 )
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_PARAMETER = re.compile(r"parameter\((\d+)\)")
 
 
 def array_bytes(shape: str) -> int:
@@ -82,41 +86,114 @@ def array_bytes(shape: str) -> int:
     return total
 
 
-def kernel_traffic(hlo: str) -> dict[str, list[float]]:
-    """Per category: [kernels launched, bytes of their operands and results], for one run of
-    the entry computation of an optimised HLO module: loops counted by their trip counts, every
-    branch of a conditional counted (an upper estimate; the step has none). An operand passed
-    twice (q, k and v from one qkv array) counts once."""
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel-launching instruction of an optimised HLO module."""
+
+    name: str  # the HLO instruction
+    category: str  # profile_summary's
+    launches: int  # per run of the module (a loop body's: its trip count)
+    bytes: int  # of its operands and results, per launch
+    op_name: str  # the JAX operation it comes from (HLO metadata), for reading
+
+    @property
+    def moved(self) -> int:
+        return self.launches * self.bytes
+
+
+def _arguments(line: str, opcode: str) -> list[str]:
+    """The operand names of an instruction's line, in order."""
+    return _OPERAND.findall(line[line.index(f" {opcode}(") + len(opcode) + 2 :].split(")")[0])
+
+
+def kernel_bytes(
+    line: str,
+    opcode: str,
+    result: str,
+    operands: list[tuple[str, str]],
+    computations: dict[str, list[tuple[str, str, str]]],
+) -> int:
+    """Bytes a kernel reads and writes: its result and each distinct operand (name, shape) once
+    (q, k and v from one qkv array: once). In a fusion, an operand that is only sliced counts
+    as its slices, and a buffer updated in place (dynamic-update-slice, as in a loop over
+    layers) as the update written, not as the whole buffer read and written."""
+    written = array_bytes(result)
+    need = {name: array_bytes(shape) for name, shape in operands}
+    called = _CALLS.search(line)
+    body = computations.get(called.group(1), []) if opcode == "fusion" and called else []
+    shapes = {n: _SHAPE.search(text).group(1) for n, _, text in body}
+    uses: dict[str, list[tuple[str, str, list[str]]]] = collections.defaultdict(list)
+    for n, op, text in body:
+        args = _arguments(text, op)
+        for a in set(args):
+            uses[a].append((op, n, args))
+    per_operand: dict[str, list[int]] = collections.defaultdict(list)
+    for n, op, text in body:
+        if op != "parameter":
+            continue
+        index = int(_PARAMETER.search(text).group(1))
+        name, shape = operands[index]
+        users = uses.get(n, [])
+        if users and all(u[0] in ("slice", "dynamic-slice") and u[2][0] == n for u in users):
+            per_operand[name].append(sum(array_bytes(shapes[u[1]]) for u in users))
+        elif users and all(u[0] == "dynamic-update-slice" and u[2][0] == n for u in users):
+            update = sum(array_bytes(shapes[u[2][1]]) for u in users)
+            written -= array_bytes(shape) - update  # the rest of the buffer stays in place
+            per_operand[name].append(0)
+        else:
+            per_operand[name].append(array_bytes(shape))
+    for name, sizes in per_operand.items():
+        need[name] = max(sizes)
+    return written + sum(need.values())
+
+
+def step_kernels(hlo: str) -> list[Kernel]:
+    """The kernels one run of an optimised HLO module's entry computation launches: loops
+    counted by their trip counts, every branch of a conditional counted (an upper estimate;
+    the step has none)."""
     computations = profile_summary.hlo_computations(hlo)
     contents = profile_summary.hlo_contents(hlo)
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0])
+    kernels: list[Kernel] = []
 
     def visit(name: str, times: int, depth: int = 0) -> None:
         instructions = computations.get(name, [])
         shapes = {n: _SHAPE.search(line).group(1) for n, _, line in instructions}
         for inst, opcode, line in instructions:
-            called = _CALLED.findall(line) + [
-                b.strip().lstrip("%")
-                for group in _BRANCHES.findall(line)
-                for b in group.split(",")
-                if b.strip()
-            ]
             if opcode in NO_KERNEL:
+                called = _CALLED.findall(line) + [
+                    b.strip().lstrip("%")
+                    for group in _BRANCHES.findall(line)
+                    for b in group.split(",")
+                    if b.strip()
+                ]
                 trips = _TRIPS.search(line)
                 for inner in called if depth < 8 else []:
                     visit(inner, times * (int(trips.group(1)) if trips else 1), depth + 1)
                 continue
-            args = line[line.index(f" {opcode}(") + len(opcode) + 2 :].split(")")[0]
-            operands = set(_OPERAND.findall(args))  # a buffer passed twice is read once
-            moved = array_bytes(shapes[inst]) + sum(
-                array_bytes(shapes.get(o, "")) for o in operands
+            operands = [(o, shapes.get(o, "")) for o in _arguments(line, opcode)]
+            moved = kernel_bytes(line, opcode, shapes[inst], operands, computations)
+            op_name = _OP_NAME.search(line)
+            kernels.append(
+                Kernel(
+                    name=inst,
+                    category=profile_summary.category(contents.get(inst, {opcode})),
+                    launches=times,
+                    bytes=moved,
+                    op_name=op_name.group(1) if op_name else "",
+                )
             )
-            entry = totals[profile_summary.category(contents.get(inst, {opcode}))]
-            entry[0] += times
-            entry[1] += times * moved
 
     visit("ENTRY", 1)
-    return dict(totals)
+    return kernels
+
+
+def by_category(kernels: list[Kernel]) -> dict[str, tuple[int, int]]:
+    """Per category: (launches, bytes moved), most bytes first."""
+    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for k in kernels:
+        totals[k.category][0] += k.launches
+        totals[k.category][1] += k.moved
+    return {name: (n, b) for name, (n, b) in sorted(totals.items(), key=lambda kv: -kv[1][1])}
 
 
 def gpu_devices(target: Path, gpus: int) -> list:
@@ -158,8 +235,9 @@ def compiler_options(args: argparse.Namespace, gemm: str) -> dict[str, bool | in
     return options | flags
 
 
-def compile_variant(argv: list[str], devices: list, gemm: str) -> dict:
-    """AOT-compiles one train_step.py configuration for ``devices``; the row of the table."""
+def compile_variant(argv: list[str], devices: list, gemm: str, hlo: Path | None = None) -> dict:
+    """AOT-compiles one train_step.py configuration for ``devices``; the row of the table.
+    ``hlo``: where to write the optimised HLO text."""
     args = train_step.parse_args(argv)
     fused_attention.DEFAULT_TILING = args.pallas_tiling or fused_attention.Tiling()
     fused_mlp.DEFAULT_MLP_TILING = args.mlp_tiling or fused_mlp.MlpTiling()
@@ -172,6 +250,9 @@ def compile_variant(argv: list[str], devices: list, gemm: str) -> dict:
     lowered = aot_memory.lower_step(config, devices)[0]
     compiled = lowered.compile(compiler_options(args, gemm))
     seconds = time.perf_counter() - start
+    text = compiled.as_text()
+    if hlo:
+        hlo.write_text(text)
     mem = compiled.memory_analysis()
     total = (
         mem.argument_size_in_bytes
@@ -185,7 +266,7 @@ def compile_variant(argv: list[str], devices: list, gemm: str) -> dict:
         "args_gib": mem.argument_size_in_bytes / GiB,
         "temp_gib": mem.temp_size_in_bytes / GiB,
         "total_gib": total / GiB,
-        "traffic": kernel_traffic(compiled.as_text()),
+        "kernels": step_kernels(text),
     }
 
 
@@ -210,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         "cuBLAS unless a variant's --xla-flag is about GEMMs",
     )
     ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, help="HBM TB/s")
-    ap.add_argument("--categories", action="store_true", help="also a table per variant")
+    ap.add_argument("--categories", action="store_true", help="per variant: bytes by category")
+    ap.add_argument("--top", type=int, default=0, help="per variant: the N kernels moving most")
+    ap.add_argument("--hlo", type=Path, metavar="DIR", help="write each variant's optimised HLO")
     args, rest = ap.parse_known_args(argv)
     if args.variants and rest:
         ap.error(f"give --variants or train_step.py options, not both: {' '.join(rest)}")
@@ -234,32 +317,40 @@ def main(argv: list[str] | None = None) -> None:
     print("|---" * 11 + "|", flush=True)
     failed = False
     details = []
-    for line in variants:
+    if args.hlo:
+        args.hlo.mkdir(parents=True, exist_ok=True)
+    for number, line in enumerate(variants, 1):
+        hlo = args.hlo / f"variant{number:02d}.hlo.txt" if args.hlo else None
         try:
-            row = compile_variant(shlex.split(line), devices, args.gemm)
+            row = compile_variant(shlex.split(line), devices, args.gemm, hlo)
         except (ConfigError, ValueError, SystemExit, jax.errors.JaxRuntimeError) as e:
             failed = True
             print(f"| `{line}` | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} |")
             continue
-        traffic = row["traffic"]
-        gigabytes = {name: moved / 1e9 for name, (_, moved) in traffic.items()}
+        kernels = row["kernels"]
+        gigabytes = {name: moved / 1e9 for name, (_, moved) in by_category(kernels).items()}
         other = sum(v for k, v in gigabytes.items() if k not in COMPUTE_BOUND)
         print(
             f"| `{line}` | {row['compile_s']:.0f} | {row['args_gib']:.2f} | {row['temp_gib']:.2f} "
             f"| {row['total_gib']:.2f} | {'yes' if row['total_gib'] <= hbm_gib else '**no**'} "
-            f"| {sum(int(kernels) for kernels, _ in traffic.values())} "
+            f"| {sum(k.launches for k in kernels)} "
             f"| {gigabytes.get('matmul', 0):.1f} | {gigabytes.get('attention', 0):.1f} "
             f"| {other:.1f} | {other / args.bandwidth:.1f} |",
             flush=True,
         )
-        details.append((line, traffic))
-    if args.categories:
-        for line, traffic in details:
-            print(f"\n`{line}`\n\n| category | kernels | GB | ms at {args.bandwidth} TB/s |")
-            print("|---|---|---|---|")
-            for name, (kernels, moved) in sorted(traffic.items(), key=lambda kv: -kv[1][1]):
+        details.append((line, kernels))
+    for line, kernels in details if args.categories or args.top else []:
+        print(f"\n`{line}`")
+        if args.categories:
+            print(f"\n| category | kernels | GB | ms at {args.bandwidth} TB/s |\n|---|---|---|---|")
+            for name, (launches, moved) in by_category(kernels).items():
                 ms = moved / 1e9 / args.bandwidth
-                print(f"| {name} | {int(kernels)} | {moved / 1e9:.1f} | {ms:.1f} |")
+                print(f"| {name} | {launches} | {moved / 1e9:.1f} | {ms:.2f} |")
+        if args.top:
+            print("\n| kernel | category | launches | GB | JAX operation |\n|---|---|---|---|---|")
+            for k in sorted(kernels, key=lambda k: -k.moved)[: args.top]:
+                op = k.op_name.removeprefix("jit(train_step)/")[-90:]
+                print(f"| {k.name} | {k.category} | {k.launches} | {k.moved / 1e9:.2f} | {op} |")
     sys.exit(1 if failed else 0)
 
 

@@ -41,7 +41,9 @@ def test_traffic_counts_each_loop_iteration():
     """Bytes moved by the loop body's kernel (read the carry and y, write the result: 3 arrays)
     times the loop's trip count, plus the entry's kernel after the loop (read the loop's result
     and four scalars, write one array); the loop's counter and compare add a few bytes."""
-    traffic = {trips: gpu_aot.kernel_traffic(_loop_hlo(trips)) for trips in (4, 8)}
+    traffic = {
+        trips: gpu_aot.by_category(gpu_aot.step_kernels(_loop_hlo(trips))) for trips in (4, 8)
+    }
     for trips, by_category in traffic.items():
         kernels, moved = by_category["elementwise"]
         expected = 3 * F32 * trips + 2 * F32
@@ -49,6 +51,26 @@ def test_traffic_counts_each_loop_iteration():
         assert kernels >= trips + 1
     loop_bytes = traffic[8]["elementwise"][1] - traffic[4]["elementwise"][1]
     assert 4 * 3 * F32 <= loop_bytes < 4 * 3 * F32 + 400
+
+
+def test_slices_and_in_place_updates_count_their_parts():
+    """A loop reading one row of a big array and writing one row of a buffer in place (as a
+    scan over layers does) moves two rows per trip, not two whole arrays."""
+
+    def f(big, buffer):
+        def step(i, buffer):
+            row = jax.lax.dynamic_slice(big, (i, 0), (1, 256))
+            return jax.lax.dynamic_update_slice(buffer, jnp.tanh(row) * 2.0, (i, 0))
+
+        return jax.lax.fori_loop(0, 8, step, buffer)
+
+    arrays = jnp.ones((128, 256)), jnp.zeros((128, 256))
+    hlo = jax.jit(f, donate_argnums=1).lower(*arrays).compile().as_text()
+    kernels = gpu_aot.step_kernels(hlo)
+    moved = sum(k.moved for k in kernels if k.category == "elementwise")
+    row = 256 * 4
+    assert 8 * 2 * row <= moved < 8 * 2 * row + 400  # + the loop's counter and indices
+    assert max(k.bytes for k in kernels) < 3 * row
 
 
 def test_compiler_options_are_typed_and_checked():
