@@ -20,8 +20,9 @@ has one per line), so what a GPU session will time can be checked before its tim
 
 Not modelled: autotuning, which needs a GPU to time on; without it XLA compiles every GEMM as
 a Triton GEMM. ``--gemm auto`` (the default) asks for cuBLAS, which the autotuner picked for
-every GEMM of the step on the H100, except in variants whose ``--xla-flag`` is about GEMMs
-(``--xla_gpu_triton_gemm_any=true``, ...): those get XLA's choice under their flags. The byte
+every GEMM of the step on the H100, except in variants whose ``--xla-flag`` chooses between
+cuBLAS and Triton (``--xla_gpu_triton_gemm_any=true``, ...): those get XLA's choice under their
+flags. The byte
 counts are an upper estimate where a kernel reads a part of an operand (slices) and a lower one
 where it reads an operand twice. docs/benchmarks.md has tables.
 """
@@ -215,7 +216,8 @@ def gpu_devices(target: Path, gpus: int) -> list:
 def compiler_options(args: argparse.Namespace, gemm: str) -> dict[str, bool | int | str]:
     """XLA options of one variant: the GEMM backend, then its ``--xla-flag`` values (typed:
     XLA takes a bool option as a bool, not as the text of a flag). ``gemm`` "auto": cuBLAS,
-    unless the variant's flags are about GEMMs (``*gemm*``, ``*cublas*``): XLA's defaults then."""
+    unless the variant's flags choose between cuBLAS and Triton GEMMs (``*triton*``,
+    ``xla_gpu_cublas_fallback``): XLA's defaults under them then."""
     flags: dict[str, bool | int | str] = {}
     for flag in args.xla_flag:
         name, sep, value = flag.lstrip("-").partition("=")
@@ -227,8 +229,8 @@ def compiler_options(args: argparse.Namespace, gemm: str) -> dict[str, bool | in
         else:
             flags[name] = int(value) if value.lstrip("-").isdigit() else value
     if gemm == "auto":
-        about_gemms = any("gemm" in name or "cublas" in name for name in flags)
-        gemm = "xla" if about_gemms else "cublas"
+        picks = any("triton" in name or name == "xla_gpu_cublas_fallback" for name in flags)
+        gemm = "xla" if picks else "cublas"
     options: dict[str, bool | int | str] = {}
     if gemm != "xla":
         options["xla_gpu_enable_triton_gemm"] = gemm == "triton"
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=("auto", "cublas", "triton", "xla"),
         default="auto",
         help="GEMM backend: cuBLAS; XLA's Triton GEMMs; XLA's choice without autotuning; auto: "
-        "cuBLAS unless a variant's --xla-flag is about GEMMs",
+        "cuBLAS unless a variant's --xla-flag chooses between cuBLAS and Triton",
     )
     ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, help="HBM TB/s")
     ap.add_argument("--categories", action="store_true", help="per variant: bytes by category")

@@ -74,8 +74,8 @@ def test_slices_and_in_place_updates_count_their_parts():
 
 
 def test_compiler_options_are_typed_and_checked():
-    """cuBLAS GEMMs unless asked otherwise or a variant's flags are about GEMMs; flag values
-    typed as XLA takes them."""
+    """cuBLAS GEMMs unless asked otherwise or a variant's flags choose between cuBLAS and
+    Triton; flag values typed as XLA takes them."""
     options = lambda gemm, *flags: gpu_aot.compiler_options(
         train_step.parse_args([f"--xla-flag={flag}" for flag in flags]), gemm
     )
@@ -86,6 +86,10 @@ def test_compiler_options_are_typed_and_checked():
     }
     assert options("auto", "--xla_gpu_triton_gemm_any=True") == {"xla_gpu_triton_gemm_any": True}
     assert options("auto", "--xla_gpu_cublas_fallback=false") == {"xla_gpu_cublas_fallback": False}
+    assert options("auto", "--xla_gpu_enable_cublaslt=true") == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_enable_cublaslt": True,
+    }
     assert options("triton") == {"xla_gpu_enable_triton_gemm": True}
     assert options("xla") == {}
     with pytest.raises(ValueError, match="expected --xla_NAME=VALUE"):
