@@ -12,19 +12,22 @@ has one per line), so what a GPU session will time can be checked before its tim
 
 - that the step compiles for the GPU: the Pallas kernels through jaxlib's own Triton, cuDNN's
   fused attention, XLA flags (``--xla-flag``, passed as compiler options);
-- per-device memory (XLA's ``memory_analysis``): the state, the activations and whether they fit;
-- the kernels the step launches and the bytes they move, by kind (``profile_summary``'s
-  categories): each kernel's operands and results, read or written once. The memory-bound
-  kernels (all but matmuls and attention) are what the 2026-11-22 profile found at the HBM
-  bandwidth, so their bytes over the measured bandwidth estimate their time.
+- per-device memory (XLA's ``memory_analysis``) against what JAX lets a process allocate
+  (``--mem-fraction`` of the device: JAX's default 0.75; the launchers set 0.90);
+- the kernels the step launches and the bytes each reads and writes (its operands and results
+  once; inside a fusion, a sliced operand or a buffer updated in place by its parts), by kind
+  (``profile_summary``'s categories). The memory-bound kernels (all but matmuls and attention)
+  move their bytes at best at the HBM bandwidth, so bytes / ``--bandwidth`` is a floor on their
+  time; on the H100 of 2026-11-22 the step's GELU kernels ran at ~2.1 TB/s (docs/benchmarks.md).
 
 Not modelled: autotuning, which needs a GPU to time on; without it XLA compiles every GEMM as
 a Triton GEMM. ``--gemm auto`` (the default) asks for cuBLAS, which the autotuner picked for
 every GEMM of the step on the H100, except in variants whose ``--xla-flag`` chooses between
-cuBLAS and Triton (``--xla_gpu_triton_gemm_any=true``, ...): those get XLA's choice under their
-flags. The byte
-counts are an upper estimate where a kernel reads a part of an operand (slices) and a lower one
-where it reads an operand twice. docs/benchmarks.md has tables.
+cuBLAS and Triton GEMMs (``--xla_gpu_triton_gemm_any=true``, ...): those get XLA's untuned
+choice under their flags. Custom calls (cuBLAS, cuDNN, Pallas) count every operand and result
+whole (their scratch space not): the Pallas attention kernels, which read and write slots of
+the [B, T, 3, heads, Dh] gradient in place, are overcounted by ~20%. Tables:
+docs/benchmarks.md, "Compiled for an H100 without one".
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import os
 import re
 import shlex
 import sys
@@ -46,21 +50,37 @@ sys.path.insert(0, str(BENCHMARKS.parent))
 import jax  # noqa: E402
 
 from benchmarks import aot_memory, profile_summary, train_step  # noqa: E402
-from usfm_jax.config_validation import ConfigError, validate  # noqa: E402
+from usfm_jax.config_validation import validate  # noqa: E402
 from usfm_jax.models import fused_attention, fused_mlp  # noqa: E402
 from usfm_jax.models.factory import DTYPES  # noqa: E402
 from usfm_jax.models.vit import resolve_attention  # noqa: E402
 
 GiB = 2**30
 DEFAULT_TARGET = BENCHMARKS / "gpu_targets" / "h100_sxm.txtpb"
-# Device-to-device copy measured on the H100 of 2026-11-22 (TB/s): what memory-bound kernels reach.
+# Device-to-device copy on the project's H100s, TB/s: a ceiling for memory-bound kernels.
 DEFAULT_BANDWIDTH = 3.0
+# GEMM-choosing flags: a variant that sets one gets XLA's choice of cuBLAS or Triton under it.
+GEMM_CHOICE_FLAGS = (
+    "xla_gpu_enable_triton_gemm", "xla_gpu_triton_gemm_any", "xla_gpu_cublas_fallback",
+    "xla_gpu_cudnn_gemm_fusion_level",
+)  # fmt: skip
 COMPUTE_BOUND = ("matmul", "attention")
 # Instructions that launch no kernel: buffers, tuples and control flow (looked into).
 NO_KERNEL = {
-    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-    "add-dependency", "opt-barrier", "partition-id", "replica-id", "while", "conditional", "call",
-}  # fmt: skip
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "after-all",
+    "add-dependency",
+    "opt-barrier",
+    "partition-id",
+    "replica-id",
+    "while",
+    "conditional",
+    "call",
+}  # fmt: skip (nor does an asynchronous operation's *-done: its *-start is counted)
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f8\w*|f16|f32|f64|c64|c128)\[([\d,]*)\]")
 _BITS = {"pred": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128}
 _SHAPE = re.compile(r" = (.*?) [a-z][\w\-]*\(")
@@ -114,38 +134,43 @@ def kernel_bytes(
     operands: list[tuple[str, str]],
     computations: dict[str, list[tuple[str, str, str]]],
 ) -> int:
-    """Bytes a kernel reads and writes: its result and each distinct operand (name, shape) once
-    (q, k and v from one qkv array: once). In a fusion, an operand that is only sliced counts
-    as its slices, and a buffer updated in place (dynamic-update-slice, as in a loop over
-    layers) as the update written, not as the whole buffer read and written."""
+    """Bytes a kernel reads and writes: its result and each distinct operand (name, shape) at
+    most once (q, k and v from one qkv array: once). In a fusion, an operand that is only sliced
+    counts as its slices, and a buffer updated in place (a dynamic-update-slice that is the
+    fusion's result, as in a loop over layers) as the update written, not as the whole buffer
+    read and written. A custom call's scratch space (its u8 / s8 result) is not counted."""
+    if opcode == "custom-call":  # a library call's scratch space is a u8 / s8 result
+        result = re.sub(r"\b[su]8\[[\d,]*\](\{[^}]*\})?", "", result)
     written = array_bytes(result)
-    need = {name: array_bytes(shape) for name, shape in operands}
+    whole = {name: array_bytes(shape) for name, shape in operands}
     called = _CALLS.search(line)
     body = computations.get(called.group(1), []) if opcode == "fusion" and called else []
     shapes = {n: _SHAPE.search(text).group(1) for n, _, text in body}
     uses: dict[str, list[tuple[str, str, list[str]]]] = collections.defaultdict(list)
+    root: set[str] = set()
     for n, op, text in body:
         args = _arguments(text, op)
         for a in set(args):
             uses[a].append((op, n, args))
-    per_operand: dict[str, list[int]] = collections.defaultdict(list)
+        if text.lstrip().startswith("ROOT "):
+            root = set(args) if op == "tuple" else {n}
+    read = {name: 0 for name in whole}
     for n, op, text in body:
         if op != "parameter":
             continue
-        index = int(_PARAMETER.search(text).group(1))
-        name, shape = operands[index]
+        name, shape = operands[int(_PARAMETER.search(text).group(1))]
         users = uses.get(n, [])
         if users and all(u[0] in ("slice", "dynamic-slice") and u[2][0] == n for u in users):
-            per_operand[name].append(sum(array_bytes(shapes[u[1]]) for u in users))
-        elif users and all(u[0] == "dynamic-update-slice" and u[2][0] == n for u in users):
-            update = sum(array_bytes(shapes[u[2][1]]) for u in users)
-            written -= array_bytes(shape) - update  # the rest of the buffer stays in place
-            per_operand[name].append(0)
+            read[name] += sum(array_bytes(shapes[u[1]]) for u in users)
+        elif users and all(
+            u[0] == "dynamic-update-slice" and u[2][0] == n and u[1] in root for u in users
+        ):  # the result is this buffer, updated in place: only the update is written
+            written -= array_bytes(shape) - sum(array_bytes(shapes[u[2][1]]) for u in users)
         else:
-            per_operand[name].append(array_bytes(shape))
-    for name, sizes in per_operand.items():
-        need[name] = max(sizes)
-    return written + sum(need.values())
+            read[name] += array_bytes(shape)
+    if not body:
+        read = whole
+    return written + sum(min(read[name], whole[name]) for name in whole)
 
 
 def step_kernels(hlo: str) -> list[Kernel]:
@@ -160,7 +185,7 @@ def step_kernels(hlo: str) -> list[Kernel]:
         instructions = computations.get(name, [])
         shapes = {n: _SHAPE.search(line).group(1) for n, _, line in instructions}
         for inst, opcode, line in instructions:
-            if opcode in NO_KERNEL:
+            if opcode in NO_KERNEL or opcode.endswith("-done"):
                 called = _CALLED.findall(line) + [
                     b.strip().lstrip("%")
                     for group in _BRANCHES.findall(line)
@@ -216,8 +241,7 @@ def gpu_devices(target: Path, gpus: int) -> list:
 def compiler_options(args: argparse.Namespace, gemm: str) -> dict[str, bool | int | str]:
     """XLA options of one variant: the GEMM backend, then its ``--xla-flag`` values (typed:
     XLA takes a bool option as a bool, not as the text of a flag). ``gemm`` "auto": cuBLAS,
-    unless the variant's flags choose between cuBLAS and Triton GEMMs (``*triton*``,
-    ``xla_gpu_cublas_fallback``): XLA's defaults under them then."""
+    unless the variant sets one of GEMM_CHOICE_FLAGS: XLA's choice under its flags then."""
     flags: dict[str, bool | int | str] = {}
     for flag in args.xla_flag:
         name, sep, value = flag.lstrip("-").partition("=")
@@ -229,8 +253,7 @@ def compiler_options(args: argparse.Namespace, gemm: str) -> dict[str, bool | in
         else:
             flags[name] = int(value) if value.lstrip("-").isdigit() else value
     if gemm == "auto":
-        picks = any("triton" in name or name == "xla_gpu_cublas_fallback" for name in flags)
-        gemm = "xla" if picks else "cublas"
+        gemm = "xla" if any(name in GEMM_CHOICE_FLAGS for name in flags) else "cublas"
     options: dict[str, bool | int | str] = {}
     if gemm != "xla":
         options["xla_gpu_enable_triton_gemm"] = gemm == "triton"
@@ -293,6 +316,13 @@ def main(argv: list[str] | None = None) -> None:
         "cuBLAS unless a variant's --xla-flag chooses between cuBLAS and Triton",
     )
     ap.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, help="HBM TB/s")
+    ap.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)),
+        help="of the device's memory JAX may allocate (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's "
+        "default 0.75)",
+    )
     ap.add_argument("--categories", action="store_true", help="per variant: bytes by category")
     ap.add_argument("--top", type=int, default=0, help="per variant: the N kernels moving most")
     ap.add_argument("--hlo", type=Path, metavar="DIR", help="write each variant's optimised HLO")
@@ -305,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     aot_memory.compile_only_environment()  # (and the CUDA plugin skips its check of a driver)
     devices = gpu_devices(args.target, args.gpus)
     memory = re.search(r"device_memory_size:\s*(\d+)", args.target.read_text())
-    hbm_gib = int(memory.group(1)) / GiB if memory else float("inf")
+    device_gib = int(memory.group(1)) / GiB if memory else float("inf")
+    usable_gib = args.mem_fraction * device_gib
     print(
         f"# {datetime.date.today()}, compiled on {train_step.cpu_name()} for {args.gpus} x "
         f"{devices[0].device_kind} ({args.target.name}), jax {jax.__version__}, "
@@ -314,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"| variant | compile s | arguments GiB | temporaries GiB | total GiB "
-        f"| fits {hbm_gib:.1f} GiB | kernels | matmul GB | attention GB | other GB | other ms |"
+        f"| fits {usable_gib:.1f} GiB ({args.mem_fraction:g} of {device_gib:.1f}) | kernels "
+        f"| matmul GB | attention GB | other GB | other ms at {args.bandwidth} TB/s |"
     )
     print("|---" * 11 + "|", flush=True)
     failed = False
@@ -325,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         hlo = args.hlo / f"variant{number:02d}.hlo.txt" if args.hlo else None
         try:
             row = compile_variant(shlex.split(line), devices, args.gemm, hlo)
-        except (ConfigError, ValueError, SystemExit, jax.errors.JaxRuntimeError) as e:
+        except (Exception, SystemExit) as e:  # a failed row; the other variants go on
             failed = True
             print(f"| `{line}` | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} |")
             continue
@@ -334,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         other = sum(v for k, v in gigabytes.items() if k not in COMPUTE_BOUND)
         print(
             f"| `{line}` | {row['compile_s']:.0f} | {row['args_gib']:.2f} | {row['temp_gib']:.2f} "
-            f"| {row['total_gib']:.2f} | {'yes' if row['total_gib'] <= hbm_gib else '**no**'} "
+            f"| {row['total_gib']:.2f} | {'yes' if row['total_gib'] <= usable_gib else '**no**'} "
             f"| {sum(k.launches for k in kernels)} "
             f"| {gigabytes.get('matmul', 0):.1f} | {gigabytes.get('attention', 0):.1f} "
             f"| {other:.1f} | {other / args.bandwidth:.1f} |",

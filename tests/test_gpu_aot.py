@@ -73,6 +73,44 @@ def test_slices_and_in_place_updates_count_their_parts():
     assert max(k.bytes for k in kernels) < 3 * row
 
 
+SYNTHETIC = """
+%fused_a (p0: f32[1024], p1: f32[8]) -> f32[1024] {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  %c = s32[] constant(0)
+  %dus = f32[1024]{0} dynamic-update-slice(%p0, %p1, %c)
+  ROOT %neg = f32[1024]{0} negate(%dus)
+}
+%fused_b (p0: f32[1024]) -> f32[2046] {
+  %p0 = f32[1024]{0} parameter(0)
+  %s0 = f32[1023]{0} slice(%p0), slice={[0:1023]}
+  %s1 = f32[1023]{0} slice(%p0), slice={[1:1024]}
+  ROOT %cat = f32[2046]{0} concatenate(%s0, %s1), dimensions={0}
+}
+ENTRY %main (x: f32[1024], y: f32[8], a: bf16[64,64], b: bf16[64,64]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %y = f32[8]{0} parameter(1)
+  %a = bf16[64,64]{1,0} parameter(2)
+  %b = bf16[64,64]{1,0} parameter(3)
+  %f1 = f32[1024]{0} fusion(%x, %y), kind=kLoop, calls=%fused_a
+  %f2 = f32[2046]{0} fusion(%x), kind=kLoop, calls=%fused_b
+  %gemm = (bf16[64,64]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas"
+  ROOT %t = (f32[1024]{0}, f32[2046]{0}) tuple(%f1, %f2)
+}
+"""
+
+
+def test_updates_not_in_place_overlapping_slices_and_scratch_space():
+    """An update whose result is used further is a whole new buffer; slices overlapping each
+    other read the operand at most once; a cuBLAS call's 4 MiB workspace is no traffic."""
+    moved = {k.name: k.bytes for k in gpu_aot.step_kernels(SYNTHETIC)}
+    assert moved == {
+        "f1": 4096 + 4096 + 32,  # write, read x whole, read y
+        "f2": 2046 * 4 + 4096,  # write both slices, read x once
+        "gemm": 3 * 64 * 64 * 2,  # write, read a and b
+    }
+
+
 def test_compiler_options_are_typed_and_checked():
     """cuBLAS GEMMs unless asked otherwise or a variant's flags choose between cuBLAS and
     Triton; flag values typed as XLA takes them."""
