@@ -174,6 +174,22 @@ def lower_step(config, devices: list) -> tuple:
     return step.lower(state_arg, {"image": images}), mesh, abstract_state, shardings
 
 
+def memory_gib(compiled) -> dict[str, float]:
+    """XLA's memory analysis of a compiled step, per device, GiB: arguments, temporaries,
+    outputs not aliased to arguments, the program, and their total."""
+    mem = compiled.memory_analysis()
+    outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    parts = {
+        "args_gib": mem.argument_size_in_bytes,
+        "temp_gib": mem.temp_size_in_bytes,
+        "out_gib": outputs,
+        "code_gib": mem.generated_code_size_in_bytes,
+    }
+    return {name: size / GiB for name, size in parts.items()} | {
+        "total_gib": sum(parts.values()) / GiB
+    }
+
+
 OOM = re.compile(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
@@ -216,24 +232,16 @@ def compile_step(topology: str, devices: list, args, size: str, fsdp: int) -> di
             "compile_s": time.perf_counter() - start,
         }
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    total = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-        + mem.generated_code_size_in_bytes
+    memory = memory_gib(compiled)
+    return (
+        row
+        | memory
+        | {
+            "fits": "n/a" if hbm is None else ("yes" if memory["total_gib"] <= hbm else "**no**"),
+            "tflops": (flops_of(compiled) or float("nan")) / 1e12,
+            "compile_s": compile_s,
+        }
     )
-    return row | {
-        "args_gib": mem.argument_size_in_bytes / GiB,
-        "temp_gib": mem.temp_size_in_bytes / GiB,
-        "out_gib": (mem.output_size_in_bytes - mem.alias_size_in_bytes) / GiB,
-        "code_gib": mem.generated_code_size_in_bytes / GiB,
-        "total_gib": total / GiB,
-        "fits": "n/a" if hbm is None else ("yes" if total <= hbm * GiB else "**no**"),
-        "tflops": (flops_of(compiled) or float("nan")) / 1e12,
-        "compile_s": compile_s,
-    }
 
 
 HEADER = (

@@ -278,19 +278,8 @@ def compile_variant(argv: list[str], devices: list, gemm: str, hlo: Path | None 
     text = compiled.as_text()
     if hlo:
         hlo.write_text(text)
-    mem = compiled.memory_analysis()
-    total = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-        + mem.generated_code_size_in_bytes
-    )
-    return {
+    return aot_memory.memory_gib(compiled) | {
         "compile_s": seconds,
-        "args_gib": mem.argument_size_in_bytes / GiB,
-        "temp_gib": mem.temp_size_in_bytes / GiB,
-        "total_gib": total / GiB,
         "kernels": step_kernels(text),
     }
 

@@ -111,6 +111,19 @@ def test_updates_not_in_place_overlapping_slices_and_scratch_space():
     }
 
 
+def test_memory_of_a_compiled_step_adds_up():
+    """Arguments are the inputs' bytes; a donated input's output is not counted twice."""
+    from benchmarks import aot_memory
+
+    x = jnp.ones((256, 1024))  # 1 MiB
+    compiled = jax.jit(lambda x: x * 2, donate_argnums=0).lower(x).compile()
+    memory = aot_memory.memory_gib(compiled)
+    assert memory["args_gib"] * 2**30 == x.nbytes
+    assert memory["out_gib"] == 0  # aliased to the donated argument
+    parts = ("args_gib", "temp_gib", "out_gib", "code_gib")
+    assert memory["total_gib"] == pytest.approx(sum(memory[p] for p in parts))
+
+
 def test_compiler_options_are_typed_and_checked():
     """cuBLAS GEMMs unless asked otherwise or a variant's flags choose between cuBLAS and
     Triton; flag values typed as XLA takes them."""
