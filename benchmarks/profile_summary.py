@@ -117,7 +117,7 @@ def hlo_contents(text: str) -> dict[str, set[str]]:
     computations = hlo_computations(text)
 
     def runs(name: str, opcode: str, line: str, depth: int = 0) -> set[str]:
-        found = {opcode}
+        found = {opcode, opcode.removesuffix("-start")}  # all-reduce-start: an all-reduce
         target = _TARGET.search(line)
         if target:
             found.add(target.group(1))

@@ -87,6 +87,11 @@ SYNTHETIC = """
   %s1 = f32[1023]{0} slice(%p0), slice={[1:1024]}
   ROOT %cat = f32[2046]{0} concatenate(%s0, %s1), dimensions={0}
 }
+%sum (l: f32[], r: f32[]) -> f32[] {
+  %l = f32[] parameter(0)
+  %r = f32[] parameter(1)
+  ROOT %s = f32[] add(%l, %r)
+}
 ENTRY %main (x: f32[1024], y: f32[8], a: bf16[64,64], b: bf16[64,64]) -> f32[1024] {
   %x = f32[1024]{0} parameter(0)
   %y = f32[8]{0} parameter(1)
@@ -95,19 +100,25 @@ ENTRY %main (x: f32[1024], y: f32[8], a: bf16[64,64], b: bf16[64,64]) -> f32[102
   %f1 = f32[1024]{0} fusion(%x, %y), kind=kLoop, calls=%fused_a
   %f2 = f32[2046]{0} fusion(%x), kind=kLoop, calls=%fused_b
   %gemm = (bf16[64,64]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas"
-  ROOT %t = (f32[1024]{0}, f32[2046]{0}) tuple(%f1, %f2)
+  %ars = f32[1024]{0} all-reduce-start(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%sum
+  %ard = f32[1024]{0} all-reduce-done(%ars)
+  ROOT %t = (f32[1024]{0}, f32[2046]{0}, f32[1024]{0}) tuple(%f1, %f2, %ard)
 }
 """
 
 
 def test_updates_not_in_place_overlapping_slices_and_scratch_space():
     """An update whose result is used further is a whole new buffer; slices overlapping each
-    other read the operand at most once; a cuBLAS call's 4 MiB workspace is no traffic."""
-    moved = {k.name: k.bytes for k in gpu_aot.step_kernels(SYNTHETIC)}
+    other read the operand at most once; a cuBLAS call's 4 MiB workspace is no traffic; an
+    asynchronous all-reduce is one collective."""
+    kernels = gpu_aot.step_kernels(SYNTHETIC)
+    assert {k.name: k.category for k in kernels}["ars"] == "collective"
+    moved = {k.name: k.bytes for k in kernels}
     assert moved == {
         "f1": 4096 + 4096 + 32,  # write, read x whole, read y
         "f2": 2046 * 4 + 4096,  # write both slices, read x once
         "gemm": 3 * 64 * 64 * 2,  # write, read a and b
+        "ars": 2 * 4096,  # all-reduce-done is no second kernel
     }
 
 
