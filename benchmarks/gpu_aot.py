@@ -65,22 +65,12 @@ GEMM_CHOICE_FLAGS = (
     "xla_gpu_cudnn_gemm_fusion_level",
 )  # fmt: skip
 COMPUTE_BOUND = ("matmul", "attention")
-# Instructions that launch no kernel: buffers, tuples and control flow (looked into).
+# Instructions that launch no kernel: buffers, tuples and control flow (looked into); nor does
+# an asynchronous operation's *-done (its *-start is counted).
 NO_KERNEL = {
-    "parameter",
-    "constant",
-    "get-tuple-element",
-    "tuple",
-    "bitcast",
-    "after-all",
-    "add-dependency",
-    "opt-barrier",
-    "partition-id",
-    "replica-id",
-    "while",
-    "conditional",
-    "call",
-}  # fmt: skip (nor does an asynchronous operation's *-done: its *-start is counted)
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+    "add-dependency", "opt-barrier", "partition-id", "replica-id", "while", "conditional", "call",
+}  # fmt: skip
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f8\w*|f16|f32|f64|c64|c128)\[([\d,]*)\]")
 _BITS = {"pred": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128}
 _SHAPE = re.compile(r" = (.*?) [a-z][\w\-]*\(")
@@ -91,7 +81,6 @@ _CALLED = re.compile(
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_CALLS = re.compile(r"calls=%([\w.\-]+)")
 _PARAMETER = re.compile(r"parameter\((\d+)\)")
 
 
@@ -143,7 +132,7 @@ def kernel_bytes(
         result = re.sub(r"\b[su]8\[[\d,]*\](\{[^}]*\})?", "", result)
     written = array_bytes(result)
     whole = {name: array_bytes(shape) for name, shape in operands}
-    called = _CALLS.search(line)
+    called = profile_summary.CALLS.search(line)
     body = computations.get(called.group(1), []) if opcode == "fusion" and called else []
     shapes = {n: _SHAPE.search(text).group(1) for n, _, text in body}
     uses: dict[str, list[tuple[str, str, list[str]]]] = collections.defaultdict(list)
@@ -178,7 +167,7 @@ def step_kernels(hlo: str) -> list[Kernel]:
     counted by their trip counts, every branch of a conditional counted (an upper estimate;
     the step has none)."""
     computations = profile_summary.hlo_computations(hlo)
-    contents = profile_summary.hlo_contents(hlo)
+    contents = profile_summary.hlo_contents(computations)
     kernels: list[Kernel] = []
 
     def visit(name: str, times: int, depth: int = 0) -> None:
@@ -284,11 +273,6 @@ def compile_variant(argv: list[str], devices: list, gemm: str, hlo: Path | None 
     }
 
 
-def variant_lines(path: Path) -> list[str]:
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -320,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"give --variants or train_step.py options, not both: {' '.join(rest)}")
     if not args.target.is_file():
         ap.error(f"--target {args.target}: no such file")
-    variants = variant_lines(args.variants) if args.variants else [shlex.join(rest)]
+    variants = train_step.variant_lines(args.variants) if args.variants else [shlex.join(rest)]
     aot_memory.compile_only_environment()  # (and the CUDA plugin skips its check of a driver)
     devices = gpu_devices(args.target, args.gpus)
     memory = re.search(r"device_memory_size:\s*(\d+)", args.target.read_text())

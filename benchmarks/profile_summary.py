@@ -52,7 +52,7 @@ PALLAS_KERNELS = (("attention", "usfm_attention"), ("matmul", "usfm_mlp"))
 _PALLAS_NAME = re.compile(r"\b(usfm_[a-z_]+)")
 _FUSION_KERNEL = re.compile(r"([a-z][a-z_]*?)_(\d+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
-_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _COMPUTATION = re.compile(r"^(?:(ENTRY) )?%?([\w.\-]+) .*\{\s*$")  # unindented
 
@@ -111,10 +111,9 @@ def hlo_computations(text: str) -> dict[str, list[tuple[str, str, str]]]:
     return computations
 
 
-def hlo_contents(text: str) -> dict[str, set[str]]:
-    """Per instruction of the HLO module: the opcodes (and custom-call targets) it runs,
-    looking through fusions into their computations."""
-    computations = hlo_computations(text)
+def hlo_contents(computations: dict[str, list[tuple[str, str, str]]]) -> dict[str, set[str]]:
+    """Per instruction of an HLO module (``hlo_computations``' reading of it): the opcodes
+    (and custom-call targets) it runs, looking through fusions into their computations."""
 
     def runs(name: str, opcode: str, line: str, depth: int = 0) -> set[str]:
         found = {opcode, opcode.removesuffix("-start")}  # all-reduce-start: an all-reduce
@@ -124,7 +123,7 @@ def hlo_contents(text: str) -> dict[str, set[str]]:
             kernel = _PALLAS_NAME.search(line)
             if kernel:
                 found.add(kernel.group(1))
-        called = _CALLS.search(line)
+        called = CALLS.search(line)
         if called and depth < 8:
             for inner in computations.get(called.group(1), []):
                 found |= runs(*inner, depth=depth + 1)
@@ -162,7 +161,7 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     hlo = args.directory / HLO_FILE
-    contents = hlo_contents(hlo.read_text()) if hlo.exists() else {}
+    contents = hlo_contents(hlo_computations(hlo.read_text())) if hlo.exists() else {}
     total = sum(times.values())
     print(f"module {module}: {total / args.steps:.1f} ms of operations per step")
     by_category = collections.Counter()

@@ -75,6 +75,14 @@ def build_config(args: argparse.Namespace, device_count: int, accelerator: bool)
     return config
 
 
+def variant_lines(path: str | os.PathLike) -> list[str]:
+    """The runs of a variants file (benchmarks/variants/): one line of this script's options
+    each; blank lines and # comments skipped."""
+    with open(path) as f:
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def synthetic_batch(config, batch: int):
     """``batch`` synthetic B-mode images, uint8 [B, H, W, 1] (numpy)."""
     import numpy as np

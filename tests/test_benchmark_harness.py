@@ -104,11 +104,10 @@ def test_every_sweep_variant_parses():
     --xla-flag (it aborts on an unknown one; GPU flags are known to the CPU build too)."""
     xla_flags = set()
     for variants in sorted((ROOT / "benchmarks" / "variants").glob("*.txt")):
-        lines = [line.split() for line in variants.read_text().splitlines()]
-        runs = [args for args in lines if args and not args[0].startswith("#")]
+        runs = bench.variant_lines(variants)
         assert runs, variants
-        for args in runs:
-            xla_flags.update(bench.parse_args(args).xla_flag)
+        for line in runs:
+            xla_flags.update(bench.parse_args(line.split()).xla_flag)
     assert xla_flags
     env = {**os.environ, "XLA_FLAGS": " ".join(sorted(xla_flags))}
     code = "import jax; jax.numpy.ones(2).block_until_ready()"
@@ -183,11 +182,13 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
         }
     )
     hlo = ps.hlo_contents(
-        "%fused_add.3 (p0: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} add(%p0, %p0)\n}\n"
-        "ENTRY %main (x: f32[4]) -> f32[4] {\n"
-        "  %loop_add_fusion.3 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add.3\n"
-        '  ROOT %custom-call.7 = f32[4]{0} custom-call(%x), custom_call_target="__gpu$xla.gpu.'
-        'triton", backend_config={name="usfm_mlp_backward", ir="..."}\n}\n'
+        ps.hlo_computations(
+            "%fused_add.3 (p0: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} add(%p0, %p0)\n}\n"
+            "ENTRY %main (x: f32[4]) -> f32[4] {\n"
+            "  %loop_add_fusion.3 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add.3\n"
+            '  ROOT %custom-call.7 = f32[4]{0} custom-call(%x), custom_call_target="__gpu$xla.gpu.'
+            'triton", backend_config={name="usfm_mlp_backward", ir="..."}\n}\n'
+        )
     )
     kinds = {op: ps.category(hlo.get(op, {op.split(".")[0]})) for op in times if "reduce" not in op}
     assert kinds == {

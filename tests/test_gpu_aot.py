@@ -185,7 +185,7 @@ def test_compiles_for_a_gpu_or_names_the_install():
 def test_cli_refuses_both_variants_and_options(tmp_path, capsys):
     variants = tmp_path / "v.txt"
     variants.write_text("# a comment\n\n--size tiny\n")
-    assert gpu_aot.variant_lines(variants) == ["--size tiny"]
+    assert train_step.variant_lines(variants) == ["--size tiny"]
     with pytest.raises(SystemExit):
         gpu_aot.main(["--variants", str(variants), "--size", "tiny"])
     assert "give --variants or train_step.py options, not both" in capsys.readouterr().err
