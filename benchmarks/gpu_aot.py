@@ -51,7 +51,6 @@ import jax  # noqa: E402
 
 from benchmarks import aot_memory, profile_summary, train_step  # noqa: E402
 from usfm_jax.config_validation import validate  # noqa: E402
-from usfm_jax.models import fused_attention, fused_mlp  # noqa: E402
 from usfm_jax.models.factory import DTYPES  # noqa: E402
 from usfm_jax.models.vit import resolve_attention  # noqa: E402
 
@@ -253,8 +252,7 @@ def compile_variant(argv: list[str], devices: list, gemm: str, hlo: Path | None 
     """AOT-compiles one train_step.py configuration for ``devices``; the row of the table.
     ``hlo``: where to write the optimised HLO text."""
     args = train_step.parse_args(argv)
-    fused_attention.DEFAULT_TILING = args.pallas_tiling or fused_attention.Tiling()
-    fused_mlp.DEFAULT_MLP_TILING = args.mlp_tiling or fused_mlp.MlpTiling()
+    train_step.install_tilings(args)
     config = train_step.build_config(args, len(devices), accelerator=True)
     config.model.attention = resolve_attention(
         config.model.attention, DTYPES[config.model.dtype], backend="gpu"

@@ -1,7 +1,8 @@
 """Compile the Pallas kernels for an NVIDIA GPU on any machine; report their resources.
 
 Lowers a training step's Pallas kernels (``models.fused_attention``: forward and both backward
-kernels; ``models.fused_mlp``: forward and backward) for CUDA with JAX's cross-platform lowering,
+kernels; ``models.fused_mlp``: forward and backward; ``models.fused_norm``: a block's plain and
+residual LayerNorms, forward and backward) for CUDA with JAX's cross-platform lowering,
 takes the Triton IR out of each kernel's custom call, and compiles it with the ``triton`` package
 (installed with torch) for the target GPU, down to a cubin. Prints per kernel the registers per
 thread, spilled bytes (stack), shared memory, the resident blocks per SM this allows and the
@@ -12,6 +13,7 @@ decides whether a tiling is worth measuring, found without a GPU.
     python benchmarks/pallas_kernels.py --kernels attention --tiling warps_dq=8 \\
         --tiling block_q_dq=16,warps_dq=4
     python benchmarks/pallas_kernels.py --kernels mlp --mlp-tiling block_n=256
+    python benchmarks/pallas_kernels.py --kernels norm --norm-tiling rows=8,warps=8
 
 The ``triton`` package's compiler is not XLA's (jaxlib builds its own Triton); register counts
 may differ a little from what runs, the absence of a lowering or compilation error much less so.
@@ -20,6 +22,7 @@ may differ a little from what runs, the absence of a lowering or compilation err
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -34,15 +37,16 @@ import jax.numpy as jnp
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as triton_dialect
 
-from benchmarks.train_step import mlp_tiling, pallas_tiling
-from usfm_jax.models import fused_attention, fused_mlp
+from benchmarks.train_step import mlp_tiling, norm_tiling, pallas_tiling
+from usfm_jax.models import fused_attention, fused_mlp, fused_norm
 from usfm_jax.models.fused_attention import Tiling
 from usfm_jax.models.fused_mlp import MlpTiling
+from usfm_jax.models.fused_norm import NormTiling
 
 # registers and shared memory of one SM of an H100 (sm_90)
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 227 * 1024
-KERNEL_FAMILIES = ("attention", "mlp")
+KERNEL_FAMILIES = ("attention", "mlp", "norm")
 
 
 def kernel_irs(fn, *args: jax.ShapeDtypeStruct | None) -> list[tuple[str, int, int, bytes]]:
@@ -99,6 +103,24 @@ def mlp_irs(
         return jnp.sum(out.astype(jnp.float32))
 
     return kernel_irs(jax.grad(loss, argnums=tuple(range(5))), *args)
+
+
+def norm_irs(
+    tiling: NormTiling, batch: int, tokens: int, width: int
+) -> list[tuple[str, int, int, bytes]]:
+    """The LayerNorm kernels of a block (bf16 tokens, float32 gamma and beta): the plain one
+    (norm1) and the one with the residual add and a drop-path factor (norm2)."""
+    x = jax.ShapeDtypeStruct((batch, tokens, width), jnp.bfloat16)
+    param = jax.ShapeDtypeStruct((width,), jnp.float32)
+    scale = jax.ShapeDtypeStruct((batch,), jnp.float32)
+
+    def loss(x, delta, gamma, beta, scale):
+        norm = functools.partial(fused_norm.residual_layer_norm, eps=1e-6, tiling=tiling)
+        x, y = norm(x, None, None, gamma, beta)
+        x, z = norm(x, delta * y, scale, gamma, beta)
+        return jnp.sum(x.astype(jnp.float32) * z)
+
+    return kernel_irs(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, param, param, scale)
 
 
 def compile_kernel(
@@ -161,7 +183,7 @@ def families(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--kernels", type=families, default=list(KERNEL_FAMILIES), help="attention,mlp"
+        "--kernels", type=families, default=list(KERNEL_FAMILIES), help="attention,mlp,norm"
     )
     parser.add_argument(
         "--tiling",
@@ -171,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         help="attention: name=int,...",
     )
     parser.add_argument("--mlp-tiling", type=mlp_tiling, action="append", help="MLP: name=int,...")
+    parser.add_argument(
+        "--norm-tiling", type=norm_tiling, action="append", help="LayerNorm: name=int,..."
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=197, help="per image")
     parser.add_argument("--heads", type=int, default=12)
@@ -181,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead")
     args = parser.parse_args(argv)
     for option, tilings, family in (("--tiling", args.tiling, "attention"),
-                                    ("--mlp-tiling", args.mlp_tiling, "mlp")):  # fmt: skip
+                                    ("--mlp-tiling", args.mlp_tiling, "mlp"),
+                                    ("--norm-tiling", args.norm_tiling, "norm")):  # fmt: skip
         if tilings and family not in args.kernels:
             parser.error(f"{option} is for the {family} kernels, which --kernels leaves out")
     try:
@@ -202,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     if "mlp" in args.kernels:
         for tiling in args.mlp_tiling or [MlpTiling()]:
             runs.append((tiling, mlp_irs(tiling, args.batch * args.tokens, width, hidden)))
+    if "norm" in args.kernels:
+        for tiling in args.norm_tiling or [NormTiling()]:
+            runs.append((tiling, norm_irs(tiling, args.batch, args.tokens, width)))
     header = (
         f"{'kernel':<24} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9} "
         f"{'blocks/SM':>9} {'mma':>8}"

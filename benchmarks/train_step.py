@@ -32,10 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.pretrain import usfm_vitb16  # noqa: E402
-from usfm_jax.models import fused_attention, fused_mlp  # noqa: E402
+from usfm_jax.models import fused_attention, fused_mlp, fused_norm  # noqa: E402
 from usfm_jax.models.factory import encoder_dims  # noqa: E402
 from usfm_jax.models.triton_tiles import KernelTiling  # noqa: E402
-from usfm_jax.models.vit import ATTENTION_IMPLEMENTATIONS, MLP_IMPLEMENTATIONS  # noqa: E402
+from usfm_jax.models.vit import (  # noqa: E402
+    ATTENTION_IMPLEMENTATIONS,
+    MLP_IMPLEMENTATIONS,
+    NORM_IMPLEMENTATIONS,
+)
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0}
@@ -68,11 +72,23 @@ def build_config(args: argparse.Namespace, device_count: int, accelerator: bool)
     config.image_every = 0  # no previews: the step alone (and batches below num_preview_images)
     config.model.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
     config.model.update(
-        attention=args.attention, mlp=args.mlp, remat=args.remat, scan_layers=args.scan
+        attention=args.attention,
+        mlp=args.mlp,
+        norm=args.norm,
+        remat=args.remat,
+        scan_layers=args.scan,
     )
     config.spatial.enabled = args.objective in ("spatial", "dual")
     config.frequency.enabled = args.objective in ("frequency", "dual")
     return config
+
+
+def install_tilings(args: argparse.Namespace) -> None:
+    """Makes the Pallas kernels' tilings those of ``args`` (each family's default where not
+    given): the kernels read their module's default when the model calls them."""
+    fused_attention.DEFAULT_TILING = args.pallas_tiling or fused_attention.Tiling()
+    fused_mlp.DEFAULT_MLP_TILING = args.mlp_tiling or fused_mlp.MlpTiling()
+    fused_norm.DEFAULT_NORM_TILING = args.norm_tiling or fused_norm.NormTiling()
 
 
 def variant_lines(path: str | os.PathLike) -> list[str]:
@@ -148,10 +164,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     from usfm_jax.models.vit import resolve_attention
     from usfm_jax.train_step import create_training
 
-    if args.pallas_tiling:
-        fused_attention.DEFAULT_TILING = args.pallas_tiling
-    if args.mlp_tiling:
-        fused_mlp.DEFAULT_MLP_TILING = args.mlp_tiling
+    install_tilings(args)
     cpu_runtime.execute_inline()  # as usfm_jax.train runs (before the backend starts)
     cpu_runtime.configure_for_backend()
     device = jax.devices()[0]
@@ -200,6 +213,8 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
         + (f", {args.pallas_tiling}" if args.pallas_tiling else "")
         + (f", mlp {args.mlp}" if args.mlp != "xla" else "")
         + (f", {args.mlp_tiling}" if args.mlp_tiling else "")
+        + (f", norm {args.norm}" if args.norm != "xla" else "")
+        + (f", {args.norm_tiling}" if args.norm_tiling else "")
         + (", scan" if args.scan else "")
         + (", oneDNN matmuls" if cpu_options else "")
         + "".join(f", {flag}" for flag in args.xla_flag),
@@ -327,6 +342,7 @@ def _tiling_parser(cls: type[KernelTiling]) -> Callable[[str], KernelTiling]:
 
 pallas_tiling = _tiling_parser(fused_attention.Tiling)
 mlp_tiling = _tiling_parser(fused_mlp.MlpTiling)
+norm_tiling = _tiling_parser(fused_norm.NormTiling)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -338,6 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU/TPU)")
     ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
     ap.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, default="xla")
+    ap.add_argument("--norm", choices=NORM_IMPLEMENTATIONS, default="xla")
     for flag, parse, kernels, example in (
         (
             "--pallas-tiling",
@@ -346,6 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "warps_dq=8; models.fused_attention.Tiling",
         ),
         ("--mlp-tiling", mlp_tiling, "MLP", "block_m=64,warps=4; models.fused_mlp.MlpTiling"),
+        ("--norm-tiling", norm_tiling, "LayerNorm", "rows=8,warps=8; models.fused_norm.NormTiling"),
     ):
         ap.add_argument(
             flag,
@@ -393,6 +411,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--pallas-tiling applies to --attention pallas only")
     if args.mlp_tiling and args.mlp != "pallas":
         ap.error("--mlp-tiling applies to --mlp pallas only")
+    if args.norm_tiling and args.norm != "pallas":
+        ap.error("--norm-tiling applies to --norm pallas only")
     for name in ("steps", "batch_per_device", "image"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

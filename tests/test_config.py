@@ -104,6 +104,11 @@ def test_ablations_change_what_they_name():
             r"config\.model\.mlp='cublas': expected one of \('xla', 'pallas'\)",
         ),
         ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
+        (
+            {"model.norm": "apex"},
+            r"config\.model\.norm='apex': expected one of \('xla', 'pallas'\)",
+        ),
+        ({"model.norm": "pallas"}, r"config\.model\.norm='pallas'.*NVIDIA GPU.*'xla'"),
         ({"seed": -1}, r"config\.seed=-1: expected an int >= 0"),
         (
             {"checkpoint.every": 300, "checkpoint.keep_every": 1000},
@@ -142,9 +147,10 @@ def test_pallas_attention_is_checked_against_the_token_count():
 
 
 def test_gpu_kernels_are_accepted_for_a_gpu():
-    """The fused MLP has no size limits: for a GPU any encoder takes it; cuDNN attention takes
+    """The fused MLP and LayerNorm have no size limits: for a GPU any encoder takes them; cuDNN attention takes
     half-precision compute only."""
     validate(make_tiny_config(**{"model.mlp": "pallas", "model.width": 160}), 8, backend="gpu")
+    validate(make_tiny_config(**{"model.norm": "pallas", "model.width": 160}), 8, backend="gpu")
     cudnn = {"model.attention": "cudnn", "model.dtype": "bfloat16"}
     validate(make_tiny_config(**cudnn), num_devices=8, backend="gpu")
     with pytest.raises(ConfigError, match=r"bf16 / fp16 compute \(backend 'gpu'"):

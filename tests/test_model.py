@@ -292,6 +292,7 @@ def mim_cfg(**kw) -> ml_collections.ConfigDict:
             scan_layers=False,
             attention="xla",
             mlp="xla",
+            norm="xla",
             dtype="float32",
             head="linear",
             decoder=dict(width=WIDTH, depth=1, num_heads=HEADS),
@@ -703,6 +704,7 @@ def test_create_mim_model_rejects_bad_config():
         (dict(variant="swin"), "variant"),
         (dict(rel_pos="global"), "rel_pos"),
         (dict(attention="flash"), "attention"),
+        (dict(norm="apex"), "norm must be one of"),
     ],
 )
 def test_invalid_encoder_arguments(kw, match):
@@ -788,7 +790,8 @@ def test_softmax_attention_matches_jax_and_its_autodiff(dtype, with_bias):
         (dict(attention="pallas"), "shared", (1, 1, 1)),
         (dict(attention="pallas"), "per_block", (1, 2, 2)),
         (dict(mlp="pallas"), "shared", (1, 2, 2)),
-        (dict(attention="pallas", mlp="pallas"), "shared", (1, 1, 1)),
+        (dict(norm="pallas"), "per_block", (1, 2, 2)),
+        (dict(attention="pallas", mlp="pallas", norm="pallas"), "shared", (1, 1, 1)),
     ],
 )
 def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, monkeypatch):
@@ -819,9 +822,10 @@ def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, m
             return step(params, jax.device_put(images, parallel.batch_sharding(mesh)))
 
     loss, grads = tokens_and_grads(**kernels)
-    # one per block and Pallas-run layer
-    assert len(shard_maps) == (DEPTH * len(kernels) if mesh.size > 1 else 0)
-    ref_loss, ref_grads = tokens_and_grads(attention="xla", mlp="xla")
+    # one per block and Pallas-run layer (two LayerNorms a block)
+    calls = sum(dict(attention=1, mlp=1, norm=2)[kind] for kind in kernels)
+    assert len(shard_maps) == (DEPTH * calls if mesh.size > 1 else 0)
+    ref_loss, ref_grads = tokens_and_grads(attention="xla", mlp="xla", norm="xla")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     flat, ref_flat = nnx.to_flat_state(grads), dict(nnx.to_flat_state(ref_grads))
     assert any("relative_position_bias_table" in path for path, _ in flat)

@@ -22,6 +22,7 @@ from usfm_jax.models.teacher import TARGET_LAYERS
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
+    NORM_IMPLEMENTATIONS,
     REMAT_POLICIES,
     cudnn_attention_available,
 )
@@ -269,7 +270,8 @@ def check_encoder(config: ml_collections.ConfigDict, backend: str | None = None)
             f"(backend {backend!r}, model.dtype={m.dtype!r}); use 'xla'",
         )
     _one_of(config, "model.mlp", MLP_IMPLEMENTATIONS)
-    for field in ("attention", "mlp"):
+    _one_of(config, "model.norm", NORM_IMPLEMENTATIONS)
+    for field in ("attention", "mlp", "norm"):
         _require(
             m[field] != "pallas" or backend == "gpu",
             f"model.{field}",

@@ -76,9 +76,9 @@ def create_model(
     m, h = config.model, config.head
     # layer_scale_init sets the initial weights of a random encoder; a checkpoint has its own
     scratch = {} if config.init else {"layer_scale_init": m.layer_scale_init}
-    encoder = arch.build(dtype=DTYPES[m.dtype], attention=m.attention, mlp=m.mlp, rngs=rngs,
-                         drop_path_rate=m.drop_path_rate, remat=m.remat, scan=m.scan_layers,
-                         **scratch)  # fmt: skip
+    encoder = arch.build(dtype=DTYPES[m.dtype], attention=m.attention, mlp=m.mlp, norm=m.norm,
+                         rngs=rngs, drop_path_rate=m.drop_path_rate, remat=m.remat,
+                         scan=m.scan_layers, **scratch)  # fmt: skip
     normalize = Normalize(normalization, arch.in_chans)
     frozen = h.mode == "linear_probe"
     if config.task == "classify":

@@ -49,6 +49,7 @@ def create_encoder(
         scan=cfg.scan_layers,
         attention=cfg.attention,
         mlp=cfg.mlp,
+        norm=cfg.norm,
         dtype=DTYPES[cfg.dtype],
         rngs=rngs,
     )

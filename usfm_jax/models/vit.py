@@ -28,6 +28,7 @@ from usfm_jax import parallel
 from usfm_jax.models.attention import softmax_attention
 from usfm_jax.models.fused_attention import fused_attention
 from usfm_jax.models.fused_mlp import fused_mlp
+from usfm_jax.models.fused_norm import residual_layer_norm
 from usfm_jax.patches import patchify
 
 Variant = Literal["beit", "vit"]
@@ -41,6 +42,10 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 # into the matmuls' epilogues by the Pallas (Triton) kernels of models.fused_mlp (NVIDIA GPUs;
 # elsewhere Pallas' interpreter, for tests).
 MLP_IMPLEMENTATIONS = ("xla", "pallas")
+# LayerNorm implementations (the blocks' two, each with the residual add before it): "xla", as
+# XLA compiles flax's LayerNorm and the add; "pallas", one Pallas (Triton) kernel per direction
+# from models.fused_norm (NVIDIA GPUs; elsewhere Pallas' interpreter, for tests).
+NORM_IMPLEMENTATIONS = ("xla", "pallas")
 
 # name -> (width, depth, heads); patch 16 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -301,17 +306,48 @@ def gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drops the whole residual branch per example; identity without a key.
-    ``rate`` may be traced (a scan over blocks with different rates)."""
+def drop_path_scale(rate: float | jax.Array, key: jax.Array | None, batch: int) -> jax.Array | None:
+    """Stochastic depth's factor per example, [B] float32: 1 / (1 - rate) for a kept residual
+    branch, 0 for a dropped one; None (no drop path) without a key or at rate 0. ``rate`` may be
+    traced (a scan over blocks with different rates)."""
     if key is None or (isinstance(rate, float) and rate == 0.0):
+        return None
+    keep = jax.random.bernoulli(key, 1.0 - rate, (batch,))
+    # written as exp(-log(1 - rate)) or exp(-inf): XLA computes an exp once, where it fused a
+    # plain select, random-bit generation and all, into each consumer of the factor and
+    # recomputed it per element (~3% of a CPU ViT step)
+    return jnp.exp(jnp.where(keep, -jnp.log1p(-jnp.asarray(rate, jnp.float32)), -jnp.inf))
+
+
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drops the whole residual branch per example; identity without a key."""
+    scale = drop_path_scale(rate, key, x.shape[0])
+    if scale is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-    # The factor [B, 1, ...], 1 / (1 - rate) or 0, written as exp(-log(1 - rate)) or exp(-inf):
-    # XLA computes an exp once, where it fused a plain select, random-bit generation and all,
-    # into each consumer of the factor and recomputed it per element (~3% of a CPU ViT step).
-    scale = jnp.exp(jnp.where(keep, -jnp.log1p(-jnp.asarray(rate, jnp.float32)), -jnp.inf))
-    return x * scale.astype(x.dtype)
+    return x * scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def residual_norm(
+    norm: nnx.LayerNorm,
+    x: jax.Array,
+    delta: jax.Array | None = None,
+    scale: jax.Array | None = None,
+    implementation: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
+    """(x_new, norm(x_new)) for x_new = x + scale * delta (x itself without a delta): a
+    pre-norm block's residual add and the LayerNorm after it. ``scale`` [B] is the drop-path
+    factor per example (``drop_path_scale``), or None. "pallas" fuses both into one kernel per
+    direction (``models.fused_norm``); callers carry on with the returned x, through which the
+    kernel adds the residual stream's gradient."""
+    if implementation == "xla":
+        if delta is not None:
+            factor = None if scale is None else scale.reshape((-1,) + (1,) * (x.ndim - 1))
+            x = x + (delta if factor is None else delta * factor.astype(delta.dtype))
+        return x, norm(x)
+    x, delta = norm.promote_dtype((x, delta), dtype=norm.dtype)
+    fused = functools.partial(residual_layer_norm, eps=norm.epsilon)
+    gamma, beta = norm.scale[...], norm.bias[...]
+    return parallel.per_batch_shard(fused, shared=(3, 4))(x, delta, scale, gamma, beta)
 
 
 class Block(nnx.Module):
@@ -329,9 +365,13 @@ class Block(nnx.Module):
         drop_path_rate: float = 0.0,
         attention: str = "xla",
         mlp: str = "xla",
+        norm: str = "xla",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if norm not in NORM_IMPLEMENTATIONS:
+            raise ValueError(f"norm must be one of {NORM_IMPLEMENTATIONS}, got {norm!r}")
+        self.norm_implementation = norm
         self.norm1 = layer_norm(dim, dtype, rngs)
         self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid, attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
@@ -352,9 +392,11 @@ class Block(nnx.Module):
         ``drop_path_rate`` overrides the block's own (scanned blocks pass theirs as data)."""
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-        x = x + drop_path(self.attn(self.norm1(x), bias, self.gamma_1), rate, keys[0])
-        x = x + drop_path(self.mlp(self.norm2(x), self.gamma_2), rate, keys[1])
-        return x
+        norm = functools.partial(residual_norm, implementation=self.norm_implementation)
+        x, h = norm(self.norm1, x)
+        attn_scale = drop_path_scale(rate, keys[0], x.shape[0])
+        x, h = norm(self.norm2, x, self.attn(h, bias, self.gamma_1), attn_scale)
+        return x + drop_path(self.mlp(h, self.gamma_2), rate, keys[1])
 
 
 class VisionTransformer(nnx.Module):
@@ -382,6 +424,7 @@ class VisionTransformer(nnx.Module):
         scan: bool = False,
         attention: str = "auto",
         mlp: str = "xla",
+        norm: str = "xla",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -442,6 +485,7 @@ class VisionTransformer(nnx.Module):
                     drop_path_rate=rate,
                     attention=attention,
                     mlp=mlp,
+                    norm=norm,
                     dtype=dtype,
                     rngs=rngs,
                 )
