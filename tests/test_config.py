@@ -147,8 +147,8 @@ def test_pallas_attention_is_checked_against_the_token_count():
 
 
 def test_gpu_kernels_are_accepted_for_a_gpu():
-    """The fused MLP and LayerNorm have no size limits: for a GPU any encoder takes them; cuDNN attention takes
-    half-precision compute only."""
+    """The fused MLP and LayerNorm have no size limits: for a GPU any encoder takes them; cuDNN
+    attention takes half-precision compute only."""
     validate(make_tiny_config(**{"model.mlp": "pallas", "model.width": 160}), 8, backend="gpu")
     validate(make_tiny_config(**{"model.norm": "pallas", "model.width": 160}), 8, backend="gpu")
     cudnn = {"model.attention": "cudnn", "model.dtype": "bfloat16"}

@@ -119,8 +119,13 @@ def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
     outputs = pallas_call(
         functools.partial(_forward_kernel, rows=rows, d=d, eps=eps, residual=delta is not None),
         grid=(pl.cdiv(rows, block),),
-        in_specs=[tile, None if delta is None else tile, None if scale is None else per_row]
-        + [whole, whole],
+        in_specs=[  # x, delta, scale, gamma, beta
+            tile,
+            None if delta is None else tile,
+            None if scale is None else per_row,
+            whole,
+            whole,
+        ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=tiling.compiler_params(tiling.warps),
@@ -151,8 +156,15 @@ def _backward(eps, tiling, interpret, residuals, cotangents):
     outputs = pallas_call(
         functools.partial(_backward_kernel, rows=rows, d=d, block=block),
         grid=(programs,),
-        in_specs=[tile, tile, tile, None if scale is None else per_row]
-        + [pl.BlockSpec((dp,), lambda i: (0,)), per_row, per_row],
+        in_specs=[  # dy, x_new, g, scale, gamma, mean, 1 / std
+            tile,
+            tile,
+            tile,
+            None if scale is None else per_row,
+            pl.BlockSpec((dp,), lambda i: (0,)),
+            per_row,
+            per_row,
+        ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=tiling.compiler_params(tiling.warps),
