@@ -48,7 +48,11 @@ KERNEL_CATEGORIES = (
 )
 # this project's Pallas kernels, by the name they are given (in the HLO and as GPU kernels):
 # checked first, as they are Triton custom calls like any other
-PALLAS_KERNELS = (("attention", "usfm_attention"), ("matmul", "usfm_mlp"))
+PALLAS_KERNELS = (
+    ("attention", "usfm_attention"),
+    ("matmul", "usfm_mlp"),
+    ("layer norm", "usfm_norm"),
+)
 _PALLAS_NAME = re.compile(r"\b(usfm_[a-z_]+)")
 _FUSION_KERNEL = re.compile(r"([a-z][a-z_]*?)_(\d+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")

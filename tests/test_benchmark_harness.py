@@ -159,6 +159,7 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
             event("void cudnn::fusion::fmha_dbias<true>(void const*)", "command_buffer_1", 500),
             event("usfm_attention_dq", "command_buffer_1", 700),  # a Pallas kernel, by its name
             event("usfm_mlp_forward", "command_buffer_1", 800),  # a Pallas matmul
+            event("usfm_norm_scaled_backward", "command_buffer_1", 600),  # a Pallas LayerNorm
             event("usfm_mlp_backward", "custom-call.7", 900),  # one outside a graph: by its HLO
             event("input_reduce_fusion", "input_reduce_fusion", 300),  # outside a graph
             {"ph": "X", "name": "host work", "dur": 9000, "args": {}},
@@ -177,6 +178,7 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
             "void cudnn::fusion::fmha_dbias<true>(void const*)": 0.5,
             "usfm_attention_dq": 0.7,
             "usfm_mlp_forward": 0.8,
+            "usfm_norm_scaled_backward": 0.6,
             "custom-call.7": 0.9,
             "input_reduce_fusion": 0.3,
         }
@@ -198,5 +200,6 @@ def test_profile_summary_attributes_kernels_inside_cuda_graphs(tmp_path):
         "void cudnn::fusion::fmha_dbias<true>(void const*)": "attention",
         "usfm_attention_dq": "attention",
         "usfm_mlp_forward": "matmul",
+        "usfm_norm_scaled_backward": "layer norm",
         "custom-call.7": "matmul",
     }

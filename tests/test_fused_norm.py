@@ -154,8 +154,8 @@ def test_kernels_lower_and_compile_for_an_nvidia_gpu():
     CPU-only machine (ViT-B's width, 768 as 1024 masked): the four kernels of a block, without
     register spills."""
     kernels = compile_pallas_kernels("--kernels", "norm", "--batch", "2")
-    names = ["usfm_norm_forward", "usfm_residual_norm_forward"]
-    names += ["usfm_scaled_norm_backward", "usfm_norm_backward"]
+    names = ["usfm_norm_forward", "usfm_norm_residual_forward"]
+    names += ["usfm_norm_scaled_backward", "usfm_norm_backward"]
     assert [k["kernel"] for k in kernels] == names
     for usage in kernels:
         assert usage["tiling"] == str(NormTiling()), usage

@@ -130,7 +130,7 @@ def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
         out_shape=out_shape,
         compiler_params=tiling.compiler_params(tiling.warps),
         interpret=interpret,
-        name="usfm_residual_norm_forward" if delta is not None else "usfm_norm_forward",
+        name="usfm_norm_residual_forward" if delta is not None else "usfm_norm_forward",
     )(x, delta, scale, gamma, beta)
     x_new, y, mean, rstd = outputs if delta is not None else (x, *outputs)
     return (x_new, y), (x_new, delta is None, scale, gamma, mean, rstd)
@@ -169,7 +169,7 @@ def _backward(eps, tiling, interpret, residuals, cotangents):
         out_shape=out_shape,
         compiler_params=tiling.compiler_params(tiling.warps),
         interpret=interpret,
-        name="usfm_scaled_norm_backward" if scale is not None else "usfm_norm_backward",
+        name="usfm_norm_scaled_backward" if scale is not None else "usfm_norm_backward",
     )(dy.astype(x_new.dtype), x_new, g.astype(x_new.dtype), scale, gamma, mean, rstd)
     dx, d_delta, d_gamma, d_beta = outputs if scale is not None else (outputs[0], *outputs)
     d_gamma = jnp.sum(d_gamma, axis=0).astype(gamma.dtype)
