@@ -1,12 +1,14 @@
-"""The fused kernels (cuDNN and Pallas attention, the Pallas MLP) against XLA's in the encoder,
+"""The fused kernels (cuDNN and Pallas attention, the Pallas MLP and LayerNorm) against XLA's in
+the encoder,
 forward and gradient, on a GPU (elsewhere the Pallas kernels run in Pallas' interpreter, slowly:
 use a small --size and --batch).
 
     python benchmarks/kernel_parity.py [--size base] [--batch 8] [--variant beit|vit]
-        [--implementations xla,cudnn,pallas,xla/pallas]
+        [--implementations xla,cudnn,pallas,xla/pallas,cudnn/xla/pallas]
 
-Encoders with the same weights: XLA attention and MLP in float32 (the reference), and each of
-``--implementations`` (ATTENTION or ATTENTION/MLP, the MLP "xla" if not given) in bfloat16. For
+Encoders with the same weights: XLA attention, MLP and LayerNorm in float32 (the reference), and
+each of ``--implementations`` (ATTENTION[/MLP[/NORM]], MLP and NORM "xla" if not given) in
+bfloat16. For
 each bf16 one, prints the relative difference (||a - ref|| / ||ref||) of the output tokens and
 the largest over the parameter gradients of a fixed random projection of the tokens. A fused
 path is right if it is as close to the reference as XLA's bf16 is.
@@ -28,6 +30,7 @@ from flax import nnx
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
+    NORM_IMPLEMENTATIONS,
     SIZES,
     VisionTransformer,
     mlp_ratio_of,
@@ -47,23 +50,28 @@ def main() -> None:
     ap.add_argument("--variant", choices=("beit", "vit"), default="beit")
     ap.add_argument(
         "--implementations",
-        default="xla,cudnn,pallas,xla/pallas",
-        help="comma-separated ATTENTION or ATTENTION/MLP",
+        default="xla,cudnn,pallas,xla/pallas,cudnn/xla/pallas,pallas/pallas/pallas",
+        help="comma-separated ATTENTION[/MLP[/NORM]]",
     )
     args = ap.parse_args()
     implementations = []
     for item in args.implementations.split(","):
-        attention, _, mlp = item.partition("/")
-        mlp = mlp or "xla"
-        if attention not in ATTENTION_IMPLEMENTATIONS or mlp not in MLP_IMPLEMENTATIONS:
+        attention, mlp, norm, *rest = [*item.split("/"), "xla", "xla"]
+        if (
+            rest[2:]
+            or attention not in ATTENTION_IMPLEMENTATIONS
+            or mlp not in MLP_IMPLEMENTATIONS
+            or norm not in NORM_IMPLEMENTATIONS
+        ):
             ap.error(
-                f"--implementations: {item!r} is not ATTENTION[/MLP] with ATTENTION from "
-                f"{ATTENTION_IMPLEMENTATIONS} and MLP from {MLP_IMPLEMENTATIONS}"
+                f"--implementations: {item!r} is not ATTENTION[/MLP[/NORM]] with ATTENTION from "
+                f"{ATTENTION_IMPLEMENTATIONS}, MLP from {MLP_IMPLEMENTATIONS} and NORM from "
+                f"{NORM_IMPLEMENTATIONS}"
             )
-        implementations.append((attention, mlp))
+        implementations.append((attention, mlp, norm))
     width, depth, heads = SIZES[args.size]
 
-    def build(attention: str, mlp: str, dtype) -> VisionTransformer:
+    def build(attention: str, mlp: str, norm: str, dtype) -> VisionTransformer:
         model = VisionTransformer(
             width=width,
             depth=depth,
@@ -73,6 +81,7 @@ def main() -> None:
             image_size=(args.image, args.image),
             attention=attention,
             mlp=mlp,
+            norm=norm,
             dtype=dtype,
             rngs=nnx.Rngs(0),
         )
@@ -83,7 +92,9 @@ def main() -> None:
 
     images = jax.random.uniform(jax.random.key(2), (args.batch, args.image, args.image, 3))
 
-    tokens_shape = jax.eval_shape(lambda m, x: m(x), build("xla", "xla", jnp.float32), images).shape
+    tokens_shape = jax.eval_shape(
+        lambda m, x: m(x), build("xla", "xla", "xla", jnp.float32), images
+    ).shape
     direction = jax.random.normal(jax.random.key(3), tokens_shape)
 
     def loss(model, images):  # a fixed random projection: gradients that do not cancel
@@ -94,20 +105,20 @@ def main() -> None:
         grads = jax.tree_util.tree_flatten_with_path(nnx.jit(nnx.grad(loss))(model, images))[0]
         return tokens, grads
 
-    ref_tokens, ref_grads = run(build("xla", "xla", jnp.float32))
+    ref_tokens, ref_grads = run(build("xla", "xla", "xla", jnp.float32))
     print(
         f"device: {jax.devices()[0].device_kind}, ViT-{args.size} {args.variant} {args.image} px, "
         f"batch {args.batch}; relative difference to XLA in float32:"
     )
-    for attention, mlp in implementations:
-        tokens, grads = run(build(attention, mlp, jnp.bfloat16))
+    for attention, mlp, norm in implementations:
+        tokens, grads = run(build(attention, mlp, norm, jnp.bfloat16))
         worst = max(
             (rel(g, r), jax.tree_util.keystr(path))
             for (path, r), (_, g) in zip(ref_grads, grads, strict=True)
         )
         print(
-            f"  attention {attention:6s} mlp {mlp:6s} bf16: tokens {rel(tokens, ref_tokens):.2e}, "
-            f"worst gradient {worst[0]:.2e} {worst[1]}"
+            f"  attention {attention:6s} mlp {mlp:6s} norm {norm:6s} bf16: "
+            f"tokens {rel(tokens, ref_tokens):.2e}, worst gradient {worst[0]:.2e} {worst[1]}"
         )
 
 

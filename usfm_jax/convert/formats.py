@@ -71,7 +71,7 @@ class Architecture:
         **options: Any,
     ) -> VisionTransformer:
         """A freshly initialised encoder of this architecture; ``options`` are the encoder's
-        training-time settings (drop_path_rate, remat, scan, mlp)."""
+        training-time settings (drop_path_rate, remat, scan, mlp, norm)."""
         return VisionTransformer(
             variant=self.variant,
             image_size=self.image_size,
