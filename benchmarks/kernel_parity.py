@@ -1,17 +1,15 @@
 """The fused kernels (cuDNN and Pallas attention, the Pallas MLP and LayerNorm) against XLA's in
-the encoder,
-forward and gradient, on a GPU (elsewhere the Pallas kernels run in Pallas' interpreter, slowly:
-use a small --size and --batch).
+the encoder, forward and gradient, on a GPU (elsewhere the Pallas kernels run in Pallas'
+interpreter, slowly: use a small --size and --batch).
 
     python benchmarks/kernel_parity.py [--size base] [--batch 8] [--variant beit|vit]
-        [--implementations xla,cudnn,pallas,xla/pallas,cudnn/xla/pallas]
+        [--implementations xla,cudnn,pallas,xla/pallas,cudnn/xla/pallas,pallas/pallas/pallas]
 
 Encoders with the same weights: XLA attention, MLP and LayerNorm in float32 (the reference), and
 each of ``--implementations`` (ATTENTION[/MLP[/NORM]], MLP and NORM "xla" if not given) in
-bfloat16. For
-each bf16 one, prints the relative difference (||a - ref|| / ||ref||) of the output tokens and
-the largest over the parameter gradients of a fixed random projection of the tokens. A fused
-path is right if it is as close to the reference as XLA's bf16 is.
+bfloat16. For each bf16 one, prints the relative difference (||a - ref|| / ||ref||) of the
+output tokens and the largest over the parameter gradients of a fixed random projection of the
+tokens. A fused path is right if it is as close to the reference as XLA's bf16 is.
 """
 
 from __future__ import annotations

@@ -796,10 +796,11 @@ def test_softmax_attention_matches_jax_and_its_autodiff(dtype, with_bias):
 )
 def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, monkeypatch):
     """The encoder with Pallas kernels (interpreted on the CPU) against the XLA path: tokens
-    and every parameter's gradient, the position tables' and layer scales' included. On 4
-    devices (batch split over data x fsdp, 2 images each) the kernels run per batch shard
-    (shard_map), and the gradients of what they share (position bias, MLP weights) must be
-    summed over the shards."""
+    and every parameter's gradient, the position tables' and layer scales' included, with drop
+    path on. On 4 devices (batch split over data x fsdp, 2 images each) the kernels run per
+    batch shard (shard_map): the drop-path factors of the LayerNorm kernels are split with the
+    batch, and the gradients of what the kernels share (position bias, MLP and LayerNorm
+    weights) must be summed over the shards."""
     images = jax.random.normal(jax.random.key(1), (8, *IMAGE, 1))
     cotangent = jax.random.normal(jax.random.key(2), (8, 7, WIDTH))
     devices = np.asarray(jax.devices()[: math.prod(mesh_shape)]).reshape(mesh_shape)
@@ -811,10 +812,11 @@ def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, m
     )
 
     def tokens_and_grads(**options):
-        graphdef, params = nnx.split(make_vit(rel_pos=rel_pos, **options))
+        graphdef, params = nnx.split(make_vit(rel_pos=rel_pos, drop_path_rate=0.5, **options))
 
         def loss(params, images):
-            return jnp.sum(nnx.merge(graphdef, params)(images) * cotangent)
+            tokens = nnx.merge(graphdef, params)(images, dropout_key=jax.random.key(4))
+            return jnp.sum(tokens * cotangent)
 
         step = parallel.jit_in_mesh(jax.value_and_grad(loss), mesh)
         params = jax.device_put(params, parallel.replicated(mesh))

@@ -71,8 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "xla" | "pallas": the GELU fused into the MLP's matmuls (Triton kernels, NVIDIA GPU;
     # experimental)
     c.model.mlp = "xla"
-    # "xla" | "pallas": each LayerNorm of a block and the residual add before it as one kernel
-    # per direction (Triton kernels, NVIDIA GPU; experimental)
+    # "xla" | "pallas": each LayerNorm of an encoder block and the residual add before it as one
+    # kernel per direction (Triton kernels, NVIDIA GPU; experimental)
     c.model.norm = "xla"
     c.model.head = "linear"  # "linear" (SimMIM) or "transformer"
     c.model.decoder = ml_collections.ConfigDict(dict(width=256, depth=2, num_heads=8))

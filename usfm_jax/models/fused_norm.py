@@ -70,9 +70,11 @@ def residual_layer_norm(
     """(x_new, LayerNorm(x_new) * gamma + beta) for x_new = x + scale * delta, over x [B, ..., D].
 
     ``delta``: like x, or None (x_new is x); ``scale``: [B], one factor per example (stochastic
-    depth), or None; it is a constant here (no gradient flows to it). ``gamma``, ``beta``: [D].
-    Both results are in x's dtype. ``tiling`` defaults to DEFAULT_NORM_TILING; ``interpret``
-    None: Triton when lowered for a GPU, the interpreter elsewhere.
+    depth), or None; it is a constant here (no gradient flows to it) and applied in float32
+    (XLA's ``x + delta * scale`` in bf16 rounds 1 / 0.9 to 1.109). ``gamma``, ``beta``: [D],
+    used as given (float32 parameters stay float32). Both results are in x's dtype. ``tiling``
+    defaults to DEFAULT_NORM_TILING; ``interpret`` None: Triton when lowered for a GPU, the
+    interpreter elsewhere.
     """
     d = x.shape[-1]
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -133,11 +135,11 @@ def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
         name="usfm_norm_residual_forward" if delta is not None else "usfm_norm_forward",
     )(x, delta, scale, gamma, beta)
     x_new, y, mean, rstd = outputs if delta is not None else (x, *outputs)
-    return (x_new, y), (x_new, delta is None, scale, gamma, mean, rstd)
+    return (x_new, y), (x_new, delta is None, scale, gamma, beta, mean, rstd)
 
 
 def _backward(eps, tiling, interpret, residuals, cotangents):
-    x_new, plain, scale, gamma, mean, rstd = residuals
+    x_new, plain, scale, gamma, beta, mean, rstd = residuals
     g, dy = cotangents  # the gradients of x_new (from the residual stream) and of y
     rows, d = x_new.shape
     dp = pl.next_power_of_2(d)
@@ -173,7 +175,7 @@ def _backward(eps, tiling, interpret, residuals, cotangents):
     )(dy.astype(x_new.dtype), x_new, g.astype(x_new.dtype), scale, gamma, mean, rstd)
     dx, d_delta, d_gamma, d_beta = outputs if scale is not None else (outputs[0], *outputs)
     d_gamma = jnp.sum(d_gamma, axis=0).astype(gamma.dtype)
-    d_beta = jnp.sum(d_beta, axis=0).astype(gamma.dtype)
+    d_beta = jnp.sum(d_beta, axis=0).astype(beta.dtype)
     d_scale = None if scale is None else jnp.zeros_like(scale)
     return dx, None if plain else d_delta, d_scale, d_gamma, d_beta
 

@@ -42,9 +42,9 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 # into the matmuls' epilogues by the Pallas (Triton) kernels of models.fused_mlp (NVIDIA GPUs;
 # elsewhere Pallas' interpreter, for tests).
 MLP_IMPLEMENTATIONS = ("xla", "pallas")
-# LayerNorm implementations (the blocks' two, each with the residual add before it): "xla", as
-# XLA compiles flax's LayerNorm and the add; "pallas", one Pallas (Triton) kernel per direction
-# from models.fused_norm (NVIDIA GPUs; elsewhere Pallas' interpreter, for tests).
+# LayerNorm implementations (an encoder block's two, each with the residual add before it):
+# "xla", as XLA compiles flax's LayerNorm and the add; "pallas", one Pallas (Triton) kernel per
+# direction from models.fused_norm (NVIDIA GPUs; elsewhere Pallas' interpreter, for tests).
 NORM_IMPLEMENTATIONS = ("xla", "pallas")
 
 # name -> (width, depth, heads); patch 16 for every size.
@@ -309,7 +309,7 @@ def gelu(x: jax.Array) -> jax.Array:
 def drop_path_scale(rate: float | jax.Array, key: jax.Array | None, batch: int) -> jax.Array | None:
     """Stochastic depth's factor per example, [B] float32: 1 / (1 - rate) for a kept residual
     branch, 0 for a dropped one; None (no drop path) without a key or at rate 0. ``rate`` may be
-    traced (a scan over blocks with different rates)."""
+    traced (a scan over blocks with different rates; a traced 0 gives factors of 1)."""
     if key is None or (isinstance(rate, float) and rate == 0.0):
         return None
     keep = jax.random.bernoulli(key, 1.0 - rate, (batch,))
@@ -344,10 +344,13 @@ def residual_norm(
             factor = None if scale is None else scale.reshape((-1,) + (1,) * (x.ndim - 1))
             x = x + (delta if factor is None else delta * factor.astype(delta.dtype))
         return x, norm(x)
-    x, delta = norm.promote_dtype((x, delta), dtype=norm.dtype)
+    # the residual stream keeps the wider of its dtypes, as x + delta would; y is norm's dtype
+    dtype = x.dtype if delta is None else jnp.result_type(x, delta)
+    x, delta = (None if a is None else a.astype(dtype) for a in (x, delta))
     fused = functools.partial(residual_layer_norm, eps=norm.epsilon)
     gamma, beta = norm.scale[...], norm.bias[...]
-    return parallel.per_batch_shard(fused, shared=(3, 4))(x, delta, scale, gamma, beta)
+    x, y = parallel.per_batch_shard(fused, shared=(3, 4))(x, delta, scale, gamma, beta)
+    return x, y.astype(norm.dtype or dtype)
 
 
 class Block(nnx.Module):
