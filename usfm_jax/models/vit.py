@@ -319,12 +319,16 @@ def drop_path_scale(rate: float | jax.Array, key: jax.Array | None, batch: int) 
     return jnp.exp(jnp.where(keep, -jnp.log1p(-jnp.asarray(rate, jnp.float32)), -jnp.inf))
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drops the whole residual branch per example; identity without a key."""
-    scale = drop_path_scale(rate, key, x.shape[0])
+def per_example(x: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """x [B, ...] times a factor per example ``scale`` [B] (in x's dtype); x if None."""
     if scale is None:
         return x
     return x * scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drops the whole residual branch per example; identity without a key."""
+    return per_example(x, drop_path_scale(rate, key, x.shape[0]))
 
 
 def residual_norm(
@@ -341,8 +345,7 @@ def residual_norm(
     kernel adds the residual stream's gradient."""
     if implementation == "xla":
         if delta is not None:
-            factor = None if scale is None else scale.reshape((-1,) + (1,) * (x.ndim - 1))
-            x = x + (delta if factor is None else delta * factor.astype(delta.dtype))
+            x = x + per_example(delta, scale)
         return x, norm(x)
     # the residual stream keeps the wider of its dtypes, as x + delta would; y is norm's dtype
     dtype = x.dtype if delta is None else jnp.result_type(x, delta)
