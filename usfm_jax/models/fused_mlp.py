@@ -34,6 +34,7 @@ from usfm_jax.models.triton_tiles import (
     KernelTiling,
     dot,
     fit_block,
+    load,
     pallas_call,
     round_up,
     within,
@@ -151,7 +152,7 @@ def _up_kernel(x_ref, w_ref, b_ref, h_ref, g_ref, *, rows, cols, depth, block_k)
     # x_ref [block_m, K']; w_ref [K', block_n]; b_ref [block_n]; h_ref, g_ref [block_m, block_n]
     row_ok, col_ok = _tile_masks(h_ref.shape, rows, cols)
     h = _contract(x_ref, w_ref, row_ok, col_ok, depth, block_k, trans_b=False)
-    h += _load(b_ref, col_ok).astype(jnp.float32)[None, :]
+    h += load(b_ref, col_ok).astype(jnp.float32)[None, :]
     mask = _both(row_ok, col_ok)
     plgpu.store(h_ref, h.astype(h_ref.dtype), mask=mask)
     plgpu.store(g_ref, gelu(h).astype(g_ref.dtype), mask=mask)
@@ -163,15 +164,10 @@ def _down_grad_kernel(dy_ref, w_ref, h_ref, dh_ref, db_ref, *, rows, cols, depth
     row_ok, col_ok = _tile_masks(dh_ref.shape, rows, cols)
     dg = _contract(dy_ref, w_ref, row_ok, col_ok, depth, block_k, trans_b=True)
     mask = _both(row_ok, col_ok)
-    h = _load(h_ref, mask).astype(jnp.float32)
+    h = load(h_ref, mask).astype(jnp.float32)
     dh = dg * gelu_grad(h)  # 0 outside the matrix: dg is
     plgpu.store(dh_ref, dh.astype(dh_ref.dtype), mask=mask)
     plgpu.store(db_ref, jnp.sum(dh, axis=0), mask=col_ok)
-
-
-def _load(ref, mask):
-    """A tile of ``ref``, zero where ``mask`` (if any) is False."""
-    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
 
 
 def _tile_masks(shape, rows, cols):
@@ -204,11 +200,11 @@ def _contract(a_ref, b_ref, row_ok, col_ok, depth, block_k, trans_b):
         start = s * block_k
         ks = pl.ds(start, block_k)
         k_ok = within(start, block_k, depth) if depth % block_k else None
-        a = _load(a_ref.at[:, ks], _both(row_ok, k_ok))
+        a = load(a_ref.at[:, ks], _both(row_ok, k_ok))
         if trans_b:
-            b = _load(b_ref.at[:, ks], _both(col_ok, k_ok))
+            b = load(b_ref.at[:, ks], _both(col_ok, k_ok))
         else:
-            b = _load(b_ref.at[ks, :], _both(k_ok, col_ok))
+            b = load(b_ref.at[ks, :], _both(k_ok, col_ok))
         return acc + dot(a, b, trans_b=trans_b)
 
     acc = jnp.zeros((block_m, block_n), jnp.float32)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from usfm_jax.models.triton_tiles import KernelTiling, pallas_call, within
+from usfm_jax.models.triton_tiles import KernelTiling, load, pallas_call, within
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +105,21 @@ def _norm(x, delta, scale, gamma, beta, eps, tiling, interpret):
     return _forward(x, delta, scale, gamma, beta, eps, tiling, interpret)[0]
 
 
-def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
-    rows, d = x.shape
+def _blocks(rows: int, d: int, tiling: NormTiling, steps: int = 1):
+    """(block, [block * steps, Dp] tiles, [block * steps] per-row values, the [Dp] parameters):
+    each program's rows (``steps`` loop steps of ``block`` rows), the width as the next power
+    of two."""
     dp = pl.next_power_of_2(d)
     block = min(tiling.rows, pl.next_power_of_2(rows))
-    tile = pl.BlockSpec((block, dp), lambda i: (i, 0))
-    per_row = pl.BlockSpec((block,), lambda i: (i,))
-    whole = pl.BlockSpec((dp,), lambda i: (0,))
+    chunk = block * steps
+    tile = pl.BlockSpec((chunk, dp), lambda i: (i, 0))
+    per_row = pl.BlockSpec((chunk,), lambda i: (i,))
+    return block, tile, per_row, pl.BlockSpec((dp,), lambda i: (0,))
+
+
+def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
+    rows, d = x.shape
+    block, tile, per_row, whole = _blocks(rows, d, tiling)
     out_specs = [tile, per_row, per_row]
     out_shape = [jax.ShapeDtypeStruct((rows, d), x.dtype)]  # y
     out_shape += [jax.ShapeDtypeStruct((rows,), jnp.float32)] * 2  # mean, 1 / std
@@ -142,13 +150,9 @@ def _backward(eps, tiling, interpret, residuals, cotangents):
     x_new, plain, scale, gamma, beta, mean, rstd = residuals
     g, dy = cotangents  # the gradients of x_new (from the residual stream) and of y
     rows, d = x_new.shape
-    dp = pl.next_power_of_2(d)
-    block = min(tiling.rows, pl.next_power_of_2(rows))
-    chunk = block * tiling.row_steps
-    programs = pl.cdiv(rows, chunk)
-    tile = pl.BlockSpec((chunk, dp), lambda i: (i, 0))
-    per_row = pl.BlockSpec((chunk,), lambda i: (i,))
-    partial = pl.BlockSpec((None, dp), lambda i: (i, 0))
+    block, tile, per_row, whole = _blocks(rows, d, tiling, tiling.row_steps)
+    programs = pl.cdiv(rows, block * tiling.row_steps)
+    partial = pl.BlockSpec((None, pl.next_power_of_2(d)), lambda i: (i, 0))
     out_specs = [tile, partial, partial]
     out_shape = [jax.ShapeDtypeStruct((rows, d), x_new.dtype)]  # dx
     out_shape += [jax.ShapeDtypeStruct((programs, d), jnp.float32)] * 2  # gamma, beta partials
@@ -163,7 +167,7 @@ def _backward(eps, tiling, interpret, residuals, cotangents):
             tile,
             tile,
             None if scale is None else per_row,
-            pl.BlockSpec((dp,), lambda i: (0,)),
+            whole,
             per_row,
             per_row,
         ],
@@ -254,4 +258,4 @@ def _backward_kernel(
 
 def _load(ref, mask):
     """``ref``'s block in float32, zero where ``mask`` is False."""
-    return plgpu.load(ref, mask=mask, other=0.0).astype(jnp.float32)
+    return load(ref, mask).astype(jnp.float32)

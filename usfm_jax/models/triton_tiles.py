@@ -1,11 +1,12 @@
-"""Pieces shared by the Pallas (Triton) kernels of ``fused_attention`` and ``fused_mlp``.
+"""Pieces shared by the Pallas (Triton) kernels of ``fused_attention``, ``fused_mlp`` and
+``fused_norm``.
 
 A kernel's tiling (block sizes and launch parameters, validated and parsed from the command
-line), float32-accumulated tensor-core dots of 2-D tiles, and the block arithmetic for sizes the
-blocks do not divide. Kernels are compiled by Triton where the program is lowered for a GPU
-and run in Pallas' interpreter elsewhere (tests on a CPU): the choice is made per lowering
-platform, so a step compiled ahead of time for a GPU on a machine without one gets the Triton
-kernels. Triton's dot needs power-of-two tiles of at least 16.
+line), float32-accumulated tensor-core dots of 2-D tiles, and the block arithmetic and masked
+loads for sizes the blocks do not divide. Kernels are compiled by Triton where the program is
+lowered for a GPU and run in Pallas' interpreter elsewhere (tests on a CPU): the choice is made
+per lowering platform, so a step compiled ahead of time for a GPU on a machine without one gets
+the Triton kernels. Triton's dot needs power-of-two tiles of at least 16.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False
     """a @ b of 2-D tiles (either transposed), accumulated in float32: a tensor-core matmul."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def load(ref, mask: jax.Array | None) -> jax.Array:
+    """A block of ``ref``, zero where ``mask`` (if any) is False."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
 
 
 def within(start: jax.Array | int, block: int, size: int) -> jax.Array:
