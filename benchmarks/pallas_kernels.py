@@ -78,17 +78,20 @@ def kernel_irs(fn, *args: jax.ShapeDtypeStruct | None) -> list[tuple[str, int, i
 def attention_irs(
     tiling: Tiling, batch: int, tokens: int, heads: int, head_dim: int, with_bias: bool = True
 ) -> list[tuple[str, int, int, bytes]]:
-    """The attention kernels of a training step (bf16 operands)."""
+    """The attention kernels of a training step (bf16 operands, float32 biases; the qkv
+    projection's bias as the model has one)."""
     qkv = jax.ShapeDtypeStruct((batch, tokens, 3, heads, head_dim), jnp.bfloat16)
     bias = jax.ShapeDtypeStruct((1, heads, tokens, tokens), jnp.float32) if with_bias else None
+    qkv_bias = jax.ShapeDtypeStruct((3, heads, head_dim), jnp.float32)
 
-    def loss(qkv, bias):
+    def loss(qkv, bias, qkv_bias):
         # the kernels without fused_attention's size limits, which come from this tool's figures;
         # interpret=None: Triton, since the lowering is for CUDA
-        out = fused_attention._attention(qkv, bias, tiling, None)
+        out = fused_attention._attention(qkv, bias, qkv_bias, tiling, None)
         return jnp.sum(out.astype(jnp.float32))
 
-    return kernel_irs(jax.grad(loss, argnums=(0, 1) if with_bias else 0), qkv, bias)
+    argnums = (0, 1, 2) if with_bias else (0, 2)
+    return kernel_irs(jax.grad(loss, argnums=argnums), qkv, bias, qkv_bias)
 
 
 def mlp_irs(

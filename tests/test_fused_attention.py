@@ -23,8 +23,12 @@ SMALL = Tiling(
 )  # fmt: skip
 
 
-def reference(qkv: jax.Array, bias: jax.Array | None) -> jax.Array:
+def reference(
+    qkv: jax.Array, bias: jax.Array | None, qkv_bias: jax.Array | None = None
+) -> jax.Array:
     """XLA's attention on the same operands: [B, T, heads, Dh]."""
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias
     q, k, v = (qkv[:, :, i] for i in range(3))
     if bias is not None:
         bias = jnp.broadcast_to(bias, (qkv.shape[0], *bias.shape[1:]))
@@ -39,25 +43,35 @@ def operands(b, t, heads, dh, with_bias, dtype=jnp.float32, seed=0):
     return qkv, bias, cotangent
 
 
+def projection_bias(heads: int, dh: int, seed: int = 1) -> jax.Array:
+    """A qkv projection bias [3, heads, Dh], large enough to move the softmax."""
+    return jax.random.normal(jax.random.key(seed), (3, heads, dh))
+
+
 @pytest.mark.parametrize(
-    "b, t, heads, dh, with_bias",
+    "b, t, heads, dh, with_bias, with_qkv_bias",
     [
-        (4, 37, 2, 16, True),  # ragged last tile (37 = 2 x 16 + 5); 2 batch chunks
-        (3, 37, 2, 16, True),  # a batch the chunk does not divide: a short last chunk
-        (2, 5, 1, 24, True),  # fewer tokens than a block; a head width that is not 2^n
-        (4, 20, 3, 16, False),  # no bias: no bias gradient
-        (1, 32, 1, 16, True),  # one image; tokens a multiple of the block
+        (4, 37, 2, 16, True, True),  # ragged last tile (37 = 2 x 16 + 5); 2 batch chunks
+        (3, 37, 2, 16, True, False),  # a batch the chunk does not divide: a short last chunk
+        (3, 37, 2, 16, False, True),  # ... with a qkv bias and no position bias
+        (2, 5, 1, 24, True, True),  # fewer tokens than a block; a head width that is not 2^n
+        (4, 20, 3, 16, False, False),  # no bias: no bias gradient
+        (1, 32, 1, 16, True, True),  # one image; tokens a multiple of the block
     ],
 )
-def test_matches_xla_attention_and_its_gradients(b, t, heads, dh, with_bias):
+def test_matches_xla_attention_and_its_gradients(b, t, heads, dh, with_bias, with_qkv_bias):
     qkv, bias, cotangent = operands(b, t, heads, dh, with_bias)
-    args = (qkv, bias) if with_bias else (qkv,)
-    ref_out, ref_vjp = jax.vjp(lambda *a: reference(*a, *[None] * (2 - len(a))), *args)
-    out, vjp = jax.vjp(lambda *a: fused_attention(*a, tiling=SMALL), *args)
+    qkv_bias = projection_bias(heads, dh) if with_qkv_bias else None
+    ref_out, ref_vjp = jax.vjp(reference, qkv, bias, qkv_bias)
+    out, vjp = jax.vjp(lambda *a: fused_attention(*a, tiling=SMALL), qkv, bias, qkv_bias)
     assert out.shape == (b, t, heads, dh) and out.dtype == qkv.dtype
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    for name, grad, ref in zip(("qkv", "bias"), vjp(cotangent), ref_vjp(cotangent), strict=False):
-        assert grad.shape == ref.shape, name
+    names = ("qkv", "bias", "qkv_bias")
+    for name, grad, ref in zip(names, vjp(cotangent), ref_vjp(cotangent), strict=True):
+        if ref is None:
+            assert grad is None, name
+            continue
+        assert grad.shape == ref.shape and grad.dtype == ref.dtype, name
         scale = float(jnp.abs(ref).max())
         np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
@@ -71,13 +85,17 @@ def test_half_precision_stays_within_its_rounding_error(dtype, bias_dtype, tol):
     """Half-precision operands, float32 softmax: the error against float32 attention is the
     operands' rounding; the gradients come back in the operands' dtypes."""
     qkv, bias, cotangent = operands(4, 37, 2, 16, True)
-    ref_out, ref_vjp = jax.vjp(reference, qkv, bias)
+    qkv_bias = projection_bias(2, 16)  # float32, as the model's parameters
+    ref_out, ref_vjp = jax.vjp(reference, qkv, bias, qkv_bias)
     out, vjp = jax.vjp(
-        lambda x, b: fused_attention(x, b, tiling=SMALL), qkv.astype(dtype), bias.astype(bias_dtype)
+        lambda x, b, c: fused_attention(x, b, c, tiling=SMALL),
+        qkv.astype(dtype),
+        bias.astype(bias_dtype),
+        qkv_bias,
     )
     assert out.dtype == dtype
     grads = vjp(cotangent.astype(dtype))
-    assert grads[0].dtype == dtype and grads[1].dtype == bias_dtype
+    assert [g.dtype for g in grads] == [dtype, bias_dtype, jnp.float32]
     for got, ref in zip((out, *grads), (ref_out, *ref_vjp(cotangent)), strict=True):
         error = float(jnp.abs(got.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
         assert error < tol
@@ -86,28 +104,31 @@ def test_half_precision_stays_within_its_rounding_error(dtype, bias_dtype, tol):
 def test_default_tiling_matches_at_vit_length():
     """The tiling the GPU runs (one 256-key tile in the dq kernel), at ViT-B/16's 197 tokens."""
     qkv, bias, cotangent = operands(2, 197, 1, 64, True)
-    ref_out, ref_vjp = jax.vjp(reference, qkv, bias)
-    out, vjp = jax.vjp(fused_attention, qkv, bias)
+    qkv_bias = projection_bias(1, 64)
+    ref_out, ref_vjp = jax.vjp(reference, qkv, bias, qkv_bias)
+    out, vjp = jax.vjp(fused_attention, qkv, bias, qkv_bias)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     for grad, ref in zip(vjp(cotangent), ref_vjp(cotangent), strict=True):
         np.testing.assert_allclose(grad, ref, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 @pytest.mark.parametrize(
-    "qkv_shape, bias_shape, dtype, match",
+    "qkv_shape, bias_shape, dtype, qkv_bias_shape, match",
     [
-        ((2, 5, 2, 16), None, jnp.float32, r"\[B, T, 3, heads, Dh\]"),
-        ((2, 5, 4, 2, 16), None, jnp.float32, r"\[B, T, 3, heads, Dh\]"),
-        ((2, 5, 3, 2, 16), (2, 2, 5, 5), jnp.float32, r"bias must be \[1, heads, T, T\]"),
-        ((2, 5, 3, 2, 16), None, jnp.int32, "floating point"),
-        ((1, 257, 3, 2, 16), None, jnp.float32, "up to 256 tokens"),
-        ((1, 197, 3, 2, 80), None, jnp.float32, "heads up to 64 wide"),
+        ((2, 5, 2, 16), None, jnp.float32, None, r"\[B, T, 3, heads, Dh\]"),
+        ((2, 5, 4, 2, 16), None, jnp.float32, None, r"\[B, T, 3, heads, Dh\]"),
+        ((2, 5, 3, 2, 16), (2, 2, 5, 5), jnp.float32, None, r"bias must be \[1, heads, T, T\]"),
+        ((2, 5, 3, 2, 16), None, jnp.float32, (96,), r"qkv_bias must be \[3, heads, Dh\]"),
+        ((2, 5, 3, 2, 16), None, jnp.int32, None, "floating point"),
+        ((1, 257, 3, 2, 16), None, jnp.float32, None, "up to 256 tokens"),
+        ((1, 197, 3, 2, 80), None, jnp.float32, None, "heads up to 64 wide"),
     ],
 )
-def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, match):
+def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, qkv_bias_shape, match):
     bias = None if bias_shape is None else jnp.zeros(bias_shape)
+    qkv_bias = None if qkv_bias_shape is None else jnp.zeros(qkv_bias_shape)
     with pytest.raises(ValueError, match=match):
-        fused_attention(jnp.zeros(qkv_shape, dtype), bias)
+        fused_attention(jnp.zeros(qkv_shape, dtype), bias, qkv_bias)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,10 @@ concatenated back. These kernels instead:
   dv into one gradient of that layout (no split, pad or concatenation);
 - mask the ragged last block (197 tokens) instead of padding;
 - sum the bias gradient over the batch inside the dq kernel, in registers, writing one partial
-  sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]).
+  sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]);
+- sum the qkv projection's bias gradient over the tokens inside the backward kernels, which hold
+  dq, dk and dv in registers anyway: one float32 row per program, where XLA would read the whole
+  [B, T, 3, heads, Dh] gradient once more for it (2.8 GB a ViT-B/16 dual step at batch 128).
 
 The kernels follow FlashAttention-2 (base-2 exponentials, the log-sum-exp saved for the backward
 pass, ``sum(dO * O)`` as the softmax's row term):
@@ -78,15 +81,19 @@ DEFAULT_TILING = Tiling()  # registers without spills on sm_90 (benchmarks/palla
 def fused_attention(
     qkv: jax.Array,
     bias: jax.Array | None = None,
+    qkv_bias: jax.Array | None = None,
     *,
     tiling: Tiling | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(Dh) + bias) v for q, k, v stacked as the qkv projection writes them.
 
-    qkv [B, T, 3, heads, Dh]; ``bias`` [1, heads, T, T] (shared by the batch) or None. Returns
-    [B, T, heads, Dh] in qkv's dtype. ``tiling`` defaults to DEFAULT_TILING (which benchmarks
-    may replace); ``interpret`` None: Triton when lowered for a GPU, the interpreter elsewhere.
+    qkv [B, T, 3, heads, Dh]; ``bias`` [1, heads, T, T] (shared by the batch) or None;
+    ``qkv_bias`` [3, heads, Dh], the projection's bias, or None: added to qkv here (XLA fuses
+    the add into the projection's matmul) so that the backward kernels can sum its gradient.
+    Returns [B, T, heads, Dh] in qkv's dtype. ``tiling`` defaults to DEFAULT_TILING (which
+    benchmarks may replace); ``interpret`` None: Triton when lowered for a GPU, the interpreter
+    elsewhere.
     """
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, T, 3, heads, Dh], got {qkv.shape}")
@@ -101,16 +108,23 @@ def fused_attention(
         )
     if bias is not None and bias.shape != (1, heads, t, t):
         raise ValueError(f"bias must be [1, heads, T, T] = {(1, heads, t, t)}, got {bias.shape}")
-    return _attention(qkv, bias, tiling or DEFAULT_TILING, interpret)
+    if qkv_bias is not None and qkv_bias.shape != (3, heads, head_dim):
+        raise ValueError(
+            f"qkv_bias must be [3, heads, Dh] = {(3, heads, head_dim)}, got {qkv_bias.shape}"
+        )
+    return _attention(qkv, bias, qkv_bias, tiling or DEFAULT_TILING, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _attention(qkv, bias, tiling, interpret):
-    return _forward(qkv, bias, tiling, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(qkv, bias, qkv_bias, tiling, interpret):
+    return _forward(qkv, bias, qkv_bias, tiling, interpret)[0]
 
 
-def _forward(qkv, bias, tiling, interpret):
+def _forward(qkv, bias, qkv_bias, tiling, interpret):
     b, t, _, heads, head_dim = qkv.shape
+    if qkv_bias is not None:  # as the projection's [B*T, 3D] output: its matmul's bias epilogue
+        flat = qkv.reshape(b * t, -1) + qkv_bias.reshape(-1).astype(qkv.dtype)
+        qkv = flat.reshape(qkv.shape)
     dp = pl.next_power_of_2(head_dim)  # a head's width as the kernels see it (masked beyond Dh)
     block_q, block_k = fit_block(tiling.block_q, t), fit_block(tiling.block_k, t)
     t_keys = round_up(t, block_k)
@@ -140,11 +154,11 @@ def _forward(qkv, bias, tiling, interpret):
         interpret=interpret,
         name="usfm_attention_forward",
     )(qkv, qkv, qkv, None if bias is None else bias[0])
-    return out, (qkv, bias, out, lse)
+    return out, (qkv, bias, qkv_bias, out, lse)
 
 
 def _backward(tiling, interpret, residuals, d_out):
-    qkv, bias, out, lse = residuals
+    qkv, bias, qkv_bias, out, lse = residuals
     b, t, _, heads, head_dim = qkv.shape
     dp = pl.next_power_of_2(head_dim)
     scale = head_dim**-0.5
@@ -155,12 +169,19 @@ def _backward(tiling, interpret, residuals, d_out):
     qkv_spec = functools.partial(_qkv_block, dp=dp)
     common = dict(t=t, head_dim=head_dim, scale=scale)
 
-    # dk, dv: written into slots 1 and 2 of the [B, T, 3, heads, Dh] gradient
+    # dk, dv: written into slots 1 and 2 of the [B, T, 3, heads, Dh] gradient; with a qkv bias,
+    # also their sums over the program's keys
     block_q_dkv, block_k_dkv = fit_block(tiling.block_q_dkv, t), fit_block(tiling.block_k_dkv, t)
     t_queries = round_up(t, block_q_dkv)
-    d_qkv = pallas_call(
+    key_blocks = pl.cdiv(t, block_k_dkv)
+    out_specs = [pl.BlockSpec((None, block_k_dkv, 3, None, dp), lambda j, n, h: (n, j, 0, h, 0))]
+    out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
+    if qkv_bias is not None:
+        out_specs.append(pl.BlockSpec((None, None, None, 2, dp), lambda j, n, h: (j, n, h, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((key_blocks, b, heads, 2, dp), jnp.float32))
+    d_qkv, *kv_sums = pallas_call(
         functools.partial(_dkv_kernel, block_q=block_q_dkv, **common),
-        grid=(pl.cdiv(t, block_k_dkv), b, heads),
+        grid=(key_blocks, b, heads),
         in_specs=[
             qkv_spec(t_queries, lambda j, n, h: (n, 0, 0, h, 0)),  # q [T_queries, Dp]
             qkv_spec(block_k_dkv, lambda j, n, h: (n, j, 1, h, 0)),  # k [block_k_dkv, Dp]
@@ -172,27 +193,34 @@ def _backward(tiling, interpret, residuals, d_out):
             pl.BlockSpec((None, None, t_queries), lambda j, n, h: (n, h, 0)),  # lse
             pl.BlockSpec((None, None, t_queries), lambda j, n, h: (n, h, 0)),  # delta
         ],
-        out_specs=pl.BlockSpec((None, block_k_dkv, 3, None, dp), lambda j, n, h: (n, j, 0, h, 0)),
-        out_shape=jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=tiling.compiler_params(tiling.warps_dkv),
         interpret=interpret,
         name="usfm_attention_dkv",
     )(qkv, qkv, qkv, bias_heads, d_out, lse, delta)
 
-    # dq into slot 0 of the same gradient (aliased), and the bias gradient's partial sums
+    # dq into slot 0 of the same gradient (aliased), the bias gradient's partial sums and, with a
+    # qkv bias, dq's sums over the program's queries and images
     chunk = min(b, tiling.batch_chunk)  # the last chunk may be short
     block_q, block_k = fit_block(tiling.block_q_dq, t), fit_block(tiling.block_k_dq, t)
     t_keys = round_up(t, block_k)
+    query_blocks, chunks = pl.cdiv(t, block_q), pl.cdiv(b, chunk)
     rows = lambda i, h, c: (c, i, 0, h, 0)
     out_specs = [pl.BlockSpec((chunk, block_q, None, None, dp), rows)]
     out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
     if bias is not None:
         out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(b, chunk), heads, t, t), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, t), jnp.float32))
+    if qkv_bias is not None:
+        out_specs.append(pl.BlockSpec((None, None, None, dp), lambda i, h, c: (i, h, c, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((query_blocks, heads, chunks, dp), jnp.float32))
     inputs = (qkv, qkv, qkv, bias_heads, d_out, lse, delta, d_qkv)
-    d_qkv, *d_bias = pallas_call(
-        functools.partial(_dq_kernel, batch=b, block_k=block_k, **common),
-        grid=(pl.cdiv(t, block_q), heads, pl.cdiv(b, chunk)),
+    d_qkv, *partials = pallas_call(
+        functools.partial(
+            _dq_kernel, batch=b, block_k=block_k, with_bias=bias is not None, **common
+        ),
+        grid=(query_blocks, heads, chunks),
         in_specs=[
             pl.BlockSpec((chunk, block_q, None, None, dp), rows),  # q [chunk, block_q, Dp]
             pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 1, h, 0)),  # k
@@ -212,9 +240,15 @@ def _backward(tiling, interpret, residuals, d_out):
         interpret=interpret,
         name="usfm_attention_dq",
     )(*inputs)
-    if bias is None:
-        return d_qkv, None
-    return d_qkv, jnp.sum(d_bias[0], axis=0, keepdims=True).astype(bias.dtype)
+    d_bias = None
+    if bias is not None:
+        d_bias = jnp.sum(partials.pop(0), axis=0, keepdims=True).astype(bias.dtype)
+    d_qkv_bias = None
+    if qkv_bias is not None:
+        dq_sum = jnp.sum(partials.pop(0), axis=(0, 2)) * scale  # [heads, Dp]
+        dk_sum, dv_sum = jnp.moveaxis(jnp.sum(kv_sums[0], axis=(0, 1)), 1, 0)  # [heads, Dp] each
+        d_qkv_bias = jnp.stack([dq_sum, dk_sum, dv_sum])[..., :head_dim].astype(qkv_bias.dtype)
+    return d_qkv, d_bias, d_qkv_bias
 
 
 _attention.defvjp(_forward, _backward)
@@ -263,14 +297,14 @@ def _dkv_kernel(
     lse_ref,
     delta_ref,
     dqkv_ref,
-    *,
+    *sums_ref,
     t,
     head_dim,
     block_q,
     scale,
 ):
     # q_ref, do_ref [T_queries, Dp]; k_ref, v_ref [block_kv, Dp]; bias_ref [T_queries, block_kv];
-    # lse_ref, delta_ref [T_queries]; dqkv_ref [block_kv, 3, Dp]
+    # lse_ref, delta_ref [T_queries]; dqkv_ref [block_kv, 3, Dp]; sums_ref[0] [2, Dp] if asked
     block_kv, dp = k_ref.shape
     key_ok = within(pl.program_id(0) * block_kv, block_kv, t)
     width_ok = within(0, dp, head_dim)
@@ -297,6 +331,9 @@ def _dkv_kernel(
     mask = key_ok[:, None] & width_ok[None, :]
     plgpu.store(dqkv_ref.at[:, jnp.int32(1)], (dk * scale).astype(dqkv_ref.dtype), mask=mask)
     plgpu.store(dqkv_ref.at[:, jnp.int32(2)], dv.astype(dqkv_ref.dtype), mask=mask)
+    if sums_ref:  # keys beyond T and columns beyond Dh have zero gradients: no mask needed
+        plgpu.store(sums_ref[0].at[jnp.int32(0)], jnp.sum(dk, axis=0) * scale)
+        plgpu.store(sums_ref[0].at[jnp.int32(1)], jnp.sum(dv, axis=0))
 
 
 def _dq_kernel(
@@ -309,21 +346,26 @@ def _dq_kernel(
     delta_ref,
     _,
     dq_ref,
-    *dbias_ref,
+    *partial_refs,
     batch,
     t,
     head_dim,
     block_k,
     scale,
+    with_bias,
 ):
     # q_ref, do_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
-    # lse_ref, delta_ref [chunk, block_q]; bias_ref and dbias_ref[0] [block_q, T_keys] (if a bias)
+    # lse_ref, delta_ref [chunk, block_q]; partial_refs: the bias gradient's [block_q, T_keys]
+    # (if a bias), then dq's sum over the chunk's queries [Dp] (if asked for)
+    dbias_ref = partial_refs[0] if with_bias else None
+    dq_sum_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
     chunk, block_q, dp = q_ref.shape
     row_ok = within(pl.program_id(0) * block_q, block_q, t)
     width_ok = within(0, dp, head_dim)
     tiles = [(pl.ds(start, block_k), within(start, block_k, t)) for start in range(0, t, block_k)]
 
-    def one_image(n, d_bias):  # d_bias: the chunk's bias gradient so far, per key tile
+    def one_image(n, carry):  # the chunk's bias gradient so far, per key tile; dq's sum so far
+        d_bias, dq_sum = carry
         q = _load_rows(q_ref.at[n], row_ok, width_ok)
         do = _load_rows(do_ref.at[n], row_ok, width_ok)
         dq = jnp.zeros((block_q, dp), jnp.float32)
@@ -349,15 +391,18 @@ def _dq_kernel(
             (dq * scale).astype(dq_ref.dtype),
             mask=row_ok[:, None] & width_ok[None, :],
         )
-        return tuple(sums)
+        # rows beyond T and columns beyond Dh are zero; scaled once, outside the kernel
+        return tuple(sums), None if dq_sum is None else dq_sum + jnp.sum(dq, axis=0)
 
-    zeros = tuple(jnp.zeros((block_q, block_k), jnp.float32) for _ in tiles) if dbias_ref else ()
+    zeros = tuple(jnp.zeros((block_q, block_k), jnp.float32) for _ in tiles) if with_bias else ()
+    dq_sum = None if dq_sum_ref is None else jnp.zeros((dp,), jnp.float32)
     images = jnp.minimum(chunk, batch - pl.program_id(2) * chunk)  # in this chunk
-    d_bias = jax.lax.fori_loop(0, images, one_image, zeros)
-    if not dbias_ref:
-        return
-    for (keys, key_ok), acc in zip(tiles, d_bias, strict=True):
-        plgpu.store(dbias_ref[0].at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
+    d_bias, dq_sum = jax.lax.fori_loop(0, images, one_image, (zeros, dq_sum))
+    if dq_sum_ref is not None:
+        plgpu.store(dq_sum_ref, dq_sum)
+    if with_bias:
+        for (keys, key_ok), acc in zip(tiles, d_bias, strict=True):
+            plgpu.store(dbias_ref.at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
 
 
 def _scores(q, k, bias_ref, row_ok, key_ok, scale):

@@ -202,29 +202,44 @@ class Attention(nnx.Module):
         )
         self.proj = dense(dim, dim, dtype, rngs)
 
+    def qkv_bias(self) -> jax.Array | None:
+        """The qkv projection's bias [3D]: BEiT's q and v biases around a zero k bias, the plain
+        ViT's learned one, or None."""
+        if self.q_bias is not None:
+            q_bias = self.q_bias[...]
+            return jnp.concatenate([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]])
+        return None if self.qkv.bias is None else self.qkv.bias[...]
+
     def __call__(
         self, x: jax.Array, bias: jax.Array | None = None, scale: nnx.Param | None = None
     ) -> jax.Array:
         """x [B, T, D]; ``bias`` [1, heads, T, T] from a shared table, if any; ``scale`` [D],
         BEiT's layer scale of the output, if any."""
         b, t, d = x.shape
+        heads, head_dim = self.num_heads, d // self.num_heads
         if self.relative_position_bias_table is not None:
             bias = position_bias(self.relative_position_bias_table, self.grid)
-        # [B*T, 3D]: the q / v bias added before the heads are split, so that its gradient is a
-        # sum over one dim of tokens (XLA:CPU tree-reduces a [B, T, 3, heads, D / heads] one)
-        qkv = self.qkv(x.reshape(b * t, d))
-        if self.q_bias is not None:
-            q_bias, v_bias = self.q_bias[...], self.v_bias[...]
-            qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-        qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        x, kernel = self.qkv.promote_dtype(
+            (x.reshape(b * t, d), self.qkv.kernel[...]), dtype=self.qkv.dtype
+        )
+        qkv = x @ kernel  # [B*T, 3D]
+        qkv_bias = self.qkv_bias()
+        if self.implementation == "pallas":  # reads q, k, v in place: no split, no padding
+            qkv = qkv.reshape(b, t, 3, heads, head_dim)
+            qkv_bias = None if qkv_bias is None else qkv_bias.reshape(3, heads, head_dim)
+            out = parallel.per_batch_shard(fused_attention, shared=(1, 2))(qkv, bias, qkv_bias)
+            return scaled_linear(self.proj, out.reshape(b, t, d), scale)
+        # the bias added before the heads are split, so that its gradient is a sum over one dim
+        # of tokens (XLA:CPU tree-reduces a [B, T, 3, heads, D / heads] one)
+        if qkv_bias is not None:
+            qkv = qkv + qkv_bias.astype(qkv.dtype)
+        qkv = qkv.reshape(b, t, 3, heads, head_dim)
         if self.implementation == "xla":
             # split, not unpacked: the gradient of a split is one concatenation, that of an
             # unpacking three zero-padded copies of the whole
             q, k, v = (x[0] for x in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
             q = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype)
             out = softmax_attention(q, k, v, bias).transpose(0, 2, 1, 3)  # [B, T, heads, D / heads]
-        elif self.implementation == "pallas":  # reads q, k, v in place: no split, no padding
-            out = parallel.per_batch_shard(fused_attention, shared=(1,))(qkv, bias)
         else:  # cuDNN's fused kernel: [B, T, heads, D / heads] operands
             q, k, v = (x[:, :, 0] for x in jnp.split(qkv, 3, axis=2))
             bias = None if bias is None else bias.astype(q.dtype)
