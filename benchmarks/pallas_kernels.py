@@ -111,19 +111,22 @@ def mlp_irs(
 def norm_irs(
     tiling: NormTiling, batch: int, tokens: int, width: int
 ) -> list[tuple[str, int, int, bytes]]:
-    """The LayerNorm kernels of a block (bf16 tokens, float32 gamma and beta): the plain one
-    (norm1) and the one with the residual add and a drop-path factor (norm2)."""
+    """The LayerNorm kernels of a block (bf16 tokens and branch bias, float32 gamma and beta):
+    the plain one (norm1) and the one with the residual add of the attention branch, its
+    output bias and a drop-path factor (norm2)."""
     x = jax.ShapeDtypeStruct((batch, tokens, width), jnp.bfloat16)
     param = jax.ShapeDtypeStruct((width,), jnp.float32)
+    branch_bias = jax.ShapeDtypeStruct((width,), jnp.bfloat16)
     scale = jax.ShapeDtypeStruct((batch,), jnp.float32)
 
-    def loss(x, delta, gamma, beta, scale):
+    def loss(x, delta, gamma, beta, branch_bias, scale):
         norm = functools.partial(fused_norm.residual_layer_norm, eps=1e-6, tiling=tiling)
         x, y = norm(x, None, None, gamma, beta)
-        x, z = norm(x, delta * y, scale, gamma, beta)
+        x, z = norm(x, delta * y, scale, gamma, beta, branch_bias)
         return jnp.sum(x.astype(jnp.float32) * z)
 
-    return kernel_irs(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, param, param, scale)
+    args = (x, x, param, param, branch_bias, scale)
+    return kernel_irs(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args)
 
 
 def compile_kernel(
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         for tiling in args.norm_tiling or [NormTiling()]:
             runs.append((tiling, norm_irs(tiling, args.batch, args.tokens, width)))
     header = (
-        f"{'kernel':<24} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9} "
+        f"{'kernel':<26} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9} "
         f"{'blocks/SM':>9} {'mma':>8}"
     )
     for tiling, irs in runs:
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(json.dumps(dict(tiling=str(tiling), kernel=name, warps=warps, **r)))
                     continue
                 print(
-                    f"{name:<24} {warps:>5} {r['registers']:>5} {r['spill_bytes']:>8} "
+                    f"{name:<26} {warps:>5} {r['registers']:>5} {r['spill_bytes']:>8} "
                     f"{r['shared']:>9} {r['blocks_per_sm']:>9} {r['mma']:>8}"
                 )
 

@@ -25,9 +25,11 @@ EPS = 1e-6
 SMALL = NormTiling(rows=2, row_steps=2)
 
 
-def reference(x, delta, scale, gamma, beta):
-    """x + scale * delta and its LayerNorm, as the block's XLA path computes them."""
+def reference(x, delta, scale, gamma, beta, delta_bias=None):
+    """x + scale * (delta + delta_bias) and its LayerNorm, as the block's XLA path computes them."""
     if delta is not None:
+        if delta_bias is not None:
+            delta = delta + delta_bias
         x = x + (delta if scale is None else delta * scale[:, None, None])
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -35,35 +37,39 @@ def reference(x, delta, scale, gamma, beta):
 
 
 def operands(shape, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 6)
+    keys = jax.random.split(jax.random.key(seed), 7)
     d = shape[-1]
     x = 3.0 + 2.0 * jax.random.normal(keys[0], shape)  # an offset mean: cancellation matters
     delta = jax.random.normal(keys[1], shape)
     gamma = 1.0 + 0.2 * jax.random.normal(keys[2], (d,))
     beta = 0.2 * jax.random.normal(keys[3], (d,))
-    cotangents = tuple(jax.random.normal(k, shape) for k in keys[4:])  # of x_new and of y
-    return x, delta, gamma, beta, cotangents
+    cotangents = tuple(jax.random.normal(k, shape) for k in keys[4:6])  # of x_new and of y
+    delta_bias = jax.random.normal(keys[6], (d,))
+    return x, delta, gamma, beta, cotangents, delta_bias
 
 
-@pytest.mark.parametrize("residual", ["none", "add", "add_scaled"])
+@pytest.mark.parametrize("residual", ["none", "add", "add_scaled", "add_biased", "add_both"])
 @pytest.mark.parametrize("shape", [(3, 7, 48), (2, 16, 64)])  # ragged rows and width; exact
 def test_matches_layer_norm_and_its_gradients(residual, shape):
-    """Both results and the gradients of x, delta, gamma and beta against autodiff of the
-    reference, with a cotangent on each result (the residual stream's and the norm's): the
-    backward kernel adds the residual one. The scale drops one example and keeps the others."""
-    x, delta, gamma, beta, cotangents = operands(shape)
+    """Both results and the gradients of x, delta, gamma, beta and delta's bias against autodiff
+    of the reference, with a cotangent on each result (the residual stream's and the norm's):
+    the backward kernel adds the residual one. The scale drops one example and keeps the
+    others."""
+    x, delta, gamma, beta, cotangents, delta_bias = operands(shape)
     delta = None if residual == "none" else delta
-    scale = jnp.asarray([0.0] + [1.25] * (shape[0] - 1)) if residual == "add_scaled" else None
+    scaled, biased = residual in ("add_scaled", "add_both"), residual in ("add_biased", "add_both")
+    scale = jnp.asarray([0.0] + [1.25] * (shape[0] - 1)) if scaled else None
+    delta_bias = delta_bias if biased else None
     fused = functools.partial(residual_layer_norm, scale=scale, eps=EPS, tiling=SMALL)
-    out, vjp = jax.vjp(lambda x, d, g, b: fused(x, d, gamma=g, beta=b), x, delta, gamma, beta)
-    ref_out, ref_vjp = jax.vjp(
-        lambda *a: reference(a[0], a[1], scale, *a[2:]), x, delta, gamma, beta
-    )
+    args = (x, delta, gamma, beta, delta_bias)
+    out, vjp = jax.vjp(lambda x, d, g, b, c: fused(x, d, gamma=g, beta=b, delta_bias=c), *args)
+    ref_out, ref_vjp = jax.vjp(lambda x, d, *a: reference(x, d, scale, *a), *args)
     for got, want, name in zip(out, ref_out, ("x_new", "y"), strict=True):
         assert got.shape == shape and got.dtype == jnp.float32, name
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
     grads, ref_grads = vjp(cotangents), ref_vjp(cotangents)
-    for got, want, name in zip(grads, ref_grads, ("x", "delta", "gamma", "beta"), strict=True):
+    names = ("x", "delta", "gamma", "beta", "delta_bias")
+    for got, want, name in zip(grads, ref_grads, names, strict=True):
         if want is None:
             assert got is None, name
             continue
@@ -77,12 +83,17 @@ def test_matches_layer_norm_and_its_gradients(residual, shape):
 def test_the_default_tiling_at_vit_length():
     """[B, T, D] tokens at ViT length (2 x 197 rows) and a width that is not a power of two
     (ViT-B's 768 is not either), with the tiling the GPU runs."""
-    x, delta, gamma, beta, cotangents = operands((2, 197, 96))
+    x, delta, gamma, beta, cotangents, delta_bias = operands((2, 197, 96))
     scale = jnp.asarray([1.1, 0.0])
     out, vjp = jax.vjp(
-        lambda x, d: residual_layer_norm(x, d, scale, gamma, beta, eps=EPS), x, delta
+        lambda x, d, c: residual_layer_norm(x, d, scale, gamma, beta, c, eps=EPS),
+        x,
+        delta,
+        delta_bias,
     )
-    ref_out, ref_vjp = jax.vjp(lambda x, d: reference(x, d, scale, gamma, beta), x, delta)
+    ref_out, ref_vjp = jax.vjp(
+        lambda x, d, c: reference(x, d, scale, gamma, beta, c), x, delta, delta_bias
+    )
     for got, want in zip((*out, *vjp(cotangents)), (*ref_out, *ref_vjp(cotangents)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
@@ -91,18 +102,21 @@ def test_bfloat16_is_as_close_to_float32_as_xla_in_bfloat16():
     """bf16 tokens, float32 statistics, x_new rounded once: the error of y and of the gradients
     against the float32 reference is at most that of XLA computing the reference in bf16 (the
     parameters stay float32, as the encoder keeps them)."""
-    x, delta, gamma, beta, cotangents = operands((3, 7, 48))
+    x, delta, gamma, beta, cotangents, delta_bias = operands((3, 7, 48))
     scale = jnp.asarray([1.25, 0.0, 1.25])
-    ref_out, ref_vjp = jax.vjp(lambda x, d: reference(x, d, scale, gamma, beta), x, delta)
+    ref_out, ref_vjp = jax.vjp(
+        lambda x, d, c: reference(x, d, scale, gamma, beta, c), x, delta, delta_bias
+    )
     ref_all = (*ref_out, *ref_vjp(cotangents))
-    half = [a.astype(jnp.bfloat16) for a in (x, delta)]
+    half = [a.astype(jnp.bfloat16) for a in (x, delta, delta_bias)]  # the bias as promoted
     half_cotangents = tuple(c.astype(jnp.bfloat16) for c in cotangents)
     fused = functools.partial(residual_layer_norm, eps=EPS, tiling=SMALL)
+
+    def xla(x, d, c):
+        return tuple(o.astype(x.dtype) for o in reference(x, d, scale, gamma, beta, c))
+
     errors = {}
-    for name, fn in (
-        ("pallas", lambda x, d: fused(x, d, scale, gamma, beta)),
-        ("xla", lambda x, d: tuple(o.astype(x.dtype) for o in reference(x, d, scale, gamma, beta))),
-    ):
+    for name, fn in (("pallas", lambda x, d, c: fused(x, d, scale, gamma, beta, c)), ("xla", xla)):
         out, vjp = jax.vjp(fn, *half)
         got_all = (*out, *vjp(half_cotangents))
         assert all(g.dtype == jnp.bfloat16 for g in got_all), name
@@ -123,6 +137,8 @@ def test_bfloat16_is_as_close_to_float32_as_xla_in_bfloat16():
         (dict(delta=None, scale=jnp.ones((2,))), r"comes with a delta"),
         (dict(gamma=jnp.ones((7,))), r"gamma must be \[8\], got \[7\]"),
         (dict(beta=jnp.ones((1, 8))), r"beta must be \[8\], got \[1, 8\]"),
+        (dict(delta_bias=jnp.ones((2, 8))), r"delta_bias must be \[8\], got \[2, 8\]"),
+        (dict(delta=None, delta_bias=jnp.ones((8,))), r"delta_bias comes with a delta"),
         (dict(x=jnp.zeros((2, 5, 8), jnp.int32), delta=None), r"x must be floating point"),
     ],
 )

@@ -7,13 +7,15 @@ once to apply them, in the forward pass and again in the backward one, and the r
 before it is a kernel of its own. Here one kernel does each direction, a row of D values per
 token held in registers:
 
-- forward: x_new = x + s * delta (``s`` stochastic depth's per-example factor), written once,
-  and y = LayerNorm(x_new) * gamma + beta; the rows' mean and 1 / std are kept (float32, one
-  value a token) for the backward pass;
+- forward: x_new = x + s * (delta + c) (``s`` stochastic depth's per-example factor, ``c`` the
+  bias of the layer that computed delta, if given), written once, and y = LayerNorm(x_new) *
+  gamma + beta; the rows' mean and 1 / std are kept (float32, one value a token) for the
+  backward pass;
 - backward: dx = g + LayerNorm'(dy), where g is the gradient that reaches x_new from the
   residual stream, so the add of the two gradients is not a kernel of its own either; the
-  gradient of delta, s * dx, is written only where there is an ``s``; gamma's and beta's
-  gradients are summed per program (one float32 row each) and the programs' sums by XLA.
+  gradient of delta, s * dx, is written only where there is an ``s``; gamma's, beta's (and
+  c's) gradients are summed per program (one float32 row each) and the programs' sums by XLA,
+  so that no other kernel reads the gradients again to sum them.
 
 Without ``delta`` the op is a plain LayerNorm that passes x through: (x, LayerNorm(x)). A
 caller that carries on with the returned x, not its own, gets the residual gradient added in
@@ -62,19 +64,23 @@ def residual_layer_norm(
     scale: jax.Array | None,
     gamma: jax.Array,
     beta: jax.Array,
+    delta_bias: jax.Array | None = None,
     *,
     eps: float,
     tiling: NormTiling | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(x_new, LayerNorm(x_new) * gamma + beta) for x_new = x + scale * delta, over x [B, ..., D].
+    """(x_new, LayerNorm(x_new) * gamma + beta) for x_new = x + scale * (delta + delta_bias),
+    over x [B, ..., D].
 
     ``delta``: like x, or None (x_new is x); ``scale``: [B], one factor per example (stochastic
     depth), or None; it is a constant here (no gradient flows to it) and applied in float32
-    (XLA's ``x + delta * scale`` in bf16 rounds 1 / 0.9 to 1.109). ``gamma``, ``beta``: [D],
-    used as given (float32 parameters stay float32). Both results are in x's dtype. ``tiling``
-    defaults to DEFAULT_NORM_TILING; ``interpret`` None: Triton when lowered for a GPU, the
-    interpreter elsewhere.
+    (XLA's ``x + delta * scale`` in bf16 rounds 1 / 0.9 to 1.109). ``delta_bias``: [D], the
+    bias of the linear layer that computed delta (added here, so that its gradient is summed
+    in the backward kernel), or None. ``gamma``, ``beta``: [D], used as given (float32
+    parameters stay float32). Both results are in x's dtype. ``tiling`` defaults to
+    DEFAULT_NORM_TILING; ``interpret`` None: Triton when lowered for a GPU, the interpreter
+    elsewhere.
     """
     d = x.shape[-1]
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -89,20 +95,23 @@ def residual_layer_norm(
             f"residual_layer_norm: scale must be [{x.shape[0]}] (one factor per example) and "
             f"comes with a delta, got {None if scale is None else list(scale.shape)}"
         )
-    for name, param in (("gamma", gamma), ("beta", beta)):
-        if param.shape != (d,):
+    if delta_bias is not None and delta is None:
+        raise ValueError("residual_layer_norm: delta_bias comes with a delta")
+    for name, param in (("gamma", gamma), ("beta", beta), ("delta_bias", delta_bias)):
+        if param is not None and param.shape != (d,):
             raise ValueError(f"residual_layer_norm: {name} must be [{d}], got {list(param.shape)}")
     rows = x.size // d
     if scale is not None:  # one factor per token row, as the kernels read it
         scale = jnp.repeat(jax.lax.stop_gradient(scale).astype(jnp.float32), rows // x.shape[0])
     flat = (None if a is None else a.reshape(rows, d) for a in (x, delta))
-    x_new, y = _norm(*flat, scale, gamma, beta, eps, tiling or DEFAULT_NORM_TILING, interpret)
+    tiling = tiling or DEFAULT_NORM_TILING
+    x_new, y = _norm(*flat, scale, gamma, beta, delta_bias, eps, tiling, interpret)
     return x_new.reshape(x.shape), y.reshape(x.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _norm(x, delta, scale, gamma, beta, eps, tiling, interpret):
-    return _forward(x, delta, scale, gamma, beta, eps, tiling, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _norm(x, delta, scale, gamma, beta, delta_bias, eps, tiling, interpret):
+    return _forward(x, delta, scale, gamma, beta, delta_bias, eps, tiling, interpret)[0]
 
 
 def _blocks(rows: int, d: int, tiling: NormTiling, steps: int = 1):
@@ -117,7 +126,7 @@ def _blocks(rows: int, d: int, tiling: NormTiling, steps: int = 1):
     return block, tile, per_row, pl.BlockSpec((dp,), lambda i: (0,))
 
 
-def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
+def _forward(x, delta, scale, gamma, beta, delta_bias, eps, tiling, interpret):
     rows, d = x.shape
     block, tile, per_row, whole = _blocks(rows, d, tiling)
     out_specs = [tile, per_row, per_row]
@@ -129,38 +138,40 @@ def _forward(x, delta, scale, gamma, beta, eps, tiling, interpret):
     outputs = pallas_call(
         functools.partial(_forward_kernel, rows=rows, d=d, eps=eps, residual=delta is not None),
         grid=(pl.cdiv(rows, block),),
-        in_specs=[  # x, delta, scale, gamma, beta
+        in_specs=[  # x, delta, scale, gamma, beta, delta_bias
             tile,
             None if delta is None else tile,
             None if scale is None else per_row,
             whole,
             whole,
+            None if delta_bias is None else whole,
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=tiling.compiler_params(tiling.warps),
         interpret=interpret,
         name="usfm_norm_residual_forward" if delta is not None else "usfm_norm_forward",
-    )(x, delta, scale, gamma, beta)
+    )(x, delta, scale, gamma, beta, delta_bias)
     x_new, y, mean, rstd = outputs if delta is not None else (x, *outputs)
-    return (x_new, y), (x_new, delta is None, scale, gamma, beta, mean, rstd)
+    return (x_new, y), (x_new, delta is None, scale, gamma, beta, delta_bias, mean, rstd)
 
 
 def _backward(eps, tiling, interpret, residuals, cotangents):
-    x_new, plain, scale, gamma, beta, mean, rstd = residuals
+    x_new, plain, scale, gamma, beta, delta_bias, mean, rstd = residuals
     g, dy = cotangents  # the gradients of x_new (from the residual stream) and of y
     rows, d = x_new.shape
     block, tile, per_row, whole = _blocks(rows, d, tiling, tiling.row_steps)
     programs = pl.cdiv(rows, block * tiling.row_steps)
     partial = pl.BlockSpec((None, pl.next_power_of_2(d)), lambda i: (i, 0))
-    out_specs = [tile, partial, partial]
+    sums = 2 if delta_bias is None else 3  # partial sums of gamma's, beta's, delta_bias's
+    out_specs = [tile] + [partial] * sums
     out_shape = [jax.ShapeDtypeStruct((rows, d), x_new.dtype)]  # dx
-    out_shape += [jax.ShapeDtypeStruct((programs, d), jnp.float32)] * 2  # gamma, beta partials
+    out_shape += [jax.ShapeDtypeStruct((programs, d), jnp.float32)] * sums
     if scale is not None:
         out_specs.insert(1, tile)
         out_shape.insert(1, jax.ShapeDtypeStruct((rows, d), x_new.dtype))  # d delta
     outputs = pallas_call(
-        functools.partial(_backward_kernel, rows=rows, d=d, block=block),
+        functools.partial(_backward_kernel, rows=rows, d=d, block=block, sums=sums),
         grid=(programs,),
         in_specs=[  # dy, x_new, g, scale, gamma, mean, 1 / std
             tile,
@@ -177,21 +188,25 @@ def _backward(eps, tiling, interpret, residuals, cotangents):
         interpret=interpret,
         name="usfm_norm_scaled_backward" if scale is not None else "usfm_norm_backward",
     )(dy.astype(x_new.dtype), x_new, g.astype(x_new.dtype), scale, gamma, mean, rstd)
-    dx, d_delta, d_gamma, d_beta = outputs if scale is not None else (outputs[0], *outputs)
-    d_gamma = jnp.sum(d_gamma, axis=0).astype(gamma.dtype)
-    d_beta = jnp.sum(d_beta, axis=0).astype(beta.dtype)
+    dx, d_delta, *partials = outputs if scale is not None else (outputs[0], *outputs)
+    params = [p for p in (gamma, beta, delta_bias) if p is not None]
+    d_gamma, d_beta, *d_bias = (
+        jnp.sum(part, axis=0).astype(p.dtype) for p, part in zip(params, partials, strict=True)
+    )
+    d_bias = d_bias[0] if d_bias else None
     d_scale = None if scale is None else jnp.zeros_like(scale)
-    return dx, None if plain else d_delta, d_scale, d_gamma, d_beta
+    return dx, None if plain else d_delta, d_scale, d_gamma, d_beta, d_bias
 
 
 _norm.defvjp(_forward, _backward)
 
 
 def _forward_kernel(
-    x_ref, delta_ref, scale_ref, gamma_ref, beta_ref, *out_refs, rows, d, eps, residual
+    x_ref, delta_ref, scale_ref, gamma_ref, beta_ref, bias_ref, *out_refs, rows, d, eps, residual
 ):
     # x_ref, delta_ref [block, Dp]; scale_ref [block] or None; gamma_ref, beta_ref [Dp];
-    # outputs: x_new [block, Dp] (with a delta), y [block, Dp], mean and 1 / std [block]
+    # bias_ref [Dp] or None; outputs: x_new [block, Dp] (with a delta), y [block, Dp], mean and
+    # 1 / std [block]
     x_new_ref, y_ref, mean_ref, rstd_ref = out_refs if residual else (None, *out_refs)
     block, dp = x_ref.shape
     row_ok = within(pl.program_id(0) * block, block, rows)
@@ -200,6 +215,8 @@ def _forward_kernel(
     x = _load(x_ref, mask)
     if residual:
         delta = _load(delta_ref, mask)
+        if bias_ref is not None:
+            delta += _load(bias_ref, col_ok)[None, :]
         if scale_ref is not None:
             delta = delta * _load(scale_ref, row_ok)[:, None]
         x_new = (x + delta).astype(x_new_ref.dtype)  # normalised as stored
@@ -216,22 +233,20 @@ def _forward_kernel(
 
 
 def _backward_kernel(
-    dy_ref, x_ref, g_ref, scale_ref, gamma_ref, mean_ref, rstd_ref, *out_refs, rows, d, block
+    dy_ref, x_ref, g_ref, scale_ref, gamma_ref, mean_ref, rstd_ref, *out_refs, rows, d, block, sums
 ):
     # dy_ref, x_ref, g_ref [chunk, Dp]: this program's rows of y's and x_new's gradients and
     # of x_new; scale_ref, mean_ref, rstd_ref [chunk]; gamma_ref [Dp]; outputs: dx (and
-    # d delta, with a scale) [chunk, Dp], the partial sums of gamma's and beta's gradients [Dp]
+    # d delta, with a scale) [chunk, Dp], the partial sums [Dp] of gamma's and beta's gradients
+    # (and of delta_bias's, d delta's sum over the rows, if ``sums`` is 3)
     scaled = scale_ref is not None
-    dx_ref, d_delta_ref, d_gamma_ref, d_beta_ref = (
-        out_refs if scaled else (out_refs[0], None, *out_refs[1:])
-    )
+    dx_ref, d_delta_ref, *sum_refs = out_refs if scaled else (out_refs[0], None, *out_refs[1:])
     chunk, dp = x_ref.shape
     col_ok = within(0, dp, d)
     gamma = _load(gamma_ref, col_ok)
     first = pl.program_id(0) * chunk
 
-    def step(s, sums):
-        d_gamma, d_beta = sums
+    def step(s, totals):
         here = pl.ds(s * block, block)
         row_ok = within(first + s * block, block, rows)
         mask = row_ok[:, None] & col_ok[None, :]
@@ -245,15 +260,17 @@ def _backward_kernel(
         c_mean = jnp.sum(wdy, axis=1, keepdims=True) / d
         dx = (wdy - x_hat * c_hat - c_mean) * rstd + _load(g_ref.at[here], mask)
         plgpu.store(dx_ref.at[here], dx.astype(dx_ref.dtype), mask=mask)
+        d_delta = dx  # rows beyond the array are zero
         if scaled:
             d_delta = dx * _load(scale_ref.at[here], row_ok)[:, None]
             plgpu.store(d_delta_ref.at[here], d_delta.astype(d_delta_ref.dtype), mask=mask)
-        return d_gamma + jnp.sum(dy * x_hat, axis=0), d_beta + jnp.sum(dy, axis=0)
+        terms = (dy * x_hat, dy, d_delta)[:sums]  # gamma's, beta's (and delta_bias's) gradients
+        return tuple(t + jnp.sum(term, axis=0) for t, term in zip(totals, terms, strict=True))
 
-    zeros = jnp.zeros((dp,), jnp.float32)
-    d_gamma, d_beta = jax.lax.fori_loop(0, chunk // block, step, (zeros, zeros))
-    plgpu.store(d_gamma_ref, d_gamma, mask=col_ok)
-    plgpu.store(d_beta_ref, d_beta, mask=col_ok)
+    zeros = (jnp.zeros((dp,), jnp.float32),) * sums
+    totals = jax.lax.fori_loop(0, chunk // block, step, zeros)
+    for ref, total in zip(sum_refs, totals, strict=True):
+        plgpu.store(ref, total, mask=col_ok)
 
 
 def _load(ref, mask):

@@ -212,23 +212,22 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, bias: jax.Array | None = None, scale: nnx.Param | None = None
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D]; ``bias`` [1, heads, T, T] from a shared table, if any; ``scale`` [D],
-        BEiT's layer scale of the output, if any."""
+        BEiT's layer scale of the output, if any. Returns the output projection in two parts,
+        (out @ kernel [B, T, D], bias [D]) (``scaled_linear_parts``): the block adds the bias
+        with the residual."""
         b, t, d = x.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         if self.relative_position_bias_table is not None:
             bias = position_bias(self.relative_position_bias_table, self.grid)
-        x, kernel = self.qkv.promote_dtype(
-            (x.reshape(b * t, d), self.qkv.kernel[...]), dtype=self.qkv.dtype
-        )
-        qkv = x @ kernel  # [B*T, 3D]
+        qkv, _ = scaled_linear_parts(self.qkv, x.reshape(b * t, d), None)  # [B*T, 3D], no bias
         qkv_bias = self.qkv_bias()
         if self.implementation == "pallas":  # reads q, k, v in place: no split, no padding
             qkv = qkv.reshape(b, t, 3, heads, head_dim)
             qkv_bias = None if qkv_bias is None else qkv_bias.reshape(3, heads, head_dim)
             out = parallel.per_batch_shard(fused_attention, shared=(1, 2))(qkv, bias, qkv_bias)
-            return scaled_linear(self.proj, out.reshape(b, t, d), scale)
+            return scaled_linear_parts(self.proj, out.reshape(b, t, d), scale)
         # the bias added before the heads are split, so that its gradient is a sum over one dim
         # of tokens (XLA:CPU tree-reduces a [B, T, 3, heads, D / heads] one)
         if qkv_bias is not None:
@@ -246,7 +245,7 @@ class Attention(nnx.Module):
             if t % 2:
                 q, k, v, bias = _pad_to_even_length(q, k, v, bias)
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")[:, :t]
-        return scaled_linear(self.proj, out.reshape(b, t, d), scale)
+        return scaled_linear_parts(self.proj, out.reshape(b, t, d), scale)
 
 
 def _pad_to_even_length(
@@ -301,13 +300,20 @@ def scaled_weights(
     return kernel * scale[...], None if bias is None else bias * scale[...]
 
 
-def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: nnx.Param | None) -> jax.Array:
-    """``layer(x) * scale``, with the scale folded into the weights (``scaled_weights``)."""
-    if scale is None:
-        return layer(x)
+def scaled_linear_parts(
+    layer: nnx.Linear, x: jax.Array, scale: nnx.Param | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """``layer(x) * scale`` in two parts, (x @ kernel, bias) in the layer's compute dtype, with
+    the scale folded into the weights (``scaled_weights``): for callers that add the bias in a
+    kernel of their own, which then also sums its gradient."""
     kernel, bias = scaled_weights(layer, scale)
     x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
-    y = token_matmul(x, kernel)
+    return token_matmul(x, kernel), bias
+
+
+def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: nnx.Param | None) -> jax.Array:
+    """``layer(x) * scale``, with the scale folded into the weights (``scaled_weights``)."""
+    y, bias = scaled_linear_parts(layer, x, scale)
     return y if bias is None else y + bias
 
 
@@ -351,15 +357,18 @@ def residual_norm(
     x: jax.Array,
     delta: jax.Array | None = None,
     scale: jax.Array | None = None,
+    delta_bias: jax.Array | None = None,
     implementation: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
-    """(x_new, norm(x_new)) for x_new = x + scale * delta (x itself without a delta): a
-    pre-norm block's residual add and the LayerNorm after it. ``scale`` [B] is the drop-path
-    factor per example (``drop_path_scale``), or None. "pallas" fuses both into one kernel per
-    direction (``models.fused_norm``); callers carry on with the returned x, through which the
-    kernel adds the residual stream's gradient."""
+    """(x_new, norm(x_new)) for x_new = x + scale * (delta + delta_bias) (x itself without a
+    delta): a pre-norm block's residual add and the LayerNorm after it. ``scale`` [B] is the
+    drop-path factor per example (``drop_path_scale``), or None; ``delta_bias`` [D] the bias of
+    the layer that computed delta, or None. "pallas" fuses all of it into one kernel per
+    direction (``models.fused_norm``), which also sums delta_bias's gradient; callers carry on
+    with the returned x, through which the kernel adds the residual stream's gradient."""
     if implementation == "xla":
         if delta is not None:
+            delta = delta if delta_bias is None else delta + delta_bias
             x = x + per_example(delta, scale)
         return x, norm(x)
     # the residual stream keeps the wider of its dtypes, as x + delta would; y is norm's dtype
@@ -367,7 +376,8 @@ def residual_norm(
     x, delta = (None if a is None else a.astype(dtype) for a in (x, delta))
     fused = functools.partial(residual_layer_norm, eps=norm.epsilon)
     gamma, beta = norm.scale[...], norm.bias[...]
-    x, y = parallel.per_batch_shard(fused, shared=(3, 4))(x, delta, scale, gamma, beta)
+    sharded = parallel.per_batch_shard(fused, shared=(3, 4, 5))
+    x, y = sharded(x, delta, scale, gamma, beta, delta_bias)
     return x, y.astype(norm.dtype or dtype)
 
 
@@ -416,7 +426,8 @@ class Block(nnx.Module):
         norm = functools.partial(residual_norm, implementation=self.norm_implementation)
         x, h = norm(self.norm1, x)
         attn_scale = drop_path_scale(rate, keys[0], x.shape[0])
-        x, h = norm(self.norm2, x, self.attn(h, bias, self.gamma_1), attn_scale)
+        branch, branch_bias = self.attn(h, bias, self.gamma_1)
+        x, h = norm(self.norm2, x, branch, attn_scale, branch_bias)
         return x + drop_path(self.mlp(h, self.gamma_2), rate, keys[1])
 
 
