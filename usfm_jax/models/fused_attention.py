@@ -162,23 +162,67 @@ def _backward(tiling, interpret, residuals, d_out):
     b, t, _, heads, head_dim = qkv.shape
     dp = pl.next_power_of_2(head_dim)
     scale = head_dim**-0.5
-    # sum_k dP * P = dO . O per query: [B, heads, T]
-    delta = jnp.einsum("bthd,bthd->bht", d_out, out, preferred_element_type=jnp.float32)
     d_out = d_out.astype(qkv.dtype)
     bias_heads = None if bias is None else bias[0]
     qkv_spec = functools.partial(_qkv_block, dp=dp)
     common = dict(t=t, head_dim=head_dim, scale=scale)
 
-    # dk, dv: written into slots 1 and 2 of the [B, T, 3, heads, Dh] gradient; with a qkv bias,
-    # also their sums over the program's keys
+    # dq into slot 0 of the [B, T, 3, heads, Dh] gradient; the softmax's row term dO . O, which
+    # the dk / dv kernel reads; the bias gradient's partial sums and, with a qkv bias, dq's sums
+    # over the program's queries and images
+    chunk = min(b, tiling.batch_chunk)  # the last chunk may be short
+    block_q, block_k = fit_block(tiling.block_q_dq, t), fit_block(tiling.block_k_dq, t)
+    t_keys = round_up(t, block_k)
+    query_blocks, chunks = pl.cdiv(t, block_q), pl.cdiv(b, chunk)
+    rows = lambda i, h, c: (c, i, 0, h, 0)
+    head_rows = pl.BlockSpec((chunk, block_q, None, dp), lambda i, h, c: (c, i, h, 0))
+    per_query = pl.BlockSpec((chunk, None, block_q), lambda i, h, c: (c, h, i))
+    out_specs = [pl.BlockSpec((chunk, block_q, None, None, dp), rows), per_query]
+    out_shape = [
+        jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+        jax.ShapeDtypeStruct((b, heads, t), jnp.float32),  # dO . O
+    ]
+    if bias is not None:
+        out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, t), jnp.float32))
+    if qkv_bias is not None:
+        out_specs.append(pl.BlockSpec((None, None, None, dp), lambda i, h, c: (i, h, c, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((query_blocks, heads, chunks, dp), jnp.float32))
+    d_qkv, delta, *partials = pallas_call(
+        functools.partial(
+            _dq_kernel, batch=b, block_k=block_k, with_bias=bias is not None, **common
+        ),
+        grid=(query_blocks, heads, chunks),
+        in_specs=[
+            pl.BlockSpec((chunk, block_q, None, None, dp), rows),  # q [chunk, block_q, Dp]
+            pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 1, h, 0)),  # k
+            pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 2, h, 0)),  # v
+            None
+            if bias is None
+            else pl.BlockSpec((None, block_q, t_keys), lambda i, h, c: (h, i, 0)),
+            head_rows,  # dO
+            head_rows,  # O
+            per_query,  # lse
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=tiling.compiler_params(tiling.warps_dq),
+        interpret=interpret,
+        name="usfm_attention_dq",
+    )(qkv, qkv, qkv, bias_heads, d_out, out, lse)
+
+    # dk, dv into slots 1 and 2 of the same gradient (aliased); with a qkv bias, also their sums
+    # over the program's keys
     block_q_dkv, block_k_dkv = fit_block(tiling.block_q_dkv, t), fit_block(tiling.block_k_dkv, t)
     t_queries = round_up(t, block_q_dkv)
     key_blocks = pl.cdiv(t, block_k_dkv)
-    out_specs = [pl.BlockSpec((None, block_k_dkv, 3, None, dp), lambda j, n, h: (n, j, 0, h, 0))]
+    gradient = pl.BlockSpec((None, block_k_dkv, 3, None, dp), lambda j, n, h: (n, j, 0, h, 0))
+    out_specs = [gradient]
     out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
     if qkv_bias is not None:
         out_specs.append(pl.BlockSpec((None, None, None, 2, dp), lambda j, n, h: (j, n, h, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((key_blocks, b, heads, 2, dp), jnp.float32))
+    inputs = (qkv, qkv, qkv, bias_heads, d_out, lse, delta, d_qkv)
     d_qkv, *kv_sums = pallas_call(
         functools.partial(_dkv_kernel, block_q=block_q_dkv, **common),
         grid=(key_blocks, b, heads),
@@ -192,53 +236,14 @@ def _backward(tiling, interpret, residuals, d_out):
             pl.BlockSpec((None, t_queries, None, dp), lambda j, n, h: (n, 0, h, 0)),  # dO
             pl.BlockSpec((None, None, t_queries), lambda j, n, h: (n, h, 0)),  # lse
             pl.BlockSpec((None, None, t_queries), lambda j, n, h: (n, h, 0)),  # delta
-        ],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=tiling.compiler_params(tiling.warps_dkv),
-        interpret=interpret,
-        name="usfm_attention_dkv",
-    )(qkv, qkv, qkv, bias_heads, d_out, lse, delta)
-
-    # dq into slot 0 of the same gradient (aliased), the bias gradient's partial sums and, with a
-    # qkv bias, dq's sums over the program's queries and images
-    chunk = min(b, tiling.batch_chunk)  # the last chunk may be short
-    block_q, block_k = fit_block(tiling.block_q_dq, t), fit_block(tiling.block_k_dq, t)
-    t_keys = round_up(t, block_k)
-    query_blocks, chunks = pl.cdiv(t, block_q), pl.cdiv(b, chunk)
-    rows = lambda i, h, c: (c, i, 0, h, 0)
-    out_specs = [pl.BlockSpec((chunk, block_q, None, None, dp), rows)]
-    out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
-    if bias is not None:
-        out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, t), jnp.float32))
-    if qkv_bias is not None:
-        out_specs.append(pl.BlockSpec((None, None, None, dp), lambda i, h, c: (i, h, c, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((query_blocks, heads, chunks, dp), jnp.float32))
-    inputs = (qkv, qkv, qkv, bias_heads, d_out, lse, delta, d_qkv)
-    d_qkv, *partials = pallas_call(
-        functools.partial(
-            _dq_kernel, batch=b, block_k=block_k, with_bias=bias is not None, **common
-        ),
-        grid=(query_blocks, heads, chunks),
-        in_specs=[
-            pl.BlockSpec((chunk, block_q, None, None, dp), rows),  # q [chunk, block_q, Dp]
-            pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 1, h, 0)),  # k
-            pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 2, h, 0)),  # v
-            None
-            if bias is None
-            else pl.BlockSpec((None, block_q, t_keys), lambda i, h, c: (h, i, 0)),
-            pl.BlockSpec((chunk, block_q, None, dp), lambda i, h, c: (c, i, h, 0)),  # dO
-            pl.BlockSpec((chunk, None, block_q), lambda i, h, c: (c, h, i)),  # lse
-            pl.BlockSpec((chunk, None, block_q), lambda i, h, c: (c, h, i)),  # delta
-            pl.BlockSpec((chunk, block_q, None, None, dp), rows),  # the gradient so far (aliased)
+            gradient,  # the gradient so far (aliased)
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases={sum(x is not None for x in inputs) - 1: 0},  # d_qkv; None not counted
-        compiler_params=tiling.compiler_params(tiling.warps_dq),
+        compiler_params=tiling.compiler_params(tiling.warps_dkv),
         interpret=interpret,
-        name="usfm_attention_dq",
+        name="usfm_attention_dkv",
     )(*inputs)
     d_bias = None
     if bias is not None:
@@ -296,6 +301,7 @@ def _dkv_kernel(
     do_ref,
     lse_ref,
     delta_ref,
+    _,
     dqkv_ref,
     *sums_ref,
     t,
@@ -322,7 +328,10 @@ def _dkv_kernel(
         do = _load_rows(do_ref.at[rows], row_ok, width_ok)
         bias = None if bias_ref is None else bias_ref.at[rows]
         s = _scores(q, k, bias, row_ok, key_ok, scale)
-        p, ds = _probs_and_grad(s, do, v, lse_ref.at[rows], delta_ref.at[rows], row_ok, key_ok)
+        lse, delta = (
+            plgpu.load(ref.at[rows], mask=row_ok, other=0.0) for ref in (lse_ref, delta_ref)
+        )
+        p, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
         dv += dot(p.astype(do.dtype), do, trans_a=True)
         dk += dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
@@ -342,10 +351,10 @@ def _dq_kernel(
     v_ref,
     bias_ref,
     do_ref,
+    o_ref,
     lse_ref,
-    delta_ref,
-    _,
     dq_ref,
+    delta_ref,
     *partial_refs,
     batch,
     t,
@@ -354,7 +363,7 @@ def _dq_kernel(
     scale,
     with_bias,
 ):
-    # q_ref, do_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
+    # q_ref, do_ref, o_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
     # lse_ref, delta_ref [chunk, block_q]; partial_refs: the bias gradient's [block_q, T_keys]
     # (if a bias), then dq's sum over the chunk's queries [Dp] (if asked for)
     dbias_ref = partial_refs[0] if with_bias else None
@@ -368,21 +377,18 @@ def _dq_kernel(
         d_bias, dq_sum = carry
         q = _load_rows(q_ref.at[n], row_ok, width_ok)
         do = _load_rows(do_ref.at[n], row_ok, width_ok)
+        o = _load_rows(o_ref.at[n], row_ok, width_ok)
+        delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=1)  # sum_k dP * P
+        plgpu.store(delta_ref.at[n], delta, mask=row_ok)
+        lse = plgpu.load(lse_ref.at[n], mask=row_ok, other=0.0)
         dq = jnp.zeros((block_q, dp), jnp.float32)
         sums = []
         for i, (keys, key_ok) in enumerate(tiles):
             k = _load_rows(k_ref.at[n, keys], key_ok, width_ok)
             v = _load_rows(v_ref.at[n, keys], key_ok, width_ok)
             bias = None if bias_ref is None else bias_ref.at[:, keys]
-            _, ds = _probs_and_grad(
-                _scores(q, k, bias, row_ok, key_ok, scale),
-                do,
-                v,
-                lse_ref.at[n],
-                delta_ref.at[n],
-                row_ok,
-                key_ok,
-            )
+            s = _scores(q, k, bias, row_ok, key_ok, scale)
+            _, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
             dq += dot(ds.astype(k.dtype), k)
             if d_bias:
                 sums.append(d_bias[i] + ds)
@@ -415,11 +421,10 @@ def _scores(q, k, bias_ref, row_ok, key_ok, scale):
     return jnp.where(key_ok[None, :], s, NEG_INF)
 
 
-def _probs_and_grad(s, do, v, lse_ref, delta_ref, row_ok, key_ok):
-    """The softmax probabilities of base-2 scores ``s`` (from the saved log-sum-exp; 0 outside
-    the sequence) and the gradient of the loss with respect to the (natural) scores."""
-    lse = plgpu.load(lse_ref, mask=row_ok, other=0.0)
-    delta = plgpu.load(delta_ref, mask=row_ok, other=0.0)
+def _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok):
+    """The softmax probabilities of base-2 scores ``s`` (from the saved log-sum-exp ``lse``; 0
+    outside the sequence) and the gradient of the loss with respect to the (natural) scores,
+    given each query's dO . O (``delta``)."""
     p = jnp.where(row_ok[:, None] & key_ok[None, :], jnp.exp2(s - lse[:, None]), 0.0)
     return p, p * (dot(do, v, trans_b=True) - delta[:, None])
 
