@@ -19,9 +19,12 @@ The kernels follow FlashAttention-2 (base-2 exponentials, the log-sum-exp saved 
 pass, ``sum(dO * O)`` as the softmax's row term):
 
 - forward, grid (query blocks, B, heads): online softmax over the key blocks;
-- dk and dv, grid (key blocks, B, heads): a loop over the query blocks;
 - dq and the bias gradient, grid (query blocks, heads, batch chunks): a loop over the chunk's
-  batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens).
+  batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens); it
+  runs first and computes the row term from its tiles of dO and O, and writes it for
+- dk and dv, grid (key blocks, B, heads): a loop over the query blocks, into the same gradient.
+
+(FlashAttention-2 computes the row term in a kernel of its own, which reads dO and O once more.)
 
 Scores, softmax and accumulators are float32 whatever the compute dtype. Where the program is
 not lowered for a GPU the kernels run in Pallas' interpreter: correct, slow, for tests. The
