@@ -61,20 +61,23 @@ def fused_mlp(
     w1: jax.Array,
     b1: jax.Array,
     w2: jax.Array,
-    b2: jax.Array,
+    b2: jax.Array | None,
     *,
     tiling: MlpTiling | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """GELU(x @ w1 + b1) @ w2 + b2 with the exact (erf) GELU, over tokens x [..., D].
 
-    w1 [D, H], b1 [H], w2 [H, D_out], b2 [D_out], all in x's (floating) dtype. Returns
-    [..., D_out]. ``tiling`` defaults to DEFAULT_MLP_TILING; ``interpret`` None: Triton when
-    lowered for a GPU, the interpreter elsewhere.
+    w1 [D, H], b1 [H], w2 [H, D_out], b2 [D_out] or None (no output bias: a caller that adds
+    it itself), all in x's (floating) dtype. Returns [..., D_out]. ``tiling`` defaults to
+    DEFAULT_MLP_TILING; ``interpret`` None: Triton when lowered for a GPU, the interpreter
+    elsewhere.
     """
     d, hidden, d_out = x.shape[-1], w1.shape[-1], w2.shape[-1]
     expected = dict(w1=(d, hidden), b1=(hidden,), w2=(hidden, d_out), b2=(d_out,))
     for name, array in zip(expected, (w1, b1, w2, b2), strict=True):
+        if array is None and name == "b2":
+            continue
         if array.shape != expected[name]:
             raise ValueError(
                 f"fused_mlp: for x [..., {d}] and w1 [{d}, {hidden}], {name} must be "
@@ -96,15 +99,17 @@ def _mlp(x, w1, b1, w2, b2, tiling, interpret):
 
 def _forward(x, w1, b1, w2, b2, tiling, interpret):
     h, g = _matmul_epilogue(_up_kernel, x, w1, b1, tiling, interpret)  # [N, H] each
-    y = g @ w2 + b2  # [N, D_out]
-    return y, (x, w1, w2, h, g)
+    y = g @ w2  # [N, D_out]
+    if b2 is not None:
+        y = y + b2
+    return y, (x, w1, w2, h, g, b2 is None)
 
 
 def _backward(tiling, interpret, residuals, dy):
-    x, w1, w2, h, g = residuals
+    x, w1, w2, h, g, no_b2 = residuals
     dh, db1 = _matmul_epilogue(_down_grad_kernel, dy, w2, h, tiling, interpret)
     db1 = jnp.sum(db1, axis=0).astype(x.dtype)  # the row blocks' partial sums
-    db2 = jnp.sum(dy, axis=0, dtype=jnp.float32).astype(x.dtype)
+    db2 = None if no_b2 else jnp.sum(dy, axis=0, dtype=jnp.float32).astype(x.dtype)
     return dh @ w1.T, x.T @ dh, db1, g.T @ dy, db2
 
 

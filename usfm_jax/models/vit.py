@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -274,16 +274,21 @@ class Mlp(nnx.Module):
         self.fc1 = dense(dim, hidden, dtype, rngs)
         self.fc2 = dense(hidden, dim, dtype, rngs)
 
-    def __call__(self, x: jax.Array, scale: nnx.Param | None = None) -> jax.Array:
-        """x [B, T, D]; ``scale`` [D], BEiT's layer scale of the output, if any."""
+    def __call__(
+        self, x: jax.Array, scale: nnx.Param | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, T, D]; ``scale`` [D], BEiT's layer scale of the output, if any. Returns the
+        output in two parts, (fc2 without its bias [B, T, D], that bias [D]), as
+        ``scaled_linear_parts``: the block adds the bias with the residual."""
         if self.implementation == "xla":
-            return scaled_linear(self.fc2, gelu(self.fc1(x)), scale)
+            return scaled_linear_parts(self.fc2, gelu(self.fc1(x)), scale)
         w2, b2 = scaled_weights(self.fc2, scale)
         fc1 = self.fc1
         x, w1, b1, w2, b2 = fc1.promote_dtype(
             (x, fc1.kernel[...], fc1.bias[...], w2, b2), dtype=fc1.dtype
         )
-        return parallel.per_batch_shard(fused_mlp, shared=(1, 2, 3, 4))(x, w1, b1, w2, b2)
+        y = parallel.per_batch_shard(fused_mlp, shared=(1, 2, 3))(x, w1, b1, w2, None)
+        return y, b2
 
 
 def scaled_weights(
@@ -311,10 +316,22 @@ def scaled_linear_parts(
     return token_matmul(x, kernel), bias
 
 
-def scaled_linear(layer: nnx.Linear, x: jax.Array, scale: nnx.Param | None) -> jax.Array:
-    """``layer(x) * scale``, with the scale folded into the weights (``scaled_weights``)."""
-    y, bias = scaled_linear_parts(layer, x, scale)
-    return y if bias is None else y + bias
+class Branch(NamedTuple):
+    """A residual branch not yet added to the stream: x + scale * (delta + bias). A block
+    leaves its MLP branch so, for the next block's first LayerNorm to add (``residual_norm``:
+    with the Pallas LayerNorm, in its kernel)."""
+
+    delta: jax.Array  # [B, T, D]
+    scale: jax.Array | None  # [B], the drop-path factor per example
+    bias: jax.Array | None  # [D], the bias of the layer that computed delta
+
+
+def add_branch(x: jax.Array, branch: Branch | None) -> jax.Array:
+    """x + scale * (delta + bias) as XLA computes it; x without a branch."""
+    if branch is None:
+        return x
+    delta = branch.delta if branch.bias is None else branch.delta + branch.bias
+    return x + per_example(delta, branch.scale)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -368,8 +385,7 @@ def residual_norm(
     with the returned x, through which the kernel adds the residual stream's gradient."""
     if implementation == "xla":
         if delta is not None:
-            delta = delta if delta_bias is None else delta + delta_bias
-            x = x + per_example(delta, scale)
+            x = add_branch(x, Branch(delta, scale, delta_bias))
         return x, norm(x)
     # the residual stream keeps the wider of its dtypes, as x + delta would; y is norm's dtype
     dtype = x.dtype if delta is None else jnp.result_type(x, delta)
@@ -421,14 +437,29 @@ class Block(nnx.Module):
     ) -> jax.Array:
         """x [B, T, D]; ``bias`` the shared relative position bias, if the model has one;
         ``drop_path_rate`` overrides the block's own (scanned blocks pass theirs as data)."""
+        return add_branch(*self.residual(x, None, bias, dropout_key, drop_path_rate))
+
+    def residual(
+        self,
+        x: jax.Array,
+        pending: Branch | None,
+        bias: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        drop_path_rate: jax.Array | None = None,
+    ) -> tuple[jax.Array, Branch]:
+        """The block on x plus the ``pending`` branch of the block before (if any), with its
+        own MLP branch left pending: (x, branch), the block's output being
+        ``add_branch(x, branch)``. Each residual add is then done by the LayerNorm after it,
+        in one kernel with ``norm="pallas"``."""
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
         norm = functools.partial(residual_norm, implementation=self.norm_implementation)
-        x, h = norm(self.norm1, x)
+        x, h = norm(self.norm1, x) if pending is None else norm(self.norm1, x, *pending)
         attn_scale = drop_path_scale(rate, keys[0], x.shape[0])
-        branch, branch_bias = self.attn(h, bias, self.gamma_1)
-        x, h = norm(self.norm2, x, branch, attn_scale, branch_bias)
-        return x + drop_path(self.mlp(h, self.gamma_2), rate, keys[1])
+        delta, delta_bias = self.attn(h, bias, self.gamma_1)
+        x, h = norm(self.norm2, x, delta, attn_scale, delta_bias)
+        delta, delta_bias = self.mlp(h, self.gamma_2)
+        return x, Branch(delta, drop_path_scale(rate, keys[1], x.shape[0]), delta_bias)
 
 
 class VisionTransformer(nnx.Module):
@@ -525,6 +556,7 @@ class VisionTransformer(nnx.Module):
             ]
         )
         self.norm = layer_norm(width, dtype, rngs)
+        self.norm_implementation = norm
 
     def embed(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Patch embedding + cls token (+ position embedding): [B, H, W, C] -> [B, 1 + N, D].
@@ -573,9 +605,11 @@ class VisionTransformer(nnx.Module):
 
         ``keep`` ([B, K] patch indices, MAE) passes only the cls token and those patches
         through the blocks: [B, 1 + K, D]. It needs absolute positions (``variant="vit"``)."""
-        norm = self.norm if final_norm else (lambda x: x)
-        x, _ = self._encode(images, mask, keep, dropout_key, ())
-        return norm(x)
+        x, branch, _ = self._encode(images, mask, keep, dropout_key, ())
+        if not final_norm:
+            return add_branch(x, branch)
+        pending = () if branch is None else branch
+        return residual_norm(self.norm, x, *pending, implementation=self.norm_implementation)[1]
 
     def intermediates(
         self, images: jax.Array, layers: Sequence[int], *, dropout_key: jax.Array | None = None
@@ -588,7 +622,7 @@ class VisionTransformer(nnx.Module):
             raise ValueError(
                 f"layers {tuple(layers)} must increase, within [0, {len(self.blocks)})"
             )
-        return self._encode(images, None, None, dropout_key, tuple(layers))[1]
+        return self._encode(images, None, None, dropout_key, tuple(layers))[2]
 
     def _encode(
         self,
@@ -597,8 +631,9 @@ class VisionTransformer(nnx.Module):
         keep: jax.Array | None,
         dropout_key: jax.Array | None,
         taps: tuple[int, ...],
-    ) -> tuple[jax.Array, list[jax.Array]]:
-        """The last block's output and the outputs of blocks ``taps``."""
+    ) -> tuple[jax.Array, Branch | None, list[jax.Array]]:
+        """The last block's output, as x and a branch still to add to it (``add_branch``), and
+        the outputs of blocks ``taps``."""
         x = self.embed(images, mask)  # [B, 1 + N, D]
         if keep is not None:
             if self.pos_embed is None:
@@ -610,17 +645,20 @@ class VisionTransformer(nnx.Module):
         # one drop-path key per block, or none (deterministic)
         keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.blocks))
         if self.scan and not taps:
-            return self._scan_blocks(x, bias, keys), []
+            return self._scan_blocks(x, bias, keys), None, []
         keys = [None] * len(self.blocks) if keys is None else keys
         run = _call_block
         if self.remat != "none":  # trade compute for activation memory, block by block
             run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
-        outputs = []
+        outputs, branch = [], None
         for i, (block, key) in enumerate(zip(self.blocks, keys, strict=True)):
-            x = parallel.constrain_batch(run(block, x, bias, key))  # [B, T, D] stays batch-sharded
+            # each block's last residual add is left to the next block's first norm
+            x, branch = run(block, x, branch, bias, key)
+            x = parallel.constrain_batch(x)  # [B, T, D] stays batch-sharded
+            branch = branch._replace(delta=parallel.constrain_batch(branch.delta))
             if i in taps:
-                outputs.append(x)
-        return x, outputs
+                outputs.append(add_branch(x, branch))
+        return x, branch, outputs
 
     def _scan_blocks(
         self, x: jax.Array, bias: jax.Array | None, keys: jax.Array | None
@@ -642,6 +680,10 @@ class VisionTransformer(nnx.Module):
 
 
 def _call_block(
-    block: Block, x: jax.Array, bias: jax.Array | None, key: jax.Array | None
-) -> jax.Array:
-    return block(x, bias, key)
+    block: Block,
+    x: jax.Array,
+    pending: Branch | None,
+    bias: jax.Array | None,
+    key: jax.Array | None,
+) -> tuple[jax.Array, Branch]:
+    return block.residual(x, pending, bias, key)
