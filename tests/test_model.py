@@ -840,6 +840,45 @@ def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, m
         np.testing.assert_allclose(grad[...], ref, atol=1e-4 * scale, err_msg=str(path))
 
 
+@pytest.mark.parametrize(
+    "variant, remat, scan",
+    [("vit", "none", False), ("beit", "full", False), ("beit", "none", True)],
+)
+def test_pallas_kernels_match_xla_in_every_way_the_encoder_runs(variant, remat, scan):
+    """All three Pallas kernels against the XLA path through each way the encoder runs its
+    blocks: each block's MLP add left to the next block's first norm (no remat), kept inside
+    the block (remat), a scan (intermediates run the loop); the normed tokens, the last block's
+    output before the final norm, and an intermediate block's output. ``vit``: the qkv
+    projection's own bias and no position bias."""
+    images = jax.random.normal(jax.random.key(1), (4, *IMAGE, 1))
+    cotangents = jax.random.normal(jax.random.key(2), (3, 4, 7, WIDTH))
+
+    def loss_and_grads(**options):
+        model = make_vit(variant=variant, remat=remat, scan=scan, drop_path_rate=0.5, **options)
+
+        def loss(model):
+            key = jax.random.key(4)
+            outputs = (
+                model(images, dropout_key=key),
+                model(images, dropout_key=key, final_norm=False),
+                *model.intermediates(images, [0], dropout_key=key),
+            )
+            return sum(jnp.sum(out * c) for out, c in zip(outputs, cotangents, strict=True))
+
+        with jax.default_matmul_precision("float32"):
+            return nnx.value_and_grad(loss)(model)
+
+    loss, grads = loss_and_grads(attention="pallas", mlp="pallas", norm="pallas")
+    ref_loss, ref_grads = loss_and_grads(attention="xla", mlp="xla", norm="xla")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    ref_flat = dict(nnx.to_flat_state(ref_grads))
+    for path, grad in nnx.to_flat_state(grads):
+        ref = ref_flat[path][...]
+        scale = float(jnp.abs(ref).max())
+        assert scale > 0 or path == ("mask_token",), path  # no mask here
+        np.testing.assert_allclose(grad[...], ref, atol=1e-4 * scale, err_msg=str(path))
+
+
 def test_softmax_attention_rejects_a_per_example_bias():
     q = jnp.zeros((2, 3, 5, 4))
     with pytest.raises(ValueError, match=r"bias must be \[1, heads, T, T\]"):

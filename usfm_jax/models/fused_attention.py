@@ -12,8 +12,9 @@ concatenated back. These kernels instead:
 - sum the bias gradient over the batch inside the dq kernel, in registers, writing one partial
   sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]);
 - sum the qkv projection's bias gradient over the tokens inside the backward kernels, which hold
-  dq, dk and dv in registers anyway: one float32 row per program, where XLA would read the whole
-  [B, T, 3, heads, Dh] gradient once more for it (2.8 GB a ViT-B/16 dual step at batch 128).
+  dq, dk and dv in registers anyway: float32 rows per program (dq's; dk's and dv's), where XLA
+  would read the whole [B, T, 3, heads, Dh] gradient once more for it (2.8 GB a ViT-B/16 dual
+  step at batch 128).
 
 The kernels follow FlashAttention-2 (base-2 exponentials, the log-sum-exp saved for the backward
 pass, ``sum(dO * O)`` as the softmax's row term):
@@ -368,7 +369,8 @@ def _dq_kernel(
 ):
     # q_ref, do_ref, o_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
     # lse_ref, delta_ref [chunk, block_q]; partial_refs: the bias gradient's [block_q, T_keys]
-    # (if a bias), then dq's sum over the chunk's queries [Dp] (if asked for)
+    # (if a bias), then dq's sum over the program's queries and the chunk's images [Dp] (if
+    # asked for)
     dbias_ref = partial_refs[0] if with_bias else None
     dq_sum_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
     chunk, block_q, dp = q_ref.shape

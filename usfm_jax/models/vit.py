@@ -212,7 +212,7 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, bias: jax.Array | None = None, scale: nnx.Param | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, jax.Array | None]:
         """x [B, T, D]; ``bias`` [1, heads, T, T] from a shared table, if any; ``scale`` [D],
         BEiT's layer scale of the output, if any. Returns the output projection in two parts,
         (out @ kernel [B, T, D], bias [D]) (``scaled_linear_parts``): the block adds the bias
@@ -647,15 +647,23 @@ class VisionTransformer(nnx.Module):
         if self.scan and not taps:
             return self._scan_blocks(x, bias, keys), None, []
         keys = [None] * len(self.blocks) if keys is None else keys
-        run = _call_block
-        if self.remat != "none":  # trade compute for activation memory, block by block
-            run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
+        if self.remat != "none":  # trade compute for activation memory, block by block; a
+            # block keeps its input only, so its residual adds stay inside it
+            remat_block = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
+
+            def run(block, x, branch, key):
+                return remat_block(block, x, bias, key), None
+        else:  # each block's last residual add is left to the next block's first norm
+
+            def run(block, x, branch, key):
+                return block.residual(x, branch, bias, key)
+
         outputs, branch = [], None
         for i, (block, key) in enumerate(zip(self.blocks, keys, strict=True)):
-            # each block's last residual add is left to the next block's first norm
-            x, branch = run(block, x, branch, bias, key)
+            x, branch = run(block, x, branch, key)
             x = parallel.constrain_batch(x)  # [B, T, D] stays batch-sharded
-            branch = branch._replace(delta=parallel.constrain_batch(branch.delta))
+            if branch is not None:
+                branch = branch._replace(delta=parallel.constrain_batch(branch.delta))
             if i in taps:
                 outputs.append(add_branch(x, branch))
         return x, branch, outputs
@@ -680,10 +688,6 @@ class VisionTransformer(nnx.Module):
 
 
 def _call_block(
-    block: Block,
-    x: jax.Array,
-    pending: Branch | None,
-    bias: jax.Array | None,
-    key: jax.Array | None,
-) -> tuple[jax.Array, Branch]:
-    return block.residual(x, pending, bias, key)
+    block: Block, x: jax.Array, bias: jax.Array | None, key: jax.Array | None
+) -> jax.Array:
+    return block(x, bias, key)
