@@ -23,10 +23,12 @@ from usfm_jax.models.attention import softmax_attention
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, TransformerPixelHead
 from usfm_jax.models.vit import (
+    Branch,
     VisionTransformer,
     _pad_to_even_length,
+    add_branch,
     dense,
-    drop_path,
+    drop_path_scale,
     relative_position_index,
     resolve_attention,
 )
@@ -466,7 +468,12 @@ def test_drop_path_deterministic_without_key():
     assert max(np.abs(k - keyed[0]).max() for k in keyed[1:]) > 1e-3
 
 
-def test_drop_path_function_per_example():
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """x as a residual branch with stochastic depth, added to zeros as a block adds it."""
+    return add_branch(jnp.zeros_like(x), Branch(x, drop_path_scale(rate, key, x.shape[0]), None))
+
+
+def test_drop_path_per_example():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 3, 4)).astype(np.float32))
     rate = 0.5
     out = np.asarray(drop_path(x, rate, jax.random.key(3)))

@@ -237,7 +237,7 @@ class Attention(nnx.Module):
             # split, not unpacked: the gradient of a split is one concatenation, that of an
             # unpacking three zero-padded copies of the whole
             q, k, v = (x[0] for x in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
-            q = q * np.asarray((d // self.num_heads) ** -0.5, q.dtype)
+            q = q * np.asarray(head_dim**-0.5, q.dtype)
             out = softmax_attention(q, k, v, bias).transpose(0, 2, 1, 3)  # [B, T, heads, D / heads]
         else:  # cuDNN's fused kernel: [B, T, heads, D / heads] operands
             q, k, v = (x[:, :, 0] for x in jnp.split(qkv, 3, axis=2))
@@ -364,29 +364,20 @@ def per_example(x: jax.Array, scale: jax.Array | None) -> jax.Array:
     return x * scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drops the whole residual branch per example; identity without a key."""
-    return per_example(x, drop_path_scale(rate, key, x.shape[0]))
-
-
 def residual_norm(
     norm: nnx.LayerNorm,
     x: jax.Array,
-    delta: jax.Array | None = None,
-    scale: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
+    branch: Branch | None = None,
     implementation: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
-    """(x_new, norm(x_new)) for x_new = x + scale * (delta + delta_bias) (x itself without a
-    delta): a pre-norm block's residual add and the LayerNorm after it. ``scale`` [B] is the
-    drop-path factor per example (``drop_path_scale``), or None; ``delta_bias`` [D] the bias of
-    the layer that computed delta, or None. "pallas" fuses all of it into one kernel per
-    direction (``models.fused_norm``), which also sums delta_bias's gradient; callers carry on
-    with the returned x, through which the kernel adds the residual stream's gradient."""
+    """(x_new, norm(x_new)) for x_new = ``add_branch(x, branch)``: a pre-norm block's residual
+    add and the LayerNorm after it. "pallas" fuses both into one kernel per direction
+    (``models.fused_norm``), which also sums the branch bias's gradient; callers carry on with
+    the returned x, through which the kernel adds the residual stream's gradient."""
     if implementation == "xla":
-        if delta is not None:
-            x = add_branch(x, Branch(delta, scale, delta_bias))
+        x = add_branch(x, branch)
         return x, norm(x)
+    delta, scale, delta_bias = (None, None, None) if branch is None else branch
     # the residual stream keeps the wider of its dtypes, as x + delta would; y is norm's dtype
     dtype = x.dtype if delta is None else jnp.result_type(x, delta)
     x, delta = (None if a is None else a.astype(dtype) for a in (x, delta))
@@ -454,10 +445,10 @@ class Block(nnx.Module):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
         norm = functools.partial(residual_norm, implementation=self.norm_implementation)
-        x, h = norm(self.norm1, x) if pending is None else norm(self.norm1, x, *pending)
-        attn_scale = drop_path_scale(rate, keys[0], x.shape[0])
+        x, h = norm(self.norm1, x, pending)
         delta, delta_bias = self.attn(h, bias, self.gamma_1)
-        x, h = norm(self.norm2, x, delta, attn_scale, delta_bias)
+        attn_scale = drop_path_scale(rate, keys[0], x.shape[0])
+        x, h = norm(self.norm2, x, Branch(delta, attn_scale, delta_bias))
         delta, delta_bias = self.mlp(h, self.gamma_2)
         return x, Branch(delta, drop_path_scale(rate, keys[1], x.shape[0]), delta_bias)
 
@@ -608,8 +599,7 @@ class VisionTransformer(nnx.Module):
         x, branch, _ = self._encode(images, mask, keep, dropout_key, ())
         if not final_norm:
             return add_branch(x, branch)
-        pending = () if branch is None else branch
-        return residual_norm(self.norm, x, *pending, implementation=self.norm_implementation)[1]
+        return residual_norm(self.norm, x, branch, self.norm_implementation)[1]
 
     def intermediates(
         self, images: jax.Array, layers: Sequence[int], *, dropout_key: jax.Array | None = None
