@@ -40,6 +40,55 @@ def rel(a: jax.Array, b: jax.Array) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def implementation_triple(text: str) -> tuple[str, str, str]:
+    """'ATTENTION[/MLP[/NORM]]' -> (attention, mlp, norm), MLP and NORM "xla" if not given."""
+    attention, mlp, norm, *rest = [*text.split("/"), "xla", "xla"]
+    if (
+        rest[2:]
+        or attention not in ATTENTION_IMPLEMENTATIONS
+        or mlp not in MLP_IMPLEMENTATIONS
+        or norm not in NORM_IMPLEMENTATIONS
+    ):
+        raise ValueError(
+            f"{text!r} is not ATTENTION[/MLP[/NORM]] with ATTENTION from "
+            f"{ATTENTION_IMPLEMENTATIONS}, MLP from {MLP_IMPLEMENTATIONS} and NORM from "
+            f"{NORM_IMPLEMENTATIONS}"
+        )
+    return attention, mlp, norm
+
+
+def build_encoder(
+    size: str,
+    variant: str,
+    image: int,
+    attention: str,
+    mlp: str,
+    norm: str,
+    dtype,
+    depth: int | None = None,
+) -> VisionTransformer:
+    """A ViT of a named size (``depth`` blocks if given) with the same weights for any kernels;
+    the shared position-bias table non-zero, so that the bias path is exercised."""
+    width, size_depth, heads = SIZES[size]
+    model = VisionTransformer(
+        width=width,
+        depth=depth or size_depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio_of(size),
+        variant=variant,
+        image_size=(image, image),
+        attention=attention,
+        mlp=mlp,
+        norm=norm,
+        dtype=dtype,
+        rngs=nnx.Rngs(0),
+    )
+    if model.rel_pos_bias is not None:
+        table = model.rel_pos_bias.relative_position_bias_table
+        table[...] = jax.random.normal(jax.random.key(1), table.shape)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="base")
@@ -52,41 +101,13 @@ def main() -> None:
         help="comma-separated ATTENTION[/MLP[/NORM]]",
     )
     args = ap.parse_args()
-    implementations = []
-    for item in args.implementations.split(","):
-        attention, mlp, norm, *rest = [*item.split("/"), "xla", "xla"]
-        if (
-            rest[2:]
-            or attention not in ATTENTION_IMPLEMENTATIONS
-            or mlp not in MLP_IMPLEMENTATIONS
-            or norm not in NORM_IMPLEMENTATIONS
-        ):
-            ap.error(
-                f"--implementations: {item!r} is not ATTENTION[/MLP[/NORM]] with ATTENTION from "
-                f"{ATTENTION_IMPLEMENTATIONS}, MLP from {MLP_IMPLEMENTATIONS} and NORM from "
-                f"{NORM_IMPLEMENTATIONS}"
-            )
-        implementations.append((attention, mlp, norm))
-    width, depth, heads = SIZES[args.size]
+    try:
+        implementations = [implementation_triple(item) for item in args.implementations.split(",")]
+    except ValueError as error:
+        ap.error(f"--implementations: {error}")
 
     def build(attention: str, mlp: str, norm: str, dtype) -> VisionTransformer:
-        model = VisionTransformer(
-            width=width,
-            depth=depth,
-            num_heads=heads,
-            mlp_ratio=mlp_ratio_of(args.size),
-            variant=args.variant,
-            image_size=(args.image, args.image),
-            attention=attention,
-            mlp=mlp,
-            norm=norm,
-            dtype=dtype,
-            rngs=nnx.Rngs(0),
-        )
-        if model.rel_pos_bias is not None:  # non-zero, so that the bias path is exercised
-            table = model.rel_pos_bias.relative_position_bias_table
-            table[...] = jax.random.normal(jax.random.key(1), table.shape)
-        return model
+        return build_encoder(args.size, args.variant, args.image, attention, mlp, norm, dtype)
 
     images = jax.random.uniform(jax.random.key(2), (args.batch, args.image, args.image, 3))
 

@@ -161,7 +161,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     from usfm_jax import cpu_runtime, parallel
     from usfm_jax.config_validation import ConfigError, validate
     from usfm_jax.models.factory import DTYPES
-    from usfm_jax.models.vit import resolve_attention
+    from usfm_jax.models.vit import resolve_attention, resolve_norm
     from usfm_jax.train_step import create_training
 
     install_tilings(args)
@@ -202,6 +202,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     matmul = jax.jit(lambda x: x @ x, compiler_options=cpu_options)
     ceiling_s = measure(lambda: matmul(a), jax.block_until_ready, 2, 10)["step_s"]
     attention = resolve_attention(args.attention, dtype)
+    norm = resolve_norm(args.norm, dtype)
     return {
         **result,
         "framework": "usfm_jax",
@@ -213,7 +214,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
         + (f", {args.pallas_tiling}" if args.pallas_tiling else "")
         + (f", mlp {args.mlp}" if args.mlp != "xla" else "")
         + (f", {args.mlp_tiling}" if args.mlp_tiling else "")
-        + (f", norm {args.norm}" if args.norm != "xla" else "")
+        + (f", norm {norm}" if norm != "xla" else "")
         + (f", {args.norm_tiling}" if args.norm_tiling else "")
         + (", scan" if args.scan else "")
         + (", oneDNN matmuls" if cpu_options else "")
@@ -354,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on GPU/TPU)")
     ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
     ap.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, default="xla")
-    ap.add_argument("--norm", choices=NORM_IMPLEMENTATIONS, default="xla")
+    ap.add_argument("--norm", choices=NORM_IMPLEMENTATIONS, default="auto")
     for flag, parse, kernels, example in (
         (
             "--pallas-tiling",

@@ -15,8 +15,9 @@ import pytest
 from conftest import make_tiny_config
 from flax import nnx
 
+from benchmarks import kernel_sweep
 from benchmarks import train_step as bench
-from usfm_jax.models import fused_attention, fused_mlp
+from usfm_jax.models import fused_attention, fused_mlp, fused_norm
 from usfm_jax.train_step import abstract_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,55 @@ def test_kernel_tool_refuses_a_tiling_for_a_family_it_leaves_out(capsys):
         with pytest.raises(SystemExit):
             pallas_kernels.main(bad)
         assert "which --kernels leaves out" in capsys.readouterr().err
+
+
+def test_every_kernel_sweep_case_parses():
+    """Each line of benchmarks/kernel_cases/ is one case of kernel_sweep.py on a GPU: each must
+    name implementations and tilings that exist, and tile only Pallas kernels."""
+    files = sorted((ROOT / "benchmarks" / "kernel_cases").glob("*.txt"))
+    assert files
+    for cases in files:
+        parsed = [kernel_sweep.parse_case(line) for line in bench.variant_lines(cases)]
+        assert parsed, cases
+        tiled = [t for _, t in parsed if t.pallas_tiling or t.mlp_tiling or t.norm_tiling]
+        assert tiled, cases
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("flash", r"'flash' is not ATTENTION\[/MLP\[/NORM\]\]"),
+        ("pallas attn:warps=8", r"FAMILY:name=int,\.\.\. with FAMILY one of"),
+        ("cudnn attention:warps=8", r"the attention kernels of 'cudnn' are not Pallas"),
+        ("xla/pallas mlp:rows=2", r"name=integer pairs of \['block_m'"),
+        ("pallas attention:block_q=48", r"block_q must be a power of two >= 16"),
+    ],
+)
+def test_a_bad_kernel_sweep_case_is_named(case, match):
+    with pytest.raises((ValueError, argparse.ArgumentTypeError), match=match):
+        kernel_sweep.parse_case(case)
+
+
+def test_kernel_sweep_reports_a_failed_case_and_goes_on(capsys, monkeypatch):
+    """cuDNN cannot run on this CPU: its row says why, and the next case is still timed with
+    the tilings its line names (installed as train_step.py installs them)."""
+    for module, name in (
+        (fused_attention, "DEFAULT_TILING"),
+        (fused_mlp, "DEFAULT_MLP_TILING"),
+        (fused_norm, "DEFAULT_NORM_TILING"),
+    ):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    options = "--size micro --image 32 --batch 2 --depth 2 --steps 2 --warmup 1"
+    cases = ["cudnn", "xla", "xla/xla/pallas norm:rows=2,warps=2"]
+    kernel_sweep.main([*options.split(), *(arg for case in cases for arg in ("--case", case))])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| case | ms | ms / block |"
+    assert rows[1].startswith("| cudnn | failed: ") and "cuDNN" in rows[1]
+    for row, label in zip(rows[2:], cases[1:], strict=True):
+        name, ms, per_block = (cell.strip() for cell in row.strip("|").split("|"))
+        assert name == label and float(ms) > 0
+        assert float(per_block) == pytest.approx(float(ms) / 2, abs=0.01)
+    assert fused_norm.NormTiling(rows=2, warps=2) == fused_norm.DEFAULT_NORM_TILING
 
 
 def test_every_sweep_variant_parses():

@@ -106,7 +106,7 @@ def test_ablations_change_what_they_name():
         ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
         (
             {"model.norm": "apex"},
-            r"config\.model\.norm='apex': expected one of \('xla', 'pallas'\)",
+            r"config\.model\.norm='apex': expected one of \('auto', 'xla', 'pallas'\)",
         ),
         ({"model.norm": "pallas"}, r"config\.model\.norm='pallas'.*NVIDIA GPU.*'xla'"),
         ({"seed": -1}, r"config\.seed=-1: expected an int >= 0"),

@@ -31,6 +31,7 @@ from usfm_jax.models.vit import (
     drop_path_scale,
     relative_position_index,
     resolve_attention,
+    resolve_norm,
 )
 from usfm_jax.patches import patchify, unpatchify
 
@@ -737,6 +738,20 @@ def test_auto_attention_for_a_named_backend():
     assert resolve_attention("auto", jnp.float16, backend="gpu") == "cudnn"
     assert resolve_attention("auto", jnp.float32, backend="gpu") == "xla"  # cuDNN: half only
     assert resolve_attention("auto", jnp.bfloat16, backend="tpu") == "xla"
+
+
+def test_auto_norm_is_pallas_on_a_gpu_in_half_precision_only():
+    assert resolve_norm("auto", jnp.bfloat16) == "xla"  # this CPU
+    assert resolve_norm("auto", jnp.bfloat16, backend="gpu") == "pallas"
+    assert resolve_norm("auto", jnp.float16, backend="gpu") == "pallas"
+    assert resolve_norm("auto", jnp.float32, backend="gpu") == "xla"
+    assert resolve_norm("auto", jnp.bfloat16, backend="tpu") == "xla"
+    assert resolve_norm("pallas", jnp.float32) == "pallas"  # asked for: kept
+    with pytest.raises(ValueError, match=r"norm must be one of \('auto', 'xla', 'pallas'\)"):
+        resolve_norm("apex", jnp.bfloat16)
+    encoder = abstract_vit(norm="auto", dtype=jnp.bfloat16)
+    assert encoder.norm_implementation == "xla"
+    assert {block.norm_implementation for block in encoder.blocks} == {"xla"}
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

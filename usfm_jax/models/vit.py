@@ -42,10 +42,12 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 # into the matmuls' epilogues by the Pallas (Triton) kernels of models.fused_mlp (NVIDIA GPUs;
 # elsewhere Pallas' interpreter, for tests).
 MLP_IMPLEMENTATIONS = ("xla", "pallas")
-# LayerNorm implementations (an encoder block's two, each with the residual add before it):
-# "xla", as XLA compiles flax's LayerNorm and the add; "pallas", one Pallas (Triton) kernel per
-# direction from models.fused_norm (NVIDIA GPUs; elsewhere Pallas' interpreter, for tests).
-NORM_IMPLEMENTATIONS = ("xla", "pallas")
+# LayerNorm implementations (an encoder block's two and the final one, each with the residual
+# add before it): "xla", as XLA compiles flax's LayerNorm and the add; "pallas", one Pallas
+# (Triton) kernel per direction from models.fused_norm (NVIDIA GPUs; elsewhere Pallas'
+# interpreter, for tests); "auto" picks Pallas on an NVIDIA GPU with bf16 / fp16 compute (a 4%
+# faster ViT-B/16 step on an H100, docs/benchmarks.md), XLA elsewhere.
+NORM_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 # name -> (width, depth, heads); patch 16 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -149,21 +151,39 @@ def position_bias(table: nnx.Param, grid: tuple[int, int]) -> jax.Array:
     return jnp.transpose(bias, (2, 0, 1))[None]
 
 
+def half_precision_on_nvidia_gpu(dtype: DTypeLike, backend: str | None = None) -> bool:
+    """Whether ``backend`` (default: JAX's default backend) is an NVIDIA GPU and ``dtype`` bf16
+    or fp16: where "auto" picks the fused kernels."""
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def cudnn_attention_available(dtype: DTypeLike, backend: str | None = None) -> bool:
     """Whether cuDNN's fused attention can run on ``backend`` (default: JAX's default backend):
     an NVIDIA GPU and bf16 / fp16 compute."""
-    gpu = (backend or jax.default_backend()) == "gpu"
-    return gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return half_precision_on_nvidia_gpu(dtype, backend)
+
+
+def _resolve(
+    kind: str, choice: str, choices: tuple[str, ...], fused: str, dtype, backend: str | None
+) -> str:
+    if choice not in choices:
+        raise ValueError(f"{kind} must be one of {choices}, got {choice!r}")
+    if choice == "auto":
+        return fused if half_precision_on_nvidia_gpu(dtype, backend) else "xla"
+    return choice
 
 
 def resolve_attention(attention: str, dtype: DTypeLike, backend: str | None = None) -> str:
     """The implementation ``attention`` (one of ATTENTION_IMPLEMENTATIONS) means for ``dtype``
     on ``backend`` (default: JAX's default backend)."""
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
-    if attention == "auto":
-        return "cudnn" if cudnn_attention_available(dtype, backend) else "xla"
-    return attention
+    return _resolve("attention", attention, ATTENTION_IMPLEMENTATIONS, "cudnn", dtype, backend)
+
+
+def resolve_norm(norm: str, dtype: DTypeLike, backend: str | None = None) -> str:
+    """The implementation ``norm`` (one of NORM_IMPLEMENTATIONS) means for ``dtype`` on
+    ``backend`` (default: JAX's default backend)."""
+    return _resolve("norm", norm, NORM_IMPLEMENTATIONS, "pallas", dtype, backend)
 
 
 class RelativePositionBias(nnx.Module):
@@ -407,9 +427,7 @@ class Block(nnx.Module):
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if norm not in NORM_IMPLEMENTATIONS:
-            raise ValueError(f"norm must be one of {NORM_IMPLEMENTATIONS}, got {norm!r}")
-        self.norm_implementation = norm
+        self.norm_implementation = resolve_norm(norm, dtype)
         self.norm1 = layer_norm(dim, dtype, rngs)
         self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid, attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
@@ -478,7 +496,7 @@ class VisionTransformer(nnx.Module):
         scan: bool = False,
         attention: str = "auto",
         mlp: str = "xla",
-        norm: str = "xla",
+        norm: str = "auto",
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -491,6 +509,7 @@ class VisionTransformer(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
         attention = resolve_attention(attention, dtype)
+        norm = resolve_norm(norm, dtype)
         self.remat = remat
         self.scan = scan
         h, w = image_size
