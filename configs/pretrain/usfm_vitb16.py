@@ -66,10 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = "none"  # per-block rematerialisation: none | dots (keep matmuls) | full
     c.model.scan_layers = False  # one lax.scan over the blocks: faster compiles for deep models
     # "xla" | "cudnn" (fused, NVIDIA GPU + bf16) | "pallas" (fused Triton kernels, NVIDIA GPU;
-    # experimental) | "auto": cudnn if it can
+    # ~1 ms a step behind cuDNN on an H100) | "auto": cudnn if it can
     c.model.attention = "auto"
-    # "xla" | "pallas": the GELU fused into the MLP's matmuls (Triton kernels, NVIDIA GPU;
-    # experimental)
+    # "xla" | "pallas": the GELU fused into the MLP's matmuls (Triton kernels, NVIDIA GPU; ~1 ms a
+    # step behind cuBLAS + XLA's GELU on an H100)
     c.model.mlp = "xla"
     # "xla" | "pallas": each LayerNorm of the encoder and the residual add before it as one
     # kernel per direction (Triton kernels, NVIDIA GPU) | "auto": pallas on an NVIDIA GPU with

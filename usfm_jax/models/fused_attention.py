@@ -67,7 +67,9 @@ class Tiling(KernelTiling):
     """Block sizes (powers of two, >= 16: Triton's dot) and launch parameters of the kernels."""
 
     block_q: int = 64  # forward: query rows per program
-    block_k: int = 64  # forward: keys per step of the inner loop
+    # forward: keys per step of the inner loop; 32 computes 224 of 197 keys, not 256 (an H100
+    # ran the encoder's forward + backward 4% faster than with 64, docs/benchmarks.md)
+    block_k: int = 32
     block_q_dkv: int = 64  # dk / dv kernel: query rows per step
     block_k_dkv: int = 64  # dk / dv kernel: keys per program
     block_q_dq: int = 16  # dq kernel: query rows per program
