@@ -51,7 +51,7 @@ import jax  # noqa: E402
 
 from benchmarks import aot_memory, profile_summary, train_step  # noqa: E402
 from usfm_jax.config_validation import validate  # noqa: E402
-from usfm_jax.models.factory import DTYPES  # noqa: E402
+from usfm_jax.models.factory import DTYPES, encoder_dims  # noqa: E402
 from usfm_jax.models.vit import resolve_attention, resolve_norm  # noqa: E402
 
 GiB = 2**30
@@ -256,7 +256,8 @@ def compile_variant(argv: list[str], devices: list, gemm: str, hlo: Path | None 
     config = train_step.build_config(args, len(devices), accelerator=True)
     dtype = DTYPES[config.model.dtype]
     config.model.attention = resolve_attention(config.model.attention, dtype, backend="gpu")
-    config.model.norm = resolve_norm(config.model.norm, dtype, backend="gpu")
+    width = encoder_dims(config.model)[0]
+    config.model.norm = resolve_norm(config.model.norm, dtype, width, backend="gpu")
     validate(config, len(devices), backend="gpu")
     start = time.perf_counter()
     lowered = aot_memory.lower_step(config, devices)[0]

@@ -2,7 +2,7 @@
 
 The quick way to pick the Pallas kernels' tilings on a GPU: an encoder of ``--depth`` blocks
 (ViT-B/16 at 224 px by default, bf16, the views of one train step's batch) compiles in seconds,
-where ``train_step.py`` takes ~30 s a variant. Each ``--case`` is ATTENTION[/MLP[/NORM]] and,
+where a ``train_step.py`` line takes ~1 min. Each ``--case`` is ATTENTION[/MLP[/NORM]] and,
 after a space, tilings by kernel family:
 
     python benchmarks/kernel_sweep.py --case cudnn --case pallas/pallas/pallas \\
@@ -50,7 +50,10 @@ TILING_FAMILIES = {
 
 def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
     """'ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]...' -> (implementations, tilings by the
-    names ``train_step.install_tilings`` reads)."""
+    names ``train_step.install_tilings`` reads). A family's tiling applies where its kernels
+    are Pallas: named "pallas", or a LayerNorm "auto" (Pallas on a GPU)."""
+    if not text.split():
+        raise ValueError("an empty case: expected ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]")
     first, *rest = text.split()
     implementations = implementation_triple(first)
     tilings = types.SimpleNamespace(pallas_tiling=None, mlp_tiling=None, norm_tiling=None)
@@ -62,8 +65,11 @@ def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
                 f"{tuple(TILING_FAMILIES)}"
             )
         name, parse = TILING_FAMILIES[family]
-        if implementations[tuple(TILING_FAMILIES).index(family)] != "pallas":
+        kernels = implementations[tuple(TILING_FAMILIES).index(family)]
+        if kernels != "pallas" and not (family == "norm" and kernels == "auto"):
             raise ValueError(f"{item!r}: the {family} kernels of {first!r} are not Pallas")
+        if getattr(tilings, name) is not None:
+            raise ValueError(f"{item!r}: a second {family} tiling in one case")
         setattr(tilings, name, parse(values))
     return implementations, tilings
 
@@ -132,18 +138,24 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.steps}"
     )
     print("| case | ms | ms / block |\n|---|---|---|")
-    for label, (attention, mlp, norm), tilings in args.case:
-        install_tilings(tilings)
-        try:
-            model = build_encoder(
-                args.size, args.variant, args.image, attention, mlp, norm, jnp.bfloat16, args.depth
-            )
-            ms = time_case(model, images, args.steps, args.warmup)
-        except Exception as error:  # a failed case is reported; the sweep goes on
-            first_line = (str(error).strip().splitlines() or [""])[0][:160]
-            print(f"| {label} | failed: {type(error).__name__}: {first_line} | |", flush=True)
-            continue
-        print(f"| {label} | {ms:.2f} | {ms / args.depth:.2f} |", flush=True)
+    try:
+        for label, (attention, mlp, norm), tilings in args.case:
+            install_tilings(tilings)
+            try:
+                model = build_encoder(
+                    args.size, args.variant, args.image, attention, mlp, norm, jnp.bfloat16,
+                    args.depth,
+                )  # fmt: skip
+                ms = time_case(model, images, args.steps, args.warmup)
+            except Exception as error:  # a failed case is reported; the sweep goes on
+                why = (str(error).strip().splitlines() or [""])[0][:160].replace("|", "/")
+                print(f"| {label} | failed: {type(error).__name__}: {why} | |", flush=True)
+                continue
+            print(f"| {label} | {ms:.2f} | {ms / args.depth:.2f} |", flush=True)
+    finally:  # the kernels' default tilings again
+        install_tilings(
+            types.SimpleNamespace(pallas_tiling=None, mlp_tiling=None, norm_tiling=None)
+        )
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     from usfm_jax import cpu_runtime, parallel
     from usfm_jax.config_validation import ConfigError, validate
-    from usfm_jax.models.factory import DTYPES
+    from usfm_jax.models.factory import DTYPES, encoder_dims
     from usfm_jax.models.vit import resolve_attention, resolve_norm
     from usfm_jax.train_step import create_training
 
@@ -202,7 +202,7 @@ def measure_jax(args: argparse.Namespace) -> dict[str, Any]:
     matmul = jax.jit(lambda x: x @ x, compiler_options=cpu_options)
     ceiling_s = measure(lambda: matmul(a), jax.block_until_ready, 2, 10)["step_s"]
     attention = resolve_attention(args.attention, dtype)
-    norm = resolve_norm(args.norm, dtype)
+    norm = resolve_norm(args.norm, dtype, encoder_dims(config.model)[0])
     return {
         **result,
         "framework": "usfm_jax",
@@ -412,8 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--pallas-tiling applies to --attention pallas only")
     if args.mlp_tiling and args.mlp != "pallas":
         ap.error("--mlp-tiling applies to --mlp pallas only")
-    if args.norm_tiling and args.norm != "pallas":
-        ap.error("--norm-tiling applies to --norm pallas only")
+    if args.norm_tiling and args.norm == "xla":
+        ap.error("--norm-tiling applies to the Pallas LayerNorm (--norm pallas, or auto on a GPU)")
     for name in ("steps", "batch_per_device", "image"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -119,6 +119,9 @@ def test_every_kernel_sweep_case_parses():
         ("cudnn attention:warps=8", r"the attention kernels of 'cudnn' are not Pallas"),
         ("xla/pallas mlp:rows=2", r"name=integer pairs of \['block_m'"),
         ("pallas attention:block_q=48", r"block_q must be a power of two >= 16"),
+        ("  ", r"an empty case"),
+        ("pallas attention:warps=8 attention:block_q=32", r"a second attention tiling"),
+        ("xla/xla/xla norm:rows=2", r"the norm kernels of 'xla/xla/xla' are not Pallas"),
     ],
 )
 def test_a_bad_kernel_sweep_case_is_named(case, match):
@@ -127,25 +130,37 @@ def test_a_bad_kernel_sweep_case_is_named(case, match):
 
 
 def test_kernel_sweep_reports_a_failed_case_and_goes_on(capsys, monkeypatch):
-    """cuDNN cannot run on this CPU: its row says why, and the next case is still timed with
-    the tilings its line names (installed as train_step.py installs them)."""
+    """cuDNN cannot run on this CPU: its row says why, and the next cases are still timed, each
+    with the tilings its line names (installed as train_step.py installs them) and no other;
+    the defaults are back afterwards."""
     for module, name in (
         (fused_attention, "DEFAULT_TILING"),
         (fused_mlp, "DEFAULT_MLP_TILING"),
         (fused_norm, "DEFAULT_NORM_TILING"),
     ):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    seen = []
+
+    def time_case(*args):
+        seen.append(fused_norm.DEFAULT_NORM_TILING)
+        return timed(*args)
+
+    timed = kernel_sweep.time_case
+    monkeypatch.setattr(kernel_sweep, "time_case", time_case)
     options = "--size micro --image 32 --batch 2 --depth 2 --steps 2 --warmup 1"
-    cases = ["cudnn", "xla", "xla/xla/pallas norm:rows=2,warps=2"]
+    cases = ["cudnn", "xla/xla/pallas norm:rows=2,warps=2", "xla/xla/auto  norm:rows=1"]
     kernel_sweep.main([*options.split(), *(arg for case in cases for arg in ("--case", case))])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[0] == "| case | ms | ms / block |"
     assert rows[1].startswith("| cudnn | failed: ") and "cuDNN" in rows[1]
-    for row, label in zip(rows[2:], cases[1:], strict=True):
+    labels = ("xla/xla/pallas norm:rows=2,warps=2", "xla/xla/auto norm:rows=1")
+    for row, label in zip(rows[2:], labels, strict=True):
         name, ms, per_block = (cell.strip() for cell in row.strip("|").split("|"))
         assert name == label and float(ms) > 0
         assert float(per_block) == pytest.approx(float(ms) / 2, abs=0.01)
-    assert fused_norm.NormTiling(rows=2, warps=2) == fused_norm.DEFAULT_NORM_TILING
+    tilings = [fused_norm.NormTiling(), fused_norm.NormTiling(rows=2, warps=2)]
+    assert seen == [*tilings, fused_norm.NormTiling(rows=1)]  # cuDNN's case is traced too
+    assert fused_norm.NormTiling() == fused_norm.DEFAULT_NORM_TILING
 
 
 def test_every_sweep_variant_parses():

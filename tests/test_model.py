@@ -23,6 +23,7 @@ from usfm_jax.models.attention import softmax_attention
 from usfm_jax.models.factory import create_mim_model
 from usfm_jax.models.heads import LinearPixelHead, MaskedImageModel, TransformerPixelHead
 from usfm_jax.models.vit import (
+    Block,
     Branch,
     VisionTransformer,
     _pad_to_even_length,
@@ -30,6 +31,7 @@ from usfm_jax.models.vit import (
     dense,
     drop_path_scale,
     relative_position_index,
+    residual_norm,
     resolve_attention,
     resolve_norm,
 )
@@ -740,18 +742,36 @@ def test_auto_attention_for_a_named_backend():
     assert resolve_attention("auto", jnp.bfloat16, backend="tpu") == "xla"
 
 
-def test_auto_norm_is_pallas_on_a_gpu_in_half_precision_only():
-    assert resolve_norm("auto", jnp.bfloat16) == "xla"  # this CPU
-    assert resolve_norm("auto", jnp.bfloat16, backend="gpu") == "pallas"
-    assert resolve_norm("auto", jnp.float16, backend="gpu") == "pallas"
-    assert resolve_norm("auto", jnp.float32, backend="gpu") == "xla"
-    assert resolve_norm("auto", jnp.bfloat16, backend="tpu") == "xla"
-    assert resolve_norm("pallas", jnp.float32) == "pallas"  # asked for: kept
+def test_auto_norm_is_pallas_on_a_gpu_in_half_precision_up_to_the_measured_width(monkeypatch):
+    assert resolve_norm("auto", jnp.bfloat16, 768) == "xla"  # this CPU
+    assert resolve_norm("auto", jnp.bfloat16, 768, backend="gpu") == "pallas"
+    assert resolve_norm("auto", jnp.float16, 1024, backend="gpu") == "pallas"
+    assert resolve_norm("auto", jnp.bfloat16, 1280, backend="gpu") == "xla"  # ViT-H: not measured
+    assert resolve_norm("auto", jnp.float32, 768, backend="gpu") == "xla"
+    assert resolve_norm("auto", jnp.bfloat16, 768, backend="tpu") == "xla"
+    assert resolve_norm("pallas", jnp.float32, 1280) == "pallas"  # asked for: kept
     with pytest.raises(ValueError, match=r"norm must be one of \('auto', 'xla', 'pallas'\)"):
-        resolve_norm("apex", jnp.bfloat16)
+        resolve_norm("apex", jnp.bfloat16, 768)
+    assert abstract_vit(norm="auto", dtype=jnp.bfloat16).norm_implementation == "xla"
+    # as on a GPU: the encoder and each block resolve "auto" themselves
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     encoder = abstract_vit(norm="auto", dtype=jnp.bfloat16)
-    assert encoder.norm_implementation == "xla"
-    assert {block.norm_implementation for block in encoder.blocks} == {"xla"}
+    assert encoder.norm_implementation == "pallas"
+    assert {block.norm_implementation for block in encoder.blocks} == {"pallas"}
+    block = nnx.eval_shape(
+        lambda: Block(WIDTH, HEADS, variant="beit", norm="auto", dtype=jnp.bfloat16,
+                      rngs=nnx.Rngs(0))
+    )  # fmt: skip
+    assert block.norm_implementation == "pallas"
+    assert abstract_vit(norm="auto", dtype=jnp.float32).norm_implementation == "xla"
+    with pytest.raises(ValueError, match=r"norm must be one of"):
+        Block(WIDTH, HEADS, variant="beit", norm="apex", rngs=nnx.Rngs(0))
+
+
+def test_residual_norm_refuses_an_unresolved_implementation():
+    norm = nnx.LayerNorm(8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"must be 'xla' or 'pallas' \(resolved\), got 'auto'"):
+        residual_norm(norm, jnp.ones((1, 2, 8)), None, "auto")
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

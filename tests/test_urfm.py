@@ -18,6 +18,7 @@ from usfm_jax import parallel, train
 from usfm_jax.config_validation import ConfigError, validate
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.models.factory import create_pretrain_model
+from usfm_jax.models.teacher import teacher_from_config
 from usfm_jax.objectives.representation import create_representation
 from usfm_jax.optim import create_optimizer
 from usfm_jax.train_step import (
@@ -48,6 +49,12 @@ def _urfm_config(teacher: str, **overrides):
     config.teacher.update(path=teacher, num_heads=2)
     config.image_every = 0
     return config
+
+
+@pytest.mark.parametrize("norm", ["xla", "pallas"])
+def test_the_teacher_runs_the_models_layer_norm_implementation(teacher_64, norm):
+    loaded = teacher_from_config(_urfm_config(teacher_64, **{"model.norm": norm}))
+    assert nnx.merge(loaded.graphdef, loaded.params).encoder.norm_implementation == norm
 
 
 def _batch(config, mesh):

@@ -34,11 +34,12 @@ def build_encoder(
     *,
     dtype: str = "float32",
     attention: str = "auto",
+    norm: str = "auto",
 ) -> VisionTransformer:
     """An encoder of ``arch`` holding ``params`` (nested numpy arrays, our names)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
-    model = arch.build(dtype=DTYPES[dtype], attention=attention)
+    model = arch.build(dtype=DTYPES[dtype], attention=attention, norm=norm)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, unflatten(flatten(params)))  # block keys as ints
     nnx.update(model, state)
@@ -51,6 +52,7 @@ def load_pretrained(
     image_size: int | tuple[int, int] | None = None,
     dtype: str = "float32",
     attention: str = "auto",
+    norm: str = "auto",
     step: int | None = None,
     weights: str = "auto",
     fmt: str = "auto",
@@ -75,7 +77,7 @@ def load_pretrained(
         num_heads=num_heads,
         input_normalization=input_normalization,
     )
-    model = build_encoder(arch, params, dtype=dtype, attention=attention)
+    model = build_encoder(arch, params, dtype=dtype, attention=attention, norm=norm)
     model.normalization = normalization
     return model
 

@@ -89,6 +89,7 @@ def load_teacher(
     num_heads: int | None = None,
     dtype: Any = jnp.float32,
     attention: str = "auto",
+    norm: str = "auto",
 ) -> LoadedTeacher:
     """A teacher from PyTorch weights: an open_clip checkpoint (its visual trunk and
     projection) or a timm ViT state dict. Weights are taken as they are (no folding); a key
@@ -105,19 +106,19 @@ def load_teacher(
     made_for = card.get("architecture", {})
     heads = heads_for(num_heads, card, f"teacher {path}")  # a non-standard width needs it
     params, arch, notes = from_torch(sd, fmt, heads, made_for.get("image_size"))
-    norm = weights_normalization(fmt, card, normalization, notes)
+    expected = weights_normalization(fmt, card, normalization, notes)
     if layer == "projection" and "projection" not in params:
         raise ConversionError(
             f"teacher {path} has no projection (visual.head.proj.weight): target layer "
             "'projection' is not available; use 'final_norm' or 'last_block'"
         )
-    encoder = arch.build(dtype=dtype, attention=attention)
+    encoder = arch.build(dtype=dtype, attention=attention, norm=norm)
     projection = None
     if layer == "projection":
         width, out = params["projection"]["kernel"].shape
         projection = nnx.Linear(width, out, use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
     try:
-        teacher = Teacher(encoder, projection, norm, layer)
+        teacher = Teacher(encoder, projection, expected, layer)
     except ValueError as e:
         raise ConversionError(f"teacher {path}: {e}") from None
     graphdef, state = nnx.split(teacher)
@@ -125,12 +126,12 @@ def load_teacher(
     if projection is not None:
         weights["projection"] = params["projection"]
     nnx.replace_by_pure_dict(state, weights)
-    return LoadedTeacher(graphdef, state, arch, norm, notes)
+    return LoadedTeacher(graphdef, state, arch, expected, notes)
 
 
 def teacher_from_config(config: Any) -> LoadedTeacher:
     """The teacher a run's ``config.teacher`` names, in ``teacher.dtype`` (default the
-    model's) and the model's attention implementation."""
+    model's) and the model's attention and LayerNorm implementations."""
     t = config.teacher
     return load_teacher(
         t.path,
@@ -140,4 +141,5 @@ def teacher_from_config(config: Any) -> LoadedTeacher:
         num_heads=t.get("num_heads"),
         dtype=DTYPES[t.dtype or config.model.dtype],
         attention=config.model.attention,
+        norm=config.model.norm,
     )

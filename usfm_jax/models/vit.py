@@ -151,11 +151,20 @@ def position_bias(table: nnx.Param, grid: tuple[int, int]) -> jax.Array:
     return jnp.transpose(bias, (2, 0, 1))[None]
 
 
+# The widest model whose LayerNorm "auto" gives the Pallas kernels: they hold a row padded to a
+# power of two in registers, measured for widths up to 1024 (ViT-B and ViT-L, docs/benchmarks.md)
+AUTO_PALLAS_NORM_MAX_WIDTH = 1024
+
+
 def half_precision_on_nvidia_gpu(dtype: DTypeLike, backend: str | None = None) -> bool:
     """Whether ``backend`` (default: JAX's default backend) is an NVIDIA GPU and ``dtype`` bf16
-    or fp16: where "auto" picks the fused kernels."""
-    gpu = (backend or jax.default_backend()) == "gpu"
-    return gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    or fp16: where "auto" picks the fused kernels. A named "gpu" backend (an ahead-of-time
+    compile) is taken to be NVIDIA's; JAX's own GPU backend is checked not to be ROCm."""
+    if backend is None:
+        backend = jax.default_backend()
+        if backend == "gpu" and "rocm" in jax.devices()[0].client.platform_version.lower():
+            return False
+    return backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 def cudnn_attention_available(dtype: DTypeLike, backend: str | None = None) -> bool:
@@ -164,26 +173,29 @@ def cudnn_attention_available(dtype: DTypeLike, backend: str | None = None) -> b
     return half_precision_on_nvidia_gpu(dtype, backend)
 
 
-def _resolve(
-    kind: str, choice: str, choices: tuple[str, ...], fused: str, dtype, backend: str | None
-) -> str:
+def _check_choice(kind: str, choice: str, choices: tuple[str, ...]) -> None:
     if choice not in choices:
         raise ValueError(f"{kind} must be one of {choices}, got {choice!r}")
-    if choice == "auto":
-        return fused if half_precision_on_nvidia_gpu(dtype, backend) else "xla"
-    return choice
 
 
 def resolve_attention(attention: str, dtype: DTypeLike, backend: str | None = None) -> str:
     """The implementation ``attention`` (one of ATTENTION_IMPLEMENTATIONS) means for ``dtype``
-    on ``backend`` (default: JAX's default backend)."""
-    return _resolve("attention", attention, ATTENTION_IMPLEMENTATIONS, "cudnn", dtype, backend)
+    on ``backend`` (default: JAX's default backend): "auto" is cuDNN where it can run."""
+    _check_choice("attention", attention, ATTENTION_IMPLEMENTATIONS)
+    if attention == "auto":
+        return "cudnn" if cudnn_attention_available(dtype, backend) else "xla"
+    return attention
 
 
-def resolve_norm(norm: str, dtype: DTypeLike, backend: str | None = None) -> str:
-    """The implementation ``norm`` (one of NORM_IMPLEMENTATIONS) means for ``dtype`` on
-    ``backend`` (default: JAX's default backend)."""
-    return _resolve("norm", norm, NORM_IMPLEMENTATIONS, "pallas", dtype, backend)
+def resolve_norm(norm: str, dtype: DTypeLike, width: int, backend: str | None = None) -> str:
+    """The implementation ``norm`` (one of NORM_IMPLEMENTATIONS) means for a model ``width``
+    wide computing in ``dtype`` on ``backend`` (default: JAX's default backend): "auto" is
+    Pallas on an NVIDIA GPU in bf16 / fp16 up to AUTO_PALLAS_NORM_MAX_WIDTH, else XLA."""
+    _check_choice("norm", norm, NORM_IMPLEMENTATIONS)
+    if norm == "auto":
+        fits = width <= AUTO_PALLAS_NORM_MAX_WIDTH
+        return "pallas" if fits and half_precision_on_nvidia_gpu(dtype, backend) else "xla"
+    return norm
 
 
 class RelativePositionBias(nnx.Module):
@@ -397,6 +409,11 @@ def residual_norm(
     if implementation == "xla":
         x = add_branch(x, branch)
         return x, norm(x)
+    if implementation != "pallas":
+        raise ValueError(
+            f"residual_norm: implementation must be 'xla' or 'pallas' (resolved), got "
+            f"{implementation!r}"
+        )
     delta, scale, delta_bias = (None, None, None) if branch is None else branch
     # the residual stream keeps the wider of its dtypes, as x + delta would; y is norm's dtype
     dtype = x.dtype if delta is None else jnp.result_type(x, delta)
@@ -427,7 +444,7 @@ class Block(nnx.Module):
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.norm_implementation = resolve_norm(norm, dtype)
+        self.norm_implementation = resolve_norm(norm, dtype, dim)
         self.norm1 = layer_norm(dim, dtype, rngs)
         self.attn = Attention(dim, num_heads, variant, dtype, rngs, rel_pos_grid, attention)
         self.norm2 = layer_norm(dim, dtype, rngs)
@@ -509,7 +526,7 @@ class VisionTransformer(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
         attention = resolve_attention(attention, dtype)
-        norm = resolve_norm(norm, dtype)
+        norm = resolve_norm(norm, dtype, width)
         self.remat = remat
         self.scan = scan
         h, w = image_size
