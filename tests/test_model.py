@@ -8,6 +8,7 @@ side never calls the module under test. Models are tiny so the file runs in seco
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -764,6 +765,11 @@ def test_auto_norm_is_pallas_on_a_gpu_in_half_precision_up_to_the_measured_width
     )  # fmt: skip
     assert block.norm_implementation == "pallas"
     assert abstract_vit(norm="auto", dtype=jnp.float32).norm_implementation == "xla"
+    # JAX names an AMD GPU's backend "gpu" too: its platform version tells it apart
+    rocm = types.SimpleNamespace(client=types.SimpleNamespace(platform_version="rocm 60300"))
+    monkeypatch.setattr(jax, "devices", lambda *_: [rocm])
+    assert resolve_norm("auto", jnp.bfloat16, 768) == "xla"
+    assert resolve_attention("auto", jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match=r"norm must be one of"):
         Block(WIDTH, HEADS, variant="beit", norm="apex", rngs=nnx.Rngs(0))
 

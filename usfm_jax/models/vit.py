@@ -45,8 +45,9 @@ MLP_IMPLEMENTATIONS = ("xla", "pallas")
 # LayerNorm implementations (an encoder block's two and the final one, each with the residual
 # add before it): "xla", as XLA compiles flax's LayerNorm and the add; "pallas", one Pallas
 # (Triton) kernel per direction from models.fused_norm (NVIDIA GPUs; elsewhere Pallas'
-# interpreter, for tests); "auto" picks Pallas on an NVIDIA GPU with bf16 / fp16 compute (a 4%
-# faster ViT-B/16 step on an H100, docs/benchmarks.md), XLA elsewhere.
+# interpreter, for tests); "auto" picks Pallas on an NVIDIA GPU with bf16 / fp16 compute up to
+# AUTO_PALLAS_NORM_MAX_WIDTH (a 4% faster ViT-B/16 step on an H100, docs/benchmarks.md), XLA
+# elsewhere.
 NORM_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 # name -> (width, depth, heads); patch 16 for every size.
@@ -162,7 +163,8 @@ def half_precision_on_nvidia_gpu(dtype: DTypeLike, backend: str | None = None) -
     compile) is taken to be NVIDIA's; JAX's own GPU backend is checked not to be ROCm."""
     if backend is None:
         backend = jax.default_backend()
-        if backend == "gpu" and "rocm" in jax.devices()[0].client.platform_version.lower():
+        client = getattr(jax.devices()[0], "client", None)
+        if backend == "gpu" and "rocm" in getattr(client, "platform_version", "").lower():
             return False
     return backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
