@@ -48,6 +48,11 @@ TILING_FAMILIES = {
 }
 
 
+def default_tilings() -> types.SimpleNamespace:
+    """No tiling given: each Pallas family at its default (for ``install_tilings``)."""
+    return types.SimpleNamespace(pallas_tiling=None, mlp_tiling=None, norm_tiling=None)
+
+
 def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
     """'ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]...' -> (implementations, tilings by the
     names ``train_step.install_tilings`` reads). A family's tiling applies where its kernels
@@ -56,7 +61,7 @@ def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
         raise ValueError("an empty case: expected ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]")
     first, *rest = text.split()
     implementations = implementation_triple(first)
-    tilings = types.SimpleNamespace(pallas_tiling=None, mlp_tiling=None, norm_tiling=None)
+    tilings = default_tilings()
     for item in rest:
         family, sep, values = item.partition(":")
         if not sep or family not in TILING_FAMILIES:
@@ -153,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"| {label} | {ms:.2f} | {ms / args.depth:.2f} |", flush=True)
     finally:  # the kernels' default tilings again
-        install_tilings(
-            types.SimpleNamespace(pallas_tiling=None, mlp_tiling=None, norm_tiling=None)
-        )
+        install_tilings(default_tilings())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from usfm_jax.models.vit import (
     MLP_IMPLEMENTATIONS,
     NORM_IMPLEMENTATIONS,
     REMAT_POLICIES,
-    cudnn_attention_available,
+    half_precision_on_nvidia_gpu,
 )
 from usfm_jax.objectives import dual
 from usfm_jax.objectives.representation import (
@@ -263,7 +263,7 @@ def check_encoder(config: ml_collections.ConfigDict, backend: str | None = None)
     _one_of(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
     if m.attention == "cudnn":
         _require(
-            cudnn_attention_available(DTYPES[m.dtype], backend),
+            half_precision_on_nvidia_gpu(DTYPES[m.dtype], backend),
             "model.attention",
             m.attention,
             f"cuDNN attention needs an NVIDIA GPU and bf16 / fp16 compute "

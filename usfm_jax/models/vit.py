@@ -159,20 +159,16 @@ AUTO_PALLAS_NORM_MAX_WIDTH = 1024
 
 def half_precision_on_nvidia_gpu(dtype: DTypeLike, backend: str | None = None) -> bool:
     """Whether ``backend`` (default: JAX's default backend) is an NVIDIA GPU and ``dtype`` bf16
-    or fp16: where "auto" picks the fused kernels. A named "gpu" backend (an ahead-of-time
-    compile) is taken to be NVIDIA's; JAX's own GPU backend is checked not to be ROCm."""
-    if backend is None:
-        backend = jax.default_backend()
-        client = getattr(jax.devices()[0], "client", None)
-        if backend == "gpu" and "rocm" in getattr(client, "platform_version", "").lower():
-            return False
-    return backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-
-
-def cudnn_attention_available(dtype: DTypeLike, backend: str | None = None) -> bool:
-    """Whether cuDNN's fused attention can run on ``backend`` (default: JAX's default backend):
-    an NVIDIA GPU and bf16 / fp16 compute."""
-    return half_precision_on_nvidia_gpu(dtype, backend)
+    or fp16: where cuDNN's fused attention can run and "auto" picks the fused kernels. A named
+    "gpu" backend (an ahead-of-time compile) is taken to be NVIDIA's; JAX's own GPU backend is
+    checked not to be ROCm."""
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if backend is not None:
+        return backend == "gpu" and half
+    if jax.default_backend() != "gpu":
+        return False
+    client = getattr(jax.devices()[0], "client", None)
+    return half and "rocm" not in getattr(client, "platform_version", "").lower()
 
 
 def _check_choice(kind: str, choice: str, choices: tuple[str, ...]) -> None:
@@ -185,7 +181,7 @@ def resolve_attention(attention: str, dtype: DTypeLike, backend: str | None = No
     on ``backend`` (default: JAX's default backend): "auto" is cuDNN where it can run."""
     _check_choice("attention", attention, ATTENTION_IMPLEMENTATIONS)
     if attention == "auto":
-        return "cudnn" if cudnn_attention_available(dtype, backend) else "xla"
+        return "cudnn" if half_precision_on_nvidia_gpu(dtype, backend) else "xla"
     return attention
 
 
