@@ -5,8 +5,10 @@ kernels; ``models.fused_mlp``: forward and backward; ``models.fused_norm``: a bl
 residual LayerNorms, forward and backward) for CUDA with JAX's cross-platform lowering,
 takes the Triton IR out of each kernel's custom call, and compiles it with the ``triton`` package
 (installed with torch) for the target GPU, down to a cubin. Prints per kernel the registers per
-thread, spilled bytes (stack), shared memory, the resident blocks per SM this allows and the
-tensor-core instruction used (Hopper's asynchronous ``wgmma`` or the older ``mma.sync``): what
+thread, spilled bytes (stack), shared memory, the resident blocks per SM this allows, the
+tensor-core instruction used (Hopper's asynchronous ``wgmma`` or the older ``mma.sync``) and
+how many of its asynchronous global -> shared copies move less than 16 bytes (loads Triton
+could not vectorise: an unaligned row or a mask along the contiguous dimension): what
 decides whether a tiling is worth measuring, found without a GPU.
 
     python benchmarks/pallas_kernels.py                 # ViT-B/16 at 224, default tilings
@@ -26,6 +28,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +50,8 @@ from usfm_jax.models.fused_norm import NormTiling
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 227 * 1024
 KERNEL_FAMILIES = ("attention", "mlp", "norm")
+# A global -> shared asynchronous copy in PTX, and its size in bytes (16: a vectorised load)
+ASYNC_COPY = re.compile(r"cp\.async\.c[ag]\.shared\.global [^;]*?, 0x([0-9a-f]+)")
 
 
 def kernel_irs(fn, *args: jax.ShapeDtypeStruct | None) -> list[tuple[str, int, int, bytes]]:
@@ -167,12 +172,15 @@ def compile_kernel(
     )
     ptx = kernel.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    copies = [int(size, 16) for size in ASYNC_COPY.findall(ptx)]
     return dict(
         registers=registers,
         spill_bytes=int(fields["STACK"]),
         shared=shared,
         blocks_per_sm=blocks,
         mma=mma,
+        async_copies=len(copies),
+        narrow_copies=sum(size < 16 for size in copies),
     )
 
 
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append((tiling, norm_irs(tiling, args.batch, args.tokens, width)))
     header = (
         f"{'kernel':<26} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9} "
-        f"{'blocks/SM':>9} {'mma':>8}"
+        f"{'blocks/SM':>9} {'mma':>8} {'copies < 16 B':>14}"
     )
     for tiling, irs in runs:
         if not args.json:
@@ -252,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 print(
                     f"{name:<26} {warps:>5} {r['registers']:>5} {r['spill_bytes']:>8} "
-                    f"{r['shared']:>9} {r['blocks_per_sm']:>9} {r['mma']:>8}"
+                    f"{r['shared']:>9} {r['blocks_per_sm']:>9} {r['mma']:>8} "
+                    f"{r['narrow_copies']:>7} of {r['async_copies']:<4}"
                 )
 
 

@@ -154,7 +154,8 @@ def test_tiling_parses_overrides_and_names_bad_ones():
 def test_kernels_lower_and_compile_for_an_nvidia_gpu(with_bias):
     """Pallas -> Triton IR for CUDA, then Triton's compiler down to an sm_90 cubin, on this
     CPU-only machine: three kernels, each within the register file without spilling (the
-    default tiling; Triton caps registers at 255 and spills the rest)."""
+    default tiling; Triton caps registers at 255 and spills the rest), their tiles loaded in
+    vectorised copies."""
     kernels = compile_pallas_kernels(
         "--kernels", "attention", "--batch", "4", *([] if with_bias else ["--no-bias"])
     )
@@ -163,3 +164,10 @@ def test_kernels_lower_and_compile_for_an_nvidia_gpu(with_bias):
     for usage in kernels:
         assert 0 < usage["registers"] <= 255 and usage["spill_bytes"] == 0, usage
         assert usage["blocks_per_sm"] >= 1, usage
+    # q, k, v, dO and the (padded) position bias tiles are loaded in 16-byte copies: the forward
+    # copies nothing narrower, the backward kernels only a few per-query float32 rows (the
+    # unpadded bias made most of each kernel's copies 4-byte ones)
+    forward, *backward = kernels
+    assert forward["async_copies"] > 0 and forward["narrow_copies"] == 0, forward
+    for usage in backward:
+        assert 4 * usage["narrow_copies"] < usage["async_copies"], usage

@@ -8,7 +8,9 @@ concatenated back. These kernels instead:
 
 - read q, k and v in place from the projection's output [B, T, 3, heads, Dh] and write dq, dk and
   dv into one gradient of that layout (no split, pad or concatenation);
-- mask the ragged last block (197 tokens) instead of padding;
+- mask the ragged last block (197 tokens) instead of padding, except in the position bias, which
+  is small and read again for every image: it is padded once per call to tiles that are read
+  unmasked, in 16-byte vectors (``_bias_tiles``);
 - sum the bias gradient over the batch inside the dq kernel, in registers, writing one partial
   sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]);
 - sum the qkv projection's bias gradient over the tokens inside the backward kernels, which hold
@@ -138,6 +140,7 @@ def _forward(qkv, bias, qkv_bias, tiling, interpret):
         _forward_kernel, t=t, head_dim=head_dim, block_k=block_k, scale=head_dim**-0.5
     )
     qkv_spec = functools.partial(_qkv_block, dp=dp)
+    bias_tiles = None if bias is None else _bias_tiles(bias, qkv.dtype, block_q, block_k)
     in_specs = [
         qkv_spec(block_q, lambda i, n, h: (n, i, 0, h, 0)),  # q [block_q, Dp]
         qkv_spec(t_keys, lambda i, n, h: (n, 0, 1, h, 0)),  # k [T_keys, Dp]
@@ -159,7 +162,7 @@ def _forward(qkv, bias, qkv_bias, tiling, interpret):
         compiler_params=tiling.compiler_params(tiling.warps),
         interpret=interpret,
         name="usfm_attention_forward",
-    )(qkv, qkv, qkv, None if bias is None else bias[0])
+    )(qkv, qkv, qkv, bias_tiles)
     return out, (qkv, bias, qkv_bias, out, lse)
 
 
@@ -169,7 +172,8 @@ def _backward(tiling, interpret, residuals, d_out):
     dp = pl.next_power_of_2(head_dim)
     scale = head_dim**-0.5
     d_out = d_out.astype(qkv.dtype)
-    bias_heads = None if bias is None else bias[0]
+    blocks = (tiling.block_q_dq, tiling.block_k_dq, tiling.block_q_dkv, tiling.block_k_dkv)
+    bias_tiles = None if bias is None else _bias_tiles(bias, qkv.dtype, *blocks)
     qkv_spec = functools.partial(_qkv_block, dp=dp)
     common = dict(t=t, head_dim=head_dim, scale=scale)
 
@@ -215,7 +219,7 @@ def _backward(tiling, interpret, residuals, d_out):
         compiler_params=tiling.compiler_params(tiling.warps_dq),
         interpret=interpret,
         name="usfm_attention_dq",
-    )(qkv, qkv, qkv, bias_heads, d_out, out, lse)
+    )(qkv, qkv, qkv, bias_tiles, d_out, out, lse)
 
     # dk, dv into slots 1 and 2 of the same gradient (aliased); with a qkv bias, also their sums
     # over the program's keys
@@ -228,7 +232,7 @@ def _backward(tiling, interpret, residuals, d_out):
     if qkv_bias is not None:
         out_specs.append(pl.BlockSpec((None, None, None, 2, dp), lambda j, n, h: (j, n, h, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((key_blocks, b, heads, 2, dp), jnp.float32))
-    inputs = (qkv, qkv, qkv, bias_heads, d_out, lse, delta, d_qkv)
+    inputs = (qkv, qkv, qkv, bias_tiles, d_out, lse, delta, d_qkv)
     d_qkv, *kv_sums = pallas_call(
         functools.partial(_dkv_kernel, block_q=block_q_dkv, **common),
         grid=(key_blocks, b, heads),
@@ -283,8 +287,8 @@ def _forward_kernel(
         keys = pl.ds(start, block_k)
         key_ok = within(start, block_k, t)
         k = _load_rows(k_ref.at[keys], key_ok, width_ok)
-        bias = None if bias_ref is None else bias_ref.at[:, keys]
-        s = _scores(q, k, bias, row_ok, key_ok, scale)
+        bias = None if bias_ref is None else plgpu.load(bias_ref.at[:, keys])
+        s = _scores(q, k, bias, key_ok, scale)
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         correction = jnp.exp2(m - m_next)
         p = jnp.exp2(s - m_next[:, None])  # [block_q, block_k]
@@ -332,8 +336,8 @@ def _dkv_kernel(
         row_ok = within(start, block_q, t)
         q = _load_rows(q_ref.at[rows], row_ok, width_ok)
         do = _load_rows(do_ref.at[rows], row_ok, width_ok)
-        bias = None if bias_ref is None else bias_ref.at[rows]
-        s = _scores(q, k, bias, row_ok, key_ok, scale)
+        bias = None if bias_ref is None else plgpu.load(bias_ref.at[rows])
+        s = _scores(q, k, bias, key_ok, scale)
         lse, delta = (
             plgpu.load(ref.at[rows], mask=row_ok, other=0.0) for ref in (lse_ref, delta_ref)
         )
@@ -393,8 +397,8 @@ def _dq_kernel(
         for i, (keys, key_ok) in enumerate(tiles):
             k = _load_rows(k_ref.at[n, keys], key_ok, width_ok)
             v = _load_rows(v_ref.at[n, keys], key_ok, width_ok)
-            bias = None if bias_ref is None else bias_ref.at[:, keys]
-            s = _scores(q, k, bias, row_ok, key_ok, scale)
+            bias = None if bias_ref is None else plgpu.load(bias_ref.at[:, keys])
+            s = _scores(q, k, bias, key_ok, scale)
             _, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
             dq += dot(ds.astype(k.dtype), k)
             if d_bias:
@@ -418,13 +422,25 @@ def _dq_kernel(
             plgpu.store(dbias_ref.at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
 
 
-def _scores(q, k, bias_ref, row_ok, key_ok, scale):
-    """Base-2 scores [rows, keys] of a query tile against a key tile, plus the bias tile at
-    ``bias_ref`` (if any); keys beyond T at NEG_INF."""
+def _bias_tiles(bias: jax.Array, dtype, *blocks: int) -> jax.Array:
+    """The position bias [1, heads, T, T] as the kernels read it: [heads, P, P] with P the
+    tokens rounded up to the largest of ``blocks`` (as fitted to T), zero beyond T, times
+    log2(e) (base-2 scores) and in the operands' dtype, as cuDNN's path takes it. Every tile
+    is then in bounds and read unmasked, in 16-byte vectors: a row of 197 values is not
+    16-byte aligned, and the sm_90 code read the unpadded bias 4 bytes at a time (more load
+    instructions than q, k and v together)."""
+    t = bias.shape[-1]
+    size = round_up(t, max(fit_block(block, t) for block in blocks))
+    tiles = (bias[0].astype(jnp.float32) * LOG2E).astype(dtype)
+    return jnp.pad(tiles, [(0, 0), (0, size - t), (0, size - t)])
+
+
+def _scores(q, k, bias, key_ok, scale):
+    """Base-2 scores [rows, keys] of a query tile against a key tile, plus the (base-2) bias
+    tile, if any; keys beyond T at NEG_INF."""
     s = dot(q, k, trans_b=True) * (scale * LOG2E)
-    if bias_ref is not None:
-        bias = plgpu.load(bias_ref, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-        s += bias.astype(jnp.float32) * LOG2E
+    if bias is not None:
+        s += bias.astype(jnp.float32)
     return jnp.where(key_ok[None, :], s, NEG_INF)
 
 
