@@ -38,7 +38,7 @@ from benchmarks.train_step import (
     pallas_tiling,
     variant_lines,
 )
-from usfm_jax.models.vit import SIZES
+from usfm_jax.models.vit import PALLAS_IMPLEMENTATIONS, SIZES
 
 # a case's tiling prefix -> (the train_step.py option it stands for, its parser)
 TILING_FAMILIES = {
@@ -56,7 +56,7 @@ def default_tilings() -> types.SimpleNamespace:
 def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
     """'ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]...' -> (implementations, tilings by the
     names ``train_step.install_tilings`` reads). A family's tiling applies where its kernels
-    are Pallas: named "pallas", or a LayerNorm "auto" (Pallas on a GPU)."""
+    are Pallas: named "pallas" (or "pallas_backward"), or a LayerNorm "auto" (Pallas on a GPU)."""
     if not text.split():
         raise ValueError("an empty case: expected ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]")
     first, *rest = text.split()
@@ -71,7 +71,7 @@ def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
             )
         name, parse = TILING_FAMILIES[family]
         kernels = implementations[tuple(TILING_FAMILIES).index(family)]
-        if kernels != "pallas" and not (family == "norm" and kernels == "auto"):
+        if kernels not in PALLAS_IMPLEMENTATIONS and not (family == "norm" and kernels == "auto"):
             raise ValueError(f"{item!r}: the {family} kernels of {first!r} are not Pallas")
         if getattr(tilings, name) is not None:
             raise ValueError(f"{item!r}: a second {family} tiling in one case")

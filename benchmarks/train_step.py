@@ -39,6 +39,7 @@ from usfm_jax.models.vit import (  # noqa: E402
     ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
     NORM_IMPLEMENTATIONS,
+    PALLAS_IMPLEMENTATIONS,
 )
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures).
@@ -410,8 +411,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.frameworks = frameworks
     if args.pallas_tiling and args.attention != "pallas":
         ap.error("--pallas-tiling applies to --attention pallas only")
-    if args.mlp_tiling and args.mlp != "pallas":
-        ap.error("--mlp-tiling applies to --mlp pallas only")
+    if args.mlp_tiling and args.mlp not in PALLAS_IMPLEMENTATIONS:
+        ap.error(f"--mlp-tiling applies to the Pallas MLP kernels (--mlp {PALLAS_IMPLEMENTATIONS})")
     if args.norm_tiling and args.norm == "xla":
         ap.error("--norm-tiling applies to the Pallas LayerNorm (--norm pallas, or auto on a GPU)")
     for name in ("steps", "batch_per_device", "image"):

@@ -83,8 +83,9 @@ def test_arguments_are_checked():
     assert bench.parse_args(["--frameworks", "torch, jax"]).frameworks == ["torch", "jax"]
     tiling = bench.parse_args(["--attention", "pallas", "--pallas-tiling", "warps_dq=8"])
     assert tiling.pallas_tiling == fused_attention.Tiling(warps_dq=8)
-    tiling = bench.parse_args(["--mlp", "pallas", "--mlp-tiling", "block_n=256"])
-    assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)
+    for mlp in ("pallas", "pallas_backward"):
+        tiling = bench.parse_args(["--mlp", mlp, "--mlp-tiling", "block_n=256"])
+        assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)
 
 
 def test_kernel_tool_refuses_a_tiling_for_a_family_it_leaves_out(capsys):

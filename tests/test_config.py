@@ -101,9 +101,13 @@ def test_ablations_change_what_they_name():
         ({"model.attention": "pallas"}, r"config\.model\.attention='pallas'.*NVIDIA GPU.*'xla'"),
         (
             {"model.mlp": "cublas"},
-            r"config\.model\.mlp='cublas': expected one of \('xla', 'pallas'\)",
+            r"config\.model\.mlp='cublas': expected one of \('xla', 'pallas', 'pallas_backward'\)",
         ),
         ({"model.mlp": "pallas"}, r"config\.model\.mlp='pallas'.*NVIDIA GPU.*'xla'"),
+        (
+            {"model.mlp": "pallas_backward"},
+            r"config\.model\.mlp='pallas_backward'.*NVIDIA GPU.*'xla'",
+        ),
         (
             {"model.norm": "apex"},
             r"config\.model\.norm='apex': expected one of \('auto', 'xla', 'pallas'\)",

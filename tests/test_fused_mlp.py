@@ -45,11 +45,12 @@ def operands(rows, d, hidden, d_out, seed=0):
         (5, 20, 40, 20),  # fewer rows than a block; widths that are not 2^n
     ],
 )
-def test_matches_the_xla_mlp_and_its_gradients(rows, d, hidden, d_out):
+@pytest.mark.parametrize("xla_gelu", [None, gelu], ids=["both kernels", "backward kernel"])
+def test_matches_the_xla_mlp_and_its_gradients(rows, d, hidden, d_out, xla_gelu):
     *args, cotangent = operands(rows, d, hidden, d_out)
     with jax.default_matmul_precision("float32"):
         ref_out, ref_vjp = jax.vjp(reference, *args)
-        out, vjp = jax.vjp(lambda *a: fused_mlp(*a, tiling=SMALL), *args)
+        out, vjp = jax.vjp(lambda *a: fused_mlp(*a, xla_gelu=xla_gelu, tiling=SMALL), *args)
         grads, ref_grads = vjp(cotangent), ref_vjp(cotangent)
     assert out.shape == (rows, d_out) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -57,6 +58,20 @@ def test_matches_the_xla_mlp_and_its_gradients(rows, d, hidden, d_out):
         assert grad.shape == ref.shape, name
         scale = float(jnp.abs(ref).max())
         np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+def test_an_xla_forward_leaves_only_the_backward_kernel():
+    """With ``xla_gelu`` the forward pass is XLA's: the training step's program holds the
+    backward kernel and not the forward one (without it, both)."""
+    *args, _ = operands(8, 16, 32, 16)
+
+    def kernels(xla_gelu):
+        loss = lambda *a: jnp.sum(fused_mlp(*a, xla_gelu=xla_gelu))
+        text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args))
+        return {name for name in ("usfm_mlp_forward", "usfm_mlp_backward") if name in text}
+
+    assert kernels(None) == {"usfm_mlp_forward", "usfm_mlp_backward"}
+    assert kernels(gelu) == {"usfm_mlp_backward"}
 
 
 def test_tokens_keep_their_leading_dims_and_the_default_tiling_matches():
@@ -152,11 +167,12 @@ def test_kernels_lower_and_compile_for_an_nvidia_gpu():
         assert usage["mma"] == "wgmma", usage
 
 
+@pytest.mark.parametrize("implementation", ["pallas", "pallas_backward"])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_the_encoder_mlp_runs_the_kernels_with_the_same_weights(with_scale):
-    """``vit.Mlp(implementation="pallas")`` against the XLA one with the same parameters, with
-    and without BEiT's layer scale (folded into fc2's weights), in bf16 compute: the same
-    function, to bf16 rounding, and the same parameter gradients."""
+def test_the_encoder_mlp_runs_the_kernels_with_the_same_weights(implementation, with_scale):
+    """``vit.Mlp`` with the Pallas kernels (both, or the backward one) against the XLA one
+    with the same parameters, with and without BEiT's layer scale (folded into fc2's weights),
+    in bf16 compute: the same function, to bf16 rounding, and the same parameter gradients."""
     from flax import nnx
 
     from usfm_jax.models.vit import Mlp
@@ -164,8 +180,8 @@ def test_the_encoder_mlp_runs_the_kernels_with_the_same_weights(with_scale):
     x = jax.random.normal(jax.random.key(0), (2, 9, 32))
     scale = nnx.Param(jax.random.uniform(jax.random.key(1), (32,))) if with_scale else None
     results = []
-    for implementation in ("pallas", "xla"):
-        mlp = Mlp(32, 128, jnp.bfloat16, nnx.Rngs(0), implementation)
+    for name in (implementation, "xla"):
+        mlp = Mlp(32, 128, jnp.bfloat16, nnx.Rngs(0), name)
 
         def apply(mlp, x):  # the MLP returns its output bias apart, for the block to add
             y, b2 = mlp(x, scale)

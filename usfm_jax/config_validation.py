@@ -23,6 +23,7 @@ from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
     NORM_IMPLEMENTATIONS,
+    PALLAS_IMPLEMENTATIONS,
     REMAT_POLICIES,
     half_precision_on_nvidia_gpu,
 )
@@ -273,7 +274,7 @@ def check_encoder(config: ml_collections.ConfigDict, backend: str | None = None)
     _one_of(config, "model.norm", NORM_IMPLEMENTATIONS)
     for field in ("attention", "mlp", "norm"):
         _require(
-            m[field] != "pallas" or backend == "gpu",
+            m[field] not in PALLAS_IMPLEMENTATIONS or backend == "gpu",
             f"model.{field}",
             m[field],
             f"the Pallas (Triton) kernels run on NVIDIA GPUs (backend "

@@ -69,7 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ~1 ms a step behind cuDNN on an H100) | "auto": cudnn if it can
     c.model.attention = "auto"
     # "xla" | "pallas": the GELU fused into the MLP's matmuls (Triton kernels, NVIDIA GPU; ~1 ms a
-    # step behind cuBLAS + XLA's GELU on an H100)
+    # step behind cuBLAS + XLA's GELU on an H100) | "pallas_backward": XLA's forward pass and
+    # the Pallas kernel of the backward pass (NVIDIA GPU; not yet timed)
     c.model.mlp = "xla"
     # "xla" | "pallas": each LayerNorm of the encoder and the residual add before it as one
     # kernel per direction (Triton kernels, NVIDIA GPU) | "auto": pallas on an NVIDIA GPU with

@@ -12,7 +12,10 @@ GEMMs. Here two kernels do that work in the epilogues of the matmuls that produc
 - backward, dg = dy @ w2^T: the epilogue reads h and writes dh = dg * GELU'(h) and the column
   sums of its tile (fc1's bias gradient, one partial sum per row block), so dg is never written.
 
-fc2 and the other matmuls of the backward pass (dw2, dw1, dx) stay XLA's (cuBLAS). The kernels
+fc2 and the other matmuls of the backward pass (dw2, dw1, dx) stay XLA's (cuBLAS). With
+``xla_gelu`` the forward pass is XLA's too (fc1 by cuBLAS, then that GELU) and only the backward
+kernel runs: on an H100 the forward kernel lost to cuBLAS and XLA's GELU kernel, the backward
+one won over cuBLAS and XLA's GELU-gradient kernel (docs/benchmarks.md). The kernels
 compute in float32 and round once, so in bf16 they are if anything closer to float32 than XLA's
 path. Triton has no erf, so the GELU uses an approximation of erf, within 5e-7 in float32.
 Where the program is not lowered for a GPU the kernels run in Pallas' interpreter: correct,
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,15 +67,17 @@ def fused_mlp(
     w2: jax.Array,
     b2: jax.Array | None,
     *,
+    xla_gelu: Callable[[jax.Array], jax.Array] | None = None,
     tiling: MlpTiling | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """GELU(x @ w1 + b1) @ w2 + b2 with the exact (erf) GELU, over tokens x [..., D].
 
     w1 [D, H], b1 [H], w2 [H, D_out], b2 [D_out] or None (no output bias: a caller that adds
-    it itself), all in x's (floating) dtype. Returns [..., D_out]. ``tiling`` defaults to
-    DEFAULT_MLP_TILING; ``interpret`` None: Triton when lowered for a GPU, the interpreter
-    elsewhere.
+    it itself), all in x's (floating) dtype. Returns [..., D_out]. ``xla_gelu``: the exact GELU
+    as XLA computes it, for a forward pass by XLA (only the backward kernel runs); None: the
+    forward kernel. ``tiling`` defaults to DEFAULT_MLP_TILING; ``interpret`` None: Triton when
+    lowered for a GPU, the interpreter elsewhere.
     """
     d, hidden, d_out = x.shape[-1], w1.shape[-1], w2.shape[-1]
     expected = dict(w1=(d, hidden), b1=(hidden,), w2=(hidden, d_out), b2=(d_out,))
@@ -88,24 +94,28 @@ def fused_mlp(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"fused_mlp: x must be floating point, got {x.dtype}")
     tokens = x.reshape(-1, d)  # [N, D]
-    y = _mlp(tokens, w1, b1, w2, b2, tiling or DEFAULT_MLP_TILING, interpret)
+    y = _mlp(tokens, w1, b1, w2, b2, xla_gelu, tiling or DEFAULT_MLP_TILING, interpret)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _mlp(x, w1, b1, w2, b2, tiling, interpret):
-    return _forward(x, w1, b1, w2, b2, tiling, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _mlp(x, w1, b1, w2, b2, xla_gelu, tiling, interpret):
+    return _forward(x, w1, b1, w2, b2, xla_gelu, tiling, interpret)[0]
 
 
-def _forward(x, w1, b1, w2, b2, tiling, interpret):
-    h, g = _matmul_epilogue(_up_kernel, x, w1, b1, tiling, interpret)  # [N, H] each
+def _forward(x, w1, b1, w2, b2, xla_gelu, tiling, interpret):
+    if xla_gelu is None:
+        h, g = _matmul_epilogue(_up_kernel, x, w1, b1, tiling, interpret)  # [N, H] each
+    else:  # cuBLAS with the bias in its epilogue, then XLA's GELU kernel
+        h = x @ w1 + b1
+        g = xla_gelu(h)
     y = g @ w2  # [N, D_out]
     if b2 is not None:
         y = y + b2
     return y, (x, w1, w2, h, g, b2 is None)
 
 
-def _backward(tiling, interpret, residuals, dy):
+def _backward(xla_gelu, tiling, interpret, residuals, dy):
     x, w1, w2, h, g, no_b2 = residuals
     dh, db1 = _matmul_epilogue(_down_grad_kernel, dy, w2, h, tiling, interpret)
     db1 = jnp.sum(db1, axis=0).astype(x.dtype)  # the row blocks' partial sums

@@ -40,8 +40,10 @@ RelPos = Literal["shared", "per_block"]
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 # MLP implementations: "xla", matmuls and GELU as XLA compiles them; "pallas", the GELU fused
 # into the matmuls' epilogues by the Pallas (Triton) kernels of models.fused_mlp (NVIDIA GPUs;
-# elsewhere Pallas' interpreter, for tests).
-MLP_IMPLEMENTATIONS = ("xla", "pallas")
+# elsewhere Pallas' interpreter, for tests); "pallas_backward", XLA's forward pass and the
+# Pallas kernel of the backward pass (the one of the two an H100 ran faster than XLA's).
+MLP_IMPLEMENTATIONS = ("xla", "pallas", "pallas_backward")
+PALLAS_IMPLEMENTATIONS = ("pallas", "pallas_backward")  # of any family: those with Pallas kernels
 # LayerNorm implementations (an encoder block's two and the final one, each with the residual
 # add before it): "xla", as XLA compiles flax's LayerNorm and the add; "pallas", one Pallas
 # (Triton) kernel per direction from models.fused_norm (NVIDIA GPUs; elsewhere Pallas'
@@ -317,7 +319,9 @@ class Mlp(nnx.Module):
         x, w1, b1, w2, b2 = fc1.promote_dtype(
             (x, fc1.kernel[...], fc1.bias[...], w2, b2), dtype=fc1.dtype
         )
-        y = parallel.per_batch_shard(fused_mlp, shared=(1, 2, 3))(x, w1, b1, w2, None)
+        xla_gelu = gelu if self.implementation == "pallas_backward" else None
+        mlp = functools.partial(fused_mlp, xla_gelu=xla_gelu)
+        y = parallel.per_batch_shard(mlp, shared=(1, 2, 3))(x, w1, b1, w2, None)
         return y, b2
 
 
