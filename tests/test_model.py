@@ -889,15 +889,21 @@ def test_pallas_kernels_match_xla_in_the_encoder(kernels, rel_pos, mesh_shape, m
 
 
 @pytest.mark.parametrize(
-    "variant, remat, scan",
-    [("vit", "none", False), ("beit", "full", False), ("beit", "none", True)],
+    "variant, remat, scan, mlp",
+    [
+        ("vit", "none", False, "pallas"),
+        ("beit", "full", False, "pallas"),
+        ("beit", "none", True, "pallas"),
+        ("beit", "dots", False, "pallas_backward"),
+    ],
 )
-def test_pallas_kernels_match_xla_in_every_way_the_encoder_runs(variant, remat, scan):
+def test_pallas_kernels_match_xla_in_every_way_the_encoder_runs(variant, remat, scan, mlp):
     """All three Pallas kernels against the XLA path through each way the encoder runs its
     blocks: each block's MLP add left to the next block's first norm (no remat), kept inside
-    the block (remat), a scan (intermediates run the loop); the normed tokens, the last block's
-    output before the final norm, and an intermediate block's output. ``vit``: the qkv
-    projection's own bias and no position bias."""
+    the block (remat: all of it recomputed, or all but the matmuls), a scan (intermediates run
+    the loop); the normed tokens, the last block's output before the final norm, and an
+    intermediate block's output. ``vit``: the qkv projection's own bias and no position bias.
+    ``pallas_backward``: XLA's MLP forward pass with the Pallas backward kernel."""
     images = jax.random.normal(jax.random.key(1), (4, *IMAGE, 1))
     cotangents = jax.random.normal(jax.random.key(2), (3, 4, 7, WIDTH))
 
@@ -916,7 +922,7 @@ def test_pallas_kernels_match_xla_in_every_way_the_encoder_runs(variant, remat, 
         with jax.default_matmul_precision("float32"):
             return nnx.value_and_grad(loss)(model)
 
-    loss, grads = loss_and_grads(attention="pallas", mlp="pallas", norm="pallas")
+    loss, grads = loss_and_grads(attention="pallas", mlp=mlp, norm="pallas")
     ref_loss, ref_grads = loss_and_grads(attention="xla", mlp="xla", norm="xla")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     ref_flat = dict(nnx.to_flat_state(ref_grads))
