@@ -192,15 +192,20 @@ def _backward(tiling, interpret, residuals, d_out):
         jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
         jax.ShapeDtypeStruct((b, heads, t), jnp.float32),  # dO . O
     ]
+    bias_row = round_up(t, 4)  # whole 16-byte vectors of float32 (197 keys -> 200): vector stores
     if bias is not None:
         out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, t), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, bias_row), jnp.float32))
     if qkv_bias is not None:
         out_specs.append(pl.BlockSpec((None, None, None, dp), lambda i, h, c: (i, h, c, 0)))
         out_shape.append(jax.ShapeDtypeStruct((query_blocks, heads, chunks, dp), jnp.float32))
     d_qkv, delta, *partials = pallas_call(
         functools.partial(
-            _dq_kernel, batch=b, block_k=block_k, with_bias=bias is not None, **common
+            _dq_kernel,
+            batch=b,
+            block_k=block_k,
+            bias_row=None if bias is None else bias_row,
+            **common,
         ),
         grid=(query_blocks, heads, chunks),
         in_specs=[
@@ -257,7 +262,7 @@ def _backward(tiling, interpret, residuals, d_out):
     )(*inputs)
     d_bias = None
     if bias is not None:
-        d_bias = jnp.sum(partials.pop(0), axis=0, keepdims=True).astype(bias.dtype)
+        d_bias = jnp.sum(partials.pop(0)[..., :t], axis=0, keepdims=True).astype(bias.dtype)
     d_qkv_bias = None
     if qkv_bias is not None:
         dq_sum = jnp.sum(partials.pop(0), axis=(0, 2)) * scale  # [heads, Dp]
@@ -371,12 +376,13 @@ def _dq_kernel(
     head_dim,
     block_k,
     scale,
-    with_bias,
+    bias_row,
 ):
     # q_ref, do_ref, o_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
     # lse_ref, delta_ref [chunk, block_q]; partial_refs: the bias gradient's [block_q, T_keys]
-    # (if a bias), then dq's sum over the program's queries and the chunk's images [Dp] (if
-    # asked for)
+    # (if a bias; its array's rows bias_row long), then dq's sum over the program's queries and
+    # the chunk's images [Dp] (if asked for)
+    with_bias = bias_row is not None
     dbias_ref = partial_refs[0] if with_bias else None
     dq_sum_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
     chunk, block_q, dp = q_ref.shape
@@ -417,8 +423,9 @@ def _dq_kernel(
     d_bias, dq_sum = jax.lax.fori_loop(0, images, one_image, (zeros, dq_sum))
     if dq_sum_ref is not None:
         plgpu.store(dq_sum_ref, dq_sum)
-    if with_bias:
-        for (keys, key_ok), acc in zip(tiles, d_bias, strict=True):
+    if with_bias:  # keys beyond T have zero sums: stored up to the row's padded end
+        for keys, acc in zip((keys for keys, _ in tiles), d_bias, strict=True):
+            key_ok = within(keys.start, block_k, bias_row)
             plgpu.store(dbias_ref.at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
 
 
