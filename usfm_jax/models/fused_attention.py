@@ -9,8 +9,8 @@ concatenated back. These kernels instead:
 - read q, k and v in place from the projection's output [B, T, 3, heads, Dh] and write dq, dk and
   dv into one gradient of that layout (no split, pad or concatenation);
 - mask the ragged last block (197 tokens) instead of padding, except in the position bias, which
-  is small and read again for every image: it is padded once per call to tiles that are read
-  unmasked, in 16-byte vectors (``_bias_tiles``);
+  is small and read again for every image: it is padded once, in the forward pass, to tiles
+  that all three kernels read unmasked, in 16-byte vectors (``_bias_tiles``);
 - sum the bias gradient over the batch inside the dq kernel, in registers, writing one partial
   sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]);
 - sum the qkv projection's bias gradient over the tokens inside the backward kernels, which hold
@@ -140,7 +140,7 @@ def _forward(qkv, bias, qkv_bias, tiling, interpret):
         _forward_kernel, t=t, head_dim=head_dim, block_k=block_k, scale=head_dim**-0.5
     )
     qkv_spec = functools.partial(_qkv_block, dp=dp)
-    bias_tiles = None if bias is None else _bias_tiles(bias, qkv.dtype, block_q, block_k)
+    bias_tiles = None if bias is None else _bias_tiles(bias, qkv.dtype, tiling)
     in_specs = [
         qkv_spec(block_q, lambda i, n, h: (n, i, 0, h, 0)),  # q [block_q, Dp]
         qkv_spec(t_keys, lambda i, n, h: (n, 0, 1, h, 0)),  # k [T_keys, Dp]
@@ -163,17 +163,15 @@ def _forward(qkv, bias, qkv_bias, tiling, interpret):
         interpret=interpret,
         name="usfm_attention_forward",
     )(qkv, qkv, qkv, bias_tiles)
-    return out, (qkv, bias, qkv_bias, out, lse)
+    return out, (qkv, bias, bias_tiles, qkv_bias, out, lse)
 
 
 def _backward(tiling, interpret, residuals, d_out):
-    qkv, bias, qkv_bias, out, lse = residuals
+    qkv, bias, bias_tiles, qkv_bias, out, lse = residuals
     b, t, _, heads, head_dim = qkv.shape
     dp = pl.next_power_of_2(head_dim)
     scale = head_dim**-0.5
     d_out = d_out.astype(qkv.dtype)
-    blocks = (tiling.block_q_dq, tiling.block_k_dq, tiling.block_q_dkv, tiling.block_k_dkv)
-    bias_tiles = None if bias is None else _bias_tiles(bias, qkv.dtype, *blocks)
     qkv_spec = functools.partial(_qkv_block, dp=dp)
     common = dict(t=t, head_dim=head_dim, scale=scale)
 
@@ -192,7 +190,8 @@ def _backward(tiling, interpret, residuals, d_out):
         jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
         jax.ShapeDtypeStruct((b, heads, t), jnp.float32),  # dO . O
     ]
-    bias_row = round_up(t, 4)  # whole 16-byte vectors of float32 (197 keys -> 200): vector stores
+    # the bias gradient's rows as whole 16-byte vectors of float32 (197 keys -> 200): vector stores
+    bias_row = None if bias is None else round_up(t, 4)
     if bias is not None:
         out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, bias_row), jnp.float32))
@@ -204,7 +203,7 @@ def _backward(tiling, interpret, residuals, d_out):
             _dq_kernel,
             batch=b,
             block_k=block_k,
-            bias_row=None if bias is None else bias_row,
+            bias_row=bias_row,
             **common,
         ),
         grid=(query_blocks, heads, chunks),
@@ -424,19 +423,22 @@ def _dq_kernel(
     if dq_sum_ref is not None:
         plgpu.store(dq_sum_ref, dq_sum)
     if with_bias:  # keys beyond T have zero sums: stored up to the row's padded end
-        for keys, acc in zip((keys for keys, _ in tiles), d_bias, strict=True):
+        for (keys, _), acc in zip(tiles, d_bias, strict=True):
             key_ok = within(keys.start, block_k, bias_row)
             plgpu.store(dbias_ref.at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
 
 
-def _bias_tiles(bias: jax.Array, dtype, *blocks: int) -> jax.Array:
-    """The position bias [1, heads, T, T] as the kernels read it: [heads, P, P] with P the
-    tokens rounded up to the largest of ``blocks`` (as fitted to T), zero beyond T, times
-    log2(e) (base-2 scores) and in the operands' dtype, as cuDNN's path takes it. Every tile
-    is then in bounds and read unmasked, in 16-byte vectors: a row of 197 values is not
-    16-byte aligned, and the sm_90 code read the unpadded bias 4 bytes at a time (more load
-    instructions than q, k and v together)."""
+def _bias_tiles(bias: jax.Array, dtype, tiling: Tiling) -> jax.Array:
+    """The position bias [1, heads, T, T] as all three kernels read it, made once in the
+    forward pass and kept for the backward one: [heads, P, P] with P the tokens rounded up to
+    the largest of the tiling's blocks (as fitted to T), zero beyond T, times log2(e) (base-2
+    scores) and in the operands' dtype, as cuDNN's path takes it. Every tile is then in bounds
+    and read unmasked, in 16-byte vectors: a row of 197 values is not 16-byte aligned, and the
+    sm_90 code read the unpadded bias 4 bytes at a time (more load instructions than q, k and
+    v together)."""
     t = bias.shape[-1]
+    blocks = (tiling.block_q, tiling.block_k, tiling.block_q_dq, tiling.block_k_dq,
+              tiling.block_q_dkv, tiling.block_k_dkv)  # fmt: skip
     size = round_up(t, max(fit_block(block, t) for block in blocks))
     tiles = (bias[0].astype(jnp.float32) * LOG2E).astype(dtype)
     return jnp.pad(tiles, [(0, 0), (0, size - t), (0, size - t)])
