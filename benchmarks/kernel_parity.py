@@ -4,6 +4,7 @@ interpreter, slowly: use a small --size and --batch).
 
     python benchmarks/kernel_parity.py [--size base] [--batch 8] [--variant beit|vit]
         [--implementations xla,cudnn,pallas,xla/pallas,cudnn/xla/pallas,pallas/pallas/pallas]
+        [--pallas-tiling bias_grad=dkv,...] [--mlp-tiling ...] [--norm-tiling ...]
 
 Encoders with the same weights: XLA attention, MLP and LayerNorm in float32 (the reference), and
 each of ``--implementations`` (ATTENTION[/MLP[/NORM]], MLP and NORM "xla" if not given) in
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.train_step import add_tiling_arguments, install_tilings
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
@@ -100,7 +102,9 @@ def main() -> None:
         default="xla,cudnn,pallas,xla/pallas,cudnn/xla/pallas,pallas/pallas/pallas",
         help="comma-separated ATTENTION[/MLP[/NORM]]",
     )
+    add_tiling_arguments(ap)  # the tilings of the Pallas kernels (each family's default if not)
     args = ap.parse_args()
+    install_tilings(args)
     try:
         implementations = [implementation_triple(item) for item in args.implementations.split(",")]
     except ValueError as error:

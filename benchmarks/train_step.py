@@ -347,6 +347,28 @@ mlp_tiling = _tiling_parser(fused_mlp.MlpTiling)
 norm_tiling = _tiling_parser(fused_norm.NormTiling)
 
 
+def add_tiling_arguments(ap: argparse.ArgumentParser) -> None:
+    """--pallas-tiling, --mlp-tiling, --norm-tiling: each Pallas kernel family's tiling (see
+    ``install_tilings``)."""
+    for flag, parse, kernels, example in (
+        (
+            "--pallas-tiling",
+            pallas_tiling,
+            "attention",
+            "warps_dq=8 or bias_grad=dkv,...; models.fused_attention.Tiling",
+        ),
+        ("--mlp-tiling", mlp_tiling, "MLP", "block_m=64,warps=4; models.fused_mlp.MlpTiling"),
+        ("--norm-tiling", norm_tiling, "LayerNorm", "rows=8,warps=8; models.fused_norm.NormTiling"),
+    ):
+        ap.add_argument(
+            flag,
+            type=parse,
+            default=None,
+            metavar="NAME=VALUE,...",
+            help=f"block sizes / warps of the Pallas {kernels} kernels, e.g. {example}",
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="base")
@@ -357,23 +379,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto")
     ap.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, default="xla")
     ap.add_argument("--norm", choices=NORM_IMPLEMENTATIONS, default="auto")
-    for flag, parse, kernels, example in (
-        (
-            "--pallas-tiling",
-            pallas_tiling,
-            "attention",
-            "warps_dq=8; models.fused_attention.Tiling",
-        ),
-        ("--mlp-tiling", mlp_tiling, "MLP", "block_m=64,warps=4; models.fused_mlp.MlpTiling"),
-        ("--norm-tiling", norm_tiling, "LayerNorm", "rows=8,warps=8; models.fused_norm.NormTiling"),
-    ):
-        ap.add_argument(
-            flag,
-            type=parse,
-            default=None,
-            metavar="NAME=INT,...",
-            help=f"block sizes / warps of the Pallas {kernels} kernels, e.g. {example}",
-        )
+    add_tiling_arguments(ap)
     ap.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     ap.add_argument("--scan", action="store_true", help="one lax.scan over the blocks")
     ap.add_argument("--steps", type=int, default=20)

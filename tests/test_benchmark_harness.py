@@ -73,6 +73,7 @@ def test_arguments_are_checked():
         ["--steps", "0"],
         ["--frameworks", ","],
         ["--attention", "pallas", "--pallas-tiling", "warps_dq=3"],
+        ["--attention", "pallas", "--pallas-tiling", "bias_grad=dk"],
         ["--pallas-tiling", "warps_dq=8"],  # without --attention pallas
         ["--mlp", "pallas", "--mlp-tiling", "block_m=100"],
         ["--mlp-tiling", "warps=8"],  # without --mlp pallas
@@ -83,6 +84,8 @@ def test_arguments_are_checked():
     assert bench.parse_args(["--frameworks", "torch, jax"]).frameworks == ["torch", "jax"]
     tiling = bench.parse_args(["--attention", "pallas", "--pallas-tiling", "warps_dq=8"])
     assert tiling.pallas_tiling == fused_attention.Tiling(warps_dq=8)
+    tiling = bench.parse_args(["--attention", "pallas", "--pallas-tiling", "bias_grad=dkv"])
+    assert tiling.pallas_tiling == fused_attention.Tiling(bias_grad="dkv")
     for mlp in ("pallas", "pallas_backward"):
         tiling = bench.parse_args(["--mlp", mlp, "--mlp-tiling", "block_n=256"])
         assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)

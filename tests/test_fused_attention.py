@@ -8,6 +8,9 @@ IR) and compiled by Triton to an sm_90 cubin.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +51,7 @@ def projection_bias(heads: int, dh: int, seed: int = 1) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (3, heads, dh))
 
 
+@pytest.mark.parametrize("bias_grad", ["dq", "dkv"])  # the kernel that sums the bias gradient
 @pytest.mark.parametrize(
     "b, t, heads, dh, with_bias, with_qkv_bias",
     [
@@ -59,11 +63,14 @@ def projection_bias(heads: int, dh: int, seed: int = 1) -> jax.Array:
         (1, 32, 1, 16, True, True),  # one image; tokens a multiple of the block
     ],
 )
-def test_matches_xla_attention_and_its_gradients(b, t, heads, dh, with_bias, with_qkv_bias):
+def test_matches_xla_attention_and_its_gradients(
+    b, t, heads, dh, with_bias, with_qkv_bias, bias_grad
+):
     qkv, bias, cotangent = operands(b, t, heads, dh, with_bias)
     qkv_bias = projection_bias(heads, dh) if with_qkv_bias else None
     ref_out, ref_vjp = jax.vjp(reference, qkv, bias, qkv_bias)
-    out, vjp = jax.vjp(lambda *a: fused_attention(*a, tiling=SMALL), qkv, bias, qkv_bias)
+    tiling = dataclasses.replace(SMALL, bias_grad=bias_grad)
+    out, vjp = jax.vjp(lambda *a: fused_attention(*a, tiling=tiling), qkv, bias, qkv_bias)
     assert out.shape == (b, t, heads, dh) and out.dtype == qkv.dtype
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     names = ("qkv", "bias", "qkv_bias")
@@ -101,12 +108,22 @@ def test_half_precision_stays_within_its_rounding_error(dtype, bias_dtype, tol):
         assert error < tol
 
 
-def test_default_tiling_matches_at_vit_length():
-    """The tiling the GPU runs (one 256-key tile in the dq kernel), at ViT-B/16's 197 tokens."""
+# the bias gradient summed by the dk / dv kernel, the dq kernel's query tiles 64 rows wide: a
+# tiling that compiles without spilling for sm_90 (test below)
+DKV_TILING_TEXT = (
+    "bias_grad=dkv,block_q_dq=64,block_k_dq=64,block_q_dkv=128,block_k_dkv=32,warps_dkv=8"
+)
+DKV_TILING = Tiling.parse(DKV_TILING_TEXT)
+
+
+@pytest.mark.parametrize("tiling", [None, DKV_TILING], ids=["default", "bias_grad_dkv"])
+def test_gpu_tilings_match_at_vit_length(tiling):
+    """The tilings the GPU runs (the default: one 256-key tile in the dq kernel), at
+    ViT-B/16's 197 tokens."""
     qkv, bias, cotangent = operands(2, 197, 1, 64, True)
     qkv_bias = projection_bias(1, 64)
     ref_out, ref_vjp = jax.vjp(reference, qkv, bias, qkv_bias)
-    out, vjp = jax.vjp(fused_attention, qkv, bias, qkv_bias)
+    out, vjp = jax.vjp(functools.partial(fused_attention, tiling=tiling), qkv, bias, qkv_bias)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     for grad, ref in zip(vjp(cotangent), ref_vjp(cotangent), strict=True):
         np.testing.assert_allclose(grad, ref, atol=1e-5 * float(jnp.abs(ref).max()))
@@ -135,7 +152,8 @@ def test_rejects_bad_operands(qkv_shape, bias_shape, dtype, qkv_bias_shape, matc
     "kw, match",
     [(dict(block_q=24), "block_q must be a power of two"), (dict(block_k_dq=8), "block_k_dq"),
      (dict(warps_dq=3), "warps_dq must be a power of two"),
-     (dict(batch_chunk=0), "batch_chunk must be positive")],
+     (dict(batch_chunk=0), "batch_chunk must be positive"),
+     (dict(bias_grad="dk"), r"bias_grad must be one of \('dq', 'dkv'\), got 'dk'")],
 )  # fmt: skip
 def test_tiling_rejects_invalid_blocks(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -145,9 +163,12 @@ def test_tiling_rejects_invalid_blocks(kw, match):
 def test_tiling_parses_overrides_and_names_bad_ones():
     assert Tiling.parse("warps_dq=8, block_q_dq=32") == Tiling(warps_dq=8, block_q_dq=32)
     assert Tiling.parse("") == Tiling()
-    for text in ("warps_dq", "warp=4", "block_q=big"):
+    assert Tiling.parse("bias_grad=dkv,warps_dkv=8") == Tiling(bias_grad="dkv", warps_dkv=8)
+    for text in ("warps_dq", "warp=4", "block_q=big", "bias_grad"):
         with pytest.raises(ValueError, match="name=integer pairs"):
             Tiling.parse(text)
+    with pytest.raises(ValueError, match="bias_grad must be one of"):
+        Tiling.parse("bias_grad=8")
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -171,3 +192,20 @@ def test_kernels_lower_and_compile_for_an_nvidia_gpu(with_bias):
     assert forward["async_copies"] > 0 and forward["narrow_copies"] == 0, forward
     for usage in backward:
         assert 4 * usage["narrow_copies"] < usage["async_copies"], usage
+
+
+def test_bias_gradient_in_the_dkv_kernel_frees_the_dq_kernel_for_wgmma():
+    """With ``bias_grad="dkv"`` the dq kernel keeps no bias-gradient sums, so its query tiles
+    can be 64 rows: Hopper's wgmma, where the default's 16-row tiles take Ampere's mma.sync;
+    the dk / dv kernel that keeps the sums instead fits its registers (no spills)."""
+    default, dkv = (
+        {k["kernel"]: k for k in compile_pallas_kernels(*args)}
+        for args in (
+            ("--kernels", "attention", "--batch", "4"),
+            ("--kernels", "attention", "--batch", "4", "--tiling", DKV_TILING_TEXT),
+        )
+    )
+    assert default["usfm_attention_dq"]["mma"] == "mma.sync"
+    assert dkv["usfm_attention_dq"]["mma"] == "wgmma"
+    for usage in dkv.values():
+        assert 0 < usage["registers"] <= 255 and usage["spill_bytes"] == 0, usage

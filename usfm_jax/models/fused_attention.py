@@ -11,8 +11,8 @@ concatenated back. These kernels instead:
 - mask the ragged last block (197 tokens) instead of padding, except in the position bias, which
   is small and read again for every image: it is padded once, in the forward pass, to tiles
   that all three kernels read unmasked, in 16-byte vectors (``_bias_tiles``);
-- sum the bias gradient over the batch inside the dq kernel, in registers, writing one partial
-  sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]);
+- sum the bias gradient over the batch inside a backward kernel, in registers, writing one
+  partial sum per chunk of the batch ([B / chunk, heads, T, T] instead of [B, heads, T, T]);
 - sum the qkv projection's bias gradient over the tokens inside the backward kernels, which hold
   dq, dk and dv in registers anyway: float32 rows per program (dq's; dk's and dv's), where XLA
   would read the whole [B, T, 3, heads, Dh] gradient once more for it (2.8 GB a ViT-B/16 dual
@@ -22,12 +22,19 @@ The kernels follow FlashAttention-2 (base-2 exponentials, the log-sum-exp saved 
 pass, ``sum(dO * O)`` as the softmax's row term):
 
 - forward, grid (query blocks, B, heads): online softmax over the key blocks;
-- dq and the bias gradient, grid (query blocks, heads, batch chunks): a loop over the chunk's
-  batch elements, keeping one accumulator per key block (hence at most MAX_TOKENS tokens); it
-  runs first and computes the row term from its tiles of dO and O, and writes it for
-- dk and dv, grid (key blocks, B, heads): a loop over the query blocks, into the same gradient.
+- dq, grid (query blocks, heads, B or batch chunks): it runs first and computes the row term
+  from its tiles of dO and O, and writes it for
+- dk and dv, grid (key blocks, B or batch chunks, heads), into the same gradient.
 
 (FlashAttention-2 computes the row term in a kernel of its own, which reads dO and O once more.)
+
+One of the two backward kernels sums the bias gradient (``Tiling.bias_grad``): its programs
+loop over a chunk of the batch, keeping one accumulator per tile of the whole sequence (hence
+at most MAX_TOKENS tokens). The other takes one image a program and loops over its tiles, as
+the forward does. In the dq kernel (the default) the accumulators hold its query tiles to 16
+rows; in the dk / dv kernel they cost that kernel registers, but the dq kernel can then take
+64-row tiles (Hopper's wgmma instead of mma.sync) and read each image's k and v 4 times
+instead of 13.
 
 Scores, softmax and accumulators are float32 whatever the compute dtype. Where the program is
 not lowered for a GPU the kernels run in Pallas' interpreter: correct, slow, for tests. The
@@ -39,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -76,11 +84,21 @@ class Tiling(KernelTiling):
     block_k_dkv: int = 64  # dk / dv kernel: keys per program
     block_q_dq: int = 16  # dq kernel: query rows per program
     block_k_dq: int = 256  # dq kernel: keys per tile (each tile keeps a bias-gradient sum)
-    batch_chunk: int = 16  # dq kernel: batch elements per program (one bias partial sum each)
+    # dq kernel, and the dk / dv kernel where it sums the bias gradient: batch elements per
+    # program (one bias partial sum each)
+    batch_chunk: int = 16
     warps: int = 4  # forward
     warps_dkv: int = 4
     warps_dq: int = 4
     stages: int = 2  # software-pipelining stages of the loops (every kernel)
+    # The kernel that sums the position bias's gradient over the batch, in float32 registers:
+    # "dq" keeps a [block_q_dq, T] sum per program, which holds its query tiles to 16 rows
+    # (Ampere's mma.sync, every image's k and v read T / 16 times); "dkv" keeps a
+    # [T, block_k_dkv] sum in the dk / dv kernel, which then loops over batch_chunk images,
+    # and frees the dq kernel for 64-row tiles (Hopper's wgmma; with warps_dkv=8)
+    bias_grad: str = "dq"
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"bias_grad": ("dq", "dkv")}
 
 
 DEFAULT_TILING = Tiling()  # registers without spills on sm_90 (benchmarks/pallas_kernels.py)
@@ -172,16 +190,27 @@ def _backward(tiling, interpret, residuals, d_out):
     dp = pl.next_power_of_2(head_dim)
     scale = head_dim**-0.5
     d_out = d_out.astype(qkv.dtype)
-    qkv_spec = functools.partial(_qkv_block, dp=dp)
-    common = dict(t=t, head_dim=head_dim, scale=scale)
+    common = dict(t=t, batch=b, head_dim=head_dim, scale=scale)
+    # the bias gradient's partial sums [chunks, heads, T, bias_row], from whichever kernel sums
+    # them: rows of whole 16-byte float32 vectors (197 keys -> 200), written with vector stores
+    bias_row = None if bias is None else round_up(t, 4)
+    dq_sums_bias = bias is not None and tiling.bias_grad == "dq"
+    dkv_sums_bias = bias is not None and not dq_sums_bias
+    # images a program of the kernel that sums the bias gradient (the last chunk may be short);
+    # the other kernel takes one image a program (without a bias, the dq kernel batch_chunk)
+    bias_chunk = min(b, tiling.batch_chunk)
+    bias_partials = jax.ShapeDtypeStruct(
+        (pl.cdiv(b, bias_chunk), heads, t, bias_row or 0), jnp.float32
+    )
 
     # dq into slot 0 of the [B, T, 3, heads, Dh] gradient; the softmax's row term dO . O, which
-    # the dk / dv kernel reads; the bias gradient's partial sums and, with a qkv bias, dq's sums
-    # over the program's queries and images
-    chunk = min(b, tiling.batch_chunk)  # the last chunk may be short
+    # the dk / dv kernel reads; the bias gradient's partial sums (with bias_grad="dq") and, with
+    # a qkv bias, dq's sums over the program's queries and images
+    chunk = bias_chunk if tiling.bias_grad == "dq" else 1  # (also without a bias: pipelined)
+    chunks = pl.cdiv(b, chunk)
     block_q, block_k = fit_block(tiling.block_q_dq, t), fit_block(tiling.block_k_dq, t)
     t_keys = round_up(t, block_k)
-    query_blocks, chunks = pl.cdiv(t, block_q), pl.cdiv(b, chunk)
+    query_blocks = pl.cdiv(t, block_q)
     rows = lambda i, h, c: (c, i, 0, h, 0)
     head_rows = pl.BlockSpec((chunk, block_q, None, dp), lambda i, h, c: (c, i, h, 0))
     per_query = pl.BlockSpec((chunk, None, block_q), lambda i, h, c: (c, h, i))
@@ -190,21 +219,15 @@ def _backward(tiling, interpret, residuals, d_out):
         jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
         jax.ShapeDtypeStruct((b, heads, t), jnp.float32),  # dO . O
     ]
-    # the bias gradient's rows as whole 16-byte vectors of float32 (197 keys -> 200): vector stores
-    bias_row = None if bias is None else round_up(t, 4)
-    if bias is not None:
+    if dq_sums_bias:
         out_specs.append(pl.BlockSpec((None, None, block_q, t_keys), lambda i, h, c: (c, h, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((chunks, heads, t, bias_row), jnp.float32))
+        out_shape.append(bias_partials)
     if qkv_bias is not None:
         out_specs.append(pl.BlockSpec((None, None, None, dp), lambda i, h, c: (i, h, c, 0)))
         out_shape.append(jax.ShapeDtypeStruct((query_blocks, heads, chunks, dp), jnp.float32))
-    d_qkv, delta, *partials = pallas_call(
+    d_qkv, delta, *dq_partials = pallas_call(
         functools.partial(
-            _dq_kernel,
-            batch=b,
-            block_k=block_k,
-            bias_row=bias_row,
-            **common,
+            _dq_kernel, block_k=block_k, bias_row=bias_row if dq_sums_bias else None, **common
         ),
         grid=(query_blocks, heads, chunks),
         in_specs=[
@@ -225,31 +248,53 @@ def _backward(tiling, interpret, residuals, d_out):
         name="usfm_attention_dq",
     )(qkv, qkv, qkv, bias_tiles, d_out, out, lse)
 
-    # dk, dv into slots 1 and 2 of the same gradient (aliased); with a qkv bias, also their sums
-    # over the program's keys
+    # dk, dv into slots 1 and 2 of the same gradient (aliased); the bias gradient's partial sums
+    # (with bias_grad="dkv", over batch_chunk images a program; otherwise one image a program)
+    # and, with a qkv bias, dk's and dv's sums over the program's keys and images
+    dkv_chunk = bias_chunk if dkv_sums_bias else 1
+    dkv_chunks = pl.cdiv(b, dkv_chunk)
     block_q_dkv, block_k_dkv = fit_block(tiling.block_q_dkv, t), fit_block(tiling.block_k_dkv, t)
     t_queries = round_up(t, block_q_dkv)
     key_blocks = pl.cdiv(t, block_k_dkv)
-    gradient = pl.BlockSpec((None, block_k_dkv, 3, None, dp), lambda j, n, h: (n, j, 0, h, 0))
+    gradient = pl.BlockSpec(
+        (dkv_chunk, block_k_dkv, 3, None, dp), lambda j, c, h: (c, j, 0, h, 0)
+    )  # [chunk, block_k_dkv, 3, Dp]
+    per_query = pl.BlockSpec((dkv_chunk, None, t_queries), lambda j, c, h: (c, h, 0))
     out_specs = [gradient]
     out_shape = [jax.ShapeDtypeStruct(qkv.shape, qkv.dtype)]
+    if dkv_sums_bias:
+        out_specs.append(
+            pl.BlockSpec((None, None, t_queries, block_k_dkv), lambda j, c, h: (c, h, 0, j))
+        )
+        out_shape.append(bias_partials)
     if qkv_bias is not None:
-        out_specs.append(pl.BlockSpec((None, None, None, 2, dp), lambda j, n, h: (j, n, h, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((key_blocks, b, heads, 2, dp), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, None, 2, dp), lambda j, c, h: (j, c, h, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((key_blocks, dkv_chunks, heads, 2, dp), jnp.float32))
     inputs = (qkv, qkv, qkv, bias_tiles, d_out, lse, delta, d_qkv)
-    d_qkv, *kv_sums = pallas_call(
-        functools.partial(_dkv_kernel, block_q=block_q_dkv, **common),
-        grid=(key_blocks, b, heads),
+    d_qkv, *dkv_partials = pallas_call(
+        functools.partial(
+            _dkv_kernel,
+            block_q=block_q_dkv,
+            bias_row=bias_row if dkv_sums_bias else None,
+            **common,
+        ),
+        grid=(key_blocks, dkv_chunks, heads),
         in_specs=[
-            qkv_spec(t_queries, lambda j, n, h: (n, 0, 0, h, 0)),  # q [T_queries, Dp]
-            qkv_spec(block_k_dkv, lambda j, n, h: (n, j, 1, h, 0)),  # k [block_k_dkv, Dp]
-            qkv_spec(block_k_dkv, lambda j, n, h: (n, j, 2, h, 0)),  # v [block_k_dkv, Dp]
+            pl.BlockSpec(
+                (dkv_chunk, t_queries, None, None, dp), lambda j, c, h: (c, 0, 0, h, 0)
+            ),  # q [chunk, T_queries, Dp]
+            pl.BlockSpec(
+                (dkv_chunk, block_k_dkv, None, None, dp), lambda j, c, h: (c, j, 1, h, 0)
+            ),  # k [chunk, block_k_dkv, Dp]
+            pl.BlockSpec(
+                (dkv_chunk, block_k_dkv, None, None, dp), lambda j, c, h: (c, j, 2, h, 0)
+            ),  # v
             None
             if bias is None
-            else pl.BlockSpec((None, t_queries, block_k_dkv), lambda j, n, h: (h, 0, j)),
-            pl.BlockSpec((None, t_queries, None, dp), lambda j, n, h: (n, 0, h, 0)),  # dO
-            pl.BlockSpec((None, None, t_queries), lambda j, n, h: (n, h, 0)),  # lse
-            pl.BlockSpec((None, None, t_queries), lambda j, n, h: (n, h, 0)),  # delta
+            else pl.BlockSpec((None, t_queries, block_k_dkv), lambda j, c, h: (h, 0, j)),
+            pl.BlockSpec((dkv_chunk, t_queries, None, dp), lambda j, c, h: (c, 0, h, 0)),  # dO
+            per_query,  # lse
+            per_query,  # delta
             gradient,  # the gradient so far (aliased)
         ],
         out_specs=out_specs,
@@ -261,11 +306,12 @@ def _backward(tiling, interpret, residuals, d_out):
     )(*inputs)
     d_bias = None
     if bias is not None:
-        d_bias = jnp.sum(partials.pop(0)[..., :t], axis=0, keepdims=True).astype(bias.dtype)
+        bias_sums = (dq_partials if dq_sums_bias else dkv_partials).pop(0)
+        d_bias = jnp.sum(bias_sums[..., :t], axis=0, keepdims=True).astype(bias.dtype)
     d_qkv_bias = None
     if qkv_bias is not None:
-        dq_sum = jnp.sum(partials.pop(0), axis=(0, 2)) * scale  # [heads, Dp]
-        dk_sum, dv_sum = jnp.moveaxis(jnp.sum(kv_sums[0], axis=(0, 1)), 1, 0)  # [heads, Dp] each
+        dq_sum = jnp.sum(dq_partials[0], axis=(0, 2)) * scale  # [heads, Dp]
+        dk_sum, dv_sum = jnp.moveaxis(jnp.sum(dkv_partials[0], axis=(0, 1)), 1, 0)  # [heads, Dp]
         d_qkv_bias = jnp.stack([dq_sum, dk_sum, dv_sum])[..., :head_dim].astype(qkv_bias.dtype)
     return d_qkv, d_bias, d_qkv_bias
 
@@ -317,46 +363,79 @@ def _dkv_kernel(
     delta_ref,
     _,
     dqkv_ref,
-    *sums_ref,
+    *partial_refs,
+    batch,
     t,
     head_dim,
     block_q,
     scale,
+    bias_row,
 ):
-    # q_ref, do_ref [T_queries, Dp]; k_ref, v_ref [block_kv, Dp]; bias_ref [T_queries, block_kv];
-    # lse_ref, delta_ref [T_queries]; dqkv_ref [block_kv, 3, Dp]; sums_ref[0] [2, Dp] if asked
-    block_kv, dp = k_ref.shape
-    key_ok = within(pl.program_id(0) * block_kv, block_kv, t)
+    # q_ref, do_ref [chunk, T_queries, Dp]; k_ref, v_ref [chunk, block_kv, Dp]; bias_ref
+    # [T_queries, block_kv] or None; lse_ref, delta_ref [chunk, T_queries]; dqkv_ref [chunk,
+    # block_kv, 3, Dp]; partial_refs: the bias gradient's [T_queries, block_kv] (if summed
+    # here; its array's rows bias_row long), then dk's and dv's sums [2, Dp] (if asked for)
+    with_bias = bias_row is not None
+    dbias_ref = partial_refs[0] if with_bias else None
+    sums_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
+    chunk, block_kv, dp = k_ref.shape
+    start_k = pl.program_id(0) * block_kv
+    key_ok = within(start_k, block_kv, t)
     width_ok = within(0, dp, head_dim)
-    k = _load_rows(k_ref, key_ok, width_ok)
-    v = _load_rows(v_ref, key_ok, width_ok)
-    dk = jnp.zeros((block_kv, dp), jnp.float32)
-    dv = jnp.zeros((block_kv, dp), jnp.float32)
+    tiles = [(pl.ds(start, block_q), within(start, block_q, t)) for start in range(0, t, block_q)]
 
-    def query_tile(i, carry):
-        dk, dv = carry
-        start = i * block_q
-        rows = pl.ds(start, block_q)
-        row_ok = within(start, block_q, t)
-        q = _load_rows(q_ref.at[rows], row_ok, width_ok)
-        do = _load_rows(do_ref.at[rows], row_ok, width_ok)
+    def query_tile(n, rows, row_ok, k, v, dk, dv):
+        """dk, dv after one tile of image n's queries, and the tile's score gradient."""
+        q = _load_rows(q_ref.at[n, rows], row_ok, width_ok)
+        do = _load_rows(do_ref.at[n, rows], row_ok, width_ok)
         bias = None if bias_ref is None else plgpu.load(bias_ref.at[rows])
         s = _scores(q, k, bias, key_ok, scale)
         lse, delta = (
-            plgpu.load(ref.at[rows], mask=row_ok, other=0.0) for ref in (lse_ref, delta_ref)
+            plgpu.load(ref.at[n, rows], mask=row_ok, other=0.0) for ref in (lse_ref, delta_ref)
         )
         p, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
         dv += dot(p.astype(do.dtype), do, trans_a=True)
         dk += dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
+        return dk, dv, ds
 
-    dk, dv = jax.lax.fori_loop(0, pl.cdiv(t, block_q), query_tile, (dk, dv))
-    mask = key_ok[:, None] & width_ok[None, :]
-    plgpu.store(dqkv_ref.at[:, jnp.int32(1)], (dk * scale).astype(dqkv_ref.dtype), mask=mask)
-    plgpu.store(dqkv_ref.at[:, jnp.int32(2)], dv.astype(dqkv_ref.dtype), mask=mask)
-    if sums_ref:  # keys beyond T and columns beyond Dh have zero gradients: no mask needed
-        plgpu.store(sums_ref[0].at[jnp.int32(0)], jnp.sum(dk, axis=0) * scale)
-        plgpu.store(sums_ref[0].at[jnp.int32(1)], jnp.sum(dv, axis=0))
+    def one_image(n, carry):  # the chunk's bias gradient so far, per query tile; dk's, dv's sums
+        d_bias, kv_sum = carry
+        k = _load_rows(k_ref.at[n], key_ok, width_ok)
+        v = _load_rows(v_ref.at[n], key_ok, width_ok)
+        dk = jnp.zeros((block_kv, dp), jnp.float32)
+        dv = jnp.zeros((block_kv, dp), jnp.float32)
+        if with_bias or chunk > 1:  # unrolled: an accumulator per query tile; pipelined by image
+            sums = []
+            for i, (rows, row_ok) in enumerate(tiles):
+                dk, dv, ds = query_tile(n, rows, row_ok, k, v, dk, dv)
+                if with_bias:
+                    sums.append(d_bias[i] + ds)
+            d_bias = tuple(sums)
+        else:
+
+            def step(i, carry):
+                start = i * block_q
+                rows, row_ok = pl.ds(start, block_q), within(start, block_q, t)
+                return query_tile(n, rows, row_ok, k, v, *carry)[:2]
+
+            dk, dv = jax.lax.fori_loop(0, len(tiles), step, (dk, dv))
+        mask = key_ok[:, None] & width_ok[None, :]
+        plgpu.store(dqkv_ref.at[n, :, jnp.int32(1)], (dk * scale).astype(dqkv_ref.dtype), mask=mask)
+        plgpu.store(dqkv_ref.at[n, :, jnp.int32(2)], dv.astype(dqkv_ref.dtype), mask=mask)
+        if kv_sum is not None:  # keys beyond T and columns beyond Dh have zero gradients
+            kv_sum = (kv_sum[0] + jnp.sum(dk, axis=0) * scale, kv_sum[1] + jnp.sum(dv, axis=0))
+        return d_bias, kv_sum
+
+    zeros = tuple(jnp.zeros((block_q, block_kv), jnp.float32) for _ in tiles) if with_bias else ()
+    kv_sum = None if sums_ref is None else (jnp.zeros((dp,), jnp.float32),) * 2
+    d_bias, kv_sum = _over_images(one_image, (zeros, kv_sum), chunk, batch, pl.program_id(1))
+    if sums_ref is not None:
+        plgpu.store(sums_ref.at[jnp.int32(0)], kv_sum[0])
+        plgpu.store(sums_ref.at[jnp.int32(1)], kv_sum[1])
+    if with_bias:  # keys beyond T have zero sums: stored up to the row's padded end
+        columns_ok = within(start_k, block_kv, bias_row)
+        for (rows, row_ok), acc in zip(tiles, d_bias, strict=True):
+            plgpu.store(dbias_ref.at[rows], acc, mask=row_ok[:, None] & columns_ok[None, :])
 
 
 def _dq_kernel(
@@ -389,6 +468,15 @@ def _dq_kernel(
     width_ok = within(0, dp, head_dim)
     tiles = [(pl.ds(start, block_k), within(start, block_k, t)) for start in range(0, t, block_k)]
 
+    def key_tile(n, keys, key_ok, q, do, lse, delta, dq):
+        """dq after one tile of image n's keys, and the tile's score gradient."""
+        k = _load_rows(k_ref.at[n, keys], key_ok, width_ok)
+        v = _load_rows(v_ref.at[n, keys], key_ok, width_ok)
+        bias = None if bias_ref is None else plgpu.load(bias_ref.at[:, keys])
+        s = _scores(q, k, bias, key_ok, scale)
+        _, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
+        return dq + dot(ds.astype(k.dtype), k), ds
+
     def one_image(n, carry):  # the chunk's bias gradient so far, per key tile; dq's sum so far
         d_bias, dq_sum = carry
         q = _load_rows(q_ref.at[n], row_ok, width_ok)
@@ -398,34 +486,47 @@ def _dq_kernel(
         plgpu.store(delta_ref.at[n], delta, mask=row_ok)
         lse = plgpu.load(lse_ref.at[n], mask=row_ok, other=0.0)
         dq = jnp.zeros((block_q, dp), jnp.float32)
-        sums = []
-        for i, (keys, key_ok) in enumerate(tiles):
-            k = _load_rows(k_ref.at[n, keys], key_ok, width_ok)
-            v = _load_rows(v_ref.at[n, keys], key_ok, width_ok)
-            bias = None if bias_ref is None else plgpu.load(bias_ref.at[:, keys])
-            s = _scores(q, k, bias, key_ok, scale)
-            _, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
-            dq += dot(ds.astype(k.dtype), k)
-            if d_bias:
-                sums.append(d_bias[i] + ds)
+        if with_bias or chunk > 1:  # unrolled: an accumulator per key tile; pipelined by image
+            sums = []
+            for i, (keys, key_ok) in enumerate(tiles):
+                dq, ds = key_tile(n, keys, key_ok, q, do, lse, delta, dq)
+                if with_bias:
+                    sums.append(d_bias[i] + ds)
+            d_bias = tuple(sums)
+        else:
+
+            def step(j, dq):
+                start = j * block_k
+                keys, key_ok = pl.ds(start, block_k), within(start, block_k, t)
+                return key_tile(n, keys, key_ok, q, do, lse, delta, dq)[0]
+
+            dq = jax.lax.fori_loop(0, len(tiles), step, dq)
         plgpu.store(
             dq_ref.at[n],
             (dq * scale).astype(dq_ref.dtype),
             mask=row_ok[:, None] & width_ok[None, :],
         )
         # rows beyond T and columns beyond Dh are zero; scaled once, outside the kernel
-        return tuple(sums), None if dq_sum is None else dq_sum + jnp.sum(dq, axis=0)
+        return d_bias, None if dq_sum is None else dq_sum + jnp.sum(dq, axis=0)
 
     zeros = tuple(jnp.zeros((block_q, block_k), jnp.float32) for _ in tiles) if with_bias else ()
     dq_sum = None if dq_sum_ref is None else jnp.zeros((dp,), jnp.float32)
-    images = jnp.minimum(chunk, batch - pl.program_id(2) * chunk)  # in this chunk
-    d_bias, dq_sum = jax.lax.fori_loop(0, images, one_image, (zeros, dq_sum))
+    d_bias, dq_sum = _over_images(one_image, (zeros, dq_sum), chunk, batch, pl.program_id(2))
     if dq_sum_ref is not None:
         plgpu.store(dq_sum_ref, dq_sum)
     if with_bias:  # keys beyond T have zero sums: stored up to the row's padded end
         for (keys, _), acc in zip(tiles, d_bias, strict=True):
             key_ok = within(keys.start, block_k, bias_row)
             plgpu.store(dbias_ref.at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
+
+
+def _over_images(one_image, init, chunk: int, batch: int, chunk_index: jax.Array):
+    """``one_image(n, carry)`` over the images of a program's chunk of the batch (the last
+    chunk may be short); with one image a chunk, no loop."""
+    if chunk == 1:
+        return one_image(jnp.int32(0), init)
+    images = jnp.minimum(chunk, batch - chunk_index * chunk)
+    return jax.lax.fori_loop(0, images, one_image, init)
 
 
 def _bias_tiles(bias: jax.Array, dtype, tiling: Tiling) -> jax.Array:

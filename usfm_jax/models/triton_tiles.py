@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +24,21 @@ from jax.experimental.pallas import triton as plgpu
 @dataclasses.dataclass(frozen=True)
 class KernelTiling:
     """Base of a kernel family's tiling (a frozen dataclass with a ``stages`` field): fields
-    named ``block*`` are power-of-two block sizes >= 16, ``warps*`` powers of two, every other
-    field a positive integer."""
+    named ``block*`` are power-of-two block sizes >= 16, ``warps*`` powers of two, other
+    integer fields positive; a string field is a choice among the values its class lists in
+    ``CHOICES`` (field name -> allowed values)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # not a field: each string field's values
 
     def __post_init__(self):
+        kind = type(self).__name__
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            kind = type(self).__name__
+            if isinstance(value, str):
+                allowed = self.CHOICES.get(field.name, ())
+                if value not in allowed:
+                    raise ValueError(f"{kind}.{field.name} must be one of {allowed}, got {value!r}")
+                continue
             if field.name.startswith("block") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{kind}.{field.name} must be a power of two >= 16, got {value}")
             if field.name.startswith("warps") and (value < 1 or value & (value - 1)):
@@ -39,13 +48,20 @@ class KernelTiling:
 
     @classmethod
     def parse(cls, text: str):
-        """'warps=8,block_m=64' -> cls(warps=8, block_m=64), the other fields at their defaults."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        """'warps=8,block_m=64' -> cls(warps=8, block_m=64), the other fields at their
+        defaults; a string field takes its value as written ('bias_grad=dkv')."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for item in filter(None, text.split(",")):
             name, sep, value = item.strip().partition("=")
-            if not sep or name not in names or not value.isdigit():
-                raise ValueError(f"a tiling is name=integer pairs of {names}, got {item!r}")
+            if sep and name in cls.CHOICES:
+                values[name] = value
+                continue
+            if not sep or name not in fields or not value.isdigit():
+                raise ValueError(
+                    f"a tiling is name=integer pairs of {list(fields)} (or name=choice for "
+                    f"{dict(cls.CHOICES)}), got {item!r}"
+                )
             values[name] = int(value)
         return cls(**values)
 
