@@ -64,6 +64,10 @@ def test_weightings_follow_their_formulas():
     assert organ_weights(COUNTS, "temperature", temperature=0.0) == pytest.approx(
         organ_weights(COUNTS, "balanced")
     )
+    # unset (as the config leaves it): the documented exponent 0.5
+    assert organ_weights(COUNTS, "temperature") == organ_weights(
+        COUNTS, "temperature", temperature=0.5
+    )
     for weighting in ("balanced", "proportional", "temperature"):
         assert math.fsum(organ_weights(COUNTS, weighting).values()) == pytest.approx(1.0)
 

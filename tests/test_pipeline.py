@@ -173,6 +173,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
     validate(_tfds_config(ingested_dir), num_devices=1)
+    validate(_tfds_config(ingested_dir, weighting="temperature", temperature=0.3), num_devices=1)
     cases = [
         (dict(tfds_dir=str(tmp_path)), r"config\.data\.tfds_dir=.*no dataset_card\.json"),
         (dict(split="val"), r"config\.data\.split='val': the dataset has \['train'\]"),
@@ -184,6 +185,11 @@ def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
             dict(organ_weights="liver=2"),
             r"config\.data\.organ_weights='liver=2': is used only with data\.weighting='explicit'",
         ),
+        (  # weighting stays "balanced": the temperature would be ignored
+            dict(temperature=0.3),
+            r"config\.data\.temperature=0\.3: is used only with data\.weighting='temperature'",
+        ),
+        (dict(weighting="temperature", temperature=-1.0), r"config\.data\.temperature=-1\.0"),
         (dict(worker_count=-1), r"config\.data\.worker_count=-1"),
     ]
     for data, match in cases:

@@ -117,7 +117,12 @@ def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _one_of(config, "data.weighting", WEIGHTINGS)
-    _require(d.temperature >= 0, "data.temperature", d.temperature, "expected >= 0")
+    _require(d.temperature is None or d.weighting == "temperature", "data.temperature",
+             d.temperature, f"is used only with data.weighting='temperature' (it is "
+             f"{d.weighting!r}): add --config.data.weighting=temperature, or leave it "
+             "unset")  # fmt: skip
+    _require(d.temperature is None or (math.isfinite(d.temperature) and d.temperature >= 0),
+             "data.temperature", d.temperature, "expected a finite value >= 0")  # fmt: skip
     try:
         weights = parse_organ_weights(d.organ_weights)
         AugmentConfig.from_mapping(config.image_size, d.augment)

@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tfds_dir = ""  # tfds: DATA_DIR/NAME/1.0.0 written by usfm_jax.data.ingest
     c.data.split = "train"
     c.data.weighting = "balanced"  # organ-balanced (USFM) | proportional | temperature | explicit
-    c.data.temperature = 0.5  # weighting=temperature: p ~ count ** t
+    # weighting=temperature: p ~ count ** t (unset: 0.5); any other weighting refuses it
+    c.data.temperature = ml_collections.config_dict.placeholder(float)
     c.data.organ_weights = ""  # weighting=explicit: "liver=2,kidney=1,..."
     c.data.augment = ml_collections.ConfigDict(  # tfds only (ours: mild, speckle-preserving)
         dict(crop_scale=(0.4, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, gamma=(0.8, 1.25),

@@ -47,6 +47,7 @@ import grain
 import numpy as np
 
 WEIGHTINGS = ("balanced", "proportional", "temperature", "explicit")
+DEFAULT_TEMPERATURE = 0.5  # weighting="temperature": p ~ count ** 0.5 unless given
 DEFAULT_BLOCK_SIZE = 1 << 16
 # Organs with at most this many records get their epoch permutations from numpy, a chunk of
 # epochs (about this many draws) at a time; grain's index_shuffle costs ~1 ms per call on
@@ -61,14 +62,15 @@ def organ_weights(
     counts: Mapping[str, int],
     weighting: str,
     *,
-    temperature: float = 0.5,
+    temperature: float | None = None,
     explicit: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Sampling probability per organ (sums to 1) over the organs with at least one record.
 
     ``balanced``: equal; ``proportional``: count / total; ``temperature``:
-    count**t / sum(count**t) (t=1 proportional, t=0 balanced); ``explicit``: the given weights
-    normalised. Organs with count 0 are dropped (an explicit weight for them is ignored).
+    count**t / sum(count**t) for t = ``temperature`` (None: DEFAULT_TEMPERATURE; t=1
+    proportional, t=0 balanced); ``explicit``: the given weights normalised. Organs with count
+    0 are dropped (an explicit weight for them is ignored).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTINGS}")
@@ -84,6 +86,7 @@ def organ_weights(
     elif weighting == "proportional":
         raw = {o: float(n) for o, n in present.items()}
     elif weighting == "temperature":
+        temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature={temperature!r}: expected a finite value >= 0")
         # Relative to the largest count so that large counts and exponents cannot overflow.
