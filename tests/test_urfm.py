@@ -298,6 +298,25 @@ def test_precomputed_targets_match_the_live_teacher(tmp_path, teacher_64):
         validate(config, jax.device_count())
 
 
+def test_cache_build_is_data_parallel_over_the_devices(tmp_path, teacher_64):
+    """The teacher runs over 3 devices, 4 images a pass rounded up to 6 (a whole share per
+    device), the last pass of 1 image padded; or over one, in passes of 4 (the last of 1
+    padded to 4): each record's features are the teacher's of its image, run directly."""
+    from usfm_jax.models.teacher import load_teacher
+    from usfm_jax.teacher_cache import build_cache
+
+    config = _urfm_config(teacher_64, **{"data.num_images": 13})
+    loaded = load_teacher(teacher_64, num_heads=2)
+    source = SyntheticUltrasound(13, (64, 64), seed=config.seed)
+    images = np.stack([source[i]["image"] for i in range(13)]).astype(np.float32) / 255
+    expected = nnx.merge(loaded.graphdef, loaded.params)(jnp.asarray(images))
+    for devices in (jax.local_devices()[:3], jax.local_devices()[:1]):
+        out = tmp_path / f"cache{len(devices)}"
+        info = build_cache(config, str(out), batch=4, devices=devices)
+        assert info["count"] == 13 and info["shape"] == [13, 16, 64]
+        np.testing.assert_allclose(np.load(out / "targets.npy"), expected, atol=2e-2)
+
+
 def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     """check_cache against cache.json as written: an ingested dataset's cache is accepted as it
     is (its augmentation's tuples come back as lists), and refused once the teacher file's

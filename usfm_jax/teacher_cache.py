@@ -9,9 +9,10 @@ Running the teacher costs a forward pass per image and step. Without random augm
 features of a record never change, so they can be computed once: the cache holds the raw
 features (before the target normalisation, which stays a training setting) of every record,
 float16 [num_records, N, E] in ``targets.npy`` (memory-mapped by the input pipeline, a local
-path), and ``cache.json`` saying what made them. Training refuses a cache made by another
-teacher (its bytes: the SHA-256 of the file), layer, normalisation or dtype, image size or data
-(an ingested dataset also when ingested again in place).
+path), and ``cache.json`` saying what made them. The teacher runs data-parallel over the
+process's devices. Training refuses a cache made by another teacher (its bytes: the SHA-256 of
+the file), layer, normalisation or dtype, image size or data (an ingested dataset also when
+ingested again in place).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging as std_logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,6 +30,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -75,14 +78,26 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(json.dumps(description))  # tuples as lists, as read back from cache.json
 
 
-def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) -> dict[str, Any]:
-    """Runs the teacher over every record of the config's data; returns cache.json's content."""
+def build_cache(
+    config: ml_collections.ConfigDict,
+    out: str,
+    batch: int = 64,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Runs the teacher over every record of the config's data, data-parallel over ``devices``
+    (default: this process's), ``batch`` images a pass rounded up to a whole share per
+    device; returns cache.json's content."""
     if batch < 1:
         raise ValueError(f"batch={batch}: expected >= 1")
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.asarray(devices), ("data",))
+    batch = -(-batch // len(devices)) * len(devices)
     destination = new_directory(out)
     loaded = teacher_from_config(config)
-    teacher = nnx.merge(loaded.graphdef, loaded.params)
+    params = jax.device_put(loaded.params, NamedSharding(mesh, PartitionSpec()))  # replicated
+    teacher = nnx.merge(loaded.graphdef, params)
     forward = jax.jit(lambda t, x: t(x.astype(np.float32) / 255.0))
+    split = NamedSharding(mesh, PartitionSpec("data"))  # the images along the batch
     records = record_source(config)
     count = len(records)
     tokens = loaded.arch.grid[0] * loaded.arch.grid[1]
@@ -90,9 +105,16 @@ def build_cache(config: ml_collections.ConfigDict, out: str, batch: int = 64) ->
     array = np.lib.format.open_memmap(
         os.path.join(out, CACHE_ARRAY), "w+", np.float16, (count, tokens, teacher.features)
     )
-    for start in tqdm(range(0, count, batch), desc="teacher targets", unit="batch"):
-        images = np.stack([records[i]["image"] for i in range(start, min(start + batch, count))])
-        array[start : start + len(images)] = np.asarray(forward(teacher, images), np.float16)
+    progress = tqdm(
+        range(0, count, batch), desc=f"teacher targets ({len(devices)} devices)", unit="batch"
+    )
+    for start in progress:
+        n = min(batch, count - start)
+        images = np.stack([records[i]["image"] for i in range(start, start + n)])
+        padded = np.zeros((batch, *images.shape[1:]), images.dtype)  # the last pass: one shape
+        padded[:n] = images
+        features = forward(teacher, jax.device_put(padded, split))
+        array[start : start + n] = np.asarray(features[:n], np.float16)
     array.flush()
     info = {**describe(config), "count": count, "shape": list(array.shape), "dtype": "float16"}
     with open(os.path.join(out, CACHE_INFO), "w") as f:
@@ -163,6 +185,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":  # flags defined here: the module is also imported beside train.py's
     config_flags.DEFINE_config_file("config", None, "Run config file (python).")
     flags.DEFINE_string("out", None, "New directory for the cache.")
-    flags.DEFINE_integer("batch", 64, "Images per teacher forward pass.", lower_bound=1)
+    flags.DEFINE_integer(
+        "batch", 64, "Images per teacher pass (a whole share per device).", lower_bound=1
+    )
     flags.mark_flags_as_required(["config", "out"])
     app.run(main, flags_parser=parse_flags)
