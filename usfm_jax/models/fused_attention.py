@@ -396,7 +396,7 @@ def _dkv_kernel(
         p, ds = _probs_and_grad(s, do, v, lse, delta, row_ok, key_ok)
         dv += dot(p.astype(do.dtype), do, trans_a=True)
         dk += dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv, ds
+        return (dk, dv), ds
 
     def one_image(n, carry):  # the chunk's bias gradient so far, per query tile; dk's, dv's sums
         d_bias, kv_sum = carry
@@ -404,21 +404,14 @@ def _dkv_kernel(
         v = _load_rows(v_ref.at[n], key_ok, width_ok)
         dk = jnp.zeros((block_kv, dp), jnp.float32)
         dv = jnp.zeros((block_kv, dp), jnp.float32)
-        if with_bias or chunk > 1:  # unrolled: an accumulator per query tile; pipelined by image
-            sums = []
-            for i, (rows, row_ok) in enumerate(tiles):
-                dk, dv, ds = query_tile(n, rows, row_ok, k, v, dk, dv)
-                if with_bias:
-                    sums.append(d_bias[i] + ds)
-            d_bias = tuple(sums)
-        else:
-
-            def step(i, carry):
-                start = i * block_q
-                rows, row_ok = pl.ds(start, block_q), within(start, block_q, t)
-                return query_tile(n, rows, row_ok, k, v, *carry)[:2]
-
-            dk, dv = jax.lax.fori_loop(0, len(tiles), step, (dk, dv))
+        (dk, dv), d_bias = _over_tiles(
+            lambda rows, row_ok, carry: query_tile(n, rows, row_ok, k, v, *carry),
+            (dk, dv),
+            d_bias,
+            block=block_q,
+            t=t,
+            unrolled=with_bias or chunk > 1,
+        )
         mask = key_ok[:, None] & width_ok[None, :]
         plgpu.store(dqkv_ref.at[n, :, jnp.int32(1)], (dk * scale).astype(dqkv_ref.dtype), mask=mask)
         plgpu.store(dqkv_ref.at[n, :, jnp.int32(2)], dv.astype(dqkv_ref.dtype), mask=mask)
@@ -486,21 +479,14 @@ def _dq_kernel(
         plgpu.store(delta_ref.at[n], delta, mask=row_ok)
         lse = plgpu.load(lse_ref.at[n], mask=row_ok, other=0.0)
         dq = jnp.zeros((block_q, dp), jnp.float32)
-        if with_bias or chunk > 1:  # unrolled: an accumulator per key tile; pipelined by image
-            sums = []
-            for i, (keys, key_ok) in enumerate(tiles):
-                dq, ds = key_tile(n, keys, key_ok, q, do, lse, delta, dq)
-                if with_bias:
-                    sums.append(d_bias[i] + ds)
-            d_bias = tuple(sums)
-        else:
-
-            def step(j, dq):
-                start = j * block_k
-                keys, key_ok = pl.ds(start, block_k), within(start, block_k, t)
-                return key_tile(n, keys, key_ok, q, do, lse, delta, dq)[0]
-
-            dq = jax.lax.fori_loop(0, len(tiles), step, dq)
+        dq, d_bias = _over_tiles(
+            lambda keys, key_ok, dq: key_tile(n, keys, key_ok, q, do, lse, delta, dq),
+            dq,
+            d_bias,
+            block=block_k,
+            t=t,
+            unrolled=with_bias or chunk > 1,
+        )
         plgpu.store(
             dq_ref.at[n],
             (dq * scale).astype(dq_ref.dtype),
@@ -518,6 +504,27 @@ def _dq_kernel(
         for (keys, _), acc in zip(tiles, d_bias, strict=True):
             key_ok = within(keys.start, block_k, bias_row)
             plgpu.store(dbias_ref.at[:, keys], acc, mask=row_ok[:, None] & key_ok[None, :])
+
+
+def _over_tiles(step, carry, d_bias: tuple, *, block: int, t: int, unrolled: bool):
+    """``step(tile, tile_ok, carry) -> (carry, score gradient)`` over the sequence's tiles of
+    ``block`` tokens; returns (carry, d_bias). Unrolled, each tile's score gradient is added to
+    its own bias-gradient sum in ``d_bias`` (one per tile, or none kept: empty), and a loop
+    over images around it is what Triton software-pipelines; otherwise a ``fori_loop`` over
+    the tiles (pipelined itself), keeping no sums."""
+    if unrolled:
+        sums = []
+        for i, start in enumerate(range(0, t, block)):
+            carry, ds = step(pl.ds(start, block), within(start, block, t), carry)
+            if d_bias:
+                sums.append(d_bias[i] + ds)
+        return carry, tuple(sums)
+
+    def body(i, carry):
+        start = i * block
+        return step(pl.ds(start, block), within(start, block, t), carry)[0]
+
+    return jax.lax.fori_loop(0, pl.cdiv(t, block), body, carry), d_bias
 
 
 def _over_images(one_image, init, chunk: int, batch: int, chunk_index: jax.Array):
