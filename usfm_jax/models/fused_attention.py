@@ -83,7 +83,7 @@ class Tiling(KernelTiling):
     block_q_dkv: int = 64  # dk / dv kernel: query rows per step
     block_k_dkv: int = 64  # dk / dv kernel: keys per program
     block_q_dq: int = 16  # dq kernel: query rows per program
-    block_k_dq: int = 256  # dq kernel: keys per tile (each tile keeps a bias-gradient sum)
+    block_k_dq: int = 256  # dq kernel: keys per tile (with bias_grad="dq", a bias sum each)
     # dq kernel, and the dk / dv kernel where it sums the bias gradient: batch elements per
     # program (one bias partial sum each)
     batch_chunk: int = 16
@@ -451,8 +451,8 @@ def _dq_kernel(
 ):
     # q_ref, do_ref, o_ref, dq_ref [chunk, block_q, Dp]; k_ref, v_ref [chunk, T_keys, Dp];
     # lse_ref, delta_ref [chunk, block_q]; partial_refs: the bias gradient's [block_q, T_keys]
-    # (if a bias; its array's rows bias_row long), then dq's sum over the program's queries and
-    # the chunk's images [Dp] (if asked for)
+    # (if summed here; its array's rows bias_row long), then dq's sum over the program's queries
+    # and the chunk's images [Dp] (if asked for)
     with_bias = bias_row is not None
     dbias_ref = partial_refs[0] if with_bias else None
     dq_sum_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
