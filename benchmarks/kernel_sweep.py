@@ -54,11 +54,11 @@ def default_tilings() -> types.SimpleNamespace:
 
 
 def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
-    """'ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]...' -> (implementations, tilings by the
+    """'ATTENTION[/MLP[/NORM]] [FAMILY:name=value,...]...' -> (implementations, tilings by the
     names ``train_step.install_tilings`` reads). A family's tiling applies where its kernels
     are Pallas: named "pallas" (or "pallas_backward"), or a LayerNorm "auto" (Pallas on a GPU)."""
     if not text.split():
-        raise ValueError("an empty case: expected ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]")
+        raise ValueError("an empty case: expected ATTENTION[/MLP[/NORM]] [FAMILY:name=value,...]")
     first, *rest = text.split()
     implementations = implementation_triple(first)
     tilings = default_tilings()
@@ -66,7 +66,7 @@ def parse_case(text: str) -> tuple[tuple[str, str, str], types.SimpleNamespace]:
         family, sep, values = item.partition(":")
         if not sep or family not in TILING_FAMILIES:
             raise ValueError(
-                f"{item!r}: a tiling is FAMILY:name=int,... with FAMILY one of "
+                f"{item!r}: a tiling is FAMILY:name=value,... with FAMILY one of "
                 f"{tuple(TILING_FAMILIES)}"
             )
         name, parse = TILING_FAMILIES[family]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         type=case_type,
         action="append",
         default=[],
-        help="ATTENTION[/MLP[/NORM]] [FAMILY:name=int,...]... (repeatable)",
+        help="ATTENTION[/MLP[/NORM]] [FAMILY:name=value,...]... (repeatable)",
     )
     ap.add_argument("--size", choices=tuple(SIZES), default="base")
     ap.add_argument("--depth", type=int, default=4, help="blocks of the timed encoder")

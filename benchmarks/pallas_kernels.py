@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         "--pallas-tiling",  # train_step.py's name for it
         type=pallas_tiling,
         action="append",
-        help="attention: name=int,...",
+        help="attention: name=value,... (e.g. warps_dq=8,bias_grad=dkv)",
     )
     parser.add_argument("--mlp-tiling", type=mlp_tiling, action="append", help="MLP: name=int,...")
     parser.add_argument(

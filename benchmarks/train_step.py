@@ -331,7 +331,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
 
 
 def _tiling_parser(cls: type[KernelTiling]) -> Callable[[str], KernelTiling]:
-    """An argparse type for a kernel family's tiling ('name=int,...')."""
+    """An argparse type for a kernel family's tiling ('name=value,...')."""
 
     def parse(text: str) -> KernelTiling:
         try:

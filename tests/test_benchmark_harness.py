@@ -119,7 +119,7 @@ def test_every_kernel_sweep_case_parses():
     ("case", "match"),
     [
         ("flash", r"'flash' is not ATTENTION\[/MLP\[/NORM\]\]"),
-        ("pallas attn:warps=8", r"FAMILY:name=int,\.\.\. with FAMILY one of"),
+        ("pallas attn:warps=8", r"FAMILY:name=value,\.\.\. with FAMILY one of"),
         ("cudnn attention:warps=8", r"the attention kernels of 'cudnn' are not Pallas"),
         ("xla/pallas mlp:rows=2", r"name=integer pairs of \['block_m'"),
         ("pallas attention:block_q=48", r"block_q must be a power of two >= 16"),
