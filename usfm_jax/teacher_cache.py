@@ -111,9 +111,9 @@ def build_cache(
     for start in progress:
         n = min(batch, count - start)
         images = np.stack([records[i]["image"] for i in range(start, start + n)])
-        padded = np.zeros((batch, *images.shape[1:]), images.dtype)  # the last pass: one shape
-        padded[:n] = images
-        features = forward(teacher, jax.device_put(padded, split))
+        if n < batch:  # the last pass, padded to the others' shape (one compile)
+            images = np.pad(images, [(0, batch - n)] + [(0, 0)] * (images.ndim - 1))
+        features = forward(teacher, jax.device_put(images, split))
         array[start : start + n] = np.asarray(features[:n], np.float16)
     array.flush()
     info = {**describe(config), "count": count, "shape": list(array.shape), "dtype": "float16"}

@@ -214,7 +214,8 @@ def _backward(tiling, interpret, residuals, d_out):
     rows = lambda i, h, c: (c, i, 0, h, 0)
     head_rows = pl.BlockSpec((chunk, block_q, None, dp), lambda i, h, c: (c, i, h, 0))
     per_query = pl.BlockSpec((chunk, None, block_q), lambda i, h, c: (c, h, i))
-    out_specs = [pl.BlockSpec((chunk, block_q, None, None, dp), rows), per_query]
+    qkv_spec = functools.partial(_qkv_block, dp=dp, images=chunk)
+    out_specs = [qkv_spec(block_q, rows), per_query]
     out_shape = [
         jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
         jax.ShapeDtypeStruct((b, heads, t), jnp.float32),  # dO . O
@@ -231,9 +232,9 @@ def _backward(tiling, interpret, residuals, d_out):
         ),
         grid=(query_blocks, heads, chunks),
         in_specs=[
-            pl.BlockSpec((chunk, block_q, None, None, dp), rows),  # q [chunk, block_q, Dp]
-            pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 1, h, 0)),  # k
-            pl.BlockSpec((chunk, t_keys, None, None, dp), lambda i, h, c: (c, 0, 2, h, 0)),  # v
+            qkv_spec(block_q, rows),  # q [chunk, block_q, Dp]
+            qkv_spec(t_keys, lambda i, h, c: (c, 0, 1, h, 0)),  # k [chunk, T_keys, Dp]
+            qkv_spec(t_keys, lambda i, h, c: (c, 0, 2, h, 0)),  # v
             None
             if bias is None
             else pl.BlockSpec((None, block_q, t_keys), lambda i, h, c: (h, i, 0)),
@@ -253,6 +254,7 @@ def _backward(tiling, interpret, residuals, d_out):
     # and, with a qkv bias, dk's and dv's sums over the program's keys and images
     dkv_chunk = bias_chunk if dkv_sums_bias else 1
     dkv_chunks = pl.cdiv(b, dkv_chunk)
+    qkv_spec = functools.partial(_qkv_block, dp=dp, images=dkv_chunk)
     block_q_dkv, block_k_dkv = fit_block(tiling.block_q_dkv, t), fit_block(tiling.block_k_dkv, t)
     t_queries = round_up(t, block_q_dkv)
     key_blocks = pl.cdiv(t, block_k_dkv)
@@ -280,15 +282,9 @@ def _backward(tiling, interpret, residuals, d_out):
         ),
         grid=(key_blocks, dkv_chunks, heads),
         in_specs=[
-            pl.BlockSpec(
-                (dkv_chunk, t_queries, None, None, dp), lambda j, c, h: (c, 0, 0, h, 0)
-            ),  # q [chunk, T_queries, Dp]
-            pl.BlockSpec(
-                (dkv_chunk, block_k_dkv, None, None, dp), lambda j, c, h: (c, j, 1, h, 0)
-            ),  # k [chunk, block_k_dkv, Dp]
-            pl.BlockSpec(
-                (dkv_chunk, block_k_dkv, None, None, dp), lambda j, c, h: (c, j, 2, h, 0)
-            ),  # v
+            qkv_spec(t_queries, lambda j, c, h: (c, 0, 0, h, 0)),  # q [chunk, T_queries, Dp]
+            qkv_spec(block_k_dkv, lambda j, c, h: (c, j, 1, h, 0)),  # k [chunk, block_k_dkv, Dp]
+            qkv_spec(block_k_dkv, lambda j, c, h: (c, j, 2, h, 0)),  # v
             None
             if bias is None
             else pl.BlockSpec((None, t_queries, block_k_dkv), lambda j, c, h: (h, 0, j)),
@@ -376,8 +372,7 @@ def _dkv_kernel(
     # block_kv, 3, Dp]; partial_refs: the bias gradient's [T_queries, block_kv] (if summed
     # here; its array's rows bias_row long), then dk's and dv's sums [2, Dp] (if asked for)
     with_bias = bias_row is not None
-    dbias_ref = partial_refs[0] if with_bias else None
-    sums_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
+    dbias_ref, sums_ref = _partials(partial_refs, with_bias)
     chunk, block_kv, dp = k_ref.shape
     start_k = pl.program_id(0) * block_kv
     key_ok = within(start_k, block_kv, t)
@@ -454,8 +449,7 @@ def _dq_kernel(
     # (if summed here; its array's rows bias_row long), then dq's sum over the program's queries
     # and the chunk's images [Dp] (if asked for)
     with_bias = bias_row is not None
-    dbias_ref = partial_refs[0] if with_bias else None
-    dq_sum_ref = partial_refs[-1] if len(partial_refs) > with_bias else None
+    dbias_ref, dq_sum_ref = _partials(partial_refs, with_bias)
     chunk, block_q, dp = q_ref.shape
     row_ok = within(pl.program_id(0) * block_q, block_q, t)
     width_ok = within(0, dp, head_dim)
@@ -574,6 +568,14 @@ def _load_rows(ref, row_ok, width_ok):
     return plgpu.load(ref, mask=row_ok[:, None] & width_ok[None, :], other=0.0)
 
 
-def _qkv_block(rows: int, index_map, *, dp: int) -> pl.BlockSpec:
-    """``rows`` tokens of one head's q, k or v from [B, T, 3, heads, Dh]."""
-    return pl.BlockSpec((None, rows, None, None, dp), index_map)
+def _qkv_block(rows: int, index_map, *, dp: int, images: int | None = None) -> pl.BlockSpec:
+    """``rows`` tokens of one head's q, k or v from [B, T, 3, heads, Dh]: of one image
+    (``images`` None, the dimension squeezed) or of a chunk of ``images``."""
+    return pl.BlockSpec((images, rows, None, None, dp), index_map)
+
+
+def _partials(partial_refs: tuple, with_bias: bool) -> tuple:
+    """A backward kernel's partial-sum outputs: (the bias gradient's or None, the qkv bias
+    gradient's or None), in that order when both are there."""
+    dbias_ref = partial_refs[0] if with_bias else None
+    return dbias_ref, partial_refs[-1] if len(partial_refs) > with_bias else None

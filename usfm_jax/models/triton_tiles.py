@@ -50,16 +50,16 @@ class KernelTiling:
     def parse(cls, text: str):
         """'warps=8,block_m=64' -> cls(warps=8, block_m=64), the other fields at their
         defaults; a string field takes its value as written ('bias_grad=dkv')."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        names = [f.name for f in dataclasses.fields(cls)]
         values = {}
         for item in filter(None, text.split(",")):
             name, sep, value = item.strip().partition("=")
             if sep and name in cls.CHOICES:
                 values[name] = value
                 continue
-            if not sep or name not in fields or not value.isdigit():
+            if not sep or name not in names or not value.isdigit():
                 raise ValueError(
-                    f"a tiling is name=integer pairs of {list(fields)} (or name=choice for "
+                    f"a tiling is name=integer pairs of {names} (or name=choice for "
                     f"{dict(cls.CHOICES)}), got {item!r}"
                 )
             values[name] = int(value)
