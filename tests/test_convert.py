@@ -499,6 +499,60 @@ def test_files_that_are_not_state_dicts_are_named(tmp_path, content, match):
     assert "weights_only" not in str(error.value)  # never the advice to run the file's code
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_half_precision_weights_are_read_as_float32(tmp_path, dtype, suffix):
+    """Releases saved in fp16 or bf16 come as float32 (what training updates: fp16 parameters
+    overflow in the first steps), bf16 safetensors included (numpy has no bf16); integer
+    buffers keep their dtype."""
+    from safetensors.torch import save_file
+
+    weights = {"w": torch.randn(3, 5).to(dtype), "index": torch.arange(4)}
+    path = tmp_path / f"half{suffix}"
+    if suffix == ".safetensors":
+        save_file(weights, path)
+    else:
+        torch.save(weights, path)
+    got = read_state_dict(path)
+    assert got["w"].dtype == np.float32 and got["index"].dtype == np.int64
+    np.testing.assert_array_equal(got["w"], weights["w"].float().numpy())
+    np.testing.assert_array_equal(got["index"], np.arange(4))
+
+
+def test_timm_classification_checkpoints_import_without_their_head(tmp_path):
+    """timm's own ImageNet checkpoints: the head is dropped and said; a plain ViT gives
+    timm's tokens; a mean-pooling Beit (fc_norm, no per-token norm) gives timm's blocks, and
+    its fc_norm becomes the final norm."""
+    import timm
+
+    gray = _gray(2, 32)
+    kw = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+    vit = timm.models.vision_transformer.VisionTransformer(**kw, global_pool="token").eval()
+    beit = timm.models.beit.Beit(**kw, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                           init_values=0.1).eval()
+    with torch.no_grad():  # LayerNorms away from the identity, so that a swap would show
+        for model in (vit, beit):
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+    for name, model in (("vit", vit), ("beit", beit)):
+        path = tmp_path / f"{name}.pth"
+        torch.save(model.state_dict(), path)
+        imported = import_torch_weights(path, num_heads=2, input_normalization=OURS)
+        assert any("ignored the classification head (head.bias, head.weight)" in note
+                   for note in imported.notes)  # fmt: skip
+        encoder = build_encoder(imported.arch, imported.params["encoder"], attention="xla")
+        x = jnp.asarray((gray - 0.5) / 0.25)
+        if name == "vit":
+            _assert_close(np.asarray(encoder(x)), _torch_tokens(model, gray, OURS))
+            continue
+        assert any(note.startswith("fc_norm (in timm") for note in imported.notes)
+        _assert_close(np.asarray(encoder(x, final_norm=False)), _torch_tokens(model, gray, OURS))
+        norm = imported.params["encoder"]["norm"]
+        np.testing.assert_array_equal(norm["scale"], model.fc_norm.weight.detach().numpy())
+        np.testing.assert_array_equal(norm["bias"], model.fc_norm.bias.detach().numpy())
+
+
 def test_urfm_mae_file_imports_its_encoder(tmp_path):
     """URFM's released files: an MAE (encoder + decoder) under 'ema_state_dict', the keys
     prefixed 'module.'; the encoder alone is a timm ViT."""

@@ -165,13 +165,20 @@ def test_encoder_intermediates():
 
 def test_layer_decay_scales():
     params = {
-        "encoder": {"cls_token": 1, "blocks": {0: {"w": 1}, 1: {"w": 1}}, "norm": {"scale": 1}},
+        "encoder": {
+            "cls_token": 1,
+            "blocks": {0: {"w": 1}, 1: {"w": 1}},
+            "norm": {"scale": 1},
+            "rel_pos_bias": {"relative_position_bias_table": 1},
+        },
         "head": {"kernel": 1},
     }
     params = jax.tree.map(lambda _: jnp.zeros((2, 2)), params)
     s = layer_decay_scales(params, depth=2, decay=0.5)
     assert s["encoder"]["cls_token"] == 0.125 and s["encoder"]["blocks"][0]["w"] == 0.25
     assert s["encoder"]["blocks"][1]["w"] == 0.5 and s["encoder"]["norm"]["scale"] == 1.0
+    # the table every block reads is in BEiT's last layer, with the final norm
+    assert s["encoder"]["rel_pos_bias"]["relative_position_bias_table"] == 1.0
     assert s["head"]["kernel"] == 1.0
     frozen = layer_decay_scales(params, depth=2, decay=0.5, frozen="encoder")
     assert frozen["encoder"]["blocks"][1]["w"] == 0.0 and frozen["head"]["kernel"] == 1.0

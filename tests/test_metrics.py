@@ -8,6 +8,7 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn import metrics as skm
 
+from usfm_jax.finetune import evaluate
 from usfm_jax.metrics import classification, image_quality, segmentation
 
 RNG = np.random.default_rng(0)
@@ -55,7 +56,7 @@ def test_dice_and_iou_on_hand_computed_masks():
     assert segmentation.dice(a, b) == 2 * 8 / 32
     assert segmentation.iou(a, b) == 8 / 24
     empty = np.zeros((8, 8), bool)
-    assert segmentation.dice(empty, empty) == 1.0 and segmentation.iou(empty, empty) == 1.0
+    assert np.isnan(segmentation.dice(empty, empty)) and np.isnan(segmentation.iou(empty, empty))
     assert segmentation.dice(a, empty) == 0.0
 
 
@@ -79,7 +80,7 @@ def test_hd95_against_brute_force_and_a_known_shift():
         t[RNG.integers(0, 20) :][:, RNG.integers(0, 20) :] = True
         np.testing.assert_allclose(segmentation.hd95(p, t), _brute_hd95(p, t))
     empty = np.zeros((40, 40), bool)
-    assert segmentation.hd95(empty, empty) == 0.0 and segmentation.hd95(a, empty) == np.inf
+    assert np.isnan(segmentation.hd95(empty, empty)) and segmentation.hd95(a, empty) == np.inf
 
 
 def test_per_class_segmentation_metrics():
@@ -90,6 +91,26 @@ def test_per_class_segmentation_metrics():
     out = segmentation.per_class(predicted, truth, num_classes=3)
     assert out["dice"] == [1.0, 2 * 8 / 24] and out["iou"] == [1.0, 0.5]
     assert out["hd95"][0] == 0.0 and out["hd95"][1] > 0
+    only_one = segmentation.per_class(np.where(truth == 2, 0, truth), truth * 0, num_classes=3)
+    assert only_one["dice"][0] == 0.0 and np.isnan(only_one["dice"][1])
+
+
+def test_segmentation_means_leave_out_images_without_the_class():
+    """Two images with a lesion, predicted 6 px off (Dice 0.7, HD95 6), two without one and
+    predicted without one: the means are those of the first two, the others counted as absent;
+    a lesion predicted on an image without one scores Dice 0."""
+    lesion = np.zeros((2, 32, 32), np.int32)
+    lesion[:, 8:28, 4:24] = 1
+    pred = np.roll(lesion, 6, axis=2)
+    normal = np.zeros((2, 32, 32), np.int32)
+    out = {"truth": np.concatenate([lesion, normal]), "prediction": np.concatenate([pred, normal])}
+    m = evaluate.compute_metrics("segment", out, num_classes=2)
+    assert m["dice"] == pytest.approx(2 * 14 * 20 / 800) and m["hd95"] == 6.0
+    assert m["absent"] == 2 and m["hd95_undefined"] == 0
+    out["prediction"] = np.concatenate([pred, lesion[:1], normal[:1]])  # a false positive
+    m = evaluate.compute_metrics("segment", out, num_classes=2)
+    assert m["dice"] == pytest.approx(2 * 0.7 / 3) and m["absent"] == 1
+    assert m["hd95"] == 6.0 and m["hd95_undefined"] == 1
 
 
 def test_psnr_and_ssim_match_scikit_image():

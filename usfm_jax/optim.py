@@ -76,11 +76,13 @@ def scale_updates(scales: Any) -> optax.GradientTransformation:
 
 def layer_decay_scales(params: Any, depth: int, decay: float, frozen: str = "") -> Any:
     """BEiT's layer-wise lr decay: ``decay ** (depth + 1 - layer)`` with layer 0 the embeddings
-    (patch embedding, tokens, position tables), i + 1 block i, depth + 1 the final norm and the
-    task head. Parameters under the top-level key ``frozen`` (e.g. "encoder") get 0."""
+    (patch embedding, tokens, absolute position embedding), i + 1 block i (a block's own
+    relative position table too), depth + 1 the final norm, the task head and the relative
+    position table shared by all blocks (BEiT's ``get_num_layer_for_vit``: every block reads
+    it). Parameters under the top-level key ``frozen`` (e.g. "encoder") get 0."""
 
     def layer(names: list[str]) -> int:
-        if names[0] != "encoder" or names[1] == "norm":
+        if names[0] != "encoder" or names[1] in ("norm", "rel_pos_bias"):
             return depth + 1
         return int(names[2]) + 1 if names[1] == "blocks" else 0
 

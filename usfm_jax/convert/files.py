@@ -52,19 +52,22 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | epath.Pat
 def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
     """A flat state dict as numpy arrays, from safetensors or a torch pickle (read with
     ``weights_only=True``: no code runs). Weights nested under a training script's key
-    ('state_dict', 'model', 'ema_state_dict', ...) or prefixed 'module.' are unwrapped."""
+    ('state_dict', 'model', 'ema_state_dict', ...) or prefixed 'module.' are unwrapped, and
+    floating-point weights (fp16 and bf16 releases too) come as float32: the parameters that
+    training and fine-tuning update are float32 whatever the compute dtype."""
     path = as_path(path)
     if not path.exists():
         raise ConversionError(f"no weights file at {path}")
     try:
-        if path.suffix == SAFETENSORS:
-            from safetensors.numpy import load
+        if path.suffix == SAFETENSORS:  # through torch: numpy has no bfloat16
+            from safetensors.torch import load
 
-            return load(path.read_bytes())
-        import torch
+            obj = load(path.read_bytes())
+        else:
+            import torch
 
-        with path.open("rb") as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+            with path.open("rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except ConversionError:
         raise
     except Exception as e:  # unreadable: name the file and the reason in one line
@@ -89,7 +92,7 @@ def _as_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in obj.items():
         name = name[len("module.") :] if name.startswith("module.") else name
-        if tensor.dtype == torch.bfloat16:
+        if tensor.is_floating_point():
             tensor = tensor.float()
         out[name] = tensor.detach().cpu().numpy()
     return out

@@ -290,6 +290,7 @@ def from_torch(
         if mae:
             sd = {k: v for k, v in sd.items() if k not in mae}
             notes.append(f"ignored {len(mae)} MAE decoder keys (decoder*, mask_token)")
+    sd = _without_classifier(sd, notes)
     arch = _infer_architecture(sd, fmt, num_heads, image_size)
     flat = {}
     torch_name = {}
@@ -311,6 +312,29 @@ def from_torch(
         notes.append("mask_token is not in this format: initialised to zeros")
     _check_shapes(flat, arch.param_shapes(), f"{fmt} state dict", torch_name)
     return {"encoder": unflatten(flat), **extra}, arch, notes
+
+
+def _without_classifier(sd: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray]:
+    """A timm classification checkpoint's encoder: its ImageNet head dropped (fine-tuning fits
+    its own) and, where the model pools first and normalises after (``fc_norm``, with no final
+    norm of each token: timm's mean-pooling Beit and ViT), ``fc_norm`` as the final norm."""
+    sd = dict(sd)
+    head = sorted(k for k in sd if k.startswith("head."))
+    for k in head:
+        del sd[k]
+    if head:
+        notes.append(f"ignored the classification head ({', '.join(head)})")
+    fc_norm = {k.removeprefix("fc_norm."): sd.pop(k) for k in list(sd) if k.startswith("fc_norm.")}
+    if fc_norm and any(k.startswith("norm.") for k in sd):
+        notes.append("ignored fc_norm (a norm of the pooled tokens after the final norm)")
+    elif fc_norm:
+        sd.update({f"norm.{k}": v for k, v in fc_norm.items()})
+        notes.append(
+            "fc_norm (in timm a LayerNorm of the mean-pooled tokens, with no norm of each token) "
+            "is the final norm of each token here: the tokens differ from timm's, the blocks "
+            "are the same (a start for fine-tuning)"
+        )
+    return sd
 
 
 def _open_clip_trunk(

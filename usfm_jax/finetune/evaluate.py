@@ -2,8 +2,8 @@
 
 Metrics (``usfm_jax.metrics``): classification accuracy, balanced accuracy, macro F1 and ROC
 AUC; segmentation Dice, IoU and HD95 (pixels) per image and foreground class, averaged over
-images (HD95 over the images where it is finite, 0 where both masks are empty;
-``hd95_undefined`` counts those where one mask is empty and the other is not); enhancement
+images where the class is in the truth or the prediction (``absent`` counts the others; HD95
+over those where it is finite, ``hd95_undefined`` counting where one mask is empty); enhancement
 PSNR and SSIM of the output and, as the baseline, of the input.
 """
 
@@ -71,13 +71,15 @@ def compute_metrics(task: str, out: Mapping[str, np.ndarray], num_classes: int) 
                                             num_classes)  # fmt: skip
             for name, values in scores.items():
                 per_image[name].extend(values)
-        hd = np.asarray(per_image["hd95"])
+        dice, iou, hd = (np.asarray(per_image[name]) for name in ("dice", "iou", "hd95"))
+        absent = np.isnan(dice)  # the class in neither mask: left out of every mean
         finite = np.isfinite(hd)
         return {
-            "dice": float(np.mean(per_image["dice"])),
-            "iou": float(np.mean(per_image["iou"])),
+            "dice": float(dice[~absent].mean()) if (~absent).any() else math.nan,
+            "iou": float(iou[~absent].mean()) if (~absent).any() else math.nan,
             "hd95": float(hd[finite].mean()) if finite.any() else math.inf,
-            "hd95_undefined": int((~finite).sum()),
+            "hd95_undefined": int((~finite & ~absent).sum()),
+            "absent": int(absent.sum()),
         }
     target = truth.astype(np.float32) / 255.0
     noisy = out["image"].astype(np.float32) / 255.0

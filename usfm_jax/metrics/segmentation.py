@@ -1,12 +1,20 @@
 """Segmentation metrics per image and class on host arrays: Dice, IoU and HD95.
 
-Masks are boolean [H, W]. Conventions (stated because the literature differs): Dice and IoU of
-two empty masks are 1; HD95 is the larger of the two directed 95th percentiles of the distances
-from one mask's boundary pixels to the other's (MONAI's and medpy's definition), in pixels times
-``spacing``; 0 for two empty masks and infinity when only one is empty.
+Masks are boolean [H, W]. Conventions (stated because the literature differs):
+
+- two empty masks (an image without the class, and a prediction without it) are NaN in every
+  metric: they say nothing about overlap or boundaries, and a mean that counted them as Dice 1
+  and HD95 0 would rise with the number of images without a lesion (BUSI's normal scans).
+  Means leave them out, as nnU-Net's do; a prediction on an image without the class still
+  scores Dice 0.
+- HD95 is the larger of the two directed 95th percentiles of the distances from one mask's
+  boundary pixels to the other's (MONAI's definition; medpy pools both directions' distances),
+  in pixels times ``spacing``; infinity when only one mask is empty.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -15,13 +23,13 @@ from scipy import ndimage
 def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
     total = predicted.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
+    return math.nan if total == 0 else float(2 * (predicted & truth).sum() / total)
 
 
 def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
     union = (predicted | truth).sum()
-    return 1.0 if union == 0 else float((predicted & truth).sum() / union)
+    return math.nan if union == 0 else float((predicted & truth).sum() / union)
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
@@ -34,7 +42,7 @@ def boundary(mask: np.ndarray) -> np.ndarray:
 def hd95(predicted: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> float:
     predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
     if not predicted.any() and not truth.any():
-        return 0.0
+        return math.nan
     if not predicted.any() or not truth.any():
         return float("inf")
     a, b = boundary(predicted), boundary(truth)
@@ -46,7 +54,8 @@ def hd95(predicted: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> floa
 def per_class(
     predicted: np.ndarray, truth: np.ndarray, num_classes: int, spacing: float = 1.0
 ) -> dict[str, list[float]]:
-    """{dice, iou, hd95: one value per foreground class 1..C-1} for integer label maps."""
+    """{dice, iou, hd95: one value per foreground class 1..C-1} for integer label maps (NaN
+    for a class in neither)."""
     out: dict[str, list[float]] = {"dice": [], "iou": [], "hd95": []}
     for c in range(1, num_classes):
         p, t = predicted == c, truth == c
