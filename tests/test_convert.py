@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -351,7 +352,7 @@ def test_open_clip_visual_trunk_imports_and_matches_timm(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path):
+def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path, caplog):
     arch = _arch("beit", (64, 2, 2), image=64)
     params = _random_params(arch)
     state, _ = to_torch(params, arch, "usfm")
@@ -373,7 +374,11 @@ def test_load_pretrained_from_a_hub_directory_export_and_file(tmp_path):
     from_export = load_pretrained(str(tmp_path / "export"))
     _assert_close(np.asarray(from_export(jnp.asarray(x))), expected)
 
-    at_128 = load_pretrained(str(hub), image_size=128)  # resampled tables
+    with caplog.at_level(logging.INFO, logger="absl"):  # what was not a copy is said
+        at_128 = load_pretrained(str(hub), image_size=128)  # resampled tables
+        load_pretrained(str(tmp_path / "export"), image_size=128)
+    resampled = [r.getMessage() for r in caplog.records if "resampled (bicubic)" in r.getMessage()]
+    assert len(resampled) == 2 and resampled[0].startswith(f"{hub}: position tables resampled")
     assert at_128(jnp.zeros((1, 128, 128, 1))).shape == (1, 1 + 64, 64)
     imported = import_torch_weights(weights, "usfm", image_size=128)  # an int, as above
     assert imported.arch.image_size == (128, 128)
@@ -528,8 +533,9 @@ def test_timm_classification_checkpoints_import_without_their_head(tmp_path):
     gray = _gray(2, 32)
     kw = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=5)
     vit = timm.models.vision_transformer.VisionTransformer(**kw, global_pool="token").eval()
-    beit = timm.models.beit.Beit(**kw, use_abs_pos_emb=False, use_rel_pos_bias=True,
-                           init_values=0.1).eval()
+    beit = timm.models.beit.Beit(
+        **kw, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1
+    ).eval()
     with torch.no_grad():  # LayerNorms away from the identity, so that a swap would show
         for model in (vit, beit):
             for name, p in model.named_parameters():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -94,7 +95,8 @@ def load_encoder_weights(
 ) -> tuple[dict[str, Any], Architecture, Normalization]:
     """The encoder parameters at ``path`` (nested numpy arrays) for inputs of ``image_size``,
     their architecture and the input normalisation they expect (arguments as in
-    ``load_pretrained``)."""
+    ``load_pretrained``). What was not a one-to-one copy (position tables resampled, an input
+    normalisation assumed, keys ignored) is logged, one line each."""
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     root = as_path(path)
@@ -110,7 +112,7 @@ def load_encoder_weights(
         loaded = load_params(path, step, weights)
         arch = Architecture.from_config(loaded.config["model"], loaded.config["image_size"])
         normalization = Normalization.from_json(loaded.config["normalization"])
-        params, arch, _ = adapt_encoder(
+        params, arch, notes = adapt_encoder(
             loaded.params["encoder"], arch, source=normalization, image_size=image_size
         )
     else:
@@ -129,6 +131,9 @@ def load_encoder_weights(
             imported.arch,
             imported.normalization,
         )
+        notes = imported.notes
+    for note in notes:  # what was not a one-to-one copy: resampled tables, assumptions
+        logging.info("%s: %s", path, note)
     return params, arch, normalization
 
 

@@ -76,8 +76,6 @@ def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
 
 
 def _as_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
-    import torch
-
     while isinstance(obj, Mapping) and not _is_flat(obj):
         nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
         if nested is None:
