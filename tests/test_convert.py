@@ -220,7 +220,7 @@ def test_checkpoint_round_trip_through_the_cli(tmp_path):
         f"--in-chans 1 --out {out}"
     )
     assert done.returncode == 0, done.stderr
-    assert "wrote" in done.stdout and "head.* (pre-training only)" in done.stdout
+    assert "wrote" in done.stdout and "head.* (not the encoder's)" in done.stdout
     card = json.loads((tmp_path / "usfm.json").read_text())
     assert card["format"] == "usfm" and card["source"]["step"] == 2
     assert card["normalization"] == {"mean": [0.5], "std": [0.25]}

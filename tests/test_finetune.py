@@ -24,6 +24,7 @@ from usfm_jax import label_efficiency
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import (
     Architecture,
+    ConversionError,
     Normalization,
     checkpoint_to_torch,
     import_torch_weights,
@@ -33,7 +34,7 @@ from usfm_jax.data import ingest, synthetic
 from usfm_jax.export import load_params
 from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune.models import adaptive_pool_matrix, feature_layers, resize
-from usfm_jax.finetune.run import create_model, finetune
+from usfm_jax.finetune.run import create_model, finetune, initial_encoder
 from usfm_jax.finetune.step import make_train_step, segmentation_loss
 from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import create_encoder
@@ -359,6 +360,27 @@ def test_finetune_from_pytorch_weights(tmp_path):
     assert sorted(tuned) == sorted(imported)
     for name, value in imported.items():
         np.testing.assert_array_equal(tuned[name], value, err_msg=name)
+
+
+def test_plain_vit_weights_of_a_nonstandard_width_take_init_num_heads(tmp_path):
+    """A card-less plain ViT 64 wide does not say its heads: the error names the config field,
+    which then reads it (a URFM demo student whose card was lost)."""
+    import timm
+
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, num_classes=0
+    )
+    weights = tmp_path / "student.pth"
+    torch.save(vit.state_dict(), weights)
+    config = tiny_finetune_config("classify", init=str(weights), init_normalization="0.5/0.25")
+    with pytest.raises(ConversionError, match=r"number of heads: .*--config\.init_num_heads"):
+        initial_encoder(config)
+    config.init_num_heads = 2
+    _, arch, _ = initial_encoder(config)
+    assert (arch.variant, arch.width, arch.num_heads) == ("vit", 64, 2)
+    config.init_num_heads = -1
+    with pytest.raises(ConfigError, match=r"init_num_heads=-1: expected >= 0"):
+        validate_finetune(config)
 
 
 def test_finetune_ingested_segmentation(tmp_path):

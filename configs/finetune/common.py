@@ -30,6 +30,7 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     # PyTorch weights without a card: the input normalisation they were trained with ("": the
     # format's; imagenet | clip | inception | MEAN/STD, e.g. 0.5/0.25 for a gray model)
     c.init_normalization = ""
+    c.init_num_heads = 0  # a plain ViT without a card, of a width no standard size has (0: none)
     c.label_fraction = args.fraction  # stratified, seeded subset of the training split
     c.image_size = (64, 64)  # position tables of a checkpoint are resampled to it
     c.batch_size = 32

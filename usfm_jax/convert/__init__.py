@@ -131,7 +131,7 @@ def checkpoint_to_torch(
         image_size=image_size,
     )
     state, dropped = to_torch(params, arch, fmt)
-    dropped += [f"{key}.* (pre-training only)" for key in loaded.params if key != "encoder"]
+    dropped += [f"{key}.* (not the encoder's)" for key in loaded.params if key != "encoder"]
     write_state_dict(state, destination)
     card = make_card(
         fmt=fmt,

@@ -394,7 +394,8 @@ def _infer_architecture(
         heads = num_heads or STANDARD_HEADS.get(width)
         if heads is None:
             raise ConversionError(
-                f"a plain ViT of width {width} does not say its number of heads: pass num_heads"
+                f"a plain ViT of width {width} does not say its number of heads: pass num_heads "
+                "(--num-heads; fine-tuning: --config.init_num_heads)"
             )
     else:
         variant = "beit"

@@ -58,6 +58,7 @@ def initial_encoder(
             image_size=tuple(config.image_size),
             fmt=config.init_format,
             input_normalization=config.init_normalization or None,
+            num_heads=config.init_num_heads or None,
         )
         return params, arch, normalization
     arch = Architecture.from_config(config.model, tuple(config.image_size))

@@ -65,6 +65,8 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _check_labels(config, card)
     for field in ("num_threads", "prefetch", "worker_count"):
         _require(d[field] >= 0, f"data.{field}", d[field], "expected >= 0")
+    _require(config.init_num_heads >= 0, "init_num_heads", config.init_num_heads,
+             "expected >= 0 (0: the card's or the standard sizes')")  # fmt: skip
     if not config.init:
         check_encoder(config)
     h = config.head
