@@ -16,7 +16,14 @@ import tensorflow_datasets as tfds
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
-from usfm_jax.data.ingest import NoUsableImages, Options, assign_split, ingest, salted_hash
+from usfm_jax.data.ingest import (
+    NoUsableImages,
+    Options,
+    assign_split,
+    ingest,
+    salted_hash,
+    warn_about_splits,
+)
 from usfm_jax.data.synthetic import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,3 +261,98 @@ def test_cli_exit_status(tmp_path):
                                 timeout=300, check=False)  # fmt: skip
         assert result.returncode == 1, result.stderr
         assert result.stderr.strip().splitlines()[-1] == f"error: {error}", result.stderr
+
+
+def _segmentation_files(root, count: int = 4) -> tuple[str, str]:
+    """images/liver/case_i.png and masks/liver/case_i.png (class ids 0 / 1)."""
+    for i in range(count):
+        image = generate(11, i, 32)[0]
+        mask = (image > 128).astype(np.uint8)
+        for folder, array in (("images", image), ("masks", mask)):
+            os.makedirs(root / folder / "liver", exist_ok=True)
+            (root / folder / "liver" / f"case_{i}.png").write_bytes(_png_bytes(array))
+    return str(root / "images"), str(root / "masks")
+
+
+def test_masks_are_never_the_images_themselves(tmp_path):
+    """A --masks folder inside the input, a manifest of absolute paths, or a mask folder that
+    is the images' own: refused, or every file skipped, never a dataset of images as masks."""
+    images, _ = _segmentation_files(tmp_path)
+    options = Options(resize=0, crop="none", masks=images)
+    with pytest.raises(ValueError, match=r"--masks .* lies inside --input .* paired with them"):
+        ingest(str(tmp_path), str(tmp_path / "out"), "inside", options, workers=1)
+    rows = [("path", "organ")] + [(str(tmp_path / f"images/liver/case_{i}.png"), "liver")
+                                  for i in range(4)]  # fmt: skip
+    with open(tmp_path / "absolute.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    options = Options(resize=0, crop="none", masks=str(tmp_path / "images"))
+    with pytest.raises(ValueError, match=r"the manifest lists an absolute path"):
+        ingest(str(tmp_path / "absolute.csv"), str(tmp_path / "out"), "absolute", options)
+    rows = [("path", "organ")] + [(f"liver/case_{i}.png", "liver") for i in range(4)]
+    with open(tmp_path / "images" / "relative.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(NoUsableImages):  # the masks folder is the manifest's: each its own
+        ingest(str(tmp_path / "images" / "relative.csv"), str(tmp_path / "out"), "own", options,
+               workers=1)  # fmt: skip
+    with open(tmp_path / "out" / "own_skipped_paths.csv") as f:
+        reasons = {r["reason"] for r in csv.DictReader(f)}
+    assert reasons == {"its mask in --masks would be itself"}
+
+
+def test_bad_masks_are_skipped_and_boolean_masks_read(tmp_path):
+    images, masks = _segmentation_files(tmp_path)
+    mask = os.path.join(masks, "liver", "case_1.png")
+    data = open(mask, "rb").read()  # noqa: SIM115
+    with open(mask, "wb") as f:
+        f.write(data[: len(data) // 2])  # cut short
+    with open(os.path.join(masks, "liver", "case_2.png"), "w") as f:
+        f.write("not an image")
+    boolean = PIL.Image.fromarray(np.eye(32, dtype=bool))  # mode "1", as numpy bools save
+    boolean.save(os.path.join(masks, "liver", "case_3.png"))
+    assert PIL.Image.open(os.path.join(masks, "liver", "case_3.png")).mode == "1"
+    options = Options(resize=0, crop="none", masks=masks, salt=SALT)
+    card = ingest(images, str(tmp_path / "out"), "masks", options, workers=1)
+    assert card["files"]["used"] == {"train": 2} and card["files"]["skipped"] == 2
+    assert card["skipped_reasons"] == {"unreadable mask (OSError": 1,
+                                       "unreadable mask (UnidentifiedImageError": 1}  # fmt: skip
+    ds = _load(card)
+    by_path = {ds[i]["path_hash"].decode(): ds[i]["mask"] for i in range(len(ds))}
+    got = by_path[salted_hash(os.path.join("liver", "case_3.png"), SALT)]
+    np.testing.assert_array_equal(np.squeeze(got), np.eye(32, dtype=np.uint8))
+
+
+def test_linked_folders_are_read_and_empty_organs_reported(tmp_path, caplog):
+    data = tmp_path / "data"
+    elsewhere = tmp_path / "site_a"
+    os.makedirs(elsewhere)
+    for i in range(3):
+        (elsewhere / f"{i}.png").write_bytes(_png_bytes(generate(4, i, 48)[0]))
+    os.makedirs(data / "kidney")
+    os.symlink(elsewhere, data / "kidney" / "site_a")
+    os.symlink(data / "kidney", data / "kidney" / "site_a" / "loop")  # a cycle: read once
+    os.makedirs(data / "spleen")  # empty
+    (data / "liver").mkdir()
+    (data / "liver" / "x.png").write_bytes(_png_bytes(generate(4, 9, 48)[0]))
+    with caplog.at_level("WARNING", logger="absl"):
+        card = ingest(str(data), str(tmp_path / "out"), "linked", OPTIONS, workers=1)
+    assert card["images"]["train"] == {"kidney": 3, "liver": 1}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert "folder 'spleen' holds no image or DICOM file: it is not in the dataset" in warnings
+
+
+def test_splits_without_files_and_one_placeholder_patient_are_warned(caplog):
+    options = Options(val_fraction=0.2, salt=SALT)
+    patients = ["ANONYMOUS"] * 50
+    splits = [assign_split(p, options) for p in patients]
+    with caplog.at_level("WARNING", logger="absl"):
+        warn_about_splits(patients, splits, options)
+    warnings = [r.getMessage() for r in caplog.records]
+    empty = "train" if splits[0] == "val" else "val"
+    assert any(w.startswith(f"split {empty!r} (fraction") and "from 1 patient(s)" in w
+               for w in warnings)  # fmt: skip
+    assert any(w.startswith("one patient id holds 50 of the 50 files") for w in warnings)
+    caplog.clear()
+    patients = [f"p{i}" for i in range(50)]
+    with caplog.at_level("WARNING", logger="absl"):
+        warn_about_splits(patients, [assign_split(p, options) for p in patients], options)
+    assert not caplog.records

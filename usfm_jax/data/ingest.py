@@ -164,9 +164,15 @@ def list_items(input_path: str) -> tuple[list[Item], list[str]]:
             )
         if top:  # a flat folder: one group
             return [Item(os.path.join(input_path, f), FLAT_GROUP, f) for f in top], ignored
-        items = []
+        items, seen = [], set()
         for organ in groups:
-            for root, dirs, files in os.walk(os.path.join(input_path, organ)):
+            # linked folders are read (a dataset assembled from links), each real folder once
+            for root, dirs, files in os.walk(os.path.join(input_path, organ), followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:  # a link back up the tree, or a second link to one folder
+                    dirs[:] = []
+                    continue
+                seen.add(real)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for f in sorted(files):
                     path = os.path.join(root, f)
@@ -192,6 +198,8 @@ def _is_candidate(path: str) -> bool:
 def paired_path(directory: str, key: str) -> str | None:
     """The file of ``directory`` paired with the item ``key`` (its path relative to the input):
     same relative folder and stem, PNG first, then any image suffix."""
+    if os.path.isabs(key):  # os.path.join would drop the directory: the image's own path
+        raise readers.UnreadableError("pairs are found by the path relative to the input")
     stem = os.path.join(directory, os.path.splitext(key)[0])
     for suffix in (".png", *IMAGE_SUFFIXES):
         if suffix and os.path.isfile(stem + suffix):
@@ -199,16 +207,45 @@ def paired_path(directory: str, key: str) -> str | None:
     return None
 
 
+def check_pairs(input_path: str, items: Sequence[Item], options: Options) -> None:
+    """Refuses --masks / --targets that would pair images with themselves or be read as
+    images: a folder inside a directory input, or a manifest with absolute paths."""
+    for name in ("masks", "targets"):
+        directory = getattr(options, name)
+        if not directory:
+            continue
+        if os.path.isdir(input_path) and _inside(directory, input_path):
+            raise ValueError(
+                f"--{name} {directory!r} lies inside --input {input_path!r}: its files would be "
+                "ingested as images, and paired with themselves. Keep them in a folder of "
+                f"their own that mirrors the input's layout (organ/.../stem.png)"
+            )
+        absolute = next((item for item in items if os.path.isabs(item.key)), None)
+        if absolute is not None:
+            raise ValueError(
+                f"--{name} pairs files by their path relative to the manifest, and the manifest "
+                f"lists an absolute path ({absolute.key!r}): write the paths relative to the "
+                "manifest's folder"
+            )
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
 def _read_mask(path: str, shape: tuple[int, int], size: int) -> np.ndarray:
     """A label mask (PNG of integer class ids, one channel) for a frame of ``shape`` before
     resizing; resized like the frame (shorter side ``size``), nearest neighbour."""
-    with PIL.Image.open(path) as image:
-        if image.mode not in ("L", "P", "I", "I;16"):
-            raise readers.UnreadableError(
-                f"mask {os.path.basename(path)} has mode {image.mode}: expected one channel "
-                "of integer class ids"
-            )
-        mask = np.asarray(image)
+    try:
+        with PIL.Image.open(path) as image:
+            if image.mode not in ("1", "L", "P", "I", "I;16"):  # "1": a boolean mask, 0 / 1
+                raise readers.UnreadableError(
+                    f"mask has mode {image.mode}: expected one channel of integer class ids"
+                )
+            mask = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a bad or cut file
+        raise readers.UnreadableError(f"unreadable mask ({type(e).__name__}: {e})") from None
     if mask.shape != shape:
         raise readers.UnreadableError(f"mask shape {mask.shape} differs from the image {shape}")
     if mask.max(initial=0) > 255:
@@ -289,6 +326,8 @@ def process_file(args: tuple[Item, Options]) -> tuple[list[dict], str | None]:
         pairs = _read_pairs(item, image, options)
     except readers.UnreadableError as e:
         return [], str(e)
+    except Exception as e:  # as for the image: reported, never the end of the run
+        return [], f"unexpected {type(e).__name__} reading its pair: {e}"
     records = []
     for index, frame in enumerate(image.frames):
         if options.resize:
@@ -328,6 +367,8 @@ def _read_pairs(item: Item, image: readers.ImageFile, options: Options) -> dict[
         path = paired_path(directory, item.key)
         if path is None:
             raise readers.UnreadableError(f"no {name[:-1]} for it in --{name}")
+        if os.path.samefile(path, item.path):  # --masks is the images' own folder
+            raise readers.UnreadableError(f"its {name[:-1]} in --{name} would be itself")
         shape = image.frames[0].shape
         if name == "masks":
             pair = _read_mask(path, shape, options.resize)
@@ -480,9 +521,13 @@ def ingest(
         )  # fmt: skip
     if not items:
         raise ValueError(f"no image or DICOM file under {input_path}")
+    check_pairs(input_path, items, options)
     organs = sorted({item.organ for item in items})
-    for group in sorted({_group(path, input_path) for path in ignored} - {*organs, ""}):
+    for group in _folders(input_path) - {*organs}:
         logging.warning("folder %r holds no image or DICOM file: it is not in the dataset", group)
+    by_case = Counter(organ.casefold() for organ in organs)
+    for organ in sorted(o for o in organs if by_case[o.casefold()] > 1):
+        logging.warning("organ %r differs from another only in case: they are two organs", organ)
     staging = os.path.join(output, f".{name}.incomplete")
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run left
     try:
@@ -492,6 +537,7 @@ def ingest(
         with context.Pool(workers or os.cpu_count() or 1) as pool:
             patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
             splits = [assign_split(patient, options) for patient in patients]
+            warn_about_splits(patients, splits, options)
             writer, dropped = _build(name, staging, items, splits, organs, options, pool)
         report = os.path.join(output, f"{name}_skipped_paths.csv")
         rows = [(s.path, s.reason) for s in writer.skipped]
@@ -533,10 +579,37 @@ def ingest(
     return card
 
 
-def _group(path: str, input_path: str) -> str:
-    """The organ / class folder a path of a directory input lies in ("" for a top-level file)."""
-    parts = os.path.relpath(path, input_path).split(os.sep)
-    return parts[0] if len(parts) > 1 else ""
+def _folders(input_path: str) -> set[str]:
+    """The organ / class folders of a directory input (none for a manifest)."""
+    if not os.path.isdir(input_path):
+        return set()
+    return {
+        d for d in os.listdir(input_path)
+        if not d.startswith(".") and os.path.isdir(os.path.join(input_path, d))
+    }  # fmt: skip
+
+
+def warn_about_splits(patients: Sequence[str], splits: Sequence[str], options: Options) -> None:
+    """Warns of a split asked for that got no file (too few patients for its fraction), and of
+    one patient holding most files (an export that writes one placeholder id for all)."""
+    fractions = {"train": 1.0 - options.val_fraction - options.test_fraction,
+                 "val": options.val_fraction, "test": options.test_fraction}  # fmt: skip
+    files = Counter(splits)
+    for split, fraction in fractions.items():
+        if fraction > 0 and not files[split]:
+            logging.warning(
+                "split %r (fraction %.3g) gets no file: the %d file(s) come from %d patient(s), "
+                "and a patient's files all go to one split", split, fraction, len(splits),
+                len(set(patients)),
+            )  # fmt: skip
+    if options.val_fraction or options.test_fraction:
+        count = Counter(patients).most_common(1)[0][1]
+        if len(splits) >= 10 and count > len(splits) / 2:
+            logging.warning(
+                "one patient id holds %d of the %d files, all in one split: if the export "
+                "anonymised every patient to one id, give the ids in a manifest (patient_id)",
+                count, len(splits),
+            )  # fmt: skip
 
 
 def _build(
@@ -634,7 +707,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "TFDS data directory to write into
 _NAME = flags.DEFINE_string("name", None, "Dataset name (lower-case identifier).")
 _RESIZE = flags.DEFINE_integer("resize", 256, "Shorter side in pixels (0: keep).")
 _STRIDE = flags.DEFINE_integer("frame_stride", 1, "Keep every n-th frame of a cine loop.")
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", 16, "At most this many frames per loop.")
+_MAX_FRAMES = flags.DEFINE_integer(
+    "max_frames", 16, "At most this many frames per loop (0: every frame)."
+)
 _CROP = flags.DEFINE_enum("crop", "auto", ["auto", "regions", "bbox", "none"], "Scan-region crop.")
 _VAL = flags.DEFINE_float("val_fraction", 0.0, "Fraction of patients in the val split.")
 _TEST = flags.DEFINE_float("test_fraction", 0.0, "Fraction of patients in the test split.")
