@@ -72,6 +72,24 @@ def straight(tmp_path_factory) -> dict[int, float]:
     return _losses(workdir)
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_its_first_save(tmp_path):
+    """A full disk (here: a file-size limit, which makes every large write fail with EFBIG)
+    stops the run at step 1 with a one-line error, not after `every` steps of lost work."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    proc = _demo(tmp_path, "--config.total_steps=12", devices=1, preexec_fn=limit_file_size)
+    proc.communicate(timeout=600)
+    with open(tmp_path / "stderr.txt") as f:  # (orbax logs its background failure too)
+        [error] = [line for line in f if line.startswith("error: ")]
+    assert proc.returncode == 1
+    assert error.startswith(f"error: writing a checkpoint to {tmp_path}/checkpoints failed (")
+    assert "File too large" in error and "The checkpoints already there are intact" in error
+    assert not _steps(tmp_path) and list(_losses(tmp_path)) == [1]  # stopped at its first save
+
+
 def _kill_at_step(proc: subprocess.Popen, step: int) -> None:
     for line in proc.stdout:
         if line.startswith(f"step {step}:"):

@@ -103,7 +103,9 @@ def describe_error(error: BaseException) -> str:
     """One line about ``error`` for a warning (TensorStore's messages run to pages)."""
     lines = str(error).strip().splitlines()
     first = lines[0].split(" See full TensorStore details")[0] if lines else ""
-    return f"{type(error).__name__}: {first}"[:300]
+    text = f"{type(error).__name__}: {first}"
+    # long ones nest the cause last ("...: Failed to write ...: File too large"): keep both ends
+    return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 
 def drop_closed_event_loop_noise() -> None:
@@ -129,6 +131,7 @@ class Checkpointer:
     ``cfg.keep_every`` (if > 0). Saves are asynchronous: training continues while they write."""
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+        self._written = False  # whether a save of this invocation has completed
         self.directory = as_path(workdir) / "checkpoints"
         self.unusable_directory = as_path(workdir) / UNUSABLE_DIR
         preserve = [_policies.LatestN(cfg.keep)]
@@ -310,21 +313,33 @@ class Checkpointer:
         if not force and int(state.bad_steps):
             logging.warning("step %d: not saving during a run of skipped (non-finite) steps", step)
             return False
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data),
-                config=ocp.args.JsonSave(config.to_dict()),
-                fingerprint=ocp.args.JsonSave(fingerprint(state)),
-            ),
-            force=True,
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data),
+            config=ocp.args.JsonSave(config.to_dict()),
+            fingerprint=ocp.args.JsonSave(fingerprint(state)),
         )
+        # a failed background write surfaces at the next save or wait: one line, not pages
+        started = self._checked(lambda: self.manager.save(step, args=args, force=True))
+        if started and not self._written:  # the invocation's first save: wait, to fail now
+            self._checked(self.manager.wait_until_finished)
+            self._written = True
+        return started
 
     def close(self) -> None:
         """Waits for pending saves to finish."""
-        self.manager.wait_until_finished()
+        self._checked(self.manager.wait_until_finished)
         self.manager.close()
+
+    def _checked(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as e:
+            raise CheckpointError(
+                f"writing a checkpoint to {self.directory} failed ({describe_error(e)}): is "
+                "the disk or bucket full, read-only or unreachable? The checkpoints already "
+                "there are intact; the run resumes from the newest."
+            ) from e
 
 
 def config_changes(before: dict, after: dict) -> list[str]:
