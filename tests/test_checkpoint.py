@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from absl import flags
 from conftest import DEMO_CLI, ROOT, make_tiny_config
 
 from usfm_jax import checkpoint, train
@@ -248,6 +249,27 @@ def test_resuming_with_another_config_names_the_changed_fields(tmp_path, caplog)
     [warning] = [r.getMessage() for r in caplog.records if "differs from" in r.getMessage()]
     assert f"resuming from {tmp_path}/checkpoints/4 " in warning
     assert warning.endswith(": spatial.ratio: 0.6 -> 0.5; total_steps: 9 -> 12")
+
+
+@pytest.mark.parametrize("workers", [(0, 2), (2, 0)])
+def test_resuming_with_another_data_pipeline_keeps_the_checkpoint(tmp_path, caplog, workers,
+                                                                  tiny_straight):  # fmt: skip
+    """A grain iterator's saved position fits only the pipeline that saved it (worker threads
+    and processes save different states): after a change to config.data the stream is opened
+    at the restored step instead, which yields the same batches; the checkpoint is kept."""
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
+    before, after = workers
+    train.train(_tiny(**{"data.worker_count": before}), str(tmp_path), stop_after=3)
+    with caplog.at_level("INFO"):
+        train.train(_tiny(**{"data.worker_count": after}), str(tmp_path))
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        f"{tmp_path}/checkpoints/3: config.data changed (data.worker_count), so the data "
+        "stream is opened at global step 3 instead" in messages
+    )
+    assert not [m for m in messages if "unusable" in m]
+    assert _losses(tmp_path) == tiny_straight
 
 
 def test_retention_keeps_the_last_n_and_every_kth(tmp_path):

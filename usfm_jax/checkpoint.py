@@ -172,7 +172,8 @@ class Checkpointer:
         """(state, data iterator) at the newest usable checkpoint, or (``state``,
         ``make_data(0)``) if there is none. ``make_data(step)`` opens this process's data
         stream at a global step; the saved iterator position is restored into
-        ``make_data(0)``, unless the checkpoint was written by another number of processes:
+        ``make_data(0)``, unless the checkpoint was written by another number of processes or
+        another ``config.data``:
         then the stream is opened at the restored step (global batches do not depend on the
         process count). A ``config`` that differs from the one the checkpoint was written with
         is logged, field by field: a resumed run may change its length or data on purpose, but
@@ -190,7 +191,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 self._check_compatible(step, target)
-                restored, problem = self._restore(step, target, data), None
+                restored, problem = self._restore(step, target), None
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:  # anything unreadable: fall back to the one before
@@ -206,16 +207,15 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
-            restored_state, data_restored, saved_config = restored
+            restored_state, saved_config = restored
             if config is not None and jax.process_index() == 0:
                 self._report_config_changes(step, saved_config, config)
-            if not data_restored:
+            reason = self._restore_data(step, data, saved_config, config)
+            if reason is not None:
                 logging.info(
-                    "%s was written by another number of processes: data stream opened at "
-                    "global step %d",
-                    self.step_path(step),
-                    step,
-                )
+                    "%s: %s, so the data stream is opened at global step %d instead",
+                    self.step_path(step), reason, step,
+                )  # fmt: skip
                 data = make_data(step)
             return restored_state, data
         if unusable:
@@ -248,23 +248,48 @@ class Checkpointer:
                     "another model or optimizer config? Use a new --workdir."
                 )
 
-    def _restore(
-        self, step: int, target: Any, data: grain.DatasetIterator
-    ) -> tuple[Any, bool, dict[str, Any]]:
-        """(state, whether ``data`` was moved to the saved position, the config saved with it)."""
+    def _restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, the config saved with it)."""
         items = {
             "state": ocp.args.StandardRestore(target),
             "config": ocp.args.JsonRestore(),
             "fingerprint": ocp.args.JsonRestore(),
         }
-        # grain saves one file per process: process_{i}-of-{n}.json
-        layout = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        same_processes = (self.step_path(step) / "data" / layout).exists()
-        if same_processes:
-            items["data"] = grain.checkpoint.CheckpointRestore(data)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         check_fingerprint(restored.state, restored.fingerprint, str(self.step_path(step)))
-        return restored.state, same_processes, restored.config
+        return restored.state, restored.config
+
+    def _restore_data(
+        self,
+        step: int,
+        data: grain.DatasetIterator,
+        saved_config: dict[str, Any],
+        config: ml_collections.ConfigDict | None,
+    ) -> str | None:
+        """Moves ``data`` to the position saved at ``step``; returns why it could not (None if
+        it did). The position fits only the pipeline that saved it (a grain iterator's state
+        depends on its worker count, among others): after any change to ``config.data``, or of
+        the process count, the caller opens the stream at the step instead, whose batches
+        depend on neither. A position that cannot be read never costs the checkpoint."""
+        # grain saves one file per process: process_{i}-of-{n}.json
+        layout = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        changed = config is not None and [
+            c for c in config_changes(saved_config, config.to_dict()) if c.startswith("data.")
+        ]  # fmt: skip
+        if not (self.step_path(step) / "data" / layout).exists():
+            reason = "it was written by another number of processes"
+        elif changed:
+            reason = f"config.data changed ({', '.join(c.split(':')[0] for c in changed)})"
+        else:
+            try:
+                restore = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data))
+                self.manager.restore(step, args=restore)
+                reason = None
+            except Exception as e:
+                reason = f"its data position is unreadable ({describe_error(e)})"
+        if not _all_processes(reason is None):  # all processes read the stream the same way
+            reason = reason or "another process could not restore its data position"
+        return reason
 
     def _report_config_changes(
         self, step: int, saved: dict[str, Any], config: ml_collections.ConfigDict
