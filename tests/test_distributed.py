@@ -148,3 +148,15 @@ def test_single_process_when_nothing_is_set(monkeypatch):
     with pytest.raises(distributed.DistributedError, match="expected one of"):
         distributed.initialize("maybe")
     assert jax.process_count() == 1
+
+
+def test_on_without_a_cluster_is_a_one_line_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in distributed.ENV}
+    cmd = [sys.executable, "-m", "usfm_jax.train", "--config=configs/pretrain/demo.py",
+           f"--workdir={tmp_path / 'run'}", "--distributed=on"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: --distributed=on: JAX detects no cluster here ("), (
+        done.stderr
+    )
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "run").exists()

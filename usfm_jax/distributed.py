@@ -62,7 +62,16 @@ def initialize(mode: str = "auto") -> None:
     settings = _explicit_settings()
     if settings is None and mode == "auto":
         return
-    jax.distributed.initialize(**(settings or {}))
+    try:
+        jax.distributed.initialize(**(settings or {}))
+    except ValueError as e:  # on: JAX found no cluster to describe the processes
+        if settings is not None:
+            raise
+        raise DistributedError(
+            f"--distributed=on: JAX detects no cluster here ({e}). Run under a cluster JAX "
+            "knows (Cloud TPU, SLURM, Open MPI), set USFM_COORDINATOR, USFM_NUM_PROCESSES and "
+            "USFM_PROCESS_ID, or use --distributed=auto / off for one process"
+        ) from e
     logging.info(
         "process %d of %d: %d local devices of %d (%s)",
         jax.process_index(),
