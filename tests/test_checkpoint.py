@@ -234,6 +234,8 @@ def test_checkpoint_of_another_model_is_an_error_naming_the_first_key(tmp_path):
     with pytest.raises(IncompatibleCheckpoint, match=first_mismatch):
         train.train(_tiny(**{"model.width": 64}), str(tmp_path))
     assert _steps(tmp_path) == [1, 3]
+    # the refused run did not replace the config that describes the checkpoints
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 32
 
 
 def test_resuming_with_another_config_names_the_changed_fields(tmp_path, caplog):
@@ -368,6 +370,15 @@ def test_export_holds_the_parameters_alone_bit_for_bit(tmp_path):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     saved = ocp.PyTreeCheckpointer().metadata(tmp_path / "export" / "params").item_metadata.tree
     assert set(saved) == {"encoder", "head"}  # no optimizer state, no step
+    # an export, or a fine-tuning run, is not a pre-training workdir (nor the other way)
+    with pytest.raises(PathError, match=r"/export holds an export \(export\.json\): use a new"):
+        train.train(_tiny(), str(tmp_path / "export"))
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "config.json").write_text(json.dumps({"task": "classify"}))
+    with pytest.raises(PathError, match=r"/tuned holds a fine-tuning run \(python -m usfm_jax"):
+        train.train(_tiny(), str(tmp_path / "tuned"))
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text()) == {"task": "classify"}
+    assert load_params(str(tmp_path / "export")).step == 3
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         export_params(str(tmp_path / "run"), str(tmp_path / "export"))
     with pytest.raises(CheckpointError, match=r"no step 2 in .*; it has steps \[1, 3\]"):

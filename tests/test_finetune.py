@@ -39,6 +39,7 @@ from usfm_jax.finetune.step import make_train_step, segmentation_loss
 from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
+from usfm_jax.paths import PathError
 from usfm_jax.train import train
 from usfm_jax.train_step import fresh_state
 
@@ -473,6 +474,13 @@ def test_finetune_without_anything_to_learn_or_select_is_a_config_error(tmp_path
                 validate_finetune(config)
         else:
             validate_finetune(config)
+
+
+def test_finetune_refuses_a_pretraining_workdir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"objective": "dual"}))
+    with pytest.raises(PathError, match=r"holds a pre-training run \(python -m usfm_jax\.train\)"):
+        finetune(tiny_finetune_config("classify"), str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["objective"] == "dual"
 
 
 def test_label_efficiency_study(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
 import ml_collections
+from etils import epath
 
 from usfm_jax.data.augment import AugmentConfig
 from usfm_jax.data.mixing import WEIGHTINGS
@@ -35,7 +37,7 @@ from usfm_jax.objectives.representation import (
     create_representation,
 )
 from usfm_jax.parallel import MESH_AXES, batch_shards, mesh_shape
-from usfm_jax.paths import as_path
+from usfm_jax.paths import PathError, as_path
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,26 @@ def require_kind(config: ml_collections.ConfigDict, kind: str, where: str = "--c
     other = [(name, program) for name, (f, program) in KINDS.items() if f in config]
     found = f"a {other[0][0]} config: run it with {other[0][1]}" if other else "of neither kind"
     raise ConfigError(f"{where} is not a {kind} config (it has no config.{field}); it is {found}")
+
+
+def check_workdir_kind(root: epath.Path, kind: str) -> None:
+    """Refuses a work directory another program wrote (an export; a run of the other kind,
+    by its ``config.json``): running there would overwrite that ``config.json`` and mix two
+    runs' files."""
+    if (root / "export.json").exists():
+        raise PathError(f"--workdir {root} holds an export (export.json): use a new --workdir")
+    saved = root / "config.json"
+    if not saved.exists():
+        return
+    try:
+        fields = json.loads(saved.read_text())
+    except ValueError:
+        return  # cut short by a crash: this run rewrites it
+    for other, (field, program) in KINDS.items():
+        if other != kind and field in fields and KINDS[kind][0] not in fields:
+            raise PathError(
+                f"--workdir {root} holds a {other} run ({program}): use a new --workdir"
+            )
 
 
 def _get(config: ml_collections.ConfigDict, field: str):

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from usfm_jax.cli import exit_if_out_of_memory, parse_flags, start_jax
-from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.config_validation import ConfigError, check_workdir_kind, validate
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.distributed import DistributedError
@@ -47,9 +47,9 @@ def train(
     that many steps, with a checkpoint (a time-sliced job)."""
     validate(config, jax.device_count())
     root = work_directory(workdir)  # local, or gs://...
+    check_workdir_kind(root, "pre-training")
     if jax.process_index() == 0:
         make_directory(root, "--workdir")
-        replace_text(root / "config.json", config.to_json_best_effort(indent=2))
 
     mesh = parallel.create_mesh(config.mesh)
     objective, graphdef, state, train_step, shardings = create_training(config, mesh)
@@ -80,6 +80,8 @@ def train(
         lambda step: iter(create_pretrain_dataset(config, start_step=step)),
         config,
     )
+    if jax.process_index() == 0:  # once the checkpoint is known to fit this config
+        replace_text(root / "config.json", config.to_json_best_effort(indent=2))
     start = int(state.step)  # 0, or the restored checkpoint's step
     end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
     if start >= config.total_steps:

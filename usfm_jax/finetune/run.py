@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 
 from usfm_jax import parallel
+from usfm_jax.config_validation import check_workdir_kind
 from usfm_jax.convert import Architecture, Normalization
 from usfm_jax.data.pipeline import (
     global_batch,
@@ -98,6 +99,7 @@ def finetune(
     ``config.init`` brings (``check_init_overrides``)."""
     validate_finetune(config, jax.device_count())
     root = work_directory(workdir)
+    check_workdir_kind(root, "fine-tuning")
     is_main = jax.process_index() == 0
     if (root / "results.json").exists():
         raise FileExistsError(f"{workdir} already holds a finished run (results.json)")
