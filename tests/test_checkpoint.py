@@ -455,7 +455,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_stop_signal_saves_the_current_step_and_exits_0(tmp_path, signum):
-    proc = _demo(tmp_path, "--config.total_steps=5000", bufsize=1)
+    probe = ("--config.probe.every=1000", "--config.probe.num_train=8", "--config.probe.num_test=8")
+    proc = _demo(tmp_path, "--config.total_steps=5000", *probe, bufsize=1)
     try:
         for line in proc.stdout:  # wait until training runs
             if line.startswith("step 10:"):
@@ -467,6 +468,8 @@ def test_a_stop_signal_saves_the_current_step_and_exits_0(tmp_path, signum):
     stopped = json.loads((tmp_path / "summary.json").read_text())["step"]
     assert 10 <= stopped < 5000
     assert max(_steps(tmp_path)) == stopped
+    with open(tmp_path / "evaluations.jsonl") as f:  # the stop saves first, probes nothing
+        assert [json.loads(line)["step"] for line in f] == [1]
     more = _demo(tmp_path, f"--config.total_steps={stopped + 2}")  # the next run continues
     _finish(more, tmp_path)
     assert sorted(_losses(tmp_path))[-3:] == [stopped, stopped + 1, stopped + 2]

@@ -104,7 +104,8 @@ def train(
                 elapsed = time.perf_counter() - compile_start
                 logging.info("first step (compile + run): %.1f s", elapsed)
                 reporter.restart_timer(step)  # keep compilation out of images/s
-            last = step == end or preemption.reached(step)
+            preempted = step != end and preemption.reached(step)
+            last = step == end or preempted
             if step % config.log_every == 0 or last:
                 means = reporter.flush(step)
                 # the longest run in the window: one that ended since the last flush counts too
@@ -115,6 +116,10 @@ def train(
                         f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
                         f"checkpoint in {workdir}/checkpoints is from before them"
                     )
+            if preempted:  # the notice's grace period is for the checkpoint: no probe, preview
+                checkpointer.save(step, state, data, config, force=True)
+                end = step
+                break
             # probes every `every` steps, at the end, and after the first step (the baseline)
             if config.probe.every and (step % config.probe.every == 0 or last or step == 1):
                 probe = probe or OrganProbe(config, graphdef, shardings.params, mesh)
