@@ -244,12 +244,18 @@ def test_resuming_with_another_config_names_the_changed_fields(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         train.train(config, str(tmp_path), stop_after=1)  # the same config: nothing to say
     assert not [r for r in caplog.records if "differs from" in r.getMessage()]
+    clipped = _tiny()
+    assert clipped.optimizer.clip_norm > 0
+    clipping_off = _tiny(**{"optimizer.clip_norm": 0.0})  # a mid-run change, not another run
+    train.train(clipping_off, str(tmp_path), stop_after=1)
+    train.train(clipped, str(tmp_path), stop_after=1)
+    caplog.clear()
     changed = _tiny(**{"spatial.ratio": 0.5})
     changed.total_steps = 12
     with caplog.at_level("WARNING"):
         train.train(changed, str(tmp_path), stop_after=1)
     [warning] = [r.getMessage() for r in caplog.records if "differs from" in r.getMessage()]
-    assert f"resuming from {tmp_path}/checkpoints/4 " in warning
+    assert f"resuming from {tmp_path}/checkpoints/6 " in warning
     assert warning.endswith(": spatial.ratio: 0.6 -> 0.5; total_steps: 9 -> 12")
 
 

@@ -3,7 +3,9 @@
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import make_tiny_config
 from flax import nnx
@@ -14,7 +16,7 @@ from usfm_jax import parallel
 from usfm_jax.config_validation import validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.models.factory import create_encoder
-from usfm_jax.optim import create_optimizer, decay_mask
+from usfm_jax.optim import create_optimizer, decay_mask, learning_rate_schedule
 from usfm_jax.train_step import create_training, init_state, state_initializer
 
 
@@ -113,6 +115,31 @@ def test_fsdp_shards_large_weights_only():
     # optimizer moments take the sharding of their parameter: the rule depends on shape only
     assert adam_mu.sharding.spec == parallel.fsdp_spec(adam_mu.shape, 8, min_size=2**16)
     assert parallel.state_shardings(adam_mu, mesh, min_size=1024).spec == P(None, "fsdp")
+
+
+def test_clipping_limits_the_global_norm_and_zero_turns_it_off():
+    """The chain has the same structure with clipping on or off (a resumed run may change
+    it); clip_norm=0 is AdamW itself, clip_norm=c scales the gradient to norm c first."""
+    config = make_tiny_config()
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+    grads = {"w": jnp.full((4, 3), 1e3), "b": jnp.full((3,), -2e3)}
+    norm = float(optax.tree.norm(grads))
+    updates = {}
+    for clip in (0.0, 1.0):
+        config.optimizer.clip_norm = clip
+        tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+        state = tx.init(params)
+        updates[clip], _ = tx.update(grads, state, params)
+        updates[clip] = jax.tree.map(np.asarray, updates[clip])
+        assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+    o = config.optimizer
+    schedule = learning_rate_schedule(o, config.batch_size, config.total_steps)
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+    for clip, scale in ((0.0, 1.0), (1.0, 1.0 / norm)):
+        scaled = jax.tree.map(lambda g, s=scale: g * s, grads)
+        expected, _ = adamw.update(scaled, adamw.init(params), params)
+        for name in params:
+            np.testing.assert_allclose(updates[clip][name], expected[name], rtol=1e-6)
 
 
 def test_gradient_accumulation_matches_full_batch():

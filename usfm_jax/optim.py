@@ -53,9 +53,9 @@ def create_optimizer(
     update, weight decay included: layer-wise lr decay, and 0 for frozen parameters.
     """
     schedule = learning_rate_schedule(cfg, batch_size, total_steps)
-    parts = []
-    if cfg.clip_norm:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    # always in the chain (0: no limit), so that a resumed run may turn clipping on or off:
+    # the optimizer state keeps its structure
+    parts = [optax.clip_by_global_norm(cfg.clip_norm or float("inf"))]
     parts.append(
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     )
