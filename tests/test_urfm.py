@@ -186,17 +186,18 @@ def test_teacher_of_another_patch_grid_is_one_line_on_the_command_line(tmp_path,
 
 
 def test_ema_follows_its_formula(teacher_64):
-    config = _urfm_config(teacher_64, ema_decay=0.75)
+    config = _urfm_config(teacher_64, ema_decay=0.2)
     mesh = parallel.create_mesh(config.mesh)
     _, _, state, step, _ = create_training(config, mesh)
     batch = _batch(config, mesh)
     expected = jax.tree.map(np.array, state.params)  # the EMA starts at the initial weights
     assert all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(expected), jax.tree.leaves(state.ema_params), strict=True))  # fmt: skip
-    for _ in range(3):
+    for n in range(3):  # warmed up: min(0.2, (1 + n) / (10 + n)) = 0.1, 0.18, then 0.2
         state, _ = step(state, batch)
+        d = min(0.2, (1 + n) / (10 + n))
         expected = jax.tree.map(
-            lambda e, p: 0.75 * e + 0.25 * np.asarray(p, np.float64), expected, state.params
+            lambda e, p, d=d: d * e + (1 - d) * np.asarray(p, np.float64), expected, state.params
         )
     for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(state.ema_params), strict=True):
         np.testing.assert_allclose(np.asarray(got), e, rtol=1e-5, atol=1e-7)

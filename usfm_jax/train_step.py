@@ -230,7 +230,13 @@ def apply_gradients(
         bad_steps=bad_steps,
     )
     if state.ema_params is not None:  # ema <- decay * ema + (1 - decay) * params
-        ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        # warmed up as TensorFlow's ExponentialMovingAverage(num_updates): min(decay, (1 + n) /
+        # (10 + n)) at the n-th applied update, so that the random initial weights fade within
+        # a few hundred steps, not 1 / (1 - decay) (10,000 at 0.9999: a short run's EMA would
+        # still be a third initial weights)
+        n = applied_updates(state.opt_state).astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
         new_state = new_state.replace(ema_params=keep(ema, state.ema_params))
     return new_state, metrics
 
