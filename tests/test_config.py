@@ -113,7 +113,13 @@ def test_ablations_change_what_they_name():
             r"config\.model\.norm='apex': expected one of \('auto', 'xla', 'pallas'\)",
         ),
         ({"model.norm": "pallas"}, r"config\.model\.norm='pallas'.*NVIDIA GPU.*'xla'"),
-        ({"seed": -1}, r"config\.seed=-1: expected an int >= 0"),
+        ({"seed": -1}, r"config\.seed=-1: expected an int in \[0, 2\*\*32\)"),
+        ({"seed": 2**64}, r"config\.seed=18446744073709551616: expected an int in \[0, 2\*\*32"),
+        (
+            {"frequency.kind": "low_high_pass", "frequency.radius": 1000.0},
+            r"config\.frequency: radius=1000\.0 is beyond the 32x48 spectrum's farthest frequency "
+            r"\(28\.8 bins",
+        ),
         (
             {"checkpoint.every": 300, "checkpoint.keep_every": 1000},
             r"config\.checkpoint\.keep_every=1000: must be a multiple of checkpoint\.every=300",

@@ -344,6 +344,13 @@ def test_low_high_pass_masks(size, radius):
     assert 0 < n_low < 64
 
 
+def test_low_high_pass_radius_must_reach_into_the_spectrum():
+    corner = float(np.hypot(16, 16))  # 32 x 32: the farthest bin from the centre
+    LowHighPass(32, radius=corner)  # the corner itself is high-pass
+    with pytest.raises(ValueError, match=r"beyond the 32x32 spectrum's farthest frequency"):
+        LowHighPass(32, radius=corner + 0.01)
+
+
 @pytest.mark.parametrize("p_low", [0.0, 0.3, 1.0])
 def test_low_pass_fraction(p_low):
     lh = LowHighPass(32, radius=8, p_low=p_low)

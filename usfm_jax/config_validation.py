@@ -95,7 +95,8 @@ def _get(config: ml_collections.ConfigDict, field: str):
 
 def _check_seed(config: ml_collections.ConfigDict, field: str = "seed") -> None:
     value = _get(config, field)
-    _require(isinstance(value, int) and value >= 0, field, value, "expected an int >= 0")
+    _require(isinstance(value, int) and 0 <= value < 2**32, field, value,
+             "expected an int in [0, 2**32)")  # fmt: skip
 
 
 def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> None:

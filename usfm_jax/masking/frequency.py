@@ -357,6 +357,12 @@ class LowHighPass:
         object.__setattr__(self, "size", _as_size(self.size))
         if not self.radius > 0:
             raise ValueError(f"radius must be > 0, got radius={self.radius}")
+        farthest = float(np.sqrt(_sq_distance(self.size).max()))
+        if not self.radius <= farthest:  # else low-pass keeps and high-pass removes everything
+            raise ValueError(
+                f"radius={self.radius} is beyond the {self.size[0]}x{self.size[1]} spectrum's "
+                f"farthest frequency ({farthest:.1f} bins from its centre): expected <= that"
+            )
         if not 0.0 <= self.p_low <= 1.0:
             raise ValueError(f"p_low must be in [0, 1], got p_low={self.p_low}")
         _check_output(self.output)
