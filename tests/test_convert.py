@@ -472,8 +472,8 @@ def test_wrong_architecture_errors_name_the_first_mismatching_key(tmp_path):
         from_torch(narrow, "usfm")
     with pytest.raises(ConversionError, match=r"lacks 'blocks.1.attn.q_bias'"):
         from_torch({k: v for k, v in beit_state.items() if k != "blocks.1.attn.q_bias"}, "usfm")
-    with pytest.raises(ConversionError, match=r"unexpected key 'head.weight'"):
-        from_torch({**beit_state, "head.weight": np.zeros((2, 64), np.float32)}, "usfm")
+    with pytest.raises(ConversionError, match=r"unexpected key 'neck.weight'"):
+        from_torch({**beit_state, "neck.weight": np.zeros((2, 64), np.float32)}, "usfm")
     # a checkpoint of another width than its config says
     wrong = _random_params(beit)
     wrong["norm"]["scale"] = np.ones(65, np.float32)

@@ -13,6 +13,8 @@ aside (moved, never deleted), and the one before it is used.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -105,7 +107,9 @@ def describe_error(error: BaseException) -> str:
     first = lines[0].split(" See full TensorStore details")[0] if lines else ""
     text = f"{type(error).__name__}: {first}"
     # long ones nest the cause last ("...: Failed to write ...: File too large"): keep both ends
-    return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
+    text = text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
+    code = re.search(r"\[os_error_code='(\d+)'\]", first)  # TensorStore's errno, said in words
+    return f"{text}: {os.strerror(int(code.group(1)))}" if code else text
 
 
 def drop_closed_event_loop_noise() -> None:

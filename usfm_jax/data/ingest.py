@@ -218,7 +218,7 @@ def check_pairs(input_path: str, items: Sequence[Item], options: Options) -> Non
             raise ValueError(
                 f"--{name} {directory!r} lies inside --input {input_path!r}: its files would be "
                 "ingested as images, and paired with themselves. Keep them in a folder of "
-                f"their own that mirrors the input's layout (organ/.../stem.png)"
+                "their own that mirrors the input's layout (organ/.../stem.png)"
             )
         absolute = next((item for item in items if os.path.isabs(item.key)), None)
         if absolute is not None:
