@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from benchmarks.train_step import require_positive
 from configs.pretrain import usfm_vitb16
 from usfm_jax.data.augment import AugmentConfig, augment
 from usfm_jax.data.ingest import Options, ingest
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--png_compression", type=int, default=6, help="ingest's zlib level")
     ap.add_argument("--resize", type=int, default=256, help="ingest's shorter side")
     args = ap.parse_args()
+    require_positive(ap, args, ("images", "threads", "batch", "batches"))
+    if args.resize and args.resize < 224:  # the pipeline would upsample to 224 x 224
+        ap.error(f"--resize {args.resize}: the benchmark trains at 224 px; give >= 224 (0: keep)")
 
     with tempfile.TemporaryDirectory() as tmp:
         write_exports(os.path.join(tmp, "exports"), args.images, tuple(args.source_size))

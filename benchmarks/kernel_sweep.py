@@ -36,6 +36,7 @@ from benchmarks.train_step import (
     mlp_tiling,
     norm_tiling,
     pallas_tiling,
+    require_positive,
     variant_lines,
 )
 from usfm_jax.models.vit import PALLAS_IMPLEMENTATIONS, SIZES
@@ -133,9 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--cases {args.cases}: {error}")
     if not args.case:
         ap.error("give --case or --cases")
-    for name in ("depth", "batch", "image", "steps"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be >= 1")
+    require_positive(ap, args, ("depth", "batch", "image", "steps"))
     images = jax.random.uniform(jax.random.key(2), (args.batch, args.image, args.image, 3))
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}: ViT-{args.size} {args.variant} "

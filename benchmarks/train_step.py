@@ -421,10 +421,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--mlp-tiling applies to the Pallas MLP kernels (--mlp {PALLAS_IMPLEMENTATIONS})")
     if args.norm_tiling and args.norm == "xla":
         ap.error("--norm-tiling applies to the Pallas LayerNorm (--norm pallas, or auto on a GPU)")
-    for name in ("steps", "batch_per_device", "image"):
+    require_positive(ap, args, ("steps", "batch_per_device", "image"))
+    return args
+
+
+def require_positive(ap: argparse.ArgumentParser, args: argparse.Namespace, names) -> None:
+    """Refuses, before any work, a count or size below 1 (it would fail only at the end)."""
+    for name in names:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
 
 
 def main() -> None:

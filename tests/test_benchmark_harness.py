@@ -91,6 +91,19 @@ def test_arguments_are_checked():
         assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)
 
 
+def test_input_pipeline_benchmark_checks_its_arguments_before_any_work():
+    script = str(ROOT / "benchmarks" / "input_pipeline.py")
+    cases = [
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--batches", "0"], "--batches must be >= 1"),
+        (["--resize", "100"], "--resize 100: the benchmark trains at 224 px"),
+    ]
+    for bad, error in cases:
+        done = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True,
+                              timeout=300, check=False)  # fmt: skip
+        assert done.returncode == 2 and error in done.stderr, done.stderr
+
+
 def test_kernel_tool_refuses_a_tiling_for_a_family_it_leaves_out(capsys):
     from benchmarks import pallas_kernels
 
