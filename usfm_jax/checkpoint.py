@@ -212,9 +212,15 @@ class Checkpointer:
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
             restored_state, saved_config = restored
-            if config is not None and jax.process_index() == 0:
-                self._report_config_changes(step, saved_config, config)
-            reason = self._restore_data(step, data, saved_config, config)
+            changes = [] if config is None else config_changes(saved_config, config.to_dict())
+            if changes and jax.process_index() == 0:
+                logging.warning(
+                    "resuming from %s with a config that differs from the one it was written "
+                    "with (each checkpoint keeps its own): %s",
+                    self.step_path(step), "; ".join(changes),
+                )  # fmt: skip
+            data_changes = [c.split(":")[0] for c in changes if c.startswith("data.")]
+            reason = self._restore_data(step, data, data_changes)
             if reason is not None:
                 logging.info(
                     "%s: %s, so the data stream is opened at global step %d instead",
@@ -264,26 +270,20 @@ class Checkpointer:
         return restored.state, restored.config
 
     def _restore_data(
-        self,
-        step: int,
-        data: grain.DatasetIterator,
-        saved_config: dict[str, Any],
-        config: ml_collections.ConfigDict | None,
+        self, step: int, data: grain.DatasetIterator, data_changes: list[str]
     ) -> str | None:
         """Moves ``data`` to the position saved at ``step``; returns why it could not (None if
         it did). The position fits only the pipeline that saved it (a grain iterator's state
-        depends on its worker count, among others): after any change to ``config.data``, or of
-        the process count, the caller opens the stream at the step instead, whose batches
-        depend on neither. A position that cannot be read never costs the checkpoint."""
+        depends on its worker count, among others): after any change to ``config.data``
+        (``data_changes``: the fields), or of the process count, the caller opens the stream
+        at the step instead, whose batches depend on neither. A position that cannot be read
+        never costs the checkpoint."""
         # grain saves one file per process: process_{i}-of-{n}.json
         layout = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        changed = config is not None and [
-            c for c in config_changes(saved_config, config.to_dict()) if c.startswith("data.")
-        ]  # fmt: skip
         if not (self.step_path(step) / "data" / layout).exists():
             reason = "it was written by another number of processes"
-        elif changed:
-            reason = f"config.data changed ({', '.join(c.split(':')[0] for c in changed)})"
+        elif data_changes:
+            reason = f"config.data changed ({', '.join(data_changes)})"
         else:
             try:
                 restore = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data))
@@ -294,18 +294,6 @@ class Checkpointer:
         if not _all_processes(reason is None):  # all processes read the stream the same way
             reason = reason or "another process could not restore its data position"
         return reason
-
-    def _report_config_changes(
-        self, step: int, saved: dict[str, Any], config: ml_collections.ConfigDict
-    ) -> None:
-        changes = config_changes(saved, config.to_dict())
-        if changes:
-            logging.warning(
-                "resuming from %s with a config that differs from the one it was written with "
-                "(each checkpoint keeps its own): %s",
-                self.step_path(step),
-                "; ".join(changes),
-            )
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unusable checkpoints out of the way (kept for inspection, never deleted)."""

@@ -116,18 +116,15 @@ def train(
                         f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
                         f"checkpoint in {workdir}/checkpoints is from before them"
                     )
-            if preempted:  # the notice's grace period is for the checkpoint: no probe, preview
-                checkpointer.save(step, state, data, config, force=True)
-                end = step
-                break
-            # probes every `every` steps, at the end, and after the first step (the baseline)
-            if config.probe.every and (step % config.probe.every == 0 or last or step == 1):
-                probe = probe or OrganProbe(config, graphdef, shardings.params, mesh)
-                reporter.evaluation("probe", probe(state.params), step)
-                reporter.restart_timer(step)  # keep the probes out of images/s
-            if config.image_every and (step % config.image_every == 0 or last):
-                reporter.images(step, preview(state, batch))
-                reporter.restart_timer(step)  # keep previews out of images/s
+            if not preempted:  # a notice's grace period is for the checkpoint alone
+                # probes every `every` steps, at the end, and after the first step (the baseline)
+                if config.probe.every and (step % config.probe.every == 0 or last or step == 1):
+                    probe = probe or OrganProbe(config, graphdef, shardings.params, mesh)
+                    reporter.evaluation("probe", probe(state.params), step)
+                    reporter.restart_timer(step)  # keep the probes out of images/s
+                if config.image_every and (step % config.image_every == 0 or last):
+                    reporter.images(step, preview(state, batch))
+                    reporter.restart_timer(step)  # keep previews out of images/s
             checkpointer.save(step, state, data, config, force=last)
             if last:
                 end = step

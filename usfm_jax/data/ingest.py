@@ -156,7 +156,7 @@ def list_items(input_path: str) -> tuple[list[Item], list[str]]:
         files = [f for f in names if os.path.isfile(os.path.join(input_path, f))]
         top = [f for f in files if _is_candidate(os.path.join(input_path, f))]
         ignored = [os.path.join(input_path, f) for f in files if f not in top]
-        groups = [d for d in names if os.path.isdir(os.path.join(input_path, d))]
+        groups = sorted(_folders(input_path))
         if top and groups:
             raise ValueError(
                 f"--input {input_path!r} holds both files and folders: put the files in "
@@ -198,8 +198,6 @@ def _is_candidate(path: str) -> bool:
 def paired_path(directory: str, key: str) -> str | None:
     """The file of ``directory`` paired with the item ``key`` (its path relative to the input):
     same relative folder and stem, PNG first, then any image suffix."""
-    if os.path.isabs(key):  # os.path.join would drop the directory: the image's own path
-        raise readers.UnreadableError("pairs are found by the path relative to the input")
     stem = os.path.join(directory, os.path.splitext(key)[0])
     for suffix in (".png", *IMAGE_SUFFIXES):
         if suffix and os.path.isfile(stem + suffix):
@@ -210,6 +208,7 @@ def paired_path(directory: str, key: str) -> str | None:
 def check_pairs(input_path: str, items: Sequence[Item], options: Options) -> None:
     """Refuses --masks / --targets that would pair images with themselves or be read as
     images: a folder inside a directory input, or a manifest with absolute paths."""
+    absolute = next((item for item in items if os.path.isabs(item.key)), None)
     for name in ("masks", "targets"):
         directory = getattr(options, name)
         if not directory:
@@ -220,8 +219,7 @@ def check_pairs(input_path: str, items: Sequence[Item], options: Options) -> Non
                 "ingested as images, and paired with themselves. Keep them in a folder of "
                 "their own that mirrors the input's layout (organ/.../stem.png)"
             )
-        absolute = next((item for item in items if os.path.isabs(item.key)), None)
-        if absolute is not None:
+        if absolute is not None:  # os.path.join(directory, key) would be the image itself
             raise ValueError(
                 f"--{name} pairs files by their path relative to the manifest, and the manifest "
                 f"lists an absolute path ({absolute.key!r}): write the paths relative to the "
