@@ -559,6 +559,38 @@ def test_timm_classification_checkpoints_import_without_their_head(tmp_path):
         np.testing.assert_array_equal(norm["bias"], model.fc_norm.bias.detach().numpy())
 
 
+def test_saved_position_index_buffers_are_checked_and_dropped():
+    """BEiT's and SimMIM's models save their relative_position_index (timm's do not): a file
+    with timm's own index (a non-square grid) imports with a note and gives timm's tokens; an
+    index that orders the tokens otherwise is refused, not silently misread."""
+    import timm
+
+    beit = timm.models.beit.Beit(
+        img_size=(32, 48), patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+        use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, global_pool="token",
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for block in beit.blocks:
+            block.attn.relative_position_bias_table.normal_(0.0, 0.5)
+    sd = {k: v.numpy() for k, v in beit.state_dict().items()}
+    for i, block in enumerate(beit.blocks):
+        sd[f"blocks.{i}.attn.relative_position_index"] = (
+            block.attn.relative_position_index.numpy().astype(np.int64)
+        )
+    params, arch, notes = from_torch(sd, "timm-beit", image_size=(32, 48))
+    assert "ignored 2 relative_position_index buffers (the index usfm_jax computes)" in notes
+    encoder = build_encoder(arch, params["encoder"], attention="xla")
+    gray = np.random.default_rng(3).uniform(0, 1, (2, 32, 48, 1)).astype(np.float32)
+    x = torch.from_numpy(np.repeat((gray - 0.5) / 0.25, 3, -1).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        want = beit.forward_features(x).numpy()
+    _assert_close(np.asarray(encoder(jnp.asarray((gray - 0.5) / 0.25))), want)
+    index = sd["blocks.1.attn.relative_position_index"]
+    sd["blocks.1.attn.relative_position_index"] = index.T.copy()  # another token order
+    with pytest.raises(ConversionError, match=r"blocks\.1\.attn\.relative_position_index \(sh"):
+        from_torch(sd, "timm-beit", image_size=(32, 48))
+
+
 def test_urfm_mae_file_imports_its_encoder(tmp_path):
     """URFM's released files: an MAE (encoder + decoder) under 'ema_state_dict', the keys
     prefixed 'module.'; the encoder alone is a timm ViT."""
@@ -578,6 +610,24 @@ def test_urfm_mae_file_imports_its_encoder(tmp_path):
     for name in want:
         if name != "mask_token":
             assert np.array_equal(got[name], want[name]), name
+
+
+def test_a_file_with_raw_and_ema_weights_gives_the_emas_and_says_so(tmp_path):
+    """A training script's file with both sets (DeiT / MAE style 'model' and 'model_ema'):
+    the EMA weights are the released ones (timm's use_ema=True), whatever the key order."""
+    arch = _arch("vit", (64, 2, 2), image=64)
+    params = _random_params(arch)
+    state, _ = to_torch(params, arch, "timm-vit")
+    ema = {k: torch.from_numpy(v) for k, v in state.items()}
+    raw = {k: v + 1.0 for k, v in ema.items()}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": raw, "epoch": 3, "model_ema": ema}, path)
+    notes: list[str] = []
+    got = read_state_dict(path, notes)
+    assert all(np.array_equal(got[k], v.numpy()) for k, v in ema.items())
+    assert notes == ["the file holds weights under 'model_ema', 'model': read 'model_ema' (the EMA's)"]
+    imported = import_torch_weights(path, "timm-vit", num_heads=2, input_normalization=OURS)
+    assert notes[0] in imported.notes
 
 
 def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):

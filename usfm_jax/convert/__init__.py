@@ -170,7 +170,8 @@ def import_torch_weights(
     The weights' own normalisation is ``input_normalization``, else their card's, else the
     format's pipeline's (usfm: ImageNet, open-clip-visual: CLIP); for timm formats without a
     card, ImageNet's is assumed and noted."""
-    sd = read_state_dict(weights)
+    file_notes: list[str] = []
+    sd = read_state_dict(weights, file_notes)
     card = read_card(weights) or {}
     if fmt == "auto":
         fmt = card.get("format") or detect_format(sd)
@@ -208,7 +209,8 @@ def import_torch_weights(
         image_size=image_size,
     )
     step = int(card.get("source", {}).get("step", 0))
-    return Imported({**params, "encoder": encoder}, arch, target, notes + adapted, fmt, step)
+    notes = file_notes + notes + adapted
+    return Imported({**params, "encoder": encoder}, arch, target, notes, fmt, step)
 
 
 def torch_to_export(weights: str, fmt: str, out: str, **options: Any) -> dict[str, Any]:

@@ -12,8 +12,12 @@ from etils import epath
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.paths import as_path
 
-# Where training scripts nest the weights inside a saved dict (URFM: 'ema_state_dict').
-NESTED_KEYS = ("state_dict", "model", "ema_state_dict", "model_ema", "module", "params")
+# Where training scripts nest the weights inside a saved dict (URFM: 'ema_state_dict'), in the
+# order they are taken: EMA weights first where a file also holds the raw ones, as timm's
+# load_state_dict(use_ema=True) does (the released weights of MAE, BEiT and URFM are the EMA's).
+NESTED_KEYS = (
+    "ema_state_dict", "model_ema", "state_dict_ema", "state_dict", "model", "module", "params"
+)  # fmt: skip
 SAFETENSORS = ".safetensors"
 PICKLES = (".pth", ".pt", ".bin")
 
@@ -49,12 +53,15 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | epath.Pat
             torch.save({name: torch.from_numpy(value) for name, value in arrays.items()}, f)
 
 
-def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
+def read_state_dict(
+    path: str | epath.Path, notes: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """A flat state dict as numpy arrays, from safetensors or a torch pickle (read with
     ``weights_only=True``: no code runs). Weights nested under a training script's key
-    ('state_dict', 'model', 'ema_state_dict', ...) or prefixed 'module.' are unwrapped, and
-    floating-point weights (fp16 and bf16 releases too) come as float32: the parameters that
-    training and fine-tuning update are float32 whatever the compute dtype."""
+    (``NESTED_KEYS``: the EMA's first) or prefixed 'module.' are unwrapped, and floating-point
+    weights (fp16 and bf16 releases too) come as float32: the parameters that training and
+    fine-tuning update are float32 whatever the compute dtype. Where a file holds several sets
+    of weights, ``notes`` (if given) gets which one was read."""
     path = as_path(path)
     if not path.exists():
         raise ConversionError(f"no weights file at {path}")
@@ -72,12 +79,18 @@ def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
         raise
     except Exception as e:  # unreadable: name the file and the reason in one line
         raise ConversionError(f"cannot read {path} as PyTorch weights: {_reason(e)}") from e
-    return _as_state_dict(obj, str(path))
+    return _as_state_dict(obj, str(path), [] if notes is None else notes)
 
 
-def _as_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
+def _as_state_dict(obj: Any, source: str, notes: list[str]) -> dict[str, np.ndarray]:
     while isinstance(obj, Mapping) and not _is_flat(obj):
-        nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        found = [k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)]
+        nested = found[0] if found else None
+        if len(found) > 1:
+            notes.append(
+                f"the file holds weights under {', '.join(map(repr, found))}: read "
+                f"{nested!r}" + (" (the EMA's)" if "ema" in nested else "")
+            )
         if nested is None:
             raise ConversionError(
                 f"{source} is not a state dict: a dict of {len(obj)} entries "
@@ -124,7 +137,8 @@ def _reason(error: Exception) -> str:
         if detail.startswith("Unsupported global"):
             return (
                 f"it holds Python objects besides tensors ({detail}), which are not loaded, "
-                "for safety; save the state dict alone, e.g. torch.save(ckpt['model'], path)"
+                "for safety; save the state dict alone, e.g. torch.save(ckpt['model'], path) (or the EMA "
+                "weights' entry, where there is one)"
             )
         return f"not a PyTorch weights file ({detail})"
     if isinstance(error, KeyError):  # the unpickler met a byte that starts no opcode

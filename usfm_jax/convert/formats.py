@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from usfm_jax.models.vit import SIZES, VisionTransformer, mlp_ratio_of
+from usfm_jax.models.vit import SIZES, VisionTransformer, mlp_ratio_of, relative_position_index
 
 TO_TORCH = ("timm-beit", "usfm", "timm-vit")
 FROM_TORCH = (*TO_TORCH, "open-clip-visual")
@@ -291,7 +291,9 @@ def from_torch(
             sd = {k: v for k, v in sd.items() if k not in mae}
             notes.append(f"ignored {len(mae)} MAE decoder keys (decoder*, mask_token)")
     sd = _without_classifier(sd, notes)
+    index_buffers = {k: sd.pop(k) for k in list(sd) if k.endswith(INDEX_BUFFER)}
     arch = _infer_architecture(sd, fmt, num_heads, image_size)
+    _check_index_buffers(index_buffers, arch, notes)
     flat = {}
     torch_name = {}
     for name, value in sd.items():
@@ -312,6 +314,29 @@ def from_torch(
         notes.append("mask_token is not in this format: initialised to zeros")
     _check_shapes(flat, arch.param_shapes(), f"{fmt} state dict", torch_name)
     return {"encoder": unflatten(flat), **extra}, arch, notes
+
+
+# BEiT's and SimMIM's models save the index into the relative position table as a buffer
+# (timm's do not); we compute it (models.vit.relative_position_index).
+INDEX_BUFFER = "relative_position_index"
+
+
+def _check_index_buffers(
+    buffers: Mapping[str, np.ndarray], arch: Architecture, notes: list[str]
+) -> None:
+    """Drops saved position-index buffers after checking they index the table as we do: a
+    file whose tokens are ordered otherwise would load into a silently different model."""
+    if not buffers:
+        return
+    want = relative_position_index(arch.grid)
+    for name, index in sorted(buffers.items()):
+        if np.shape(index) != want.shape or not np.array_equal(index, want):
+            raise ConversionError(
+                f"{name} (shape {np.shape(index)}) is not the BEiT index of a {arch.grid} grid "
+                f"of patches with a leading cls token (shape {want.shape}): this file's "
+                "relative position table is laid out otherwise and cannot be read"
+            )
+    notes.append(f"ignored {len(buffers)} {INDEX_BUFFER} buffers (the index usfm_jax computes)")
 
 
 def _without_classifier(sd: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray]:

@@ -94,7 +94,8 @@ def load_teacher(
     """A teacher from PyTorch weights: an open_clip checkpoint (its visual trunk and
     projection) or a timm ViT state dict. Weights are taken as they are (no folding); a key
     that is missing or of the wrong shape is an error naming it."""
-    sd = read_state_dict(path)
+    file_notes: list[str] = []
+    sd = read_state_dict(path, file_notes)
     card = read_card(path) or {}
     if fmt == "auto":
         fmt = card.get("format") or detect_format(sd) or "open-clip-visual"
@@ -126,7 +127,7 @@ def load_teacher(
     if projection is not None:
         weights["projection"] = params["projection"]
     nnx.replace_by_pure_dict(state, weights)
-    return LoadedTeacher(graphdef, state, arch, expected, notes)
+    return LoadedTeacher(graphdef, state, arch, expected, file_notes + notes)
 
 
 def teacher_from_config(config: Any) -> LoadedTeacher:

@@ -121,8 +121,9 @@ def layer_norm(dim: int, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
     """BEiT's index into the relative position table, int32 [1 + N, 1 + N] for a grid of N patches.
 
-    Rows of the table: (2*gh - 1) * (2*gw - 1) patch-to-patch offsets, then token->cls, cls->token,
-    cls->cls (the layout of timm's Beit and the released USFM weights).
+    Rows of the table: (2*gh - 1) * (2*gw - 1) patch-to-patch offsets, then cls->token (the cls
+    query's row of the index), token->cls, cls->cls (the layout of timm's Beit and the released
+    USFM weights).
     """
     gh, gw = grid
     coords = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")).reshape(2, -1)
