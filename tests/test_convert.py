@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,14 @@ from usfm_jax.convert import (
     import_torch_weights,
     torch_to_export,
 )
-from usfm_jax.convert.adapt import PRESETS, adapt_encoder, fold_patch_embedding
+from usfm_jax.convert.adapt import (
+    PRESETS,
+    _geometric_positions,
+    adapt_encoder,
+    fold_patch_embedding,
+    resample_pos_embed,
+    resample_rel_pos_table,
+)
 from usfm_jax.convert.cards import build_timm_model, make_card, timm_spec
 from usfm_jax.convert.files import read_state_dict, write_card, write_state_dict
 from usfm_jax.convert.formats import (
@@ -255,23 +263,54 @@ def test_a_224_model_exported_for_512_matches_timm_at_512(variant, fmt):
     _assert_close(_torch_tokens(model, gray, OURS), _flax_tokens(arch512, params, gray, OURS))
 
 
-def test_resampling_keeps_the_cls_rows_and_a_linear_ramp():
-    """Offsets are resampled as an image (pixel centres, as timm does): a linear ramp stays
-    the same ramp, sampled at the new centres, away from the two border cells."""
-    arch = _arch("beit", (64, 1, 2), image=64)  # 4x4 grid: 7x7 offsets + 3 rows
-    ramp = np.linspace(0, 1, 7)
-    table = np.stack([np.add.outer(ramp, ramp).ravel()] * 2, -1).astype(np.float32)
-    table = np.concatenate([table, np.full((3, 2), 9.0, np.float32)])
-    params = _random_params(arch)
-    params["rel_pos_bias"]["relative_position_bias_table"] = table
-    out, _, _ = adapt_encoder(params, arch, source=OURS, image_size=(128, 128))
-    resized = out["rel_pos_bias"]["relative_position_bias_table"]
-    assert resized.shape == (15 * 15 + 3, 2) and np.all(resized[-3:] == 9.0)
-    old = (np.arange(15) + 0.5) * 7 / 15 - 0.5  # new pixel centres in old coordinates
-    expected = np.add.outer(old / 6, old / 6)
-    np.testing.assert_allclose(resized[:-3, 0].reshape(15, 15)[3:-3, 3:-3], expected[3:-3, 3:-3],
-                               atol=1e-5)  # fmt: skip
-    assert not np.array_equal(resized[:-3, 0], resized[:-3, 1] + 1)  # both heads resampled
+@pytest.mark.parametrize("new_grid", [(32, 32), (8, 8), (20, 12)])
+def test_absolute_embeddings_are_resampled_as_timm_does(new_grid):
+    from timm.layers import resample_abs_pos_embed
+
+    embed = np.random.default_rng(0).normal(0, 1, (1, 1 + 14 * 14, 16)).astype(np.float32)
+    want = resample_abs_pos_embed(torch.from_numpy(embed), list(new_grid), [14, 14])
+    got = resample_pos_embed(embed, (14, 14), new_grid)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
+def test_relative_tables_are_resampled_as_beit_does():
+    """BEiT's geometric interpolation, against timm's implementation of it: timm places the
+    old offsets as BEiT does but interpolates linearly between them (BEiT and usfm_jax with a
+    bicubic spline), so a table linear in those places comes out of both as the same plane.
+    Offsets 0 and +-1 and the three cls rows keep their values; cubics are reproduced; a
+    smaller grid gets the central crop."""
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
+
+    grid, new = (14, 14), (32, 32)  # 224 -> 512 px at patch 16
+    ys = _geometric_positions(14, 32)  # where the 27 old offsets sit among the 63 new ones
+    plane = np.stack([0.3 + 0.2 * ys[:, None] - 0.1 * ys[None, :], 0.05 * ys[:, None] + 0 * ys])
+    table = np.concatenate([plane.reshape(2, -1).T, [[7.0, 8.0], [9.0, 10.0], [11.0, 12.0]]])
+    table = table.astype(np.float32)
+    offsets = np.arange(-31, 32.0)
+    want = np.stack([0.3 + 0.2 * offsets[:, None] - 0.1 * offsets[None, :],
+                     0.05 * offsets[:, None] + 0 * offsets])  # fmt: skip
+    want = np.concatenate([want.reshape(2, -1).T, table[-3:]])
+    with warnings.catch_warnings():  # timm's interpolator warns of its own indexing
+        warnings.simplefilter("ignore", UserWarning)
+        theirs = resize_rel_pos_bias_table(torch.from_numpy(table), new, want.shape).numpy()
+    ours = resample_rel_pos_table(table, grid, new)
+    np.testing.assert_allclose(theirs, want, atol=1e-4)  # timm places the offsets where we do
+    np.testing.assert_allclose(ours, want, atol=1e-4)
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(0.0, 1.0, (27 * 27 + 3, 2)).astype(np.float32)
+    out = resample_rel_pos_table(table, grid, new)
+    old, got = table[:-3].reshape(27, 27, 2), out[:-3].reshape(63, 63, 2)
+    np.testing.assert_allclose(got[30:33, 30:33], old[12:15, 12:15], atol=1e-5)
+    np.testing.assert_array_equal(out[-3:], table[-3:])
+    crop = resample_rel_pos_table(table, grid, (8, 8))[:-3].reshape(15, 15, 2)
+    np.testing.assert_allclose(crop, old[6:21, 6:21], atol=1e-5)
+
+    cubic = (ys**3 - 4 * ys)[:, None] * (0.5 * ys**2 + ys)[None, :] / 1e4
+    table = np.concatenate([cubic.reshape(-1, 1), np.zeros((3, 1))]).astype(np.float64)
+    got = resample_rel_pos_table(table, grid, new)[:-3].reshape(63, 63)
+    want = (offsets**3 - 4 * offsets)[:, None] * (0.5 * offsets**2 + offsets)[None, :] / 1e4
+    np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize(
@@ -625,7 +664,9 @@ def test_a_file_with_raw_and_ema_weights_gives_the_emas_and_says_so(tmp_path):
     notes: list[str] = []
     got = read_state_dict(path, notes)
     assert all(np.array_equal(got[k], v.numpy()) for k, v in ema.items())
-    assert notes == ["the file holds weights under 'model_ema', 'model': read 'model_ema' (the EMA's)"]
+    assert notes == [
+        "the file holds weights under 'model_ema', 'model': read 'model_ema' (the EMA's)"
+    ]
     imported = import_torch_weights(path, "timm-vit", num_heads=2, input_normalization=OURS)
     assert notes[0] in imported.notes
 

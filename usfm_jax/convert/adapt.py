@@ -4,7 +4,8 @@ Ultrasound images are gray. A 3-channel model sees the gray image replicated; a 
 sees it once. The patch embedding is linear in the pixels, so a model trained with one channel
 count and normalisation can be re-expressed exactly for another, for gray inputs: the folded
 weights give the same embeddings as the originals on every gray image. Position tables are
-resampled (bicubic) when the grid of patches changes; that is an approximation by nature.
+resampled when the grid of patches changes (an absolute embedding bicubically, as timm does; a
+relative table by BEiT's geometric interpolation); that is an approximation by nature.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from scipy.interpolate import RectBivariateSpline
 
 from usfm_jax.convert.formats import Architecture, flatten, unflatten
 
@@ -131,12 +133,50 @@ def resample_rel_pos_table(
     table: np.ndarray, grid: tuple[int, int], new_grid: tuple[int, int]
 ) -> np.ndarray:
     """BEiT relative position table [(2gh-1)(2gw-1) + 3, heads] for another grid; the three
-    cls rows are kept."""
+    cls rows are kept.
+
+    An offset counts patches, which are as large at any image size, so offsets both grids
+    have keep their meaning. For a smaller grid the table is cropped to its offsets; for a
+    larger one, BEiT's (and SimMIM's) geometric interpolation: offsets 0 and +-1 stay where
+    they are, the further ones are spread over the new range with geometrically growing steps,
+    and an interpolating bicubic spline gives the new offsets between them."""
     if tuple(grid) == tuple(new_grid):
         return table
-    offsets = table[:-3].reshape(2 * grid[0] - 1, 2 * grid[1] - 1, -1)
-    resized = _resize_grid(offsets, (2 * new_grid[0] - 1, 2 * new_grid[1] - 1))
-    return np.concatenate([resized.reshape(-1, table.shape[-1]), table[-3:]], axis=0)
+    (gh, gw), (nh, nw) = grid, new_grid
+    offsets = table[:-3].reshape(2 * gh - 1, 2 * gw - 1, -1).astype(np.float64)
+    ys, xs = _geometric_positions(gh, nh), _geometric_positions(gw, nw)
+    new_ys, new_xs = (np.arange(1 - n, n, dtype=np.float64) for n in (nh, nw))
+    new_ys, new_xs = np.clip(new_ys, ys[0], ys[-1]), np.clip(new_xs, xs[0], xs[-1])
+    kx, ky = min(3, len(ys) - 1), min(3, len(xs) - 1)  # a 2-patch axis has 3 offsets
+    resized = np.stack(
+        [
+            RectBivariateSpline(ys, xs, offsets[..., head], kx=kx, ky=ky, s=0)(new_ys, new_xs)
+            for head in range(offsets.shape[-1])
+        ],
+        axis=-1,
+    )  # [2nh - 1, 2nw - 1, heads]
+    resized = resized.reshape(-1, table.shape[-1]).astype(table.dtype)
+    return np.concatenate([resized, table[-3:]], axis=0)
+
+
+def _geometric_positions(size: int, new_size: int) -> np.ndarray:
+    """Where the offsets -(size-1) .. size-1 of a ``size``-patch axis sit among those of a
+    ``new_size`` one (BEiT): 0, +-1, +-(1 + q), +-(1 + q + q^2), ..., with q >= 1 such that
+    the last lands on new_size - 1 (q = 1, the offsets themselves, when the axis shrinks)."""
+    n, reach = size - 1, new_size - 1
+
+    def last(q: float) -> float:  # 1 + q + ... + q^(n-1)
+        return float(np.sum(q ** np.arange(n)))
+
+    low, high = 1.0, 2.0
+    if reach > n:
+        while last(high) < reach:
+            high *= 2
+        for _ in range(100):  # bisection of a monotone function, to float precision
+            mid = (low + high) / 2
+            low, high = (low, mid) if last(mid) > reach else (mid, high)
+    steps = np.cumsum(low ** np.arange(n))  # [n]: 1, 1 + q, ...
+    return np.concatenate([-steps[::-1], [0.0], steps])
 
 
 def adapt_encoder(
@@ -183,8 +223,13 @@ def adapt_encoder(
                 flat[name] = resample_pos_embed(flat[name], arch.grid, new.grid)
             elif name.endswith("relative_position_bias_table"):
                 flat[name] = resample_rel_pos_table(flat[name], arch.grid, new.grid)
+        how = (
+            "embedding resampled (bicubic)"
+            if arch.variant == "vit"
+            else "tables resampled (BEiT's geometric interpolation)"
+        )
         notes.append(
-            f"position {'embedding' if arch.variant == 'vit' else 'tables'} resampled (bicubic) "
-            f"from {arch.image_size[0]}x{arch.image_size[1]} to {image_size[0]}x{image_size[1]}"
+            f"position {how} from {arch.image_size[0]}x{arch.image_size[1]} to "
+            f"{image_size[0]}x{image_size[1]}"
         )
     return unflatten(flat), new, notes
