@@ -588,6 +588,32 @@ def test_beit_initial_values():
     np.testing.assert_array_equal(params["norm"]["scale"], np.ones(WIDTH))
 
 
+@pytest.mark.parametrize("variant", ["beit", "vit"])
+def test_linear_weights_are_initialised_as_timms(variant):
+    """Linear weights spread as timm's trunc_normal_(std=.02) gives them (in effect N(0, .02^2);
+    jax's default cut at 2 std gives .0176), and in BEiT block i's attention projection and
+    fc2 divided by sqrt(2 (i + 1)) (BEiT's fix_init_weight); timm's plain ViT does not."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=16, embed_dim=192, depth=3, num_heads=3, num_classes=0)
+    if variant == "beit":
+        theirs = timm.models.beit.Beit(**kw, use_rel_pos_bias=True, init_values=0.1)
+    else:
+        theirs = timm.models.vision_transformer.VisionTransformer(**kw)
+    ours = VisionTransformer(variant=variant, image_size=(32, 32), width=192, depth=3,
+                             num_heads=3, rngs=nnx.Rngs(0))  # fmt: skip
+    for i in range(3):
+        block, timm_block = ours.blocks[i], theirs.blocks[i]
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            layer, timm_layer = block, timm_block
+            for part in name.split("."):
+                layer, timm_layer = getattr(layer, part), getattr(timm_layer, part)
+            ratio = float(np.std(layer.kernel[...])) / float(timm_layer.weight.detach().std())
+            assert abs(ratio - 1) < 0.05, (i, name, ratio)
+
+
 def test_base_parameter_count_matches_usfm_checkpoint():
     d, mlp, depth, heads = 768, 3072, 12, 12
     rows = (2 * 14 - 1) * (2 * 14 - 1) + 3

@@ -1,4 +1,5 @@
-"""Ablation: masked patches filled with the image mean (USFM code's block masking fill).
+"""Ablation: masked patches filled with the image mean (the fill of USFM code's block-wise
+masking, on the random mask-patches of the other rules).
 
 Argument ``demo`` applies it to the CPU demo recipe instead of the full ViT-B/16 one.
 """

@@ -5,9 +5,10 @@
 CPU demo encoder (``configs/pretrain/demo.py``): 64x64 gray images, a 4-block ViT of width 128;
 a checkpoint given as ``--config.init`` brings its own architecture and normalisation.
 
-Where the literature has a recipe we follow it: BEiT / USFM fine-tuning with layer-wise lr
-decay 0.65-0.75 and drop path 0.1; the UPerNet decoder of BEiT's segmentation; the linear
-probe on the frozen encoder's mean-pooled tokens.
+Where the literature has a recipe we follow its form: BEiT / USFM fine-tuning with layer-wise
+lr decay and drop path 0.1; the UPerNet decoder of BEiT's segmentation; the linear probe on the
+frozen encoder's mean-pooled tokens. The values (lr, layer decay, clip, UPerNet width) are ours,
+for the demo; USFM's official ones for ViT-B/16 are in docs/finetune.md.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ from its public peers (docs/urfm.md), marked "ours":
 - teacher: BiomedCLIP's visual tower in open_clip's file (``--config.teacher.path``), fed the
   gray image with CLIP's own normalisation and size;
 - optimizer: AdamW (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 per 256 images -> 3e-4 per
-  512 (MAE; ours), 100k steps at batch 2048 with 10k warmup (ours); an EMA of the weights with
-  decay 0.9999 (URFM's files hold EMA weights; the decay is ours), exported by default.
+  512, cosine decay to 0, no drop path (MAE; ours); gradients clipped at norm 5 as in the USFM
+  recipe (a guard MAE does without; ours); 100k steps at batch 2048 with 10k warmup (ours); an
+  EMA of the weights with decay 0.9999 (URFM's files hold EMA weights; the decay is ours),
+  exported by default.
 
 Arguments: ``size=base`` (encoder size), ``demo`` (a CPU-sized run of ``steps=400``: 64x64
 images, a 4-block student, a decoder 64 wide and 2 deep, ratio 0.5, EMA 0.99; pass a small
@@ -37,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.representation.enabled = True
     c.model.variant = "vit"
     c.model.in_chans = 3
-    c.optimizer.update(base_lr=3e-4, b2=0.95)
+    c.optimizer.update(base_lr=3e-4, b2=0.95, min_lr_ratio=0.0)
+    c.model.drop_path_rate = 0.0
     c.ema_decay = 0.9999  # URFM released EMA weights (ours: the decay)
     if args.demo:
         c.representation.decoder.update(width=64, depth=2, num_heads=4)

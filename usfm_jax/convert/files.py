@@ -137,8 +137,8 @@ def _reason(error: Exception) -> str:
         if detail.startswith("Unsupported global"):
             return (
                 f"it holds Python objects besides tensors ({detail}), which are not loaded, "
-                "for safety; save the state dict alone, e.g. torch.save(ckpt['model'], path) (or the EMA "
-                "weights' entry, where there is one)"
+                "for safety; save the state dict alone, e.g. torch.save(ckpt['model'], path) "
+                "(or the EMA weights' entry, where there is one)"
             )
         return f"not a PyTorch weights file ({detail})"
     if isinstance(error, KeyError):  # the unpickler met a byte that starts no opcode

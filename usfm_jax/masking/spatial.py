@@ -7,7 +7,8 @@ by default as in SimMIM) is chosen per image, exactly ``ceil(ratio * num_mask_pa
 * ``gaussian``: additive Gaussian noise of std ``sigma`` (the noise-addition of USFM);
 * ``speckle``: multiplicative noise, x * (1 + sigma * n), the statistics of ultrasound speckle;
 * ``replace``: replaced by uniform noise in [0, 1];
-* ``mean``: filled with the image mean (the block-wise generator of USFM's code);
+* ``mean``: filled with the image mean (the fill of the block-wise generator USFM's code
+  keeps; here on the same random mask-patches, not BEiT's random rectangles);
 * ``mask_token``: pixels untouched; the encoder swaps masked patch embeddings for a learned
   mask token (the SimMIM ablation).
 

@@ -78,7 +78,9 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
 }
-trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+# timm's and BEiT's trunc_normal_(std=0.02): cut at +-2 (absolute, i.e. 100 standard
+# deviations), in effect N(0, 0.02^2); jax's truncated_normal cuts at +-2 std by default.
+trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
 
 def over_tokens(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
@@ -585,6 +587,10 @@ class VisionTransformer(nnx.Module):
                 for rate in rates
             ]
         )
+        if beit:  # BEiT's fix_init_weight: the residual branches' output layers scaled by depth
+            for i, block in enumerate(self.blocks):
+                for layer in (block.attn.proj, block.mlp.fc2):
+                    layer.kernel[...] = layer.kernel[...] / np.sqrt(2.0 * (i + 1))
         self.norm = layer_norm(width, dtype, rngs)
         self.norm_implementation = norm
 
