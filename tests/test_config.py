@@ -148,7 +148,6 @@ def test_pallas_attention_is_checked_against_the_token_count():
     to 64 wide."""
     validate(make_tiny_config(**{"model.attention": "pallas"}), num_devices=8, backend="gpu")
     big = make_tiny_config(**{"model.attention": "pallas", "image_size": (384, 384)})
-    big.data.augment.crop_scale = (1.0, 1.0)
     with pytest.raises(ConfigError, match=r"up to 256 tokens.*\(384, 384\) makes 577"):
         validate(big, num_devices=8, backend="gpu")
     wide = make_tiny_config(**{"model.attention": "pallas", "model.width": 160})  # heads of 80

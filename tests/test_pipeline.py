@@ -197,6 +197,23 @@ def test_validation_checks_the_tfds_settings(ingested_dir, tmp_path):
             validate(_tfds_config(ingested_dir, **data), num_devices=1)
 
 
+def test_sampling_settings_are_checked_for_the_synthetic_source_too():
+    """The synthetic source reads neither the organ weighting nor the augmentation: a bad value
+    is named as for ingested data, a changed one is refused rather than silently unused."""
+    validate(make_tiny_config(), num_devices=8)
+    cases = [
+        ({"data.weighting": "bogus"}, r"config\.data\.weighting='bogus': expected one of"),
+        ({"data.augment.hflip": 7.0}, r"config\.data: hflip=7\.0: expected a probability"),
+        ({"data.organ_weights": "liver=2"}, r"organ_weights='liver=2': is used only with data"),
+        ({"data.weighting": "proportional"},
+         r"data\.weighting='proportional': is read only from ingested data \(data\.source='tfds'"),
+        ({"data.augment.gamma": (1.0, 1.0)}, r"data\.augment\.gamma=\(1\.0, 1\.0\): is read"),
+    ]  # fmt: skip
+    for overrides, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            validate(make_tiny_config(**overrides), num_devices=8)
+
+
 @pytest.mark.parametrize("damage", ["card", "missing shard", "cut shard"])
 def test_a_damaged_dataset_is_a_config_error_naming_the_file(ingested_dir, tmp_path, damage):
     data_dir = tmp_path / "copy"

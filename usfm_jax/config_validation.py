@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -125,8 +126,41 @@ def check_data_source(config: ml_collections.ConfigDict, sources: tuple[str, ...
              "empty")  # fmt: skip
 
 
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The organ weighting and augmentation settings, whatever the source. The synthetic source
+    reads none of them (its generator draws the organs uniformly, each image already varied),
+    so with it a setting changed from the default is an error rather than silently unused."""
+    d = config.data
+    _one_of(config, "data.weighting", WEIGHTINGS)
+    _require(d.temperature is None or d.weighting == "temperature", "data.temperature",
+             d.temperature, f"is used only with data.weighting='temperature' (it is "
+             f"{d.weighting!r}): add --config.data.weighting=temperature, or leave it "
+             "unset")  # fmt: skip
+    _require(d.temperature is None or (math.isfinite(d.temperature) and d.temperature >= 0),
+             "data.temperature", d.temperature, "expected a finite value >= 0")  # fmt: skip
+    try:
+        parse_organ_weights(d.organ_weights)
+        augment = AugmentConfig.from_mapping(config.image_size, d.augment)
+    except ValueError as e:
+        raise ConfigError(f"config.data: {e}") from None
+    _require(d.weighting == "explicit" or not d.organ_weights, "data.organ_weights",
+             d.organ_weights, f"is used only with data.weighting='explicit' (it is "
+             f"{d.weighting!r}): add --config.data.weighting=explicit, or leave it "
+             "empty")  # fmt: skip
+    if d.source != "synthetic":
+        return
+    synthetic = ("is read only from ingested data (data.source='tfds'); the synthetic source "
+                 "draws its organs uniformly and varies each image itself")  # fmt: skip
+    _require(d.weighting == "balanced", "data.weighting", d.weighting, synthetic)
+    default = AugmentConfig(augment.image_size)
+    for field in dataclasses.fields(default):
+        value = getattr(augment, field.name)
+        _require(value == getattr(default, field.name), f"data.augment.{field.name}", value,
+                 synthetic)  # fmt: skip
+
+
 def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
-    """The ingested dataset exists and the sampling and augmentation settings make sense."""
+    """The ingested dataset exists and has the splits and organs the settings name."""
     d = config.data
     try:
         card = read_card(d.tfds_dir)
@@ -139,22 +173,7 @@ def _check_tfds_data(config: ml_collections.ConfigDict) -> None:
         check_shards(d.tfds_dir, sorted(read & set(splits)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _one_of(config, "data.weighting", WEIGHTINGS)
-    _require(d.temperature is None or d.weighting == "temperature", "data.temperature",
-             d.temperature, f"is used only with data.weighting='temperature' (it is "
-             f"{d.weighting!r}): add --config.data.weighting=temperature, or leave it "
-             "unset")  # fmt: skip
-    _require(d.temperature is None or (math.isfinite(d.temperature) and d.temperature >= 0),
-             "data.temperature", d.temperature, "expected a finite value >= 0")  # fmt: skip
-    try:
-        weights = parse_organ_weights(d.organ_weights)
-        AugmentConfig.from_mapping(config.image_size, d.augment)
-    except ValueError as e:
-        raise ConfigError(f"config.data: {e}") from None
-    _require(d.weighting == "explicit" or not d.organ_weights, "data.organ_weights",
-             d.organ_weights, f"is used only with data.weighting='explicit' (it is "
-             f"{d.weighting!r}): add --config.data.weighting=explicit, or leave it "
-             "empty")  # fmt: skip
+    weights = parse_organ_weights(d.organ_weights)  # valid: _check_sampling
     if d.weighting == "explicit":
         organs = sorted(card["organ_ranges"][d.split])
         named = set(weights or ())
@@ -413,6 +432,7 @@ def validate(
         )
 
     check_data_source(config, SOURCES)
+    _check_sampling(config)
     if config.data.source == "tfds":
         _check_tfds_data(config)
     if config.data.source == "synthetic":

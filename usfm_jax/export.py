@@ -2,11 +2,13 @@
 
     python -m usfm_jax.export --checkpoint runs/demo [--step 600] --out exports/demo-600
 
-``--checkpoint`` names a workdir, its ``checkpoints/`` directory or one step's directory; the
-newest step is taken unless ``--step`` says otherwise. An export directory holds ``params/`` (an
-orbax checkpoint of the model's parameter dict), ``config.json`` (the run's config) and
-``export.json`` (source, step, parameter count and the parameters' fingerprint). ``load_params``
-reads a training checkpoint or an export alike, verifying the fingerprint either way.
+``--checkpoint`` names a workdir, its ``checkpoints/`` directory, one step's directory or an
+export; the newest step is taken unless ``--step`` says otherwise. ``--ema`` (auto | yes | no)
+exports the EMA of the weights where the run kept one (auto: then yes). An export directory
+holds ``params/`` (an orbax checkpoint of the model's parameter dict), ``config.json`` (the
+run's config) and ``export.json`` (source, step, which weights, parameter count and the
+parameters' fingerprint). ``load_params`` reads a training checkpoint or an export alike,
+verifying the fingerprint either way.
 """
 
 from __future__ import annotations
@@ -202,7 +204,9 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":  # flags defined here: other entry points import this module
     flags.DEFINE_string(
-        "checkpoint", None, "A workdir, its checkpoints/ directory, or one step's directory."
+        "checkpoint",
+        None,
+        "A workdir, its checkpoints/ directory, one step's directory or an export.",
     )
     flags.DEFINE_integer("step", None, "The step to export (default: the newest).")
     flags.DEFINE_string("out", None, "New directory for the export.")
