@@ -35,7 +35,7 @@ from usfm_jax.export import load_params
 from usfm_jax.finetune import data as task_data
 from usfm_jax.finetune.models import adaptive_pool_matrix, feature_layers, resize
 from usfm_jax.finetune.run import create_model, finetune, initial_encoder
-from usfm_jax.finetune.step import make_train_step, segmentation_loss
+from usfm_jax.finetune.step import classification_loss, make_train_step, segmentation_loss
 from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
@@ -232,6 +232,42 @@ def test_encoder_settings_reach_the_task_model():
     config.init = "runs/pre"  # a checkpoint's values replace the initial ones: not applied
     model = create_model(config, arch, normalization, 2, nnx.Rngs(0))
     assert not np.allclose(model.encoder.blocks[0].gamma_1[...], 0.01)
+
+
+def test_classification_loss_is_torchs_cross_entropy_with_label_smoothing():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(0, 2, (6, 4)).astype(np.float32), rng.integers(0, 4, 6)
+    for smoothing in (0.0, 0.1, 0.3):
+        want = torch.nn.functional.cross_entropy(
+            torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=smoothing
+        )
+        got = classification_loss(jnp.asarray(logits), jnp.asarray(labels), smoothing)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_segmentation_loss_is_cross_entropy_plus_soft_dice_against_torch():
+    """Cross-entropy over the non-ignored pixels (torch's ignore_index) plus the weighted soft
+    Dice loss (smoothing 1) of each foreground class pooled over the batch, written in numpy."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (2, 6, 5, 3)).astype(np.float32)  # [B, H, W, C]
+    mask = rng.integers(0, 3, (2, 6, 5)).astype(np.uint8)
+    mask[0, 0] = mask[1, :, 4] = task_data.IGNORE
+    ce = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits).permute(0, 3, 1, 2),
+        torch.from_numpy(mask.astype(np.int64)),
+        ignore_index=task_data.IGNORE,
+    )
+    valid = mask != task_data.IGNORE
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    dice = []
+    for c in (1, 2):
+        p, t = probs[..., c][valid], (mask[valid] == c).astype(np.float64)
+        dice.append((2 * np.sum(p * t) + 1) / (p.sum() + t.sum() + 1))
+    want_dice = 1 - np.mean(dice)
+    loss, parts = segmentation_loss(jnp.asarray(logits), jnp.asarray(mask), 0.5)
+    np.testing.assert_allclose(float(parts["loss_ce"]), float(ce), rtol=1e-5)
+    np.testing.assert_allclose(float(parts["loss_dice"]), want_dice, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(ce) + 0.5 * want_dice, rtol=1e-5)
 
 
 def test_segmentation_loss_ignores_pixels_and_rewards_overlap():
