@@ -69,10 +69,13 @@ def test_corruption_rules_have_their_statistics():
     replace = np.asarray(_masking(rule="replace").corrupt(images, mask, key))
     assert replace.min() >= 0 and replace.max() <= 1
     np.testing.assert_allclose(replace.std(), np.sqrt(1 / 12), atol=5e-3)
-    ramp = jnp.broadcast_to(jnp.linspace(0, 1, 96), (2, 64, 96))[..., None]
-    half = jnp.array([[[True, False, False], [False, False, False]]] * 2)
-    mean = np.asarray(_masking(rule="mean").corrupt(ramp, half, key))
-    np.testing.assert_allclose(mean[:, :32, :32], np.asarray(ramp).mean(), rtol=1e-6)
+    # mean fill: each image's own mean (two different images: a ramp and a dimmer, squared one)
+    ramp = np.broadcast_to(np.linspace(0, 1, 96, dtype=np.float32), (64, 96))
+    two = np.stack([ramp, 0.5 * ramp**2])[..., None]  # [2, 64, 96, 1], means 0.5 and ~0.17
+    corner = jnp.array([[[True, False, False], [False, False, False]]] * 2)
+    mean = np.asarray(_masking(rule="mean").corrupt(jnp.asarray(two), corner, key))
+    for b in range(2):
+        np.testing.assert_allclose(mean[b, :32, :32], two[b].mean(), rtol=1e-5)
 
 
 @pytest.mark.parametrize(
