@@ -3,8 +3,9 @@
 The student sees the image with patches masked and predicts, for every patch (or the masked
 ones), the teacher's feature of that patch computed on the clean image. Two students:
 
-* ``mae``: the encoder sees the visible patches only (exactly ``ceil(ratio x N)`` masked, so
-  shapes are static); a decoder with mask tokens predicts every position (URFM's release).
+* ``mae``: the encoder sees the visible patches only (exactly ``ceil(ratio x units)`` mask
+  units masked, each (mask_patch_size / patch_size)^2 patches, so shapes are static); a decoder
+  with mask tokens predicts every position (URFM's release).
 * ``simmim``: the encoder sees every patch, the masked ones as the mask token; a linear head.
 
 Masks are drawn per mask-unit of ``mask_patch_size`` pixels: the model patch (random) or larger
