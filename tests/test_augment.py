@@ -126,6 +126,41 @@ def test_crop_box_follows_torchvision():
     assert crop_box((100, 300), rng, (1.0, 1.0), (1.0, 1.0)) == (0, 100, 100, 100)
 
 
+@pytest.mark.parametrize(
+    "scale, ratio",
+    [((0.4, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (1 / 2, 2.0))],
+    ids=["defaults", "wide"],
+)
+def test_crop_box_draws_like_torchvision(scale, ratio):
+    """2000 boxes of a 300 x 400 image against as many from torchvision's
+    ``RandomResizedCrop.get_params`` (both seeded): a two-sample KS test per coordinate and
+    for the aspect ratio, equal means, offsets uniform over the free range (mean top =
+    mean (H - h) / 2) and reaching both of its ends."""
+    import torch
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    (height, width), n = (300, 400), 2000
+    rng = _rng(0)
+    ours = np.array([crop_box((height, width), rng, scale, ratio) for _ in range(n)])
+    image = torch.empty(1, height, width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        theirs = np.array([RandomResizedCrop.get_params(image, scale, ratio) for _ in range(n)])
+    for name, a, b in [
+        *zip(("top", "left", "h", "w"), ours.T, theirs.T, strict=True),
+        ("w / h", ours[:, 3] / ours[:, 2], theirs[:, 3] / theirs[:, 2]),
+    ]:
+        assert ks_2samp(a, b).pvalue > 1e-3, name
+        se = np.sqrt((a.var() + b.var()) / n)
+        assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
+    top, left, h, w = ours.T
+    for offset, free in [(top, height - h), (left, width - w)]:
+        centred = offset - free / 2  # uniform on [0, free]: mean free / 2
+        assert abs(centred.mean()) < 4 * centred.std() / np.sqrt(n)
+        assert np.any(offset == 0) and np.any((offset == free) & (free > 0))
+
+
 def _pipeline(images: list[np.ndarray], seed: int, cfg: AugmentConfig) -> list[dict]:
     ds = grain.MapDataset.range(len(images)).map(lambda i: {"image": images[i], "organ": i})
     return list(ds.seed(seed).random_map(Augment(cfg)))

@@ -16,8 +16,15 @@ from conftest import make_tiny_config
 
 from usfm_jax import parallel
 from usfm_jax.config_validation import ConfigError, validate
+from usfm_jax.data.augment import center_resize
 from usfm_jax.data.ingest import Options, ingest
-from usfm_jax.data.pipeline import create_pretrain_dataset, create_stream, global_batch
+from usfm_jax.data.mixing import DEFAULT_BLOCK_SIZE
+from usfm_jax.data.pipeline import (
+    create_pretrain_dataset,
+    create_stream,
+    global_batch,
+    read_card,
+)
 from usfm_jax.data.synthetic import SyntheticUltrasound, generate
 from usfm_jax.train import train
 
@@ -123,17 +130,96 @@ def _tfds_config(data_dir: str, **data):
     return config
 
 
-def test_tfds_stream_is_organ_balanced_and_augmented(ingested_dir):
-    config = _tfds_config(ingested_dir, weighting="balanced")
+ORGAN_IDS = {organ: i for i, organ in enumerate(sorted(COUNTS))}  # the ingest's class labels
+BLOCK = DEFAULT_BLOCK_SIZE  # the stream's organ mixture has exact organ counts per block
+
+
+def _draws(config, batches: int) -> dict[str, np.ndarray]:
+    """The first ``batches`` batches of a one-process stream, concatenated per key."""
     ds = create_pretrain_dataset(config, process_index=0, process_count=1)
-    batches = list(itertools.islice(iter(ds), 25))  # 400 images
-    assert batches[0]["image"].shape == (16, 32, 48, 1) and batches[0]["image"].dtype == np.uint8
-    drawn = collections.Counter(int(o) for b in batches for o in b["organ"])
-    assert sorted(drawn) == [0, 1, 2, 3] and all(70 <= c <= 130 for c in drawn.values())
-    proportional = _tfds_config(ingested_dir, weighting="proportional")
-    ds = create_pretrain_dataset(proportional, process_index=0, process_count=1)
-    drawn = collections.Counter(int(o) for b in itertools.islice(iter(ds), 28) for o in b["organ"])
-    assert drawn[3] > 5 * drawn[1] > 0  # liver (40 records) vs heart (3)
+    drawn = list(itertools.islice(iter(ds), batches))
+    return {k: np.concatenate([b[k] for b in drawn]) for k in drawn[0]}
+
+
+def _plain_views(data_dir: str, size: tuple[int, int]) -> dict[int, np.ndarray]:
+    """Record index -> its stored PNG decoded by PIL and centre-resized to ``size``."""
+    import tensorflow_datasets as tfds  # slow: only the ingested-data tests need it
+
+    builder = tfds.builder_from_directory(data_dir)
+    source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    return {
+        i: center_resize(np.asarray(PIL.Image.open(io.BytesIO(source[i]["image"]))), size)
+        for i in range(len(source))
+    }
+
+
+def test_tfds_stream_augments_every_draw_afresh(ingested_dir):
+    """With augmentation off each draw is its record's plain centre-resized view; with it on
+    no draw is, and no two draws (of the same record among them) are alike."""
+    config = _tfds_config(ingested_dir)
+    plain = _plain_views(ingested_dir, tuple(config.image_size))
+    off = _tfds_config(ingested_dir)  # a fixed crop at the output's aspect ratio, no tone change
+    off.data.augment.update(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.5, 1.5), hflip=0.0, gamma=(1.0, 1.0),
+        contrast=(1.0, 1.0),
+    )  # fmt: skip
+    drawn = _draws(off, 8)
+    for image, index in zip(drawn["image"], drawn["index"], strict=True):
+        np.testing.assert_array_equal(image[..., 0], plain[int(index)])
+
+    drawn = _draws(config, 25)  # 400 draws: the 1-record breast about 100 times
+    assert drawn["image"].shape == (400, 32, 48, 1) and drawn["image"].dtype == np.uint8
+    assert max(collections.Counter(drawn["index"].tolist()).values()) >= 50
+    for image, index in zip(drawn["image"], drawn["index"], strict=True):
+        assert not np.array_equal(image[..., 0], plain[int(index)])
+    assert len({image.tobytes() for image in drawn["image"]}) == 400
+
+
+@pytest.mark.parametrize(
+    "data, weights",
+    [
+        (dict(weighting="balanced"), dict.fromkeys(COUNTS, 1.0)),
+        (dict(weighting="proportional"), COUNTS),
+        (dict(weighting="temperature"), {o: n**0.5 for o, n in COUNTS.items()}),  # default t
+        (dict(weighting="temperature", temperature=0.3), {o: n**0.3 for o, n in COUNTS.items()}),
+        (
+            dict(weighting="explicit", organ_weights="liver=2,breast=3,kidney=1,heart=0"),
+            dict(breast=3, heart=0, kidney=1, liver=2),
+        ),
+    ],
+    ids=["balanced", "proportional", "temperature-default", "temperature-0.3", "explicit"],
+)
+def test_tfds_stream_draws_the_organs_with_the_configured_weights(ingested_dir, data, weights):
+    """Organ counts of the first n = 2048 draws against weights computed here from COUNTS:
+    they lie in one mixing block of B = 65,536 elements that holds each organ in exact
+    proportion (to a rounding that moves the mean by < n / B), so a count is hypergeometric
+    (variance n p (1 - p) (B - n) / (B - 1)) and within 5 standard deviations of n p; an
+    organ of weight 0 is never drawn."""
+    drawn = _draws(_tfds_config(ingested_dir, **data), 128)
+    card = read_card(ingested_dir)
+    assert card["organs"] == sorted(COUNTS)  # organ i of the records = ORGAN_IDS
+    for organ, (start, end) in card["organ_ranges"]["train"].items():  # labels match records
+        of_organ = drawn["index"][drawn["organ"] == ORGAN_IDS[organ]]
+        assert np.all((start <= of_organ) & (of_organ < end))
+    n = len(drawn["organ"])
+    p = np.array([weights[o] for o in sorted(COUNTS)], float)
+    p /= p.sum()
+    counts = np.bincount(drawn["organ"], minlength=len(COUNTS))
+    sd = np.sqrt(n * p * (1 - p) * (BLOCK - n) / (BLOCK - 1))
+    assert np.all(np.abs(counts - n * p) <= 5 * sd), (counts, n * p)
+
+
+def test_temperature_one_is_proportional_and_zero_is_balanced(ingested_dir):
+    """count ** t weighting: t = 1 and t = 0 draw the very same organs as the proportional and
+    balanced weightings (the mixture is a pure function of the weights and the seed)."""
+
+    def organs(**data) -> np.ndarray:
+        return _draws(_tfds_config(ingested_dir, **data), 32)["organ"]
+
+    proportional, balanced = organs(weighting="proportional"), organs(weighting="balanced")
+    assert not np.array_equal(proportional, balanced)
+    np.testing.assert_array_equal(organs(weighting="temperature", temperature=1.0), proportional)
+    np.testing.assert_array_equal(organs(weighting="temperature", temperature=0.0), balanced)
 
 
 @pytest.mark.parametrize("processes", [2, 4])
