@@ -8,14 +8,24 @@ import struct
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import ROOT, make_tiny_config
+from flax import nnx
 from tensorboardX.proto import event_pb2
 
 from configs.pretrain import demo
+from usfm_jax import parallel
+from usfm_jax.data.pipeline import create_pretrain_dataset
+from usfm_jax.objectives.dual import create_objective
+from usfm_jax.optim import create_optimizer
+from usfm_jax.patches import patchify, unpatchify
 from usfm_jax.paths import as_path
 from usfm_jax.reporting import MetricsLog, strict_json
 from usfm_jax.train import train
+from usfm_jax.train_step import init_state, make_preview
 
 
 def read_events(workdir: str) -> list[event_pb2.Event]:
@@ -62,6 +72,46 @@ def test_train_writes_scalars_images_and_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 8 and summary["loss"] == logged[-1]["loss"]
     assert json.loads((tmp_path / "config.json").read_text())["image_size"] == [32, 48]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"objective.norm_pix": True, "spatial.rule": "mask_token"}],
+    ids=["default", "norm_pix,mask_token"],
+)
+def test_preview_rows_are_input_corrupted_input_prediction_and_target(overrides):
+    """Each branch's rows, recomputed from the masking itself under the preview's key
+    fold_in(step key, 1): the clean images, their corruption, the model's reconstruction of it
+    (per-patch statistics of the target put back with norm_pix) and the clean target."""
+    config = make_tiny_config(**overrides)
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    graphdef, state, _ = init_state(config, tx, mesh)
+    state = state.replace(step=jnp.int32(5))
+    objective = create_objective(config)
+    batch = next(iter(create_pretrain_dataset(config, process_index=0, process_count=1)))
+    out = jax.device_get(make_preview(config, graphdef, objective)(state, batch))
+
+    images = batch["image"][: config.num_preview_images].astype(np.float32) / 255.0
+    mean, std, patch = config.normalization.mean, config.normalization.std, config.model.patch_size
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 5), 1)
+    model = nnx.merge(graphdef, state.params)
+    grid = (images.shape[1] // patch, images.shape[2] // patch)
+    assert set(out) == {"spatial", "frequency"}
+    for name, corrupt in (("spatial", objective.spatial), ("frequency", objective.frequency)):
+        corrupted, mask = map(np.asarray, corrupt(jnp.asarray(images), key))
+        if not (name == "spatial" and config.spatial.rule == "mask_token"):
+            mask = np.zeros((len(images), grid[0] * grid[1]), bool)  # no mask token
+        pred = np.asarray(model((corrupted - mean) / std, mask), np.float64)  # [n, N, P]
+        if config.objective.norm_pix:  # per-patch statistics of the normalised target
+            target = np.asarray(patchify((images - mean) / std, patch), np.float64)
+            pred = pred * np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+            pred = pred + target.mean(-1, keepdims=True)
+        pred = np.asarray(unpatchify(pred, patch, grid)) * std + mean
+        expected = np.clip(np.stack([images, corrupted, pred, images]), 0, 1)
+        np.testing.assert_allclose(out[name], expected, atol=1e-5, err_msg=name)
+        if config.spatial.rule != "mask_token" or name == "frequency":
+            assert np.abs(out[name][1] - out[name][0]).max() > 0.05  # the corruption shows
 
 
 def _strict(constant: str):

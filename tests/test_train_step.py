@@ -16,6 +16,7 @@ from usfm_jax import parallel
 from usfm_jax.config_validation import validate
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
 from usfm_jax.models.factory import create_encoder
+from usfm_jax.objectives.dual import BRANCHES, create_objective
 from usfm_jax.optim import create_optimizer, decay_mask, learning_rate_schedule
 from usfm_jax.train_step import create_training, init_state, state_initializer
 
@@ -35,6 +36,30 @@ def _run(config, devices, steps: int = 3):
 def _assert_close(a, b, rtol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
+
+
+def _first_images(config) -> np.ndarray:
+    """The first global batch's images (uint8), as ``_run`` feeds them."""
+    return next(iter(create_pretrain_dataset(config, process_index=0, process_count=1)))["image"]
+
+
+def _reference_loss(config, graphdef, params, images, step: int):
+    """The pixel loss of step ``step`` recomputed outside the step: (total, per-branch sums,
+    gradient norm). Its key is fold_in(key(config.seed), step), split into the views' key and
+    the dropout key (whose first half is the pixel branch's)."""
+    objective = create_objective(config)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    k_views, k_drop = jax.random.split(key)
+    views = objective.views(jnp.asarray(images, jnp.float32) / 255.0, k_views, jnp.int32(step))
+
+    def loss_fn(params):
+        pred = nnx.merge(graphdef, params)(
+            views.inputs, views.token_mask, dropout_key=jax.random.split(k_drop)[0]
+        )
+        return objective.loss(pred, views, objective.branch_counts(views))
+
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, sums, optax.tree.norm(grads)
 
 
 def test_eight_devices_match_one_device():
@@ -196,12 +221,26 @@ def test_learning_rate_is_scaled_and_warmed_up():
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
 def test_step_variants_train(overrides):
+    """Each variant's first loss is the objective's on the initial weights (views, masks and
+    dropout from the step's key), its branches get the views its combine mode says, and a step
+    moves the weights."""
     config = make_tiny_config(**overrides)
     history, params, _ = _run(config, jax.devices()[:2], steps=2)
     mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
     tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    _, initial, _ = init_state(config, tx, mesh)
+    graphdef, initial, _ = init_state(config, tx, mesh)
     initial = jax.device_get(initial.params)
+    loss, sums, grad_norm = _reference_loss(config, graphdef, initial, _first_images(config), 0)
+    bf16 = config.model.dtype == "bfloat16"  # rounded differently in the compiled step
+    # drop path hardly moves the initial loss; its gradient shows which examples it dropped
+    for name, value in {"loss": loss, "grad_norm": grad_norm, **sums}.items():
+        rtol = 1e-5 if not bf16 else 2e-3 if name == "grad_norm" else 1e-4
+        np.testing.assert_allclose(history[0][name], value, rtol=rtol, atol=1e-6, err_msg=name)
+    n = config.batch_size
+    counts = {"both": [(n, n)] * 2, "split": [(n // 2, n // 2)] * 2, "alternate": [(n, 0), (0, n)]}
+    for m, expected in zip(history, counts[config.objective.combine], strict=True):
+        assert tuple(int(m[f"count_{name}"]) for name in BRANCHES) == expected
+        assert all(m[f"loss_{name}"] == 0 for name in BRANCHES if not m[f"count_{name}"])
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in history)
     moved = jax.tree.map(lambda a, b: bool((a != b).any()), params, initial)
     assert moved["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
@@ -226,26 +265,69 @@ def test_ffts_and_views_stay_on_each_devices_share_of_the_batch():
 
 
 def test_non_finite_steps_are_skipped_and_counted():
-    config = make_tiny_config()
+    """A NaN batch leaves the weights and their EMA as they were, bit for bit, and counts a bad
+    step; the lr schedule and the EMA's warm-up count applied updates only."""
+    config = make_tiny_config(ema_decay=0.5)
     mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
     _, _, state, step_fn, _ = create_training(config, mesh)
-    before = jax.device_get(state.params)
+    before = jax.tree.map(np.array, state.params)
     poisoned = np.full((16, 32, 48, 1), np.nan, np.float32)  # a batch forced to contain NaN
     for bad in (1, 2):
         state, metrics = step_fn(state, global_batch({"image": poisoned}, mesh))
         assert int(metrics["skipped"]) == 1 and int(state.bad_steps) == bad
     assert int(state.step) == 2
     _assert_close(jax.device_get(state.params), before, rtol=0)  # parameters unchanged
+    _assert_close(jax.device_get(state.ema_params), before, rtol=0)  # the EMA starts there
     clean = np.zeros((16, 32, 48, 1), np.uint8)
     _, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    ema = jax.tree.map(lambda p: p.astype(np.float64), before)
     for applied in range(2):  # the schedule counts applied updates, and lr logs what was used
         state, metrics = step_fn(state, global_batch({"image": clean}, mesh))
         assert int(metrics["skipped"]) == 0 and int(state.bad_steps) == 0
         assert float(metrics["lr"]) == float(schedule(applied)) != float(schedule(applied + 2))
-    fc1 = state.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-    assert not np.array_equal(
-        jax.device_get(fc1), before["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-    )
+        d = min(0.5, (1 + applied) / (10 + applied))  # not (3 + applied) / (12 + applied)
+        ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), ema, state.params)
+    _assert_close(jax.device_get(state.ema_params), ema, rtol=1e-5)
+    fc1 = lambda tree: np.asarray(tree["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"])
+    assert not np.array_equal(fc1(state.params), fc1(before))
+    kept = jax.tree.map(np.array, state.ema_params)
+    assert not np.array_equal(fc1(kept), fc1(state.params))  # the EMA is weights of its own
+    state, metrics = step_fn(state, global_batch({"image": poisoned}, mesh))
+    assert int(metrics["skipped"]) == 1
+    for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_array_equal(got, want)  # kept as it was: finite, not mixed with NaN
+
+
+def test_step_key_is_the_seed_key_folded_with_the_step():
+    """The run's key is key(config.seed); step s draws from fold_in(that key, s)."""
+    config = make_tiny_config(seed=7)
+    tx, _ = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    state = state_initializer(config, tx)()
+    keys = set()
+    for step in (0, 1, 5):
+        got = jax.random.key_data(state.replace(step=jnp.int32(step)).step_key())
+        want = jax.random.fold_in(jax.random.key(config.seed), step)
+        np.testing.assert_array_equal(got, jax.random.key_data(want))
+        keys.add(tuple(np.asarray(got).tolist()))
+    assert len(keys) == 3
+
+
+def test_each_step_draws_new_masks_from_its_key():
+    """Two steps on one batch with the same weights (the first update's lr is 0) corrupt it
+    differently: each loss is the reference loss under fold_in(key(seed), step)."""
+    config = make_tiny_config()
+    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
+    _, graphdef, state, step_fn, _ = create_training(config, mesh)
+    params = jax.tree.map(np.array, state.params)
+    images = _first_images(config)
+    losses = []
+    for step in (0, 1):
+        _assert_close(jax.device_get(state.params), params, rtol=0)  # lr 0: weights unchanged
+        state, metrics = step_fn(state, global_batch({"image": images}, mesh))
+        loss, *_ = _reference_loss(config, graphdef, params, images, step)
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] != losses[1]
 
 
 def _vit_large_config(**overrides):
