@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.train_step import require_positive
 from configs.pretrain import usfm_vitb16
 from usfm_jax import parallel
+from usfm_jax.models.vit import SIZES
 from usfm_jax.objectives.dual import create_objective
 from usfm_jax.optim import create_optimizer
 from usfm_jax.train_step import (
@@ -53,19 +55,31 @@ def compile_seconds(size: str, scan: bool, remat: str, batch: int) -> tuple[floa
     return lowered_at - start, time.perf_counter() - lowered_at
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="base,large")
+    ap.add_argument("--sizes", default="base,large", help=f"comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--remat", default="none", choices=("none", "dots", "full"))
     ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    sizes = [size.strip() for size in args.sizes.split(",")]
+    bad = [size for size in sizes if size not in SIZES]
+    if bad:
+        named = ", ".join(map(repr, bad))
+        ap.error(f"--sizes {args.sizes!r}: {named} not a size; choose from {', '.join(SIZES)}")
+    args.sizes = sizes
+    require_positive(ap, args, ("batch",))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = jax.devices()[0]
     print(
         f"# {datetime.date.today()}  jax {jax.__version__}  {device.platform}: {device.device_kind}"
     )
     print("| size | scan_layers | remat | lower (s) | compile (s) |")
     print("|---|---|---|---|---|")
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         for scan in (False, True):
             lower, compile_ = compile_seconds(size, scan, args.remat, args.batch)
             print(f"| {size} | {scan} | {args.remat} | {lower:.1f} | {compile_:.1f} |", flush=True)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.train_step import add_tiling_arguments, install_tilings
+from benchmarks.train_step import add_tiling_arguments, install_tilings, require_positive
 from usfm_jax.models.vit import (
     ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
@@ -35,6 +35,8 @@ from usfm_jax.models.vit import (
     VisionTransformer,
     mlp_ratio_of,
 )
+
+PATCH_SIZE = 16  # the encoders' patch (--image must be a multiple)
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -76,6 +78,7 @@ def build_encoder(
         width=width,
         depth=depth or size_depth,
         num_heads=heads,
+        patch_size=PATCH_SIZE,
         mlp_ratio=mlp_ratio_of(size),
         variant=variant,
         image_size=(image, image),
@@ -91,7 +94,7 @@ def build_encoder(
     return model
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="base")
     ap.add_argument("--batch", type=int, default=8)
@@ -103,12 +106,22 @@ def main() -> None:
         help="comma-separated ATTENTION[/MLP[/NORM]]",
     )
     add_tiling_arguments(ap)  # the tilings of the Pallas kernels (each family's default if not)
-    args = ap.parse_args()
-    install_tilings(args)
+    args = ap.parse_args(argv)
     try:
-        implementations = [implementation_triple(item) for item in args.implementations.split(",")]
+        args.implementations = [
+            implementation_triple(item) for item in args.implementations.split(",")
+        ]
     except ValueError as error:
         ap.error(f"--implementations: {error}")
+    require_positive(ap, args, ("batch", "image"))
+    if args.image % PATCH_SIZE:
+        ap.error(f"--image {args.image}: must be a multiple of the patch size {PATCH_SIZE}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    install_tilings(args)
 
     def build(attention: str, mlp: str, norm: str, dtype) -> VisionTransformer:
         return build_encoder(args.size, args.variant, args.image, attention, mlp, norm, dtype)
@@ -133,7 +146,7 @@ def main() -> None:
         f"device: {jax.devices()[0].device_kind}, ViT-{args.size} {args.variant} {args.image} px, "
         f"batch {args.batch}; relative difference to XLA in float32:"
     )
-    for attention, mlp, norm in implementations:
+    for attention, mlp, norm in args.implementations:
         tokens, grads = run(build(attention, mlp, norm, jnp.bfloat16))
         worst = max(
             (rel(g, r), jax.tree_util.keystr(path))

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_tiny_config
 from flax import nnx
 
-from benchmarks import kernel_sweep
+from benchmarks import compile_time, kernel_parity, kernel_sweep
 from benchmarks import train_step as bench
 from usfm_jax.models import fused_attention, fused_mlp, fused_norm
 from usfm_jax.train_step import abstract_model
@@ -102,6 +102,33 @@ def test_input_pipeline_benchmark_checks_its_arguments_before_any_work():
         done = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True,
                               timeout=300, check=False)  # fmt: skip
         assert done.returncode == 2 and error in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("tool", "bad", "error"),
+    [
+        (compile_time, ["--sizes", "base,foo"], "'foo' not a size; choose from micro, tiny,"),
+        (compile_time, ["--sizes", "base,"], "'' not a size; choose from"),
+        (compile_time, ["--batch", "0"], "--batch must be >= 1"),
+        (kernel_parity, ["--batch", "0"], "--batch must be >= 1"),
+        (kernel_parity, ["--image", "0"], "--image must be >= 1"),
+        (kernel_parity, ["--image", "70"], "--image 70: must be a multiple of the patch size 16"),
+        (kernel_parity, ["--implementations", "flash"], "--implementations: 'flash' is not"),
+    ],
+)
+def test_compile_time_and_kernel_parity_check_their_arguments(tool, bad, error, capsys):
+    """A bad count, size or image is a usage error before any work, not a traceback at the end."""
+    with pytest.raises(SystemExit) as exit_:
+        tool.parse_args(bad)
+    assert exit_.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+def test_compile_time_and_kernel_parity_take_good_arguments():
+    args = compile_time.parse_args(["--sizes", "micro, base", "--batch", "2"])
+    assert args.sizes == ["micro", "base"] and args.batch == 2
+    args = kernel_parity.parse_args(["--image", "32", "--implementations", "xla,pallas/pallas"])
+    assert args.implementations == [("xla", "xla", "xla"), ("pallas", "pallas", "xla")]
 
 
 def test_kernel_tool_refuses_a_tiling_for_a_family_it_leaves_out(capsys):

@@ -40,6 +40,7 @@ from usfm_jax.finetune.validation import check_init_overrides, validate_finetune
 from usfm_jax.models.factory import create_encoder
 from usfm_jax.optim import layer_decay_scales
 from usfm_jax.paths import PathError
+from usfm_jax.reporting import TrainingDiverged
 from usfm_jax.train import train
 from usfm_jax.train_step import fresh_state
 
@@ -418,6 +419,67 @@ def test_plain_vit_weights_of_a_nonstandard_width_take_init_num_heads(tmp_path):
     config.init_num_heads = -1
     with pytest.raises(ConfigError, match=r"init_num_heads=-1: expected >= 0"):
         validate_finetune(config)
+
+
+def _timm_vit_file(path, patch: int = 16, image: int = 32):
+    """A card-less timm ViT (width 64, 2 heads, one block) saved at ``path``."""
+    import timm
+
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=image, patch_size=patch, embed_dim=64, depth=1, num_heads=2, num_classes=0
+    )
+    torch.save(vit.state_dict(), path)
+    return str(path)
+
+
+def test_training_settings_are_checked_with_a_checkpoint_too(tmp_path):
+    """With config.init the architecture is the checkpoint's, but dtype, attention, drop path
+    ... apply as given: checked once the checkpoint is read (its patch size, not
+    config.model's, divides the images)."""
+    weights = _timm_vit_file(tmp_path / "patch8.pth", patch=8)
+    init = dict(init=weights, init_normalization="0.5/0.25", init_num_heads=2)
+    cases = [
+        ({"model.dtype": "float64"}, r"config\.model\.dtype='float64': expected one of"),
+        ({"model.drop_path_rate": 1.5}, r"config\.model\.drop_path_rate=1\.5: expected \[0, 1\)"),
+        ({"model.attention": "cudnn"}, r"config\.model\.attention='cudnn': cuDNN attention needs"),
+    ]  # fmt: skip
+    for overrides, match in cases:
+        config = tiny_finetune_config("classify", **init, **overrides)
+        validate_finetune(config)  # the checkpoint is not read yet
+        with pytest.raises(ConfigError, match=match):
+            finetune(config, str(tmp_path / "run"))
+        assert not (tmp_path / "run" / "results.json").exists()
+    config = tiny_finetune_config("classify", **init, image_size=(40, 40), total_steps=1)
+    config.log_every = config.eval_every = 1
+    results = finetune(config, str(tmp_path / "patch8"))  # 40 px: 5 x 5 patches of 8
+    assert results["steps"] == 1
+
+
+def test_a_run_that_only_skips_steps_stops_without_results(tmp_path):
+    """Steps with a non-finite loss are skipped, counted in the results and, max_bad_steps of
+    them in a row, stop fine-tuning with an error rather than results of stale weights."""
+    config = tiny_finetune_config("classify", **{"optimizer.base_lr": 1e30, "max_bad_steps": 2})
+    with pytest.raises(TrainingDiverged, match=r"consecutive steps had a non-finite loss .*"
+                       r"max_bad_steps=2\); no results were written"):  # fmt: skip
+        finetune(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "results.json").exists()
+    config = tiny_finetune_config("classify", **{"optimizer.base_lr": 1e30})  # 6 steps < 20
+    results = finetune(config, str(tmp_path / "counted"))
+    assert results["skipped_steps"] >= 4
+    assert (
+        f"{results['skipped_steps']} steps skipped"
+        in (tmp_path / "counted" / "results.md").read_text()
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "usfm_jax.finetune", "--config", "configs/finetune/classify.py",
+         "--workdir", str(tmp_path / "cli"), "--config.optimizer.base_lr=1e30",
+         "--config.total_steps=8", "--config.batch_size=8", "--config.log_every=2",
+         "--config.eval_every=4", "--config.data.num_train=16", "--config.max_bad_steps=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: ") and "consecutive steps had a non-finite" in last
 
 
 def test_finetune_ingested_segmentation(tmp_path):

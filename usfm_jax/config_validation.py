@@ -280,8 +280,9 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def check_image_size(config: ml_collections.ConfigDict) -> None:
-    """``config.image_size``: (height, width), multiples of ``config.model.patch_size``."""
+def check_image_size(config: ml_collections.ConfigDict, patch: bool = True) -> None:
+    """``config.image_size``: (height, width), multiples of ``config.model.patch_size`` (unless
+    ``patch`` is False: a fine-tuning checkpoint brings its own patch size)."""
     size = tuple(config.image_size)
     _require(
         len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size),
@@ -289,6 +290,8 @@ def check_image_size(config: ml_collections.ConfigDict) -> None:
         config.image_size,
         "expected (height, width) of positive ints, e.g. --config.image_size='(224, 224)'",
     )
+    if not patch:
+        return
     patch = config.model.patch_size
     _require(isinstance(patch, int) and patch > 0, "model.patch_size", patch, "expected an int > 0")
     _require(

@@ -75,6 +75,21 @@ def library_logs_below(level: int) -> Iterator[None]:
         logger.removeFilter(keep)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def divergence(means: Mapping[str, float], limit: int, consequence: str) -> TrainingDiverged | None:
+    """The error to raise if a logging window's longest run of skipped (non-finite) steps,
+    ``means["bad_steps"]``, reached ``limit``; ``consequence`` says what is left of the run."""
+    if means["bad_steps"] < limit:
+        return None
+    return TrainingDiverged(
+        f"{int(means['bad_steps'])} consecutive steps had a non-finite loss or gradient "
+        f"(config.max_bad_steps={limit}); {consequence}"
+    )
+
+
 def window_means(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """Averages a window of per-step metrics; branch losses are weighted by their counts."""
     stacked = {k: np.asarray([m[k] for m in history], np.float64) for k in history[0]}

@@ -31,12 +31,14 @@ from usfm_jax.models.factory import encoder_dims
 from usfm_jax.parallel import MeshError
 from usfm_jax.paths import PathError, make_directory, replace_text, work_directory
 from usfm_jax.probe import OrganProbe
-from usfm_jax.reporting import Reporter, quiet_library_logs, strict_json
+from usfm_jax.reporting import (
+    Reporter,
+    TrainingDiverged,
+    divergence,
+    quiet_library_logs,
+    strict_json,
+)
 from usfm_jax.train_step import create_training, make_preview
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def train(
@@ -109,13 +111,10 @@ def train(
             if step % config.log_every == 0 or last:
                 means = reporter.flush(step)
                 # the longest run in the window: one that ended since the last flush counts too
-                if means["bad_steps"] >= config.max_bad_steps:
+                last_good = f"the last checkpoint in {workdir}/checkpoints is from before them"
+                if error := divergence(means, config.max_bad_steps, last_good):
                     checkpointer.close()  # the last good checkpoint stays the latest
-                    raise TrainingDiverged(
-                        f"{int(means['bad_steps'])} consecutive steps had a non-finite loss or "
-                        f"gradient (config.max_bad_steps={config.max_bad_steps}); the last "
-                        f"checkpoint in {workdir}/checkpoints is from before them"
-                    )
+                    raise error
             if not preempted:  # a notice's grace period is for the checkpoint alone
                 # probes every `every` steps, at the end, and after the first step (the baseline)
                 if config.probe.every and (step % config.probe.every == 0 or last or step == 1):

@@ -37,6 +37,7 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.total_steps = args.steps
     c.log_every = 25
+    c.max_bad_steps = 20  # stop after this many consecutive non-finite (skipped) steps
     c.eval_every = 50  # validation (and the best checkpoint) every N steps and at the end
 
     c.data = ml_collections.ConfigDict()

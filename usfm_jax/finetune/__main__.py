@@ -28,7 +28,7 @@ from usfm_jax.convert import ConversionError
 from usfm_jax.distributed import DistributedError
 from usfm_jax.finetune.run import finetune
 from usfm_jax.paths import PathError
-from usfm_jax.reporting import quiet_library_logs
+from usfm_jax.reporting import TrainingDiverged, quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (python).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "New directory for the run's outputs.")
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         finetune(_CONFIG.value, _WORKDIR.value, overrides)
     except (CheckpointError, ConfigError, ConversionError, DistributedError, FileExistsError,
-            PathError, ValueError) as e:  # fmt: skip
+            PathError, TrainingDiverged, ValueError) as e:  # fmt: skip
         sys.exit(f"error: {e}")
     except jax.errors.JaxRuntimeError as e:
         exit_if_out_of_memory(e)

@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from usfm_jax import parallel
-from usfm_jax.config_validation import check_workdir_kind
+from usfm_jax.config_validation import check_encoder, check_workdir_kind
 from usfm_jax.convert import Architecture, Normalization
 from usfm_jax.data.pipeline import (
     global_batch,
@@ -43,7 +43,7 @@ from usfm_jax.models.factory import DTYPES
 from usfm_jax.optim import create_optimizer, layer_decay_scales
 from usfm_jax.paths import make_directory, replace_text, work_directory
 from usfm_jax.pretrained import load_encoder_weights
-from usfm_jax.reporting import Reporter, strict_json
+from usfm_jax.reporting import Reporter, divergence, strict_json
 from usfm_jax.train_step import TrainState, fresh_state
 
 
@@ -112,6 +112,8 @@ def finetune(
     config.unlock()
     config.model.update(arch.model_config())  # the architecture actually trained, for exports
     config.normalization = ml_collections.ConfigDict(normalization.to_json())
+    if config.init:  # the training settings (dtype, attention, drop path, ...) with its encoder
+        check_encoder(config)
     if is_main:
         make_directory(root, "--workdir")
         replace_text(root / "config.json", config.to_json_best_effort(indent=2))
@@ -168,7 +170,7 @@ def finetune(
 
     reporter = Reporter(workdir, total_steps=config.total_steps, start_step=0,
                         batch_size=config.batch_size)  # fmt: skip
-    best, best_step, best_val = None, 0, {}
+    best, best_step, best_val, skipped = None, 0, {}, 0
     keys = ("image", task_data.TARGET_KEY[config.task])
     start = time.perf_counter()
     for step in range(1, config.total_steps + 1):
@@ -180,7 +182,11 @@ def finetune(
             logging.info("first step (compile + run): %.1f s", time.perf_counter() - start)
             reporter.restart_timer(step)
         if step % config.log_every == 0 or step == config.total_steps:
-            reporter.flush(step)
+            means = reporter.flush(step)
+            skipped += int(means["skipped"])
+            if error := divergence(means, config.max_bad_steps, "no results were written"):
+                reporter.close()
+                raise error
         if step % config.eval_every == 0 or step == config.total_steps:
             scores = evaluate.compute_metrics(config.task, run_eval(state.params, val), num_classes)
             improved = evaluate.is_better(select, scores[select], best_val.get(select))
@@ -191,6 +197,9 @@ def finetune(
             reporter.evaluation("val", scores, step, " (best)" if improved else "")
             reporter.restart_timer(step)  # keep evaluation out of images/s
     reporter.close()
+    if skipped:
+        logging.warning("%d of %d steps were skipped (a non-finite loss or gradient)", skipped,
+                        config.total_steps)  # fmt: skip
 
     if best is None:  # every evaluation was NaN: test the last parameters
         best, best_step = jax.device_get(state.params), config.total_steps
@@ -205,6 +214,7 @@ def finetune(
         "seed": config.seed,
         "train_images": len(subset),
         "steps": config.total_steps,
+        "skipped_steps": skipped,
         "best_step": best_step,
         "selected_by": select,
         "val": best_val,
@@ -225,12 +235,14 @@ def finetune(
 def results_markdown(results: dict[str, Any]) -> str:
     """results.md: the run in one line, then val (best step) and test metrics as a table."""
     names = list(results["test"])
+    skipped = results.get("skipped_steps", 0)  # absent in results of earlier versions
     rows = [{"split": "val (best)", **results["val"]}, {"split": "test", **results["test"]}]
     header = (
         f"# {results['task']}: init {results['init']}, {results['mode']}, "
         f"{results['train_images']} labelled images (fraction {results['label_fraction']:g}), "
         f"seed {results['seed']}\n\nbest step {results['best_step']} of {results['steps']} "
-        f"by validation {results['selected_by']}; {results['test_images']} test images.\n\n"
+        f"by validation {results['selected_by']}; {results['test_images']} test images."
+        + (f" {skipped} steps skipped (non-finite).\n\n" if skipped else "\n\n")
     )
     return header + evaluate.markdown_table(rows, ["split", *names])
 

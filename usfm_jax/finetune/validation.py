@@ -35,8 +35,8 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
     _one_of(config, "task", TASKS)
     for field in ("seed", "data.seed"):
         _check_seed(config, field)
-    check_image_size(config)
-    for field in ("batch_size", "total_steps", "log_every", "eval_every"):
+    check_image_size(config, patch=not config.init)  # a checkpoint brings its patch size
+    for field in ("batch_size", "total_steps", "log_every", "eval_every", "max_bad_steps"):
         _require(config[field] > 0, field, config[field], "expected > 0")
     _in_range(config, "label_fraction", 0, 1, "(]")
     d = config.data
@@ -67,7 +67,7 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         _require(d[field] >= 0, f"data.{field}", d[field], "expected >= 0")
     _require(config.init_num_heads >= 0, "init_num_heads", config.init_num_heads,
              "expected >= 0 (0: the card's or the standard sizes')")  # fmt: skip
-    if not config.init:
+    if not config.init:  # else checked once the checkpoint's architecture is known (run.py)
         check_encoder(config)
     h = config.head
     _one_of(config, "head.mode", MODES)
