@@ -458,6 +458,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(PathError, match=f"--out .*: cannot create it, {tmp_path} is not"):
         new_file(tmp_path / "x.pth")
     assert not (tmp_path / "a").exists()
+    with pytest.raises(PathError, match=f"--output {tmp_path} is not writable \\(read-only"):
+        work_directory(tmp_path, "--output")  # an existing one (root passes chmod: monkeypatched)
     with pytest.raises(PathError, match=r"--workdir .*/kept/a: cannot create it \(.+\)"):
         make_directory(as_path(tmp_path / "full" / "kept" / "a"), "--workdir")
 

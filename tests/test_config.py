@@ -64,6 +64,7 @@ def test_ablations_change_what_they_name():
     [
         ({"spatial.ratio": 1.0}, r"config\.spatial\.ratio=1\.0"),
         ({"probe.every": 5, "probe.k": 0}, r"config\.probe\.k=0"),
+        ({"mesh.fsdp": 0}, r"config\.mesh\.fsdp=0: expected >= 1, or -1 for the rest"),
         ({"spatial.ratio": -0.2}, r"config\.spatial\.ratio"),
         ({"image_size": (40, 48)}, r"config\.image_size=\(40, 48\).*patch_size=16"),
         ({"frequency.increase_factor": 0.1}, r"config\.frequency:.*increase_factor"),

@@ -300,6 +300,23 @@ def test_sampling_settings_are_checked_for_the_synthetic_source_too():
             validate(make_tiny_config(**overrides), num_devices=8)
 
 
+def test_probes_need_two_organs_in_their_split(tmp_path):
+    """The probes classify organs: on a one-organ split every probe scores 1.0, so it is
+    refused before training."""
+    (tmp_path / "exports" / "liver").mkdir(parents=True)
+    for i in range(12):
+        image, _ = generate(3, i, (64, 64), organ=1)
+        PIL.Image.fromarray(image).save(tmp_path / "exports" / "liver" / f"{i}.png")
+    card = ingest(str(tmp_path / "exports"), str(tmp_path / "tfds"), "one", Options(resize=0,
+                  crop="none"), workers=1)  # fmt: skip
+    config = _tfds_config(card["data_dir"])
+    config.probe.update(every=2, split="train", num_train=4, num_test=4)
+    with pytest.raises(ConfigError, match=r"probe\.split='train': holds one organ \(liver\)"):
+        validate(config, num_devices=8)
+    config.probe.every = 0
+    validate(config, num_devices=8)
+
+
 @pytest.mark.parametrize("damage", ["card", "missing shard", "cut shard"])
 def test_a_damaged_dataset_is_a_config_error_naming_the_file(ingested_dir, tmp_path, damage):
     data_dir = tmp_path / "copy"

@@ -333,7 +333,8 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     config.teacher.targets = str(tmp_path / "cache")
     os.makedirs(config.teacher.targets)
     np.save(tmp_path / "cache" / "targets.npy", np.zeros((1, 16, 64), np.float16))
-    (tmp_path / "cache" / CACHE_INFO).write_text(json.dumps(describe(config)))
+    shape = {"shape": [1, 16, 64], "dtype": "float16"}  # as the writer records them
+    (tmp_path / "cache" / CACHE_INFO).write_text(json.dumps({**describe(config), **shape}))
     assert check_cache(config)["data"]["augment"]["crop_scale"] == list(
         config.data.augment.crop_scale
     )
@@ -359,6 +360,15 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     check_cache(config)  # it matches a run that leaves num_heads to the teacher's card
     config.teacher.num_heads = 2
     with pytest.raises(ValueError, match=r"made with teacher\.num_heads=None, this run has 2"):
+        check_cache(config)
+    config.teacher.num_heads = None
+    array = tmp_path / "cache" / "targets.npy"
+    np.save(array, np.zeros((2, 16, 64), np.float16))  # not what cache.json says
+    with pytest.raises(ValueError, match=r"holds float16 \[2, 16, 64\], cache\.json says float"):
+        check_cache(config)
+    with open(array, "r+b") as f:  # cut: found here, not in the data pipeline's threads
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=r"targets\.npy is damaged \(.*\): rebuild the cache"):
         check_cache(config)
 
 

@@ -270,13 +270,22 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
     _require(p.linear_steps >= 1, "probe.linear_steps", p.linear_steps, "expected >= 1")
     if config.data.source == "tfds":
         card = read_card(config.data.tfds_dir)
-        size = sum(card["images"].get(p.split, {}).values())
+        counts = card["images"].get(p.split, {})  # images per organ
+        size = sum(counts.values())
         _require(
             size >= p.num_train + p.num_test,
             "probe.split",
             p.split,
             f"holds {size} images, fewer than probe.num_train + num_test: ingest with "
             "--val_fraction, choose another split, or set probe.every=0",
+        )
+        organs = sorted(organ for organ, n in counts.items() if n)
+        _require(
+            len(organs) >= 2,
+            "probe.split",
+            p.split,
+            f"holds one organ ({organs[0]}): the probes classify organs, and would score 1.0 "
+            "whatever the encoder learnt; set probe.every=0",
         )
 
 

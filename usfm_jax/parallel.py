@@ -28,8 +28,11 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, .
     described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {described}")
+    bad = [n for n, s in zip(MESH_AXES, sizes, strict=True) if s == 0 or s < -1]
+    if bad:
+        raise ValueError(f"config.mesh.{bad[0]}={cfg[bad[0]]}: expected >= 1, or -1 for the rest")
     known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+    if num_devices % known:
         raise ValueError(f"config.mesh ({described}) does not divide {num_devices} devices")
     sizes = [num_devices // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != num_devices:

@@ -24,13 +24,16 @@ class PathError(OSError):
 
 def work_directory(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
     """``as_path`` of a directory to write in (a run's ``--workdir``, an ``--output``): one
-    that exists, or one that can be created."""
+    that exists and is writable, or one that can be created."""
     root = as_path(path)
+    name = os.fspath(path)
     if root.exists():
         if not root.is_dir():
-            raise PathError(f"{flag} {os.fspath(path)} is a file: give a directory")
+            raise PathError(f"{flag} {name} is a file: give a directory")
+        if "://" not in name and not os.access(root, os.W_OK | os.X_OK):
+            raise PathError(f"{flag} {name} is not writable (read-only, or not yours)")
     else:
-        _check_creatable(root, flag, os.fspath(path))
+        _check_creatable(root, flag, name)
     return root
 
 

@@ -143,6 +143,16 @@ def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"config.teacher.targets={directory!r} was made with {field}="
                 f"{_get(info, field)!r}, this run has {_get(expected, field)!r}: rebuild it"
             )
+    array = os.path.join(directory, CACHE_ARRAY)
+    try:  # reads the header and maps the data: a cut file fails here, not in a reader thread
+        targets = np.load(array, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{array} is damaged ({e}): rebuild the cache") from None
+    if list(targets.shape) != info["shape"] or str(targets.dtype) != info["dtype"]:
+        raise ValueError(
+            f"{array} holds {targets.dtype} {list(targets.shape)}, {CACHE_INFO} says "
+            f"{info['dtype']} {info['shape']}: rebuild the cache"
+        )
     return info
 
 
