@@ -21,6 +21,7 @@ from usfm_jax.data.ingest import (
     Options,
     assign_split,
     ingest,
+    list_items,
     salted_hash,
     warn_about_splits,
 )
@@ -222,16 +223,29 @@ def test_a_split_whose_files_are_all_bad_is_left_out(tmp_path):
 
 
 def test_a_failed_run_leaves_no_dataset_and_keeps_the_old_one(ingested, tmp_path):
-    (tmp_path / "liver").mkdir()
-    (tmp_path / "liver" / "broken.png").write_bytes(b"\x89PNG not really")
+    source = tmp_path / "in"
+    (source / "liver").mkdir(parents=True)
+    (source / "liver" / "broken.png").write_bytes(b"\x89PNG not really")
     out, card = ingested
-    with pytest.raises(NoUsableImages, match="no usable image"):
-        ingest(str(tmp_path), out, "us_test", OPTIONS, workers=1, overwrite=True)
+    report = os.path.join(out, "us_test_skipped_paths.csv")
+    with open(report) as f:
+        old_report = f.read()
+    failed = os.path.join(out, "us_test_skipped_paths_failed_run.csv")
+    with pytest.raises(NoUsableImages, match=f"no usable image; the reasons are in {failed}$"):
+        ingest(str(source), out, "us_test", OPTIONS, workers=1, overwrite=True)
     assert len(_load(card)) == sum(card["images"]["train"].values())  # the old one, intact
+    with open(report) as f:  # and so is its report: the failed run's went beside it
+        assert f.read() == old_report
+    with open(failed) as f:
+        assert [os.path.basename(r["path"]) for r in csv.DictReader(f)] == ["broken.png"]
     assert not os.path.exists(os.path.join(out, ".us_test.incomplete"))
     with pytest.raises(NoUsableImages):
-        ingest(str(tmp_path), str(tmp_path / "new"), "fresh", OPTIONS, workers=1)
-    assert os.listdir(tmp_path / "new") == ["fresh_skipped_paths.csv"]  # nothing to clean up
+        ingest(str(source), str(tmp_path / "new"), "fresh", OPTIONS, workers=1)
+    assert os.listdir(tmp_path / "new") == ["fresh_skipped_paths_failed_run.csv"]  # no dataset
+    # a run that succeeds writes its report with its dataset, and drops the failed run's
+    (source / "liver" / "good.png").write_bytes(_png_bytes(generate(4, 1, 48)[0]))
+    ingest(str(source), str(tmp_path / "new"), "fresh", OPTIONS, workers=1)
+    assert sorted(os.listdir(tmp_path / "new")) == ["fresh", "fresh_skipped_paths.csv"]
 
 
 def test_cli_exit_status(tmp_path):
@@ -242,9 +256,10 @@ def test_cli_exit_status(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
     assert "error: no usable image; the reasons are in" in result.stderr
-    with open(tmp_path / "out" / "nothing_skipped_paths.csv") as f:
+    with open(tmp_path / "out" / "nothing_skipped_paths_failed_run.csv") as f:
         assert [os.path.basename(r["path"]) for r in csv.DictReader(f)] == ["broken.png"]
-    assert os.listdir(tmp_path / "out") == ["nothing_skipped_paths.csv"]  # a re-run just works
+    # a re-run just works
+    assert os.listdir(tmp_path / "out") == ["nothing_skipped_paths_failed_run.csv"]
     # a bad option value: one line, no traceback
     result = subprocess.run([*cmd, "--frame_stride=0"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, check=False)  # fmt: skip
@@ -294,7 +309,7 @@ def test_masks_are_never_the_images_themselves(tmp_path):
     with pytest.raises(NoUsableImages):  # the masks folder is the manifest's: each its own
         ingest(str(tmp_path / "images" / "relative.csv"), str(tmp_path / "out"), "own", options,
                workers=1)  # fmt: skip
-    with open(tmp_path / "out" / "own_skipped_paths.csv") as f:
+    with open(tmp_path / "out" / "own_skipped_paths_failed_run.csv") as f:
         reasons = {r["reason"] for r in csv.DictReader(f)}
     assert reasons == {"its mask in --masks would be itself"}
 
@@ -356,3 +371,79 @@ def test_splits_without_files_and_one_placeholder_patient_are_warned(caplog):
     with caplog.at_level("WARNING", logger="absl"):
         warn_about_splits(patients, [assign_split(p, options) for p in patients], options)
     assert not caplog.records
+
+
+def test_a_resize_under_the_smallest_image_kept_is_refused():
+    for size in (-1, 1, 8, 15):  # ingest skips images under 16 px a side
+        with pytest.raises(ValueError, match=rf"^--resize must be 0 \(keep the size\) or at "
+                                             rf"least 16 px, got {size}$"):  # fmt: skip
+            Options(resize=size)
+    assert Options(resize=0).resize == 0 and Options(resize=16).resize == 16
+
+
+def test_a_manifest_without_rows_says_so(tmp_path):
+    (tmp_path / "header_only.csv").write_text("path,organ\n")
+    with pytest.raises(ValueError, match=r"header_only\.csv has a header but no rows"):
+        list_items(str(tmp_path / "header_only.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.csv needs a header with at least 'path'"):
+        list_items(str(tmp_path / "empty.csv"))
+
+
+def _save(path, array: np.ndarray, orientation: int = 1) -> None:
+    """``array`` as an image file (format by suffix), with an EXIF orientation unless 1."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.Image.fromarray(array).save(path, **({"exif": exif} if orientation != 1 else {}))
+
+
+def test_exif_rotated_pairs_and_masks_without_class_ids_are_skipped(tmp_path):
+    """The reader turns an EXIF-rotated image, so how its mask lines up is ambiguous; a mask of
+    only 0 and 255 (255 = ignore) is a binary mask saved as 0/255: each is skipped and reported,
+    never stored as misaligned labels or as "ignore"."""
+    images, masks = _segmentation_files(tmp_path, count=6)
+    _save(os.path.join(images, "liver", "case_0.png"), generate(11, 0, 32)[0], orientation=6)
+    wide = generate(11, 9, (100, 200))[0]  # 100x200 both, the image turned to 200x100
+    _save(os.path.join(images, "liver", "wide.jpg"), wide, orientation=6)
+    _save(os.path.join(masks, "liver", "wide.png"), (wide > 128).astype(np.uint8))
+    _save(os.path.join(masks, "liver", "case_1.png"), np.eye(32, dtype=np.uint8), orientation=3)
+    binary = np.zeros((32, 32), np.uint8)
+    binary[8:24, 8:24] = 255
+    _save(os.path.join(masks, "liver", "case_2.png"), binary)  # 0/255
+    _save(os.path.join(masks, "liver", "case_3.png"), np.full((32, 32), 255, np.uint8))
+    labelled = np.where(binary, 1, 0).astype(np.uint8)
+    labelled[:2] = 255  # a class, background and an ignored band: kept
+    _save(os.path.join(masks, "liver", "case_4.png"), labelled)
+    options = Options(resize=0, crop="none", masks=masks, salt=SALT)
+    card = ingest(images, str(tmp_path / "out"), "exif", options, workers=1)
+    assert card["files"]["used"] == {"train": 2} and card["files"]["skipped"] == 5
+    assert card["skipped_reasons"] == {
+        "EXIF-rotated image with a paired mask": 2,
+        "EXIF-rotated mask with a paired image": 1,
+        "mask holds only 0 and 255": 1,
+        "mask is all 255 (ignore)": 1,
+    }
+    assert card["mask_values"] == [0, 1, 255]
+    with open(tmp_path / "out" / "exif_skipped_paths.csv") as f:
+        rows = {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
+    assert rows["wide.jpg"] == (
+        "EXIF-rotated image with a paired mask: its EXIF orientation 6 leaves ambiguous how "
+        "the two line up; save the image without the EXIF rotation"
+    )
+    assert "a binary mask saved as 0/255 needs class ids 0/1" in rows["case_2.png"]
+
+
+def test_exif_rotated_enhancement_pairs_are_skipped(tmp_path):
+    noisy, clean = tmp_path / "noisy" / "liver", tmp_path / "clean" / "liver"
+    for i, (image_orientation, target_orientation) in enumerate(((6, 1), (1, 8), (1, 1))):
+        image = generate(12, i, 32)[0]
+        _save(str(noisy / f"case_{i}.png"), image, image_orientation)
+        _save(str(clean / f"case_{i}.png"), image, target_orientation)
+    options = Options(resize=0, crop="none", targets=str(tmp_path / "clean"), salt=SALT)
+    card = ingest(str(tmp_path / "noisy"), str(tmp_path / "out"), "pairs", options, workers=1)
+    assert card["files"]["used"] == {"train": 1}
+    assert card["skipped_reasons"] == {
+        "EXIF-rotated image with a paired target": 1,
+        "EXIF-rotated target with a paired image": 1,
+    }

@@ -13,7 +13,9 @@ Labelled downstream data: ``--masks`` (segmentation: PNG masks of integer class 
 ignore) and ``--targets`` (enhancement: clean images) name a directory holding, for every
 input file, the file with the same relative path and stem (PNG first). Each record then carries
 ``mask`` / ``target``, resized like its image (nearest neighbour for masks); pairs need
-``--crop none`` and single-frame images, and an input without its pair is skipped and reported.
+``--crop none`` and single-frame images, and an input without its pair is skipped and reported,
+and so is a pair whose image or mask / target carries an EXIF rotation (how the two line up is
+ambiguous) or whose mask holds only 0 and 255 (no class id: a binary mask saved as 0/255).
 
 Every frame becomes a single-channel uint8 PNG (``readers.read_image_file``: colour to gray,
 windowing, scan-region crop; then the shorter side resized). Exact duplicates (same pixels) are
@@ -25,7 +27,9 @@ Output, in ``DATA_DIR/NAME/1.0.0``: the TFDS dataset (readable without TensorFlo
 ``tfds.builder_from_directory(...).as_data_source(split)``), records grouped by organ in each
 split; ``dataset_card.json`` (per-organ counts and index ranges per split, options, what was
 skipped and why) and ``skipped.csv`` (path hash, reason) beside it. The raw paths of the skipped
-files, for the user to act on, go to ``DATA_DIR/NAME_skipped_paths.csv``, outside the dataset.
+files, for the user to act on, go to ``DATA_DIR/NAME_skipped_paths.csv``, outside the dataset,
+written with it; a run that finds no usable image writes them to
+``DATA_DIR/NAME_skipped_paths_failed_run.csv`` instead (an existing dataset's report stays).
 Files run in parallel over the cores; a file that cannot be read is skipped and reported, never
 fatal. Files are taken by suffix (images, ``.dcm`` / ``.dicom`` / ``.dic`` / ``.ima``, none) or,
 whatever their name (PACS exports name files by UID), by DICOM's preamble; other files are
@@ -70,6 +74,7 @@ FLAT_GROUP = "all"  # the organ / class of the files of a flat input folder
 # by name; a file with another suffix is taken when it starts with DICOM's preamble, else ignored
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *readers.DICOM_SUFFIXES)
 MANIFEST_COLUMNS = ("path", "organ", "patient_id", "study_id", "device", "center")
+IGNORE = 255  # the mask value that means "not labelled" (usfm_jax.finetune.data.IGNORE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +102,11 @@ class Options:
             raise ValueError(f"--frame_stride must be >= 1, got {self.frame_stride}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"--max_frames must be >= 1 (0: every frame), got {self.max_frames}")
-        if self.resize < 0:
-            raise ValueError(f"--resize must be >= 0, got {self.resize}")
+        if self.resize < 0 or 0 < self.resize < readers.MIN_SIDE:  # smaller images are skipped
+            raise ValueError(
+                f"--resize must be 0 (keep the size) or at least {readers.MIN_SIDE} px, "
+                f"got {self.resize}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.test_fraction < 1.0 - self.val_fraction:
@@ -232,15 +240,30 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
+def _refuse_exif_rotation(orientation: int, what: str, other: str) -> None:
+    """Refuses one file of a pair (``what``: image, mask or target) that its EXIF orientation
+    rotates or flips: whether the ``other`` was drawn on its stored or its rotated pixels
+    cannot be told, and a guess would give misaligned pairs (wrong labels)."""
+    if orientation != 1:
+        raise readers.UnreadableError(
+            f"EXIF-rotated {what} with a paired {other}: its EXIF orientation {orientation} "
+            f"leaves ambiguous how the two line up; save the {what} without the EXIF rotation"
+        )
+
+
 def _read_mask(path: str, shape: tuple[int, int], size: int) -> np.ndarray:
     """A label mask (PNG of integer class ids, one channel) for a frame of ``shape`` before
-    resizing; resized like the frame (shorter side ``size``), nearest neighbour."""
+    resizing; resized like the frame (shorter side ``size``), nearest neighbour.
+
+    A mask of only 0 and 255 (or only 255) holds no class id, 255 meaning ignore: most likely
+    a binary mask saved as 0 / 255, it is refused rather than stored as "ignore"."""
     try:
         with PIL.Image.open(path) as image:
             if image.mode not in ("1", "L", "P", "I", "I;16"):  # "1": a boolean mask, 0 / 1
                 raise readers.UnreadableError(
                     f"mask has mode {image.mode}: expected one channel of integer class ids"
                 )
+            _refuse_exif_rotation(readers.exif_orientation(image), "mask", "image")
             mask = np.asarray(image)
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a bad or cut file
         raise readers.UnreadableError(f"unreadable mask ({type(e).__name__}: {e})") from None
@@ -249,6 +272,14 @@ def _read_mask(path: str, shape: tuple[int, int], size: int) -> np.ndarray:
     if mask.max(initial=0) > 255:
         raise readers.UnreadableError(f"mask values up to {mask.max()}: expected <= 255")
     mask = mask.astype(np.uint8)
+    values = set(np.unique(mask).tolist())
+    if values == {IGNORE}:
+        raise readers.UnreadableError(f"mask is all {IGNORE} (ignore): no labelled pixel")
+    if values == {0, IGNORE}:
+        raise readers.UnreadableError(
+            f"mask holds only 0 and {IGNORE}: no class id ({IGNORE} means ignore); a binary "
+            f"mask saved as 0/{IGNORE} needs class ids 0/1 (mask // {IGNORE})"
+        )
     if size:
         h, w = readers.resize_shorter_side(np.zeros(shape, np.uint8), size).shape
         mask = np.asarray(PIL.Image.fromarray(mask).resize((w, h), PIL.Image.NEAREST))
@@ -259,11 +290,15 @@ def _read_manifest(path: str) -> list[Item]:
     base = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM as Excel writes it
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"manifest {path} is not a UTF-8 CSV file ({e})") from None
-    if not rows or not {"path", "organ"} <= set(rows[0]):
+    if not {"path", "organ"} <= set(header):
         raise ValueError(f"manifest {path} needs a header with at least 'path' and 'organ' columns")
+    if not rows:
+        raise ValueError(f"manifest {path} has a header but no rows: list one file per row")
     items = []
     for line, row in enumerate(rows, start=2):
         row = {k: (v or "").strip() for k, v in row.items() if k}
@@ -367,12 +402,15 @@ def _read_pairs(item: Item, image: readers.ImageFile, options: Options) -> dict[
             raise readers.UnreadableError(f"no {name[:-1]} for it in --{name}")
         if os.path.samefile(path, item.path):  # --masks is the images' own folder
             raise readers.UnreadableError(f"its {name[:-1]} in --{name} would be itself")
+        _refuse_exif_rotation(image.exif_orientation, "image", name[:-1])
         shape = image.frames[0].shape
         if name == "masks":
             pair = _read_mask(path, shape, options.resize)
             pairs["mask_values"] = tuple(int(v) for v in np.unique(pair))
         else:
-            pair = readers.read_image_file(path, max_frames=1, crop="none").frames[0]
+            target = readers.read_image_file(path, max_frames=1, crop="none")
+            _refuse_exif_rotation(target.exif_orientation, "target", "image")
+            pair = target.frames[0]
             if pair.shape != shape:
                 raise readers.UnreadableError(
                     f"target shape {pair.shape} differs from the image {shape}"
@@ -538,12 +576,12 @@ def ingest(
             warn_about_splits(patients, splits, options)
             writer, dropped = _build(name, staging, items, splits, organs, options, pool)
         report = os.path.join(output, f"{name}_skipped_paths.csv")
+        failed_report = os.path.join(output, f"{name}_skipped_paths_failed_run.csv")
         rows = [(s.path, s.reason) for s in writer.skipped]
         rows += [(p, "ignored: neither an image nor a DICOM file") for p in ignored]
-        with open(report, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "reason"), *rows])
-        if len(dropped) == len(set(splits)):
-            raise NoUsableImages(f"no usable image; the reasons are in {report}")
+        if len(dropped) == len(set(splits)):  # the report of a dataset kept stays as it is
+            _write_csv(failed_report, [("path", "reason"), *rows])
+            raise NoUsableImages(f"no usable image; the reasons are in {failed_report}")
         for split in dropped:
             logging.warning(
                 "split %r is left out: none of its files gave a usable image (reasons in %s)",
@@ -558,23 +596,32 @@ def ingest(
             json.dump(card, f, indent=2)
         # The dataset keeps path hashes only; the raw paths, for the user, stay in the report.
         hashed = [(salted_hash(s.key, options.salt), s.reason) for s in writer.skipped]
-        with open(os.path.join(staged, "skipped.csv"), "w", newline="") as f:
-            csv.writer(f).writerows([("path_hash", "reason"), *hashed])
+        _write_csv(os.path.join(staged, "skipped.csv"), [("path_hash", "reason"), *hashed])
+        staged_report = os.path.join(staging, os.path.basename(report))  # beside, not inside
+        _write_csv(staged_report, [("path", "reason"), *rows])
         if os.path.exists(target):  # replaced only now that the new dataset is complete
             shutil.rmtree(target)
         os.replace(os.path.join(staging, name), target)
+        os.replace(staged_report, report)  # with its dataset, never before
+        if os.path.exists(failed_report):  # an earlier failed run's: out of date
+            os.remove(failed_report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for organ in organs:
         if not any(card["images"][split].get(organ) for split in SPLITS):
             logging.warning("organ %r: none of its files gave a usable image", organ)
-    if options.masks and not set(card["mask_values"]) - {0, 255}:
+    if options.masks and not set(card["mask_values"]) - {0, IGNORE}:
         logging.warning(
-            "the masks hold only the values %s: 255 means 'ignore' and 0 background, so there "
-            "is no class to learn. Binary masks saved as 0/255 need class ids (0/1) instead",
-            card["mask_values"],
-        )
+            "the masks hold only the values %s: 0 is background and %d 'ignore', so there is "
+            "no class to learn", card["mask_values"], IGNORE,
+        )  # fmt: skip
     return card
+
+
+def _write_csv(path: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Writes ``rows`` (the header first) to the CSV file ``path``."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def _folders(input_path: str) -> set[str]:

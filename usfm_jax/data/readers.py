@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 import PIL.ImageSequence
@@ -72,6 +73,7 @@ class ImageFile:
     study_id: str | None  # StudyInstanceUID
     device: str | None  # "Manufacturer ManufacturerModelName" when present
     num_frames_in_file: int  # before stride / max_frames
+    exif_orientation: int = 1  # the EXIF rotation / flip applied to the frames (1: none)
 
 
 # ----------------------------------------------------------------------------- public helpers
@@ -277,6 +279,13 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def exif_orientation(image: PIL.Image.Image) -> int:
+    """The image's EXIF Orientation when it rotates or flips the image (2-8, what
+    ``PIL.ImageOps.exif_transpose`` applies), else 1 (no tag, 1, or a value outside 1-8)."""
+    value = image.getexif().get(PIL.ExifTags.Base.Orientation, 1)
+    return int(value) if value in range(2, 9) else 1
+
+
 def _frame_indices(n: int, stride: int, max_frames: int | None) -> list[int]:
     indices = list(range(0, n, stride))
     return indices[:max_frames] if max_frames is not None else indices
@@ -432,6 +441,7 @@ def _read_pil(path: str, stride: int, max_frames: int | None, crop: str) -> Imag
                 frames.append(_pil_to_gray(frame, single=n_file == 1))
             if len(frames) != len(indices):
                 raise EOFError(f"{len(frames)} of {len(indices)} frames could be read")
+            orientation = exif_orientation(image) if n_file == 1 else 1  # as _pil_to_gray
         except UnreadableError:
             raise
         except Exception as e:  # truncated data (OSError), bad seek (EOFError), ...
@@ -444,6 +454,7 @@ def _read_pil(path: str, stride: int, max_frames: int | None, crop: str) -> Imag
         study_id=None,
         device=None,
         num_frames_in_file=n_file,
+        exif_orientation=orientation,
     )
 
 
