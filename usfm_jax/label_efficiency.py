@@ -19,13 +19,22 @@ interrupted study continues where it stopped). Then: ``OUT/results.csv`` (one ro
 ``test_METRIC`` column per test metric), ``OUT/results.md`` (mean +- std over seeds),
 ``OUT/label_efficiency.png`` (the selection metric vs the label fraction, one line per
 initialisation, error bars = std over seeds).
+
+A run's ``study_run.json`` holds the config the study asked for and, under ``init_identity``,
+what its init's weights were (``init_identity``: the step and parameter fingerprint of a
+usfm_jax checkpoint or export, the SHA-256 of PyTorch weights). A finished run is reused only
+if both are the same again: new weights at an init's path (pre-training continued, an export or
+a weights file replaced) are an error, never a silent reuse. So is an ``OUT/pretrain/NAME``
+whose newest checkpoint was written with another config than ``--pretrain NAME`` asks for.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
+import logging as std_logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,21 +43,25 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from usfm_jax.checkpoint import CheckpointError, config_changes
+from usfm_jax.checkpoint import CheckpointError, config_changes, describe_error
 from usfm_jax.cli import load_config, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import Architecture, ConversionError, Normalization
+from usfm_jax.export import find_checkpoint
 from usfm_jax.finetune import evaluate
 from usfm_jax.finetune.run import finetune, initial_encoder
 from usfm_jax.finetune.validation import check_init_overrides, init_overrides, validate_finetune
-from usfm_jax.paths import work_directory
-from usfm_jax.reporting import quiet_library_logs
+from usfm_jax.paths import as_path, work_directory
+from usfm_jax.pretrained import torch_weights_file
+from usfm_jax.reporting import TrainingDiverged, library_logs_below, quiet_library_logs
 
 SCRATCH = "scratch"
 STUDY_CONFIG = "study_run.json"  # in each run's workdir: the config the study asked for
+IDENTITY = "init_identity"  # ... and, under this key, what its init's weights were
 
 
 def parse_named(text: str, flag: str) -> list[tuple[str, str]]:
@@ -99,10 +112,44 @@ def load_pretrain_configs(
     return configs
 
 
+def _read_saved_json(directory: Any) -> Any:
+    """A JSON item of an orbax checkpoint (a step's ``config`` or ``fingerprint``)."""
+    # orbax warns that a manager's item has no metadata file of its own: noise for the reader
+    with library_logs_below(std_logging.ERROR):
+        try:
+            return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {directory}: {describe_error(e)}") from e
+
+
+def check_pretrain_workdirs(
+    configs: Sequence[tuple[str, ml_collections.ConfigDict]], out: str
+) -> None:
+    """Refuses an OUT/pretrain/NAME whose newest checkpoint was written with another config
+    than ``--pretrain NAME`` asks for (resuming it would label those weights with this config,
+    or continue them under it)."""
+    for name, config in configs:
+        workdir = os.path.join(out, "pretrain", name)
+        try:
+            source = find_checkpoint(workdir)
+        except CheckpointError:  # no finished checkpoint yet: pre-trained (or resumed) as asked
+            continue
+        changes = config_changes(_read_saved_json(source / "config"), config.to_dict())
+        if changes:
+            raise ValueError(
+                f"{workdir} holds step {source.name} pre-trained with another config than "
+                f"--pretrain {name} asks for ({'; '.join(changes[:5])}): use another --out "
+                f"(or --pretrain name), or remove {workdir} to pre-train it again"
+            )
+
+
 def pretrain_all(configs: Sequence[tuple[str, ml_collections.ConfigDict]], out: str) -> list:
-    """Pre-trains each (name, config) into OUT/pretrain/NAME; returns (name, workdir)."""
+    """Pre-trains each (name, config) into OUT/pretrain/NAME (resuming one interrupted with
+    the same config; any other config there is an error, before any training); returns
+    (name, workdir)."""
     from usfm_jax.train import train  # here: only this path needs the pre-training loop
 
+    check_pretrain_workdirs(configs, out)
     inits = []
     for name, config in configs:
         workdir = os.path.join(out, "pretrain", name)
@@ -116,6 +163,34 @@ def pretrain_all(configs: Sequence[tuple[str, ml_collections.ConfigDict]], out: 
 # flag that sets them: any other value would be silently replaced.
 STUDY_FIELDS = {"init": ("", "--inits"), "label_fraction": (1.0, "--fractions"),
                 "seed": (0, "--seeds")}  # fmt: skip
+
+
+def init_identity(path: str) -> dict[str, Any] | None:
+    """What the weights of the init at ``path`` are, without reading them: None for scratch
+    (the config describes it); for a usfm_jax workdir (its newest step), step directory or
+    export, the step and the SHA-256 (16 hex digits) of the per-array fingerprints saved with
+    it; for PyTorch weights, the file's SHA-256."""
+    if path == SCRATCH:
+        return None
+    torch_file = torch_weights_file(as_path(path))
+    if torch_file is not None:
+        with torch_file.open("rb") as f:
+            return {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    source = find_checkpoint(path)
+    if (source / "params").exists():  # an export: export.json says what it holds
+        info = json.loads((source / "export.json").read_text())
+        step, saved = info["step"], info["fingerprint"]
+    else:  # a training step: its directory is named by the step
+        step, saved = int(source.name), _read_saved_json(source / "fingerprint")
+    digest = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
+    return {"step": step, "fingerprint": digest[:16]}
+
+
+def describe_identity(identity: dict[str, Any] | None) -> str:
+    """``init_identity``'s value in words: "step 600, fingerprint 1a2b..." or "sha256 ..."."""
+    if identity is None:
+        return "none recorded"
+    return ", ".join(f"{key} {value}" for key, value in identity.items())
 
 
 def check_study(
@@ -171,10 +246,11 @@ def run_grid(
     overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tunes every (init, fraction, seed); returns one record per run (``overrides``: as
-    for ``finetune``)."""
-    records = []
-    total = len(inits) * len(fractions) * seeds
+    for ``finetune``). Every finished run is checked (``_check_same_run``) before the first
+    new one starts."""
+    grid = []
     for name, path in inits:
+        identity = init_identity(path)  # once per init: its weights, now
         for fraction in fractions:
             for seed in range(seeds):
                 workdir = os.path.join(out, "runs", name, f"f{fraction:g}", f"s{seed}")
@@ -182,41 +258,55 @@ def run_grid(
                 run.init = "" if path == SCRATCH else path
                 run.label_fraction = fraction
                 run.seed = seed
-                asked = os.path.join(workdir, STUDY_CONFIG)
                 if os.path.exists(os.path.join(workdir, "results.json")):
-                    _check_same_run(run, asked)
-                    with open(os.path.join(workdir, "results.json")) as f:
-                        results = json.load(f)
-                    for split in ("val", "test"):  # undefined metrics are stored as null
-                        results[split] = {
-                            k: np.nan if v is None else v for k, v in results[split].items()
-                        }
-                else:
-                    print(f"[{len(records) + 1}/{total}] {name}, fraction {fraction:g}, "
-                          f"seed {seed}", flush=True)  # fmt: skip
-                    os.makedirs(workdir, exist_ok=True)
-                    with open(asked, "w") as f:
-                        f.write(run.to_json_best_effort(indent=2))
-                    results = finetune(run, workdir, overrides)
-                # the study's name of the init, not the run's path of it
-                records.append({**results, "init": name, "fraction": fraction, "seed": seed})
+                    asked = os.path.join(workdir, STUDY_CONFIG)
+                    _check_same_run(run, asked, identity, f"{name}={path}")
+                grid.append((name, fraction, seed, workdir, run, identity))
+    records = []
+    for i, (name, fraction, seed, workdir, run, identity) in enumerate(grid):
+        if os.path.exists(os.path.join(workdir, "results.json")):
+            with open(os.path.join(workdir, "results.json")) as f:
+                results = json.load(f)
+            for split in ("val", "test"):  # undefined metrics are stored as null
+                results[split] = {k: np.nan if v is None else v for k, v in results[split].items()}
+        else:
+            print(f"[{i + 1}/{len(grid)}] {name}, fraction {fraction:g}, seed {seed}", flush=True)
+            os.makedirs(workdir, exist_ok=True)
+            record = {**json.loads(run.to_json_best_effort()), IDENTITY: identity}
+            with open(os.path.join(workdir, STUDY_CONFIG), "w") as f:
+                json.dump(record, f, indent=2)
+            results = finetune(run, workdir, overrides)
+        # the study's name of the init, not the run's path of it
+        records.append({**results, "init": name, "fraction": fraction, "seed": seed})
     return records
 
 
-def _check_same_run(run: ml_collections.ConfigDict, asked: str) -> None:
-    """A finished run is reused only if it was asked for with this config."""
+def _check_same_run(
+    run: ml_collections.ConfigDict, asked: str, identity: dict[str, Any] | None, init: str
+) -> None:
+    """A finished run is reused only if it was asked for with this config and its init
+    (``init``: NAME=PATH) had the weights of ``identity``."""
     if not os.path.exists(asked):
         raise ValueError(
             f"{os.path.dirname(asked)} holds a finished run without the {STUDY_CONFIG} that "
             "says how the study asked for it: use another --out (or remove the run)"
         )
     with open(asked) as f:
-        changes = config_changes(json.load(f), run.to_dict())
+        saved = json.load(f)
+    recorded = saved.pop(IDENTITY, None)  # absent: written before identities were recorded
+    changes = config_changes(saved, run.to_dict())
     if changes:
         raise ValueError(
             f"{os.path.dirname(asked)} was fine-tuned with another config ("
             + "; ".join(changes[:5])
             + "): use another --out for the changed study, or remove the old runs"
+        )
+    if recorded != identity:
+        runs = os.path.dirname(os.path.dirname(os.path.dirname(asked)))  # OUT/runs/NAME
+        raise ValueError(
+            f"{os.path.dirname(asked)} was fine-tuned from other weights of init {init} "
+            f"(then: {describe_identity(recorded)}; now: {describe_identity(identity)}): use "
+            f"another --out for the new weights, or remove {runs} to fine-tune them again"
         )
 
 
@@ -332,7 +422,8 @@ def main(argv: list[str]) -> None:
         work_directory(f.out, "--out")
         inits += pretrain_all(pretrain, f.out)
         rows = study(f.config, inits, fractions, f.seeds, f.out, overrides)
-    except (CheckpointError, ConfigError, ConversionError, OSError, ValueError) as e:
+    except (CheckpointError, ConfigError, ConversionError, OSError, TrainingDiverged,
+            ValueError) as e:  # fmt: skip
         sys.exit(f"error: {e}")
     print(markdown(rows, f.config.task))
 

@@ -102,7 +102,7 @@ def load_encoder_weights(
     root = as_path(path)
     if not root.exists():
         raise ConversionError(f"no pre-trained model at {path}")
-    torch_file = _torch_weights(root)
+    torch_file = torch_weights_file(root)
     if torch_file is None:  # a usfm_jax checkpoint or export
         from usfm_jax.export import load_params
 
@@ -137,7 +137,7 @@ def load_encoder_weights(
     return params, arch, normalization
 
 
-def _torch_weights(root: epath.Path) -> epath.Path | None:
+def torch_weights_file(root: epath.Path) -> epath.Path | None:
     """The PyTorch weights file that ``root`` is or holds, or None for a usfm_jax directory."""
     if root.is_file():
         if root.suffix not in (SAFETENSORS, *PICKLES):
