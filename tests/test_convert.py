@@ -305,6 +305,10 @@ def test_relative_tables_are_resampled_as_beit_does():
     np.testing.assert_array_equal(out[-3:], table[-3:])
     crop = resample_rel_pos_table(table, grid, (8, 8))[:-3].reshape(15, 15, 2)
     np.testing.assert_allclose(crop, old[6:21, 6:21], atol=1e-5)
+    small = table[: 3 * 5 + 3]  # a 2 x 3 grid (3 x 5 offsets) to 4 x 3: the nearest offset's
+    grown = resample_rel_pos_table(small, (2, 3), (4, 3))[:-3].reshape(7, 5, 2)
+    np.testing.assert_allclose(grown[2:5], small[:-3].reshape(3, 5, 2), atol=1e-5)
+    np.testing.assert_allclose(grown[:2], np.repeat(grown[2:3], 2, axis=0), atol=1e-5)
 
     cubic = (ys**3 - 4 * ys)[:, None] * (0.5 * ys**2 + ys)[None, :] / 1e4
     table = np.concatenate([cubic.reshape(-1, 1), np.zeros((3, 1))]).astype(np.float64)

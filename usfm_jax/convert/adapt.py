@@ -162,14 +162,15 @@ def resample_rel_pos_table(
 def _geometric_positions(size: int, new_size: int) -> np.ndarray:
     """Where the offsets -(size-1) .. size-1 of a ``size``-patch axis sit among those of a
     ``new_size`` one (BEiT): 0, +-1, +-(1 + q), +-(1 + q + q^2), ..., with q >= 1 such that
-    the last lands on new_size - 1 (q = 1, the offsets themselves, when the axis shrinks)."""
+    the last lands on new_size - 1 (q = 1, the offsets themselves, when the axis shrinks, or
+    when it has 2 patches: offsets 0 and +-1 alone, whose values the farther new ones take)."""
     n, reach = size - 1, new_size - 1
 
     def last(q: float) -> float:  # 1 + q + ... + q^(n-1)
         return float(np.sum(q ** np.arange(n)))
 
     low, high = 1.0, 2.0
-    if reach > n:
+    if reach > n > 1:
         while last(high) < reach:
             high *= 2
         for _ in range(100):  # bisection of a monotone function, to float precision
