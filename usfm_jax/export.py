@@ -110,13 +110,37 @@ def load_params(path: str, step: int | None = None, weights: str = "auto") -> Pa
         return _load_params(source, weights)
 
 
+class Record(NamedTuple):
+    """What a training step or an export records beside its arrays."""
+
+    step: int
+    config: dict[str, Any]
+    fingerprint: dict[str, int]  # per array (checkpoint.fingerprint)
+
+
+def read_record(source: epath.Path) -> Record:
+    """The record of ``source`` (a step directory or an export, as ``find_checkpoint`` gives
+    it), read without its arrays; unreadable: a one-line CheckpointError."""
+    # orbax warns that a manager's item has no metadata file of its own: noise for the reader
+    with library_logs_below(std_logging.ERROR):
+        try:
+            if (source / "params").exists():  # an export
+                info = json.loads((source / "export.json").read_text())
+                config = json.loads((source / "config.json").read_text())
+                return Record(info["step"], config, info["fingerprint"])
+            read_json = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore
+            config, saved = read_json(source / "config"), read_json(source / "fingerprint")
+            return Record(int(source.name), config, saved)  # a step's directory: its step
+        except Exception as e:
+            raise CheckpointError(f"cannot read {source}: {describe_error(e)}") from e
+
+
 def _load_params(source: epath.Path, weights: str) -> Parameters:
+    step, config, saved = read_record(source)
     try:
         if (source / "params").exists():  # an export: one set of weights, as exported
             info = json.loads((source / "export.json").read_text())
             params = {"params": _read_numpy(source / "params")}
-            config = json.loads((source / "config.json").read_text())
-            saved, step = info["fingerprint"], info["step"]
             kind = info.get("weights", "params")
             if weights != "auto" and weights != kind:
                 raise CheckpointError(f"{source} holds the {kind} weights, not {weights}")
@@ -128,10 +152,7 @@ def _load_params(source: epath.Path, weights: str) -> Parameters:
                 raise CheckpointError(f"{source} holds no EMA weights (config.ema_decay was 0)")
             kind = "ema" if weights == "ema" or (weights == "auto" and has_ema) else "params"
             name = "ema_params" if kind == "ema" else "params"
-            state = _read_numpy(source / "state", (name, "step"))
-            params, step = {name: state[name]}, int(state["step"])
-            read_json = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore
-            config, saved = read_json(source / "config"), read_json(source / "fingerprint")
+            params = {name: _read_numpy(source / "state", (name,))[name]}
     except CheckpointError:
         raise
     except Exception as e:  # unreadable: say which checkpoint and why, in one line

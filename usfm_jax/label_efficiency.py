@@ -34,7 +34,6 @@ import copy
 import csv
 import hashlib
 import json
-import logging as std_logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,21 +42,20 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from usfm_jax.checkpoint import CheckpointError, config_changes, describe_error
+from usfm_jax.checkpoint import CheckpointError, config_changes
 from usfm_jax.cli import load_config, parse_flags, start_jax
 from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import Architecture, ConversionError, Normalization
-from usfm_jax.export import find_checkpoint
+from usfm_jax.export import find_checkpoint, read_record
 from usfm_jax.finetune import evaluate
 from usfm_jax.finetune.run import finetune, initial_encoder
 from usfm_jax.finetune.validation import check_init_overrides, init_overrides, validate_finetune
 from usfm_jax.paths import as_path, work_directory
 from usfm_jax.pretrained import torch_weights_file
-from usfm_jax.reporting import TrainingDiverged, library_logs_below, quiet_library_logs
+from usfm_jax.reporting import TrainingDiverged, quiet_library_logs
 
 SCRATCH = "scratch"
 STUDY_CONFIG = "study_run.json"  # in each run's workdir: the config the study asked for
@@ -112,16 +110,6 @@ def load_pretrain_configs(
     return configs
 
 
-def _read_saved_json(directory: Any) -> Any:
-    """A JSON item of an orbax checkpoint (a step's ``config`` or ``fingerprint``)."""
-    # orbax warns that a manager's item has no metadata file of its own: noise for the reader
-    with library_logs_below(std_logging.ERROR):
-        try:
-            return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {directory}: {describe_error(e)}") from e
-
-
 def check_pretrain_workdirs(
     configs: Sequence[tuple[str, ml_collections.ConfigDict]], out: str
 ) -> None:
@@ -134,7 +122,7 @@ def check_pretrain_workdirs(
             source = find_checkpoint(workdir)
         except CheckpointError:  # no finished checkpoint yet: pre-trained (or resumed) as asked
             continue
-        changes = config_changes(_read_saved_json(source / "config"), config.to_dict())
+        changes = config_changes(read_record(source).config, config.to_dict())
         if changes:
             raise ValueError(
                 f"{workdir} holds step {source.name} pre-trained with another config than "
@@ -176,14 +164,9 @@ def init_identity(path: str) -> dict[str, Any] | None:
     if torch_file is not None:
         with torch_file.open("rb") as f:
             return {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-    source = find_checkpoint(path)
-    if (source / "params").exists():  # an export: export.json says what it holds
-        info = json.loads((source / "export.json").read_text())
-        step, saved = info["step"], info["fingerprint"]
-    else:  # a training step: its directory is named by the step
-        step, saved = int(source.name), _read_saved_json(source / "fingerprint")
-    digest = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
-    return {"step": step, "fingerprint": digest[:16]}
+    record = read_record(find_checkpoint(path))
+    digest = hashlib.sha256(json.dumps(record.fingerprint, sort_keys=True).encode()).hexdigest()
+    return {"step": record.step, "fingerprint": digest[:16]}
 
 
 def describe_identity(identity: dict[str, Any] | None) -> str:
