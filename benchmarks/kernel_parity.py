@@ -114,9 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         ap.error(f"--implementations: {error}")
     require_positive(ap, args, ("batch", "image"))
-    if args.image % PATCH_SIZE:
-        ap.error(f"--image {args.image}: must be a multiple of the patch size {PATCH_SIZE}")
+    require_whole_patches(ap, args.image)
     return args
+
+
+def require_whole_patches(ap: argparse.ArgumentParser, image: int) -> None:
+    """Stops the benchmark with a usage error if ``--image`` is not a whole number of patches."""
+    if image % PATCH_SIZE:
+        ap.error(f"--image {image}: must be a multiple of the patch size {PATCH_SIZE}")
 
 
 def main(argv: list[str] | None = None) -> None:

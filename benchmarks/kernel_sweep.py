@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.kernel_parity import build_encoder, implementation_triple
+from benchmarks.kernel_parity import build_encoder, implementation_triple, require_whole_patches
 from benchmarks.train_step import (
     install_tilings,
     mlp_tiling,
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.case:
         ap.error("give --case or --cases")
     require_positive(ap, args, ("depth", "batch", "image", "steps"))
+    require_whole_patches(ap, args.image)
     images = jax.random.uniform(jax.random.key(2), (args.batch, args.image, args.image, 3))
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}: ViT-{args.size} {args.variant} "

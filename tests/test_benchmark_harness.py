@@ -124,6 +124,13 @@ def test_compile_time_and_kernel_parity_check_their_arguments(tool, bad, error, 
     assert error in capsys.readouterr().err
 
 
+def test_kernel_sweep_refuses_an_image_of_part_patches(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        kernel_sweep.main(["--case", "xla", "--image", "70"])
+    assert exit_.value.code == 2
+    assert "--image 70: must be a multiple of the patch size 16" in capsys.readouterr().err
+
+
 def test_compile_time_and_kernel_parity_take_good_arguments():
     args = compile_time.parse_args(["--sizes", "micro, base", "--batch", "2"])
     assert args.sizes == ["micro", "base"] and args.batch == 2

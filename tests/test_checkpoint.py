@@ -241,6 +241,13 @@ def test_checkpoint_of_another_model_is_an_error_naming_the_first_key(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 32
 
 
+def test_checkpoint_without_the_ema_of_this_run_names_the_changed_field(tmp_path):
+    train.train(_tiny(), str(tmp_path), stop_after=1)
+    named = r"ema_params\S* is only in this run's state.*another config \(ema_decay: 0\.0 -> 0\.9\)"
+    with pytest.raises(IncompatibleCheckpoint, match=named):
+        train.train(_tiny(ema_decay=0.9), str(tmp_path))
+
+
 def test_resuming_with_another_config_names_the_changed_fields(tmp_path, caplog):
     config = _tiny()
     train.train(config, str(tmp_path), stop_after=3)

@@ -292,7 +292,9 @@ def test_precomputed_targets_match_the_live_teacher(tmp_path, teacher_64):
     np.testing.assert_allclose(losses["cached"], losses["live"], rtol=2e-3)
 
     config.teacher.layer = "last_block"
-    with pytest.raises(ConfigError, match=r"made with teacher\.layer='final_norm'.*'last_block'"):
+    with pytest.raises(
+        ConfigError, match=r"made with config\.teacher\.layer='final_norm'.*'last_block'"
+    ):
         validate(config, jax.device_count())
     config.teacher.targets = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="no teacher-target cache there"):
@@ -341,17 +343,20 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     data = bytearray(teacher.read_bytes())
     data[-1] ^= 1
     teacher.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"made with teacher\.sha256="):
+    with pytest.raises(ValueError, match=r"made with the teacher file's SHA-256="):
         check_cache(config)
     teacher.write_bytes(open(teacher_64, "rb").read())  # noqa: SIM115
     check_cache(config)
     (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-02-02T00:00:00"}))
-    with pytest.raises(ValueError, match=r"made with data\.created='2026-01-01"):
+    with pytest.raises(
+        ValueError,
+        match=r"made with the dataset's creation time \(dataset_card\.json\)='2026-01-01",
+    ):
         check_cache(config)
     (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-01-01T00:00:00"}))
     check_cache(config)
     config.teacher.num_heads = 4  # the teacher's attention splits its width another way
-    with pytest.raises(ValueError, match=r"made with teacher\.num_heads=2, this run has 4"):
+    with pytest.raises(ValueError, match=r"made with config\.teacher\.num_heads=2, this run has 4"):
         check_cache(config)
     written = json.loads((tmp_path / "cache" / CACHE_INFO).read_text())
     del written["teacher"]["num_heads"]  # a cache written before the field was recorded
@@ -359,9 +364,15 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
     config.teacher.num_heads = None
     check_cache(config)  # it matches a run that leaves num_heads to the teacher's card
     config.teacher.num_heads = 2
-    with pytest.raises(ValueError, match=r"made with teacher\.num_heads=None, this run has 2"):
+    with pytest.raises(
+        ValueError, match=r"made with config\.teacher\.num_heads=None, this run has 2"
+    ):
         check_cache(config)
     config.teacher.num_heads = None
+    config.seed += 1  # another draw of augmentations: its field, not the cache's key, is named
+    with pytest.raises(ValueError, match=rf"made with config\.seed={config.seed - 1}, this run"):
+        check_cache(config)
+    config.seed -= 1
     array = tmp_path / "cache" / "targets.npy"
     np.save(array, np.zeros((2, 16, 64), np.float16))  # not what cache.json says
     with pytest.raises(ValueError, match=r"holds float16 \[2, 16, 64\], cache\.json says float"):

@@ -194,7 +194,7 @@ class Checkpointer:
         drop_closed_event_loop_noise()  # a damaged checkpoint's warning comes alone
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                self._check_compatible(step, target)
+                self._check_compatible(step, target, config)
                 restored, problem = self._restore(step, target), None
             except IncompatibleCheckpoint:
                 raise
@@ -236,27 +236,47 @@ class Checkpointer:
             )
         return state, data
 
-    def _check_compatible(self, step: int, target: Any) -> None:
+    def _check_compatible(
+        self, step: int, target: Any, config: ml_collections.ConfigDict | None
+    ) -> None:
         metadata = self.manager.item_metadata(step)["state"]
         if metadata is None:
             raise CorruptCheckpoint("its state metadata is missing")
         saved, wanted = named_leaves(metadata), named_leaves(target)
         path = self.step_path(step)
         for name in sorted(saved.keys() | wanted.keys()):
-            if name not in saved or name not in wanted:
-                where = "this run's state" if name in wanted else str(path)
-                raise IncompatibleCheckpoint(
-                    f"checkpoint {path} does not fit this run: {name} is only in {where}. "
-                    "Was it written with another model or optimizer config? Use a new --workdir."
+            was, now = saved.get(name), wanted.get(name)
+            if was is None or now is None:
+                where = "this run's state" if now is not None else str(path)
+                problem = f"{name} is only in {where}"
+            elif tuple(was.shape) != tuple(now.shape) or np.dtype(was.dtype) != np.dtype(now.dtype):
+                problem = (
+                    f"{name} is {np.dtype(was.dtype).name}{list(was.shape)} there and "
+                    f"{np.dtype(now.dtype).name}{list(now.shape)} here"
                 )
-            was, now = saved[name], wanted[name]
-            if tuple(was.shape) != tuple(now.shape) or np.dtype(was.dtype) != np.dtype(now.dtype):
-                raise IncompatibleCheckpoint(
-                    f"checkpoint {path} does not fit this run: {name} is "
-                    f"{np.dtype(was.dtype).name}{list(was.shape)} there and "
-                    f"{np.dtype(now.dtype).name}{list(now.shape)} here. Was it written with "
-                    "another model or optimizer config? Use a new --workdir."
-                )
+            else:
+                continue
+            raise IncompatibleCheckpoint(
+                f"checkpoint {path} does not fit this run: {problem}. "
+                f"{self._saved_config_hint(step, config)} Use a new --workdir, or the config "
+                "the checkpoint was written with."
+            )
+
+    def _saved_config_hint(self, step: int, config: ml_collections.ConfigDict | None) -> str:
+        """Which fields of ``config`` differ from those the checkpoint at ``step`` was written
+        with, as far as its saved config can be read."""
+        generic = "Was it written with another model or optimizer config?"
+        if config is None:
+            return generic
+        try:
+            restore = ocp.args.Composite(config=ocp.args.JsonRestore())
+            saved = self.manager.restore(step, args=restore).config
+        except Exception:  # the shapes already say enough
+            return generic
+        changes = config_changes(saved, config.to_dict())
+        if not changes:
+            return generic
+        return f"It was written with another config ({'; '.join(changes)})."
 
     def _restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """(state, the config saved with it)."""

@@ -122,6 +122,15 @@ def build_cache(
     return info
 
 
+# what a described setting is called where users set it (the rest: config.<same name>)
+_SETTING = {
+    "data.seed": "config.seed",
+    "data.created": "the dataset's creation time (dataset_card.json)",
+    "teacher.sha256": "the teacher file's SHA-256",
+    "teacher.dtype": "config.teacher.dtype (or config.model.dtype)",
+}
+
+
 def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """cache.json of ``config.teacher.targets``, if it was made for this config; else a
     ValueError naming the first setting that differs."""
@@ -140,8 +149,9 @@ def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
             )
             field = f"{section}.{differs[0]}" if differs else section
             raise ValueError(
-                f"config.teacher.targets={directory!r} was made with {field}="
-                f"{_get(info, field)!r}, this run has {_get(expected, field)!r}: rebuild it"
+                f"config.teacher.targets={directory!r} was made with "
+                f"{_SETTING.get(field, 'config.' + field)}={_get(info, field)!r}, this run has "
+                f"{_get(expected, field)!r}: rebuild it"
             )
     array = os.path.join(directory, CACHE_ARRAY)
     try:  # reads the header and maps the data: a cut file fails here, not in a reader thread

@@ -420,7 +420,8 @@ def _infer_architecture(
         if heads is None:
             raise ConversionError(
                 f"a plain ViT of width {width} does not say its number of heads: pass num_heads "
-                "(--num-heads; fine-tuning: --config.init_num_heads)"
+                "(convert: --num-heads; fine-tuning: --config.init_num_heads; a URFM teacher: "
+                "--config.teacher.num_heads)"
             )
     else:
         variant = "beit"
