@@ -3,6 +3,7 @@
 import csv
 import glob
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -123,6 +124,11 @@ def test_bad_files_are_skipped_with_reasons(ingested, source_tree):
     assert set(rows) == skipped | {"notes.txt", "readme.md"}
     assert rows["notes.txt"].startswith("ignored") and rows["readme.md"].startswith("ignored")
     assert card["skipped_paths_report"] == os.path.join(out, "us_test_skipped_paths.csv")
+    with open(os.path.join(card["data_dir"], "dataset_card.json")) as f:
+        written = f.read()
+    assert out not in written and source_tree not in written  # true wherever it is copied
+    report = json.loads(written)["skipped_paths_report"]
+    assert os.path.samefile(os.path.join(card["data_dir"], report), card["skipped_paths_report"])
     assert "empty" in rows["empty.png"]
     assert "pixel data" in rows["report.dcm"]
     assert all(reason and source_tree not in reason for reason in rows.values())

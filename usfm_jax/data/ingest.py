@@ -62,9 +62,9 @@ import PIL.Image
 import pydicom
 import tensorflow_datasets as tfds
 import tqdm
-from absl import app, flags, logging
+from absl import flags, logging
 
-from usfm_jax.cli import parse_flags
+from usfm_jax.cli import run_program
 from usfm_jax.data import readers
 from usfm_jax.paths import PathError, work_directory
 
@@ -593,7 +593,7 @@ def ingest(
         )  # fmt: skip
         staged = os.path.join(staging, name, VERSION)
         with open(os.path.join(staged, "dataset_card.json"), "w") as f:
-            json.dump(card, f, indent=2)
+            json.dump(portable_card(card), f, indent=2)
         # The dataset keeps path hashes only; the raw paths, for the user, stay in the report.
         hashed = [(salted_hash(s.key, options.salt), s.reason) for s in writer.skipped]
         _write_csv(os.path.join(staged, "skipped.csv"), [("path_hash", "reason"), *hashed])
@@ -747,6 +747,17 @@ def dataset_card(
     }
 
 
+def portable_card(card: dict) -> dict:
+    """The card as written beside the dataset: no absolute path (it would be wrong once the
+    dataset is copied elsewhere, and names the ingesting machine's directories); the report's
+    path is relative to the dataset's directory."""
+    written = {k: v for k, v in card.items() if k != "data_dir"}
+    written["skipped_paths_report"] = os.path.relpath(
+        card["skipped_paths_report"], card["data_dir"]
+    )
+    return written
+
+
 _INPUT = flags.DEFINE_string("input", None, "Directory (first level = organ) or CSV manifest.")
 _OUTPUT = flags.DEFINE_string("output", None, "TFDS data directory to write into.")
 _NAME = flags.DEFINE_string("name", None, "Dataset name (lower-case identifier).")
@@ -806,4 +817,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["input", "output", "name"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main, lambda: "no dataset was written or replaced (one is, only once complete)")
