@@ -471,18 +471,27 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
         make_directory(as_path(tmp_path / "full" / "kept" / "a"), "--workdir")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stop_signal_saves_the_current_step_and_exits_0(tmp_path, signum):
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGINT, 2)],
+    ids=["SIGTERM", "Ctrl-C", "Ctrl-C, data workers"],
+)
+def test_a_stop_signal_saves_the_current_step_and_exits_0(tmp_path, signum, workers):
     probe = ("--config.probe.every=1000", "--config.probe.num_train=8", "--config.probe.num_test=8")
-    proc = _demo(tmp_path, "--config.total_steps=5000", *probe, bufsize=1)
+    proc = _demo(
+        tmp_path, "--config.total_steps=5000", f"--config.data.worker_count={workers}", *probe,
+        bufsize=1, start_new_session=True,
+    )  # fmt: skip
     try:
         for line in proc.stdout:  # wait until training runs
             if line.startswith("step 10:"):
                 break
-        proc.send_signal(signum)
+        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C: every process of the group
         _finish(proc, tmp_path)
     finally:
         proc.kill()
+    # the data workers leave Ctrl-C to the main process, which stops them
+    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
     stopped = json.loads((tmp_path / "summary.json").read_text())["step"]
     assert 10 <= stopped < 5000
     assert max(_steps(tmp_path)) == stopped

@@ -287,6 +287,25 @@ def test_other_entry_points_give_one_line_for_a_bad_flag(tmp_path, module, args,
     assert "Traceback" not in result.stderr and not os.path.exists(f"{tmp_path}/out")
 
 
+def test_ctrl_c_ends_an_entry_point_with_one_line_and_status_130(tmp_path):
+    program = tmp_path / "interrupted.py"
+    program.write_text(
+        "import atexit, os, signal, time\n"
+        "from usfm_jax.cli import run_program\n"
+        "atexit.register(lambda: print('exit handlers ran', flush=True))\n"
+        "def main(argv):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, during the program's work\n"
+        "    time.sleep(60)\n"
+        "run_program(main, lambda: 'nothing was written')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True,
+                            timeout=60, env=env, check=False)  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == ["interrupted (Ctrl-C): nothing was written"]
+    assert result.stdout == "exit handlers ran\n"
+
+
 def test_a_config_of_the_other_kind_is_named_before_its_fields_are_read():
     pretrain = make_tiny_config()
     finetune = load_config("configs/finetune/classify.py")

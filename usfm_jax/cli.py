@@ -2,16 +2,45 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.machinery
 import importlib.util
 import os
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
-from absl import flags
+from absl import app, flags, logging
 
 from usfm_jax import cpu_runtime, distributed
+
+INTERRUPTED = 128 + 2  # the exit status of a program stopped by SIGINT, as shells report it
+
+
+def run_program(main: Callable[[list[str]], Any], interrupted: Callable[[], str]) -> None:
+    """absl's ``app.run`` with :func:`parse_flags`; Ctrl-C that reaches here ends the program
+    with one line (``interrupted()``: what it means for the user's files) and exit status 130,
+    not a traceback. The interpreter's teardown is skipped (exit handlers still run): after
+    an interrupted XLA compilation it can crash in XLA's destructors."""
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {interrupted()}", file=sys.stderr)
+        logging.flush()
+        atexit._run_exitfuncs()  # what a normal exit runs; then no teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+
+def incomplete_output(flag: str) -> Callable[[], str]:
+    """``run_program``'s message for a program whose ``--flag`` names a new directory."""
+    return lambda: (
+        f"--{flag} {getattr(flags.FLAGS, flag)}, if it was made, is incomplete: remove it "
+        "before running the command again"
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import flags
 from etils import epath
 
 from usfm_jax.checkpoint import (
@@ -31,7 +31,7 @@ from usfm_jax.checkpoint import (
     drop_closed_event_loop_noise,
     fingerprint,
 )
-from usfm_jax.cli import parse_flags
+from usfm_jax.cli import incomplete_output, run_program
 from usfm_jax.paths import PathError, as_path, make_directory, new_directory
 from usfm_jax.reporting import library_logs_below, quiet_library_logs
 
@@ -238,4 +238,4 @@ if __name__ == "__main__":  # flags defined here: other entry points import this
         "Export the EMA weights: auto (if the run kept them), yes, no.",
     )
     flags.mark_flags_as_required(["checkpoint", "out"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main, incomplete_output("out"))

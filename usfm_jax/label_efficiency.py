@@ -42,11 +42,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from usfm_jax.checkpoint import CheckpointError, config_changes
-from usfm_jax.cli import load_config, parse_flags, start_jax
+from usfm_jax.cli import load_config, run_program, start_jax
 from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import Architecture, ConversionError, Normalization
 from usfm_jax.export import find_checkpoint, read_record
@@ -422,4 +422,4 @@ if __name__ == "__main__":  # flags defined here, as the module is importable
     )
     flags.DEFINE_integer("pretrain_steps", None, "Override total_steps of every --pretrain.")
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main, lambda: "finished runs are kept; the same command continues the study")

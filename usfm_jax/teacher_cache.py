@@ -28,13 +28,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from usfm_jax.cli import parse_flags, start_jax
+from usfm_jax.cli import incomplete_output, run_program, start_jax
 from usfm_jax.config_validation import ConfigError, require_kind, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
@@ -209,4 +209,4 @@ if __name__ == "__main__":  # flags defined here: the module is also imported be
         "batch", 64, "Images per teacher pass (a whole share per device).", lower_bound=1
     )
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main, incomplete_output("out"))

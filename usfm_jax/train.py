@@ -17,12 +17,12 @@ import time
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from usfm_jax import distributed, parallel
 from usfm_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
-from usfm_jax.cli import exit_if_out_of_memory, parse_flags, start_jax
+from usfm_jax.cli import exit_if_out_of_memory, run_program, start_jax
 from usfm_jax.config_validation import ConfigError, check_workdir_kind, validate
 from usfm_jax.convert.formats import ConversionError
 from usfm_jax.data.pipeline import create_pretrain_dataset, global_batch
@@ -89,6 +89,7 @@ def train(
     if start >= config.total_steps:
         logging.info("%s already holds step %d of %d: nothing to do", workdir, start, end)
         checkpointer.close()
+        data.close()
         return {}
     reporter = Reporter(
         workdir, total_steps=config.total_steps, start_step=start, batch_size=config.batch_size
@@ -114,6 +115,7 @@ def train(
                 last_good = f"the last checkpoint in {workdir}/checkpoints is from before them"
                 if error := divergence(means, config.max_bad_steps, last_good):
                     checkpointer.close()  # the last good checkpoint stays the latest
+                    data.close()
                     raise error
             if not preempted:  # a notice's grace period is for the checkpoint alone
                 # probes every `every` steps, at the end, and after the first step (the baseline)
@@ -129,6 +131,7 @@ def train(
                 end = step
                 break
     checkpointer.close()
+    data.close()  # stops its worker processes (config.data.worker_count), if any
     reporter.close()
     if jax.process_index() == 0:
         replace_text(root / "summary.json", strict_json({"step": end, **means}, indent=2))
@@ -182,4 +185,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main, lambda: "the next run of this --workdir resumes from its newest checkpoint")

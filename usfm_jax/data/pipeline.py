@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -287,8 +288,19 @@ def process_batches(
         )
     )
     if config.data.worker_count:
-        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+        ids = ids.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.worker_count),
+            worker_init_fn=_leave_interrupts_to_the_main_process,
+        )
     return ids
+
+
+def _leave_interrupts_to_the_main_process(worker_index: int, worker_count: int) -> None:
+    """In a data worker process: a terminal's Ctrl-C reaches the whole process group, and the
+    main process answers it (a checkpoint, then it closes its data stream and so the workers);
+    a worker of its own would only print a KeyboardInterrupt traceback."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from usfm_jax import distributed
 from usfm_jax.checkpoint import CheckpointError
-from usfm_jax.cli import exit_if_out_of_memory, parse_flags, start_jax
+from usfm_jax.cli import exit_if_out_of_memory, run_program, start_jax
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.convert import ConversionError
 from usfm_jax.distributed import DistributedError
@@ -54,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main, lambda: "no results were written; the same command starts this run again")
