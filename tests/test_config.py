@@ -306,6 +306,28 @@ def test_ctrl_c_ends_an_entry_point_with_one_line_and_status_130(tmp_path):
     assert result.stdout == "exit handlers ran\n"
 
 
+def test_ctrl_c_during_a_conversion_is_one_line(tmp_path):
+    """convert's command line (argparse, not absl) ends the same way."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = (
+        "import os, runpy, signal, sys\n"
+        "import usfm_jax.convert\n"
+        "def interrupted(*args, **kwargs):  # Ctrl-C, during the conversion\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "usfm_jax.convert.checkpoint_to_torch = interrupted\n"
+        "sys.argv = ['convert', 'to-torch', '--checkpoint', 'w', '--format', 'timm-vit', "
+        f"'--out', '{tmp_path}/x.safetensors']\n"
+        "runpy.run_module('usfm_jax.convert.__main__', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env, check=False)  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "interrupted (Ctrl-C): --out, if it was made, is incomplete: remove it before running "
+        "the command again"
+    ]
+
+
 def test_a_config_of_the_other_kind_is_named_before_its_fields_are_read():
     pretrain = make_tiny_config()
     finetune = load_config("configs/finetune/classify.py")

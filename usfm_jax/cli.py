@@ -20,12 +20,18 @@ INTERRUPTED = 128 + 2  # the exit status of a program stopped by SIGINT, as shel
 
 
 def run_program(main: Callable[[list[str]], Any], interrupted: Callable[[], str]) -> None:
-    """absl's ``app.run`` with :func:`parse_flags`; Ctrl-C that reaches here ends the program
-    with one line (``interrupted()``: what it means for the user's files) and exit status 130,
-    not a traceback. The interpreter's teardown is skipped (exit handlers still run): after
-    an interrupted XLA compilation it can crash in XLA's destructors."""
+    """absl's ``app.run`` with :func:`parse_flags`, ended by Ctrl-C as :func:`exit_on_ctrl_c`
+    says."""
+    exit_on_ctrl_c(lambda: app.run(main, flags_parser=parse_flags), interrupted)
+
+
+def exit_on_ctrl_c(run: Callable[[], Any], interrupted: Callable[[], str]) -> Any:
+    """``run()``; Ctrl-C that reaches here ends the program with one line (``interrupted()``:
+    what it means for the user's files) and exit status 130, not a traceback. The
+    interpreter's teardown is skipped (exit handlers still run): after an interrupted XLA
+    compilation it can crash in XLA's destructors."""
     try:
-        app.run(main, flags_parser=parse_flags)
+        return run()
     except KeyboardInterrupt:
         print(f"\ninterrupted (Ctrl-C): {interrupted()}", file=sys.stderr)
         logging.flush()
@@ -36,11 +42,12 @@ def run_program(main: Callable[[list[str]], Any], interrupted: Callable[[], str]
 
 
 def incomplete_output(flag: str) -> Callable[[], str]:
-    """``run_program``'s message for a program whose ``--flag`` names a new directory."""
-    return lambda: (
-        f"--{flag} {getattr(flags.FLAGS, flag)}, if it was made, is incomplete: remove it "
-        "before running the command again"
-    )
+    """``run_program``'s message for a program whose ``--flag`` names a new directory or file."""
+    return lambda: incomplete(f"--{flag} {getattr(flags.FLAGS, flag)}")
+
+
+def incomplete(output: str) -> str:
+    return f"{output}, if it was made, is incomplete: remove it before running the command again"
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from usfm_jax.checkpoint import CheckpointError
+from usfm_jax.cli import exit_on_ctrl_c, incomplete
 from usfm_jax.convert import (
     FROM_TORCH,
     TO_TORCH,
@@ -119,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_ctrl_c(main, lambda: incomplete("--out")))
