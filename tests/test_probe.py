@@ -1,23 +1,35 @@
-"""The in-training probes: kNN and logistic regression against scikit-learn, the held-out set,
-and probes logged by a pre-training run."""
+"""The probes: kNN and logistic regression against scikit-learn, the held-out set, probes
+logged by a pre-training run, and the same probes of a finished run or PyTorch weights
+(python -m usfm_jax.probe)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from conftest import ROOT, make_tiny_config
 from flax import nnx
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from usfm_jax import parallel
+from usfm_jax.config_validation import ConfigError
+from usfm_jax.convert import checkpoint_to_torch
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.optim import create_optimizer
-from usfm_jax.probe import OrganProbe, knn_predict, linear_probe_predict, probe_set
+from usfm_jax.probe import (
+    OrganProbe,
+    knn_predict,
+    linear_probe_predict,
+    probe_encoder,
+    probe_set,
+    settings_for,
+)
 from usfm_jax.train import train
 from usfm_jax.train_step import init_state
 
@@ -81,13 +93,98 @@ def test_organ_probe_scores_mean_pooled_encoder_features():
     assert scores["linear_accuracy"] == pytest.approx(accuracy_score(test_y, linear))
 
 
-def test_pretraining_logs_probes(tmp_path):
+SCORES = ("knn_accuracy", "knn_balanced_accuracy", "linear_accuracy", "linear_balanced_accuracy")
+
+
+def _probe_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "usfm_jax.probe", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def probed_run(tmp_path_factory):
+    """A tiny pre-training run that probed at steps 1, 4 and 8: (workdir, its probe rows)."""
+    workdir = tmp_path_factory.mktemp("probed")
     config = make_tiny_config(**{"image_every": 0})
     config.probe.update(every=4, num_train=24, num_test=16, k=5, linear_steps=20)
-    train(config, str(tmp_path))
-    rows = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
+    train(config, str(workdir))
+    rows = [json.loads(line) for line in (workdir / "evaluations.jsonl").read_text().splitlines()]
+    return workdir, rows
+
+
+def test_pretraining_logs_probes(probed_run):
+    workdir, rows = probed_run
     assert [r["step"] for r in rows] == [1, 4, 8] and {r["evaluation"] for r in rows} == {"probe"}
     for row in rows:
         for name in ("knn_accuracy", "linear_accuracy", "knn_balanced_accuracy"):
             assert 0.0 <= row[name] <= 1.0
-    assert any(f.name.startswith("events") for f in (tmp_path / "tensorboard").iterdir())
+    assert any(f.name.startswith("events") for f in (workdir / "tensorboard").iterdir())
+
+
+def test_probing_a_finished_run_reproduces_its_last_probe(probed_run, tmp_path):
+    """python -m usfm_jax.probe on a workdir: the run's held-out set and settings, its newest
+    weights, the scores its last in-training probe logged (features from one device instead
+    of a sharded batch: the linear probe may differ by a test image)."""
+    workdir, rows = probed_run
+    result = _probe_cli(f"--model={workdir}", f"--out={tmp_path}/probe.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "probe.json").read_text())
+    assert written == json.loads(result.stdout)
+    assert written["settings"]["image_size"] == [32, 48]
+    assert written["settings"]["probe"]["num_train"] == 24
+    last = rows[-1]
+    assert written["knn_accuracy"] == last["knn_accuracy"]
+    assert written["knn_balanced_accuracy"] == last["knn_balanced_accuracy"]
+    assert abs(written["linear_accuracy"] - last["linear_accuracy"]) <= 1 / 16
+    first = _probe_cli(f"--model={workdir}", "--step=1")  # an earlier checkpoint
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["knn_accuracy"] == rows[0]["knn_accuracy"]
+
+
+def test_probing_pytorch_weights_scores_as_the_checkpoint_they_came_from(probed_run, tmp_path):
+    """The run's encoder converted to a PyTorch file (with its card: the input
+    normalisation) and probed on the run's held-out set scores as the checkpoint does."""
+    workdir, _ = probed_run
+    weights = str(tmp_path / "encoder.safetensors")
+    checkpoint_to_torch(str(workdir), "usfm", weights)
+    ours = settings_for(str(workdir), None, {})
+    assert ours.image_size == (32, 48) and ours.probe.k == 5  # the run's own
+    theirs = settings_for(weights, None, {})
+    assert theirs.image_size is None and theirs.probe.k == 20  # nothing to take them from
+    run_fields = {"image_size": (32, 48), "seed": ours.seed, "probe.num_train": 24,
+                  "probe.num_test": 16, "probe.k": 5, "probe.linear_steps": 20}  # fmt: skip
+    theirs = settings_for(weights, None, run_fields)
+    from_checkpoint, from_torch = probe_encoder(str(workdir), ours), probe_encoder(weights, theirs)
+    for name in SCORES:
+        assert from_torch[name] == pytest.approx(from_checkpoint[name], abs=1 / 16)
+    assert from_torch["knn_accuracy"] == from_checkpoint["knn_accuracy"]
+
+
+def test_probe_cli_mistakes_are_one_line(probed_run, tmp_path):
+    workdir, _ = probed_run
+    (tmp_path / "taken.json").write_text("{}")
+    for args, error in [
+        ([f"--model={tmp_path}/none"], f"no pre-trained model at {tmp_path}/none"),
+        ([f"--model={workdir}", "--config.probe.num_train=1"], "config.probe.num_train=1"),
+        ([f"--model={workdir}", "--config.batch_size=0"], "config.batch_size=0: expected >= 1"),
+        ([f"--model={workdir}", "--config.data.source=tfs"], "config.data.source='tfs'"),
+        ([f"--model={workdir}", f"--out={tmp_path}/taken.json"], "taken.json exists"),
+    ]:
+        result = _probe_cli(*args)
+        assert result.returncode == 1, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and error in last, result.stderr
+        assert "Traceback" not in result.stderr
+    with pytest.raises(ConfigError, match="one organ"):
+        settings = settings_for(str(workdir), None, {"probe.num_train": 2, "probe.num_test": 1})
+        settings.seed = _one_organ_seed(settings)
+        probe_encoder(str(workdir), settings)
+
+
+def _one_organ_seed(settings) -> int:
+    """A seed whose 3 held-out images are all of one organ."""
+    for seed in range(1000):
+        settings.seed = seed
+        if len(set(probe_set(settings)[1].tolist())) == 1:
+            return seed
+    raise AssertionError("no seed gives one organ")

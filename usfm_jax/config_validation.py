@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -87,21 +89,22 @@ def check_workdir_kind(root: epath.Path, kind: str) -> None:
             )
 
 
-def _get(config: ml_collections.ConfigDict, field: str):
-    """The value of a dotted ``field`` ("data.seed") of ``config``."""
+def field_value(config: ml_collections.ConfigDict | Mapping[str, Any], field: str) -> Any:
+    """The value of a dotted ``field`` ("data.seed") of a config or of its dict (as JSON
+    stores it); None if a part of the path is missing."""
     for part in field.split("."):
-        config = config[part]
+        config = config.get(part) if hasattr(config, "get") else None
     return config
 
 
 def _check_seed(config: ml_collections.ConfigDict, field: str = "seed") -> None:
-    value = _get(config, field)
+    value = field_value(config, field)
     _require(isinstance(value, int) and 0 <= value < 2**32, field, value,
              "expected an int in [0, 2**32)")  # fmt: skip
 
 
 def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple) -> None:
-    value = _get(config, field)
+    value = field_value(config, field)
     _require(value in allowed, field, value, f"expected one of {allowed}")
 
 
@@ -109,7 +112,7 @@ def _in_range(
     config: ml_collections.ConfigDict, field: str, low: float, high: float, interval: str = "[]"
 ) -> None:
     """Checks ``low <= value <= high``; ``interval`` says which ends are open, e.g. "[)"."""
-    value = _get(config, field)
+    value = field_value(config, field)
     above = value >= low if interval[0] == "[" else value > low
     below = value <= high if interval[1] == "]" else value < high
     _require(above and below, field, value, f"expected {interval[0]}{low}, {high}{interval[1]}")
@@ -257,12 +260,21 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(str(e)) from None
 
 
-def _check_probe(config: ml_collections.ConfigDict) -> None:
+def _check_training_probe(config: ml_collections.ConfigDict) -> None:
     """``config.probe``: the in-training kNN / linear probes."""
     p = config.probe
     _require(p.every >= 0, "probe.every", p.every, "expected >= 0 (0: off)")
-    if not p.every:
-        return
+    if p.every:
+        check_probe(config, "probe.every=0")
+
+
+def check_probe(config: ml_collections.ConfigDict, off: str = "") -> None:
+    """``config.probe``'s settings and held-out set (``data``, ``seed``, ``image_size``), for
+    the kNN / linear probes of pre-training (``off`` names the way to turn them off) or of
+    ``python -m usfm_jax.probe``."""
+    p = config.probe
+    source = config.data.source
+    _require(source in ("synthetic", "tfds"), "data.source", source, "expected synthetic or tfds")
     _require(p.num_train >= 2, "probe.num_train", p.num_train, "expected >= 2")
     _require(p.num_test >= 1, "probe.num_test", p.num_test, "expected >= 1")
     _require(p.k >= 1, "probe.k", p.k, "expected >= 1")
@@ -277,7 +289,8 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
             "probe.split",
             p.split,
             f"holds {size} images, fewer than probe.num_train + num_test: ingest with "
-            "--val_fraction, choose another split, or set probe.every=0",
+            "--val_fraction, choose another split, lower probe.num_train / num_test"
+            + (f", or set {off}" if off else ""),
         )
         organs = sorted(organ for organ, n in counts.items() if n)
         _require(
@@ -285,7 +298,7 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
             "probe.split",
             p.split,
             f"holds one organ ({organs[0]}): the probes classify organs, and would score 1.0 "
-            "whatever the encoder learnt; set probe.every=0",
+            "whatever the encoder learnt; choose another split" + (f" or set {off}" if off else ""),
         )
 
 
@@ -540,7 +553,7 @@ def validate(
             create_representation(config)
         except ValueError as e:
             raise ConfigError(f"config.{e}") from None
-    _check_probe(config)
+    _check_training_probe(config)
     if num_devices is not None:
         inputs = [] if objective is None else [objective.num_views(config.batch_size)]
         if r.enabled:

@@ -1,4 +1,5 @@
-"""Representation quality during pre-training: kNN and linear probes of organ classification.
+"""Representation quality: kNN and linear probes of organ classification, during pre-training
+and of any encoder afterwards.
 
 Every ``config.probe.every`` steps the encoder (current parameters, no masking, no drop path)
 embeds a small labelled held-out set, the mean of its patch tokens; a weighted kNN classifier
@@ -10,11 +11,24 @@ so a run shows its representations improving, not only its loss.
 Held-out images: for the synthetic source, images of another seed than the training set's; for
 ingested data, a seeded sample of the ``config.probe.split`` split (default ``val``), resized
 whole to the training size.
+
+The same probes of a finished run, an export or PyTorch weights (anything ``--config.init``
+of fine-tuning takes), e.g. to compare encoders on one's own labelled organs::
+
+    python -m usfm_jax.probe --model runs/demo
+    python -m usfm_jax.probe --model usfm_official.pth --config.data.source=tfds \
+        --config.data.tfds_dir=/data/tfds/thyroid_us/1.0.0 --out probe.json
+
+A usfm_jax run's own held-out set and probe settings are the defaults (so its last in-training
+probe is reproduced); for other weights, those of ``standalone_settings``. ``--config.FIELD``
+overrides any of them: ``seed``, ``image_size``, ``data.source``, ``data.tfds_dir``,
+``probe.{split,num_train,num_test,k,temperature,linear_steps}``, ``batch_size``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,14 +36,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
+from ml_collections import config_flags
+from tqdm import tqdm
 
 from usfm_jax import parallel
+from usfm_jax.checkpoint import CheckpointError
+from usfm_jax.cli import run_program, start_jax
+from usfm_jax.config_validation import ConfigError, check_probe, field_value
+from usfm_jax.convert import ConversionError
 from usfm_jax.data import pipeline
 from usfm_jax.data.augment import center_resize
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.metrics.classification import accuracy, balanced_accuracy
+from usfm_jax.paths import PathError, as_path, new_file
+from usfm_jax.pretrained import load_pretrained, torch_weights_file
+from usfm_jax.reporting import quiet_library_logs, strict_json
 
 HELD_OUT_SEED_OFFSET = 7919  # synthetic probe images: seed + this, never the training seed
 
@@ -106,6 +130,15 @@ def linear_probe_predict(
     return np.asarray(jnp.argmax(xt @ params["w"] + params["b"], axis=1))
 
 
+def pooled_features(
+    encoder: Callable[[jax.Array], jax.Array], images: jax.Array, mean: Any, std: Any
+) -> jax.Array:
+    """The probes' features [B, D] of uint8 images [B, H, W, 1]: the mean of the patch tokens
+    of ``encoder`` on them, normalised with its input ``mean`` and ``std``."""
+    x = (images.astype(jnp.float32) / 255.0 - np.asarray(mean)) / np.asarray(std)
+    return encoder(x)[:, 1:].mean(1).astype(jnp.float32)  # [B, 1 + N, D] -> [B, D]
+
+
 class OrganProbe:
     """Callable ``probe(params) -> {knn_accuracy, knn_balanced_accuracy, linear_accuracy,
     linear_balanced_accuracy}`` for the pre-training model's parameters."""
@@ -123,9 +156,7 @@ class OrganProbe:
         mean, std = config.normalization.mean, config.normalization.std
 
         def features(params: dict, images: jax.Array) -> jax.Array:
-            x = (images.astype(jnp.float32) / 255.0 - mean) / std
-            tokens = nnx.merge(graphdef, params).encoder(x)  # [B, 1 + N, D]
-            return tokens[:, 1:].mean(1).astype(jnp.float32)  # [B, D]
+            return pooled_features(nnx.merge(graphdef, params).encoder, images, mean, std)
 
         self._features: Callable = parallel.jit_in_mesh(
             features, mesh,
@@ -143,15 +174,143 @@ class OrganProbe:
         return np.concatenate(out)
 
     def __call__(self, params: dict) -> dict[str, float]:
-        p = self.config.probe
-        f = self.features(params)
-        train, test = f[: p.num_train], f[p.num_train :]
-        y_train, y_test = self.labels[: p.num_train], self.labels[p.num_train :]
-        scores = {}
-        for name, predicted in (
-            ("knn", knn_predict(train, y_train, test, p.k, p.temperature)),
-            ("linear", linear_probe_predict(train, y_train, test, p.linear_steps)),
-        ):
-            scores[f"{name}_accuracy"] = accuracy(y_test, predicted)
-            scores[f"{name}_balanced_accuracy"] = balanced_accuracy(y_test, predicted)
-        return scores
+        return probe_scores(self.features(params), self.labels, self.config.probe)
+
+
+def probe_scores(
+    features: np.ndarray, labels: np.ndarray, p: ml_collections.ConfigDict
+) -> dict[str, float]:
+    """Accuracy and balanced accuracy of the kNN and linear probes fitted on the first
+    ``p.num_train`` of ``features`` [N, D] and tested on the rest."""
+    train, test = features[: p.num_train], features[p.num_train :]
+    y_train, y_test = labels[: p.num_train], labels[p.num_train :]
+    scores = {}
+    for name, predicted in (
+        ("knn", knn_predict(train, y_train, test, p.k, p.temperature)),
+        ("linear", linear_probe_predict(train, y_train, test, p.linear_steps)),
+    ):
+        scores[f"{name}_accuracy"] = accuracy(y_test, predicted)
+        scores[f"{name}_balanced_accuracy"] = balanced_accuracy(y_test, predicted)
+    return scores
+
+
+# What a standalone probe takes from a usfm_jax run's config (the rest: standalone_settings).
+RUN_FIELDS = ("seed", "image_size", "data.source", "data.tfds_dir", "probe.split",
+              "probe.num_train", "probe.num_test", "probe.k", "probe.temperature",
+              "probe.linear_steps")  # fmt: skip
+
+
+def standalone_settings() -> ml_collections.ConfigDict:
+    """Held-out set and probe settings of ``python -m usfm_jax.probe`` for weights without a
+    run config (``image_size`` None: the encoder's own)."""
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            image_size=ml_collections.config_dict.placeholder(tuple),
+            data=dict(source="synthetic", tfds_dir=""),
+            probe=dict(
+                num_train=1024,
+                num_test=512,
+                k=20,
+                temperature=0.07,
+                linear_steps=300,
+                split="val",
+            ),
+            batch_size=64,
+        )
+    )
+
+
+def settings_for(
+    model: str, step: int | None, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """The probe settings for ``model``: a usfm_jax run's own (``RUN_FIELDS`` of the config it
+    was trained with), else ``standalone_settings()``; then ``overrides`` (dotted fields)."""
+    from usfm_jax.export import find_checkpoint, read_record  # export imports this module
+
+    settings = standalone_settings()
+    root = as_path(model)
+    if root.exists() and torch_weights_file(root) is None:  # a usfm_jax checkpoint or export
+        run = read_record(find_checkpoint(model, step)).config
+        for field in RUN_FIELDS:
+            value = field_value(run, field)
+            if value is not None:
+                _set(settings, field, tuple(value) if field == "image_size" else value)
+    for field, value in overrides.items():
+        _set(settings, field, value)
+    return settings
+
+
+def probe_encoder(
+    model: str,
+    settings: ml_collections.ConfigDict,
+    *,
+    step: int | None = None,
+    weights: str = "auto",
+) -> dict[str, Any]:
+    """kNN and linear probe scores of the encoder at ``model`` (mean-pooled patch tokens)
+    on the held-out set ``settings`` describe."""
+    if settings.batch_size < 1:
+        raise ConfigError(f"config.batch_size={settings.batch_size}: expected >= 1")
+    encoder = load_pretrained(model, image_size=settings.image_size, step=step, weights=weights)
+    if settings.image_size is None:
+        settings.image_size = tuple(g * encoder.patch_size for g in encoder.grid)
+    check_probe(settings)
+    images, labels = probe_set(settings)
+    if len(set(labels.tolist())) < 2:
+        raise ConfigError(
+            "the held-out images hold one organ: the probes classify organs (config.probe)"
+        )
+    norm = encoder.normalization
+    graphdef, params = nnx.split(encoder)
+
+    @jax.jit
+    def features(params: Any, images: jax.Array) -> jax.Array:
+        return pooled_features(nnx.merge(graphdef, params), images, norm.mean, norm.std)
+
+    examples = [{"image": image} for image in images]
+    out = []
+    batches = pipeline.padded_batches(examples, settings.batch_size)
+    for batch in tqdm(
+        batches, desc="features", unit="batch", total=-(-len(images) // settings.batch_size)
+    ):
+        out.append(np.asarray(features(params, batch["image"]))[batch["valid"]])
+    scores = probe_scores(np.concatenate(out), labels, settings.probe)
+    return {"model": model, "settings": settings.to_dict(), **scores}
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    *parents, name = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    config[name] = value
+
+
+def main(argv: list[str]) -> None:
+    del argv  # parse_flags refuses positional arguments
+    quiet_library_logs()
+    f = flags.FLAGS
+    try:
+        if f.out:
+            new_file(f.out)
+        start_jax()
+        overrides = config_flags.get_override_values(f["config"])
+        settings = settings_for(f.model, f.step, overrides)
+        result = probe_encoder(f.model, settings, step=f.step, weights=f.weights)
+    except (CheckpointError, ConfigError, ConversionError, FileNotFoundError, PathError,
+            ValueError) as e:  # fmt: skip
+        sys.exit(f"error: {e}")
+    text = strict_json(result, indent=2)
+    if f.out:
+        as_path(f.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":  # flags defined here: the module is imported by training
+    flags.DEFINE_string("model", None, "A workdir, step, export or PyTorch weights file.")
+    flags.DEFINE_integer("step", None, "The checkpoint step of a workdir (default: newest).")
+    flags.DEFINE_enum("weights", "auto", ["auto", "params", "ema"], "A run's raw or EMA weights.")
+    flags.DEFINE_string("out", None, "Also write the scores to this new JSON file.")
+    config_flags.DEFINE_config_dict("config", standalone_settings(), "Probe settings.")
+    flags.mark_flags_as_required(["model"])
+    run_program(main, lambda: "nothing was written")

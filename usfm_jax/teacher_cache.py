@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from usfm_jax.cli import incomplete_output, run_program, start_jax
-from usfm_jax.config_validation import ConfigError, require_kind, validate
+from usfm_jax.config_validation import ConfigError, field_value, require_kind, validate
 from usfm_jax.convert import ConversionError
 from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import teacher_from_config
@@ -150,8 +150,8 @@ def check_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
             field = f"{section}.{differs[0]}" if differs else section
             raise ValueError(
                 f"config.teacher.targets={directory!r} was made with "
-                f"{_SETTING.get(field, 'config.' + field)}={_get(info, field)!r}, this run has "
-                f"{_get(expected, field)!r}: rebuild it"
+                f"{_SETTING.get(field, 'config.' + field)}={field_value(info, field)!r}, "
+                f"this run has {field_value(expected, field)!r}: rebuild it"
             )
     array = os.path.join(directory, CACHE_ARRAY)
     try:  # reads the header and maps the data: a cut file fails here, not in a reader thread
@@ -176,12 +176,6 @@ def read_cache_info(directory: str) -> dict[str, Any]:
         )
     with open(path) as f:
         return json.load(f)
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 def main(argv: list[str]) -> None:
