@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import PIL.Image
 import pytest
 import torch
 from conftest import make_tiny_config
@@ -73,6 +75,22 @@ def _compactness(mask: np.ndarray) -> float:
     return perimeter**2 / (4 * np.pi * mask.sum())
 
 
+@pytest.mark.parametrize("source, size", [((256, 256), (32, 32)), ((224, 224), (512, 512))])
+def test_an_ingested_mask_stays_on_its_lesion_when_resized(source, size):
+    """A lesion off the resize grid: after _decode, the mask covers what the image shows (as
+    a threshold of the resized image), whether shrunk or enlarged."""
+    image = np.zeros(source, np.uint8)
+    image[67:131, 99:163] = 255  # rows 67..130, cols 99..162: no multiple of the scale
+    encode = lambda a: cv2.imencode(".png", a)[1].tobytes()  # as the ingest stores them
+    record = {"image": encode(image), "mask": encode((image > 0).astype(np.uint8))}
+    example = task_data._decode(record, "segment", size)
+    seen, mask = example["image"][..., 0] >= 128, example["mask"] == 1
+    dice = 2 * np.sum(seen & mask) / (seen.sum() + mask.sum())
+    assert dice > 0.97, dice  # INTER_NEAREST (top-left sampling): 0.77 shrunk
+    pil = PIL.Image.fromarray(image).resize(size[::-1], PIL.Image.NEAREST)  # the ingest's
+    np.testing.assert_array_equal(mask, np.asarray(pil) > 0)
+
+
 def test_lesion_cases_labels_masks_and_clean_images():
     cases = [synthetic.generate_lesion_case(5, i, 96) for i in range(24)]
     again = synthetic.generate_lesion_case(5, 3, 96)
@@ -130,6 +148,17 @@ def test_degradations():
     ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 1))
     blurred = task_data.degrade(ramp, rng, "downsample", 4.0)
     assert np.abs(blurred.astype(int) - ramp).max() <= 8  # a ramp survives down/upsampling
+
+
+def test_evaluation_noise_is_fixed_per_split_and_independent_between_them():
+    """A synthesised degradation of val and test: the same at every evaluation, another draw
+    in each split (the same case index of val and test got the same field before)."""
+    config = tiny_finetune_config("enhance", **{"data.degradation": "gaussian"})
+    data = task_data.load_task(config)
+    val, test = (task_data.eval_split(config, data, s) for s in ("val", "test"))
+    noise = lambda ex: ex["image"].astype(float) - ex["target"].astype(float)
+    assert np.array_equal(noise(val[0]), noise(task_data.eval_split(config, data, "val")[0]))
+    assert np.corrcoef(noise(val[0]).ravel(), noise(test[0]).ravel())[0, 1] < 0.2
 
 
 # ----------------------------------------------------------------------- model pieces
@@ -557,6 +586,9 @@ def test_classification_overlay_captions_above_an_intact_border():
 def test_finetune_without_anything_to_learn_or_select_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.select='dice': expected one of \['balanced_"):
         validate_finetune(tiny_finetune_config("classify", **{"eval.select": "dice"}))
+    baseline = r"eval\.select='psnr_input': expected one of \['psnr', 'ssim'\].*score the inputs"
+    with pytest.raises(ConfigError, match=baseline):  # the same at every evaluation
+        validate_finetune(tiny_finetune_config("enhance", **{"eval.select": "psnr_input"}))
     one_class = _card_dir(tmp_path, "one", {"all": 5})
     config = tiny_finetune_config("classify", **{"data.source": "tfds", "data.tfds_dir": one_class})
     with pytest.raises(ConfigError, match=r"two classes or more in train, the dataset has \['all'"):
@@ -572,6 +604,18 @@ def test_finetune_without_anything_to_learn_or_select_is_a_config_error(tmp_path
                 validate_finetune(config)
         else:
             validate_finetune(config)
+
+
+def test_a_selection_metric_undefined_on_val_keeps_the_last_step_and_says_so(tmp_path):
+    """AUC of a val split of one image (one class) is NaN at every evaluation: the last step
+    is tested and exported to best/, and the results say nothing was selected."""
+    config = tiny_finetune_config("classify", **{"eval.select": "auc", "data.num_val": 1})
+    results = finetune(config, str(tmp_path))
+    assert results["selected_by"] is None and results["best_step"] == config.total_steps
+    assert np.isnan(results["val"]["auc"]) and "accuracy" in results["val"]  # the last val
+    assert load_params(str(tmp_path / "best")).step == config.total_steps
+    markdown = (tmp_path / "results.md").read_text()
+    assert "last step 6 (the selection metric was undefined on val)" in markdown
 
 
 def test_finetune_refuses_a_pretraining_workdir(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import ml_collections
 import pytest
@@ -91,3 +92,27 @@ def test_pytorch_weights_are_identified_by_their_sha256(tmp_path):
     weights.write_bytes(b"second")
     assert label_efficiency.init_identity(str(weights)) != first
     assert label_efficiency.init_identity(label_efficiency.SCRATCH) is None
+
+
+def test_a_continued_study_summarises_the_values_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    """A metric without a finite value (HD95 of an empty prediction, PSNR of a perfect one)
+    is null in results.json: the records of runs made now and of runs read back agree."""
+    finetune = label_efficiency.finetune
+
+    def finetune_with_an_infinite_metric(run, workdir, overrides):
+        results = finetune(run, workdir, overrides)
+        results["test"]["accuracy"] = float("inf")
+        with open(f"{workdir}/results.json", "w") as f:
+            f.write(label_efficiency.strict_json(results))
+        return results
+
+    monkeypatch.setattr(label_efficiency, "finetune", finetune_with_an_infinite_metric)
+    grid = lambda: label_efficiency.run_grid(
+        tiny_classify_config(), [("s", "scratch")], [1.0], 1, str(tmp_path / "study")
+    )
+    [made] = grid()
+    [read_back] = grid()  # the finished run, reused
+    assert made["test"].keys() == read_back["test"].keys()
+    for name, value in made["test"].items():
+        assert value == pytest.approx(read_back["test"][name], nan_ok=True), name
+    assert math.isnan(made["test"]["accuracy"])

@@ -55,7 +55,7 @@ from usfm_jax.finetune.run import finetune, initial_encoder
 from usfm_jax.finetune.validation import check_init_overrides, init_overrides, validate_finetune
 from usfm_jax.paths import as_path, work_directory
 from usfm_jax.pretrained import torch_weights_file
-from usfm_jax.reporting import TrainingDiverged, quiet_library_logs
+from usfm_jax.reporting import TrainingDiverged, quiet_library_logs, strict_json
 
 SCRATCH = "scratch"
 STUDY_CONFIG = "study_run.json"  # in each run's workdir: the config the study asked for
@@ -250,15 +250,16 @@ def run_grid(
         if os.path.exists(os.path.join(workdir, "results.json")):
             with open(os.path.join(workdir, "results.json")) as f:
                 results = json.load(f)
-            for split in ("val", "test"):  # undefined metrics are stored as null
-                results[split] = {k: np.nan if v is None else v for k, v in results[split].items()}
         else:
             print(f"[{i + 1}/{len(grid)}] {name}, fraction {fraction:g}, seed {seed}", flush=True)
             os.makedirs(workdir, exist_ok=True)
             record = {**json.loads(run.to_json_best_effort()), IDENTITY: identity}
             with open(os.path.join(workdir, STUDY_CONFIG), "w") as f:
                 json.dump(record, f, indent=2)
-            results = finetune(run, workdir, overrides)
+            # as results.json holds them: a study continued later summarises the same values
+            results = json.loads(strict_json(finetune(run, workdir, overrides)))
+        for split in ("val", "test"):  # undefined (non-finite) metrics are stored as null
+            results[split] = {k: np.nan if v is None else v for k, v in results[split].items()}
         # the study's name of the init, not the run's path of it
         records.append({**results, "init": name, "fraction": fraction, "seed": seed})
     return records

@@ -173,6 +173,13 @@ def _resize(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, 
     return out if out.flags.writeable else out.copy()  # PIL hands out read-only buffers
 
 
+def resize_whole(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W] (or [H, W, 1]) -> uint8 [*size]: the whole frame resized as the training
+    views are (area averaging when shrinking, bilinear when enlarging; pixel centres align)."""
+    image = _as_2d(image)
+    return _resize(image, (0, 0, *image.shape), tuple(size))
+
+
 def tone_lut(
     gamma: float,
     contrast: float,

@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from usfm_jax.data import pipeline, synthetic
+from usfm_jax.data.augment import resize_whole
 
 TASKS = ("classify", "segment", "enhance")
 SPLITS = ("train", "val", "test")
@@ -134,20 +135,22 @@ def synthetic_task(config: ml_collections.ConfigDict) -> TaskData:
 
 
 def _decode(record: dict[str, Any], task: str, image_size: tuple[int, int]) -> dict[str, Any]:
-    """An ingested record -> an example at ``image_size`` (the whole frame, resized: bilinear
-    for images, nearest for masks so that class ids stay class ids)."""
-    size = (image_size[1], image_size[0])  # OpenCV: (width, height)
-    image = pipeline.decode_image(record["image"])[..., 0]
-    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    """An ingested record -> an example at ``image_size``: the whole frame resized as in
+    pre-training (area averaging when shrinking, bilinear when enlarging), a mask by its
+    nearest pixel centre, so that class ids stay class ids and the mask stays on its image."""
+    image = resize_whole(pipeline.decode_image(record["image"]), image_size)
     example = {"image": image[..., None]}
     if task == "classify":
         example["label"] = np.int32(record["organ"])
     elif task == "segment":
         mask = pipeline.decode_image(record["mask"])[..., 0]
-        example["mask"] = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        size = (image_size[1], image_size[0])  # OpenCV: (width, height)
+        # NEAREST_EXACT samples pixel centres, as the image's resize; NEAREST takes each
+        # output pixel's top-left source pixel, shifting the mask by up to half a pixel
+        example["mask"] = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
     elif "target" in record:
-        target = pipeline.decode_image(record["target"])[..., 0]
-        example["target"] = cv2.resize(target, size, interpolation=cv2.INTER_AREA)[..., None]
+        target = pipeline.decode_image(record["target"])
+        example["target"] = resize_whole(target, image_size)[..., None]
     else:
         example["target"] = example["image"]  # clean: the input is degraded on the fly
     return example
@@ -249,14 +252,16 @@ class TrainTransform(grain.transforms.RandomMap):
 
 
 def fixed_degradation(
-    ds: grain.MapDataset, degradation: str, level: float, seed: int
+    ds: grain.MapDataset, degradation: str, level: float, seed: int, split: str
 ) -> grain.MapDataset:
-    """Evaluation splits with synthesised noisy inputs: one fixed draw per record."""
+    """Evaluation splits with synthesised noisy inputs: one fixed draw per record, another
+    for each split (val and test are independent draws, as their images are)."""
     if degradation == "none":
         return ds
+    stream = SPLITS.index(split)
 
     def noisy(index: int, example: dict[str, Any]) -> dict[str, Any]:
-        rng = np.random.default_rng([seed, index])
+        rng = np.random.default_rng([seed, stream, index])
         return {**example, "image": degrade(example["target"], rng, degradation, level)}
 
     return ds.map_with_index(noisy)
@@ -279,7 +284,8 @@ def train_stream(config: ml_collections.ConfigDict, data: TaskData) -> grain.Map
 def eval_split(config: ml_collections.ConfigDict, data: TaskData, split: str) -> grain.MapDataset:
     """A validation / test split as evaluated: fixed order, fixed synthetic degradation."""
     cfg = config.data
-    return fixed_degradation(data.splits[split], cfg.degradation, degradation_level(cfg), cfg.seed)
+    level = degradation_level(cfg)
+    return fixed_degradation(data.splits[split], cfg.degradation, level, cfg.seed, split)
 
 
 def degradation_level(cfg: ml_collections.ConfigDict) -> float:

@@ -30,6 +30,9 @@ METRICS = {
     "enhance": ("psnr", "ssim", "psnr_input", "ssim_input"),
 }
 LOWER_IS_BETTER = frozenset({"hd95", "hd95_undefined"})
+# Scores of the inputs themselves (the degraded images against their targets): the baseline
+# a model should beat, the same at every evaluation, so never a metric to select by.
+BASELINES = frozenset({"psnr_input", "ssim_input"})
 
 
 def collect(

@@ -170,7 +170,7 @@ def finetune(
 
     reporter = Reporter(workdir, total_steps=config.total_steps, start_step=0,
                         batch_size=config.batch_size)  # fmt: skip
-    best, best_step, best_val, skipped = None, 0, {}, 0
+    best, best_step, best_val, last_val, skipped = None, 0, {}, {}, 0
     keys = ("image", task_data.TARGET_KEY[config.task])
     start = time.perf_counter()
     for step in range(1, config.total_steps + 1):
@@ -190,6 +190,7 @@ def finetune(
         if step % config.eval_every == 0 or step == config.total_steps:
             scores = evaluate.compute_metrics(config.task, run_eval(state.params, val), num_classes)
             improved = evaluate.is_better(select, scores[select], best_val.get(select))
+            last_val = scores
             if improved:
                 best, best_step, best_val = jax.device_get(state.params), step, scores
                 if is_main:
@@ -201,8 +202,17 @@ def finetune(
         logging.warning("%d of %d steps were skipped (a non-finite loss or gradient)", skipped,
                         config.total_steps)  # fmt: skip
 
-    if best is None:  # every evaluation was NaN: test the last parameters
-        best, best_step = jax.device_get(state.params), config.total_steps
+    selected_by = select
+    if best is None:  # the metric was undefined (NaN) at every evaluation: the last parameters
+        logging.warning(
+            "validation %s was undefined at every evaluation (e.g. AUC of a val split with one "
+            "class): nothing to select by, so the last step's parameters are tested and "
+            "exported to best/", select,
+        )  # fmt: skip
+        best, best_step, best_val = jax.device_get(state.params), config.total_steps, last_val
+        selected_by = None
+        if is_main:
+            _save_best(root, best, config, best_step, best_val)
     best = jax.device_put(best, shardings.params)
     test = run_eval(best, task_data.eval_split(config, data, "test"))
     test_scores = evaluate.compute_metrics(config.task, test, num_classes)
@@ -216,7 +226,7 @@ def finetune(
         "steps": config.total_steps,
         "skipped_steps": skipped,
         "best_step": best_step,
-        "selected_by": select,
+        "selected_by": selected_by,  # None: the metric was undefined, the last step is kept
         "val": best_val,
         "test": test_scores,
         "test_images": len(test["image"]),
@@ -240,8 +250,14 @@ def results_markdown(results: dict[str, Any]) -> str:
     header = (
         f"# {results['task']}: init {results['init']}, {results['mode']}, "
         f"{results['train_images']} labelled images (fraction {results['label_fraction']:g}), "
-        f"seed {results['seed']}\n\nbest step {results['best_step']} of {results['steps']} "
-        f"by validation {results['selected_by']}; {results['test_images']} test images."
+        f"seed {results['seed']}\n\n"
+        + (
+            f"best step {results['best_step']} of {results['steps']} by validation "
+            f"{results['selected_by']}"
+            if results["selected_by"]
+            else f"last step {results['steps']} (the selection metric was undefined on val)"
+        )
+        + f"; {results['test_images']} test images."
         + (f" {skipped} steps skipped (non-finite).\n\n" if skipped else "\n\n")
     )
     return header + evaluate.markdown_table(rows, ["split", *names])

@@ -24,7 +24,7 @@ from usfm_jax.config_validation import (
 from usfm_jax.convert import Architecture, Normalization
 from usfm_jax.data.pipeline import read_card
 from usfm_jax.finetune.data import DEGRADATIONS, IGNORE, TASKS
-from usfm_jax.finetune.evaluate import METRICS
+from usfm_jax.finetune.evaluate import BASELINES, METRICS
 
 MODES = ("finetune", "linear_probe")
 
@@ -81,9 +81,11 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
     check_optimizer(config)
     _require(config.eval.num_overlays >= 0, "eval.num_overlays", config.eval.num_overlays, ">= 0")
     if config.eval.select:
-        metrics = METRICS[config.task]
+        metrics = [m for m in METRICS[config.task] if m not in BASELINES]
         _require(config.eval.select in metrics, "eval.select", config.eval.select,
-                 f"expected one of {list(metrics)} for task={config.task!r}")  # fmt: skip
+                 f"expected one of {metrics} for task={config.task!r}"
+                 + (" (the *_input metrics score the inputs, not the model)"
+                    if config.eval.select in BASELINES else ""))  # fmt: skip
     if num_devices is not None:
         check_batch_split(
             config, num_devices, config.batch_size // config.optimizer.grad_accum_steps
