@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of pre-training (and later fine-tuning)."""
+"""Optimizer and learning-rate schedule of pre-training and fine-tuning."""
 
 from __future__ import annotations
 

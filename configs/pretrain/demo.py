@@ -24,9 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.spatial.mask_patch_size = 16
     c.frequency.update(center_protect=2, base_bw=4, max_increase=8)
     c.optimizer.base_lr = 1.6e-2  # warmup: a tenth of total_steps, as in the full recipe
-    # a preview every quarter of the run, also when --config.total_steps changes its length
     c.checkpoint.every = 200
     c.log_every = 25
+    # a preview every quarter of the run, also when --config.total_steps changes its length
     c.image_every = c.get_ref("total_steps") // 4
     c.probe.update(every=150, num_train=512, num_test=256)
     return c
