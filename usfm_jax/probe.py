@@ -20,9 +20,11 @@ of fine-tuning takes), e.g. to compare encoders on one's own labelled organs::
         --config.data.tfds_dir=/data/tfds/thyroid_us/1.0.0 --out probe.json
 
 A usfm_jax run's own held-out set and probe settings are the defaults (so its last in-training
-probe is reproduced); for other weights, those of ``standalone_settings``. ``--config.FIELD``
-overrides any of them: ``seed``, ``image_size``, ``data.source``, ``data.tfds_dir``,
-``probe.{split,num_train,num_test,k,temperature,linear_steps}``, ``batch_size``.
+probe is reproduced; with ``--weights=params`` if the run kept an EMA, which ``auto`` prefers
+and the in-training probes do not score); for other weights, those of
+``standalone_settings``. ``--config.FIELD`` overrides any of them: ``seed``, ``image_size``,
+``data.source``, ``data.tfds_dir``, ``probe.{split,num_train,num_test,k,temperature,
+linear_steps}``, ``batch_size``.
 """
 
 from __future__ import annotations
