@@ -168,6 +168,7 @@ def test_probe_cli_mistakes_are_one_line(probed_run, tmp_path):
         ([f"--model={workdir}", "--config.probe.num_train=1"], "config.probe.num_train=1"),
         ([f"--model={workdir}", "--config.batch_size=0"], "config.batch_size=0: expected >= 1"),
         ([f"--model={workdir}", "--config.data.source=tfs"], "config.data.source='tfs'"),
+        ([f"--model={workdir}", "--config.data.tfds_dir=/d"], "add --config.data.source=tfds"),
         ([f"--model={workdir}", f"--out={tmp_path}/taken.json"], "taken.json exists"),
     ]:
         result = _probe_cli(*args)

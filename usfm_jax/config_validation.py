@@ -273,8 +273,6 @@ def check_probe(config: ml_collections.ConfigDict, off: str = "") -> None:
     the kNN / linear probes of pre-training (``off`` names the way to turn them off) or of
     ``python -m usfm_jax.probe``."""
     p = config.probe
-    source = config.data.source
-    _require(source in ("synthetic", "tfds"), "data.source", source, "expected synthetic or tfds")
     _require(p.num_train >= 2, "probe.num_train", p.num_train, "expected >= 2")
     _require(p.num_test >= 1, "probe.num_test", p.num_test, "expected >= 1")
     _require(p.k >= 1, "probe.k", p.k, "expected >= 1")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from usfm_jax import parallel
 from usfm_jax.checkpoint import CheckpointError
 from usfm_jax.cli import run_program, start_jax
-from usfm_jax.config_validation import ConfigError, check_probe, field_value
+from usfm_jax.config_validation import ConfigError, check_data_source, check_probe, field_value
 from usfm_jax.convert import ConversionError
 from usfm_jax.data import pipeline
 from usfm_jax.data.augment import center_resize
@@ -257,6 +257,7 @@ def probe_encoder(
     encoder = load_pretrained(model, image_size=settings.image_size, step=step, weights=weights)
     if settings.image_size is None:
         settings.image_size = tuple(g * encoder.patch_size for g in encoder.grid)
+    check_data_source(settings, pipeline.SOURCES)
     check_probe(settings)
     images, labels = probe_set(settings)
     if len(set(labels.tolist())) < 2:
