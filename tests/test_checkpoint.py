@@ -231,6 +231,55 @@ def test_all_checkpoints_unusable_is_an_error_naming_them(tmp_path):
     assert _steps(tmp_path) == [1, 3]  # left in place for the user to decide
 
 
+# What TensorStore says when a bucket is busy, and XLA when the state does not fit the device:
+# failures of the machine or the store, which no damaged file produces here on demand.
+_ENVIRONMENT_FAILURES = {
+    "bucket busy": ValueError(
+        'UNAVAILABLE: Error reading "run/checkpoints/6/state/d/0a1b" in GCS bucket: HTTP '
+        "response code: 503 with body: Service Unavailable"
+    ),
+    "device memory": jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.21GiB."
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", _ENVIRONMENT_FAILURES)
+def test_a_read_failing_for_want_of_memory_or_store_sets_nothing_aside(tmp_path, monkeypatch,
+                                                                       failure):  # fmt: skip
+    config = _tiny()
+    train.train(config, str(tmp_path), stop_after=6)  # saved at 1, 3 and 6
+    read = ocp.CheckpointManager.restore
+
+    def failing_read(manager, step, *args, **kwargs):
+        if step == 6:
+            raise _ENVIRONMENT_FAILURES[failure]
+        return read(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_read)
+    with pytest.raises(CheckpointError, match=r"checkpoints/6 .*not of the checkpoint"):
+        train.train(config, str(tmp_path))
+    assert _steps(tmp_path) == [1, 3, 6]  # the newest kept, and not resumed from an older one
+    assert not os.path.exists(tmp_path / checkpoint.UNUSABLE_DIR)
+
+
+def test_environment_failures_are_told_from_damage():
+    assert checkpoint.is_environment_failure(MemoryError())
+    wrapped = RuntimeError("restore failed")
+    wrapped.__cause__ = ValueError("DEADLINE_EXCEEDED: GCS read timed out")
+    assert checkpoint.is_environment_failure(wrapped)
+    assert checkpoint.is_environment_failure(
+        ExceptionGroup("reads", [ValueError("x"), PermissionError("denied")])
+    )
+    for damage in (
+        ValueError('NOT_FOUND: Error opening "zarr" driver: Metadata does not exist'),
+        ValueError("DATA_LOSS: Error reading: Unexpected end of data"),
+        checkpoint.CorruptCheckpoint("1 array(s) differ from their saved fingerprint"),
+        FileNotFoundError("_METADATA"),
+    ):
+        assert not checkpoint.is_environment_failure(damage), damage
+
+
 def test_checkpoint_of_another_model_is_an_error_naming_the_first_key(tmp_path):
     train.train(_tiny(), str(tmp_path), stop_after=3)
     first_mismatch = r"opt_state\.\S+\.bias is float32\[32\] there and float32\[64\] here"

@@ -96,9 +96,41 @@ def check_fingerprint(tree: Any, saved: dict[str, int], where: str) -> None:
 
 def _all_processes(ok: bool) -> bool:
     """True if ``ok`` on every process (so all processes take the same checkpoint)."""
+    return not _any_process(not ok)
+
+
+def _any_process(flag: bool) -> bool:
+    """True if ``flag`` on some process."""
     if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+# Status codes (TensorStore's, XLA's, gRPC's) of failures of the reader, not of what it reads: a
+# busy or unreachable bucket, a missing permission, no memory. Setting a checkpoint aside for one
+# of these would throw away the run's progress.
+_ENVIRONMENT_CODES = re.compile(
+    r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|PERMISSION_DENIED|UNAUTHENTICATED|RESOURCE_EXHAUSTED"
+    r"|CANCELLED|ABORTED)\b|Out of memory"
+)
+
+
+def is_environment_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or its cause, or one of a group) is a problem of the machine or the
+    store, not damage."""
+    seen, pending = set(), [error]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, (MemoryError, PermissionError, TimeoutError, ConnectionError)):
+            return True
+        if _ENVIRONMENT_CODES.search(str(error)):
+            return True
+        pending += [error.__cause__, error.__context__]
+        pending += list(error.exceptions) if isinstance(error, BaseExceptionGroup) else []
+    return False
 
 
 def describe_error(error: BaseException) -> str:
@@ -184,7 +216,9 @@ class Checkpointer:
         never unnoticed.
 
         Unreadable or corrupt checkpoints are reported, skipped and moved to
-        ``unusable_checkpoints/``; one written for other parameter shapes is an error.
+        ``unusable_checkpoints/``; one written for other parameter shapes is an error, and so
+        is a read that fails for want of memory, permission or a reachable store (the
+        checkpoint is then left where it is).
         """
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
@@ -199,7 +233,17 @@ class Checkpointer:
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:  # anything unreadable: fall back to the one before
-                restored, problem = None, describe_error(e)
+                restored, problem, failure = None, describe_error(e), e
+            else:
+                failure = None
+            environment = failure is not None and is_environment_failure(failure)
+            if _any_process(environment):  # not damage: keep it, and every newer one
+                raise CheckpointError(
+                    f"could not read checkpoint {self.step_path(step)} "
+                    f"({problem if environment else 'failed on another process'}): a problem "
+                    "of this machine or the storage (memory, permission, network), not of the "
+                    "checkpoint, so nothing was set aside. Run again once it is solved."
+                ) from failure
             if not _all_processes(problem is None):
                 problem = problem or "unreadable on another process"
                 logging.warning(
