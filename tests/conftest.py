@@ -22,6 +22,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import ml_collections
 import pytest
+from absl import flags
 
 from configs.pretrain import demo
 
@@ -58,6 +59,14 @@ def make_tiny_config(**overrides) -> ml_collections.ConfigDict:
 @pytest.fixture
 def tiny_config() -> ml_collections.ConfigDict:
     return make_tiny_config()
+
+
+@pytest.fixture
+def grain_worker_processes() -> None:
+    """In-process runs with config.data.worker_count > 0: grain's worker processes read absl
+    flags, which a program's app.run would have parsed."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def biomedclip_file(tmp_path, width=768, depth=12, heads=12, image=224, proj=512, seed=0):

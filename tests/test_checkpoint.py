@@ -4,6 +4,7 @@ divergence, and exporting parameters alone."""
 import glob
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -18,7 +19,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 from conftest import DEMO_CLI, ROOT, make_tiny_config
 
 from usfm_jax import checkpoint, train
@@ -319,13 +319,12 @@ def test_resuming_with_another_config_names_the_changed_fields(tmp_path, caplog)
 
 
 @pytest.mark.parametrize("workers", [(0, 2), (2, 0)])
+@pytest.mark.usefixtures("grain_worker_processes")
 def test_resuming_with_another_data_pipeline_keeps_the_checkpoint(tmp_path, caplog, workers,
                                                                   tiny_straight):  # fmt: skip
     """A grain iterator's saved position fits only the pipeline that saved it (worker threads
     and processes save different states): after a change to config.data the stream is opened
     at the restored step instead, which yields the same batches; the checkpoint is kept."""
-    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-        flags.FLAGS.mark_as_parsed()
     before, after = workers
     train.train(_tiny(**{"data.worker_count": before}), str(tmp_path), stop_after=3)
     with caplog.at_level("INFO"):
@@ -368,6 +367,31 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert [r["skipped"] for r in logged] == [0, 0, 0, 0, 1, 1, 1]
     saved = load_params(str(tmp_path)).params
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+
+
+@pytest.mark.usefixtures("grain_worker_processes")
+def test_a_run_stopped_by_an_error_finishes_its_save_and_stops_its_data_workers(
+    tmp_path, monkeypatch
+):
+    config = _tiny(**{"checkpoint.every": 2, "data.worker_count": 1})
+    clean = train.global_batch
+    calls = []
+
+    def failing(local, mesh):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("the data disk went away")
+        return clean(local, mesh)
+
+    monkeypatch.setattr(train, "global_batch", failing)
+    # held, as by a caller's except block or a notebook: the run's frames stay alive, so
+    # garbage collection cannot be what stops the workers
+    with pytest.raises(OSError, match="went away") as raised:
+        train.train(config, str(tmp_path))
+    assert raised.traceback
+    assert multiprocessing.active_children() == []  # grain's worker, stopped
+    assert _steps(tmp_path) == [1, 2, 4]  # step 4's save, complete: the next run resumes there
+    assert load_params(str(tmp_path)).step == 4
 
 
 def test_divergence_between_two_logging_steps_stops_the_run(tmp_path, monkeypatch):

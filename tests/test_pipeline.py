@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-from absl import flags
 from conftest import make_tiny_config
 
 from usfm_jax import parallel
@@ -342,9 +341,8 @@ def test_training_reads_an_ingested_dataset(ingested_dir, tmp_path):
     assert np.isfinite(means["loss"]) and means["loss_spatial"] > 0
 
 
+@pytest.mark.usefixtures("grain_worker_processes")
 def test_worker_processes_yield_the_same_batches():
-    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-        flags.FLAGS.mark_as_parsed()
     config = make_tiny_config()
     threads = _fingerprints(config, 0, 1, 3)
     config.data.worker_count = 2

@@ -51,14 +51,10 @@ class CorruptCheckpoint(CheckpointError):
     """The checkpoint's contents differ from what was saved."""
 
 
-def leaf_name(path: tuple) -> str:
-    """'params.encoder.blocks.0.attn.qkv.kernel' for a pytree key path (orbax's naming)."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def named_leaves(tree: Any) -> dict[str, Any]:
     """{dotted name: leaf} of a pytree (a train state, or orbax's metadata of one)."""
-    return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): x for p, x in leaves}
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -224,6 +220,21 @@ class Checkpointer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
         data = make_data(0)
+        try:
+            restored = self._restore_newest_usable(target, data, make_data, config)
+        except BaseException:
+            data.close()  # its worker processes, if any
+            raise
+        return restored or (state, data)
+
+    def _restore_newest_usable(
+        self,
+        target: Any,
+        data: grain.DatasetIterator,
+        make_data: Callable[[int], grain.DatasetIterator],
+        config: ml_collections.ConfigDict | None,
+    ) -> tuple[Any, grain.DatasetIterator] | None:
+        """(state, data) at the newest usable checkpoint; None if there is none."""
         unusable = []
         drop_closed_event_loop_noise()  # a damaged checkpoint's warning comes alone
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -270,6 +281,7 @@ class Checkpointer:
                     "%s: %s, so the data stream is opened at global step %d instead",
                     self.step_path(step), reason, step,
                 )  # fmt: skip
+                data.close()
                 data = make_data(step)
             return restored_state, data
         if unusable:
@@ -278,7 +290,7 @@ class Checkpointer:
                 f"no usable checkpoint in {self.directory} ({details}). Move the directory away "
                 "to start afresh."
             )
-        return state, data
+        return None
 
     def _check_compatible(
         self, step: int, target: Any, config: ml_collections.ConfigDict | None
@@ -411,6 +423,21 @@ class Checkpointer:
         """Waits for pending saves to finish."""
         self._checked(self.manager.wait_until_finished)
         self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _) -> None:
+        """Closes; when the run stopped on an error, a save in flight still completes (the
+        next run resumes from it), and a failure to write it is logged beside that error.
+        After Ctrl-C, which asks to stop at once, nothing is waited for."""
+        if kind is None:
+            self.close()
+        elif not issubclass(kind, KeyboardInterrupt):
+            try:
+                self.close()
+            except CheckpointError as e:
+                logging.error("%s", e)
 
     def _checked(self, call: Callable[[], Any]) -> Any:
         try:

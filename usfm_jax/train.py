@@ -12,6 +12,7 @@ loop over the data (log, preview) -> summary.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -75,28 +76,34 @@ def train(
         )  # fmt: skip
 
     batch_keys = ("image", "target") if config.teacher.targets else ("image",)
-    checkpointer = Checkpointer(workdir, config.checkpoint)
-    state, data = checkpointer.restore_latest(
-        state,
-        shardings,
-        lambda step: iter(create_pretrain_dataset(config, start_step=step)),
-        config,
-    )
-    if jax.process_index() == 0:  # once the checkpoint is known to fit this config
-        replace_text(root / "config.json", config.to_json_best_effort(indent=2))
-    start = int(state.step)  # 0, or the restored checkpoint's step
-    end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
-    if start >= config.total_steps:
-        logging.info("%s already holds step %d of %d: nothing to do", workdir, start, end)
-        checkpointer.close()
-        data.close()
-        return {}
-    reporter = Reporter(
-        workdir, total_steps=config.total_steps, start_step=start, batch_size=config.batch_size
-    )
-    compile_start = time.perf_counter()
-    means, probe = {}, None  # the probe's held-out set is built at its first use
-    with PreemptionGuard() as preemption:
+    # however the run ends: saves in flight complete, data workers stop, logs are flushed
+    with contextlib.ExitStack() as cleanup:
+        checkpointer = cleanup.enter_context(Checkpointer(workdir, config.checkpoint))
+        state, data = checkpointer.restore_latest(
+            state,
+            shardings,
+            lambda step: iter(create_pretrain_dataset(config, start_step=step)),
+            config,
+        )
+        cleanup.callback(data.close)
+        if jax.process_index() == 0:  # once the checkpoint is known to fit this config
+            replace_text(root / "config.json", config.to_json_best_effort(indent=2))
+        start = int(state.step)  # 0, or the restored checkpoint's step
+        end = (
+            config.total_steps
+            if stop_after is None
+            else min(config.total_steps, start + stop_after)
+        )
+        if start >= config.total_steps:
+            logging.info("%s already holds step %d of %d: nothing to do", workdir, start, end)
+            return {}
+        reporter = Reporter(
+            workdir, total_steps=config.total_steps, start_step=start, batch_size=config.batch_size
+        )
+        cleanup.callback(reporter.close)
+        compile_start = time.perf_counter()
+        means, probe = {}, None  # the probe's held-out set is built at its first use
+        preemption = cleanup.enter_context(PreemptionGuard())
         for step in range(start + 1, end + 1):
             local = next(data)
             batch = global_batch({k: local[k] for k in batch_keys}, mesh)
@@ -114,9 +121,7 @@ def train(
                 # the longest run in the window: one that ended since the last flush counts too
                 last_good = f"the last checkpoint in {workdir}/checkpoints is from before them"
                 if error := divergence(means, config.max_bad_steps, last_good):
-                    checkpointer.close()  # the last good checkpoint stays the latest
-                    data.close()
-                    raise error
+                    raise error  # the last good checkpoint stays the latest
             if not preempted:  # a notice's grace period is for the checkpoint alone
                 # probes every `every` steps, at the end, and after the first step (the baseline)
                 if config.probe.every and (step % config.probe.every == 0 or last or step == 1):
@@ -130,9 +135,6 @@ def train(
             if last:
                 end = step
                 break
-    checkpointer.close()
-    data.close()  # stops its worker processes (config.data.worker_count), if any
-    reporter.close()
     if jax.process_index() == 0:
         replace_text(root / "summary.json", strict_json({"step": end, **means}, indent=2))
     return means
