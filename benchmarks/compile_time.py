@@ -18,38 +18,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
+from benchmarks.aot_memory import lower_step
 from benchmarks.train_step import require_positive
 from configs.pretrain import usfm_vitb16
-from usfm_jax import parallel
 from usfm_jax.models.vit import SIZES
-from usfm_jax.objectives.dual import create_objective
-from usfm_jax.optim import create_optimizer
-from usfm_jax.train_step import (
-    abstract_model,
-    jit_train_step,
-    make_train_step,
-    state_initializer,
-)
 
 
 def compile_seconds(size: str, scan: bool, remat: str, batch: int) -> tuple[float, float]:
-    """(lowering s, compilation s) of one train step."""
+    """(lowering s, compilation s) of one train step; lowering includes tracing the state's
+    initialiser for its shapes (a fraction of a second)."""
     config = usfm_vitb16.get_config(f"size={size}")
     config.batch_size = batch
     config.model.update(scan_layers=scan, remat=remat)
-    mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
-    tx, schedule = create_optimizer(config.optimizer, config.batch_size, config.total_steps)
-    state = jax.eval_shape(state_initializer(config, tx))
-    shardings = parallel.state_shardings(state, mesh, config.mesh.fsdp_min_size)
-    graphdef = nnx.graphdef(abstract_model(config))
-    step = make_train_step(config, graphdef, create_objective(config), tx, schedule)
-    h, w = config.image_size
-    images = jax.ShapeDtypeStruct((batch, h, w, 1), jnp.uint8)
     start = time.perf_counter()
-    lowered = jit_train_step(step, shardings, mesh).lower(state, {"image": images})
+    lowered = lower_step(config, jax.devices()[:1])[0]
     lowered_at = time.perf_counter()
     lowered.compile()
     return lowered_at - start, time.perf_counter() - lowered_at

@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
 from usfm_jax.data.ingest import (
+    IngestError,
     NoUsableImages,
     Options,
     assign_split,
@@ -218,7 +219,7 @@ def test_a_split_whose_files_are_all_bad_is_left_out(tmp_path):
     with open(tmp_path / "manifest.csv", "w", newline="", encoding="utf-8-sig") as f:
         csv.writer(f).writerows(rows)  # with a byte-order mark, as Excel saves CSV
     (tmp_path / "latin1.csv").write_bytes("path,organ\nf\xf6tus.png,liver\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"manifest .*latin1\.csv is not a UTF-8 CSV file"):
+    with pytest.raises(IngestError, match=r"manifest .*latin1\.csv is not a UTF-8 CSV file"):
         ingest(str(tmp_path / "latin1.csv"), str(tmp_path / "out"), "no_val", options)
     card = ingest(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), "no_val", options)
     assert card["splits_left_out"] == ["val"]
@@ -300,14 +301,14 @@ def test_masks_are_never_the_images_themselves(tmp_path):
     is the images' own: refused, or every file skipped, never a dataset of images as masks."""
     images, _ = _segmentation_files(tmp_path)
     options = Options(resize=0, crop="none", masks=images)
-    with pytest.raises(ValueError, match=r"--masks .* lies inside --input .* paired with them"):
+    with pytest.raises(IngestError, match=r"--masks .* lies inside --input .* paired with them"):
         ingest(str(tmp_path), str(tmp_path / "out"), "inside", options, workers=1)
     rows = [("path", "organ")] + [(str(tmp_path / f"images/liver/case_{i}.png"), "liver")
                                   for i in range(4)]  # fmt: skip
     with open(tmp_path / "absolute.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     options = Options(resize=0, crop="none", masks=str(tmp_path / "images"))
-    with pytest.raises(ValueError, match=r"the manifest lists an absolute path"):
+    with pytest.raises(IngestError, match=r"the manifest lists an absolute path"):
         ingest(str(tmp_path / "absolute.csv"), str(tmp_path / "out"), "absolute", options)
     rows = [("path", "organ")] + [(f"liver/case_{i}.png", "liver") for i in range(4)]
     with open(tmp_path / "images" / "relative.csv", "w", newline="") as f:
@@ -381,7 +382,7 @@ def test_splits_without_files_and_one_placeholder_patient_are_warned(caplog):
 
 def test_a_resize_under_the_smallest_image_kept_is_refused():
     for size in (-1, 1, 8, 15):  # ingest skips images under 16 px a side
-        with pytest.raises(ValueError, match=rf"^--resize must be 0 \(keep the size\) or at "
+        with pytest.raises(IngestError, match=rf"^--resize must be 0 \(keep the size\) or at "
                                              rf"least 16 px, got {size}$"):  # fmt: skip
             Options(resize=size)
     assert Options(resize=0).resize == 0 and Options(resize=16).resize == 16
@@ -389,10 +390,10 @@ def test_a_resize_under_the_smallest_image_kept_is_refused():
 
 def test_a_manifest_without_rows_says_so(tmp_path):
     (tmp_path / "header_only.csv").write_text("path,organ\n")
-    with pytest.raises(ValueError, match=r"header_only\.csv has a header but no rows"):
+    with pytest.raises(IngestError, match=r"header_only\.csv has a header but no rows"):
         list_items(str(tmp_path / "header_only.csv"))
     (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(ValueError, match=r"empty\.csv needs a header with at least 'path'"):
+    with pytest.raises(IngestError, match=r"empty\.csv needs a header with at least 'path'"):
         list_items(str(tmp_path / "empty.csv"))
 
 

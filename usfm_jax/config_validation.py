@@ -39,7 +39,7 @@ from usfm_jax.objectives.representation import (
     TARGET_NORMS,
     create_representation,
 )
-from usfm_jax.parallel import MESH_AXES, batch_shards, mesh_shape
+from usfm_jax.parallel import MESH_AXES, MeshError, batch_shards, mesh_shape
 from usfm_jax.paths import PathError, as_path
 
 
@@ -413,7 +413,7 @@ def check_batch_split(
     pixel objective, images of the representation one), divide over the batch axes."""
     try:
         shape = mesh_shape(config.mesh, num_devices)
-    except ValueError as e:
+    except MeshError as e:
         raise ConfigError(str(e)) from None
     shards = batch_shards(dict(zip(MESH_AXES, shape, strict=True)))
     _require(

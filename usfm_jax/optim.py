@@ -16,7 +16,7 @@ def decay_mask(params: Any) -> Any:
     """True for the parameters AdamW decays: matrices and kernels, not tokens or position tables."""
 
     def decays(path, leaf) -> bool:
-        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        names = set(jax.tree_util.keystr(path, simple=True, separator=".").split("."))
         return leaf.ndim >= 2 and not (names & NO_DECAY_NAMES)
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -87,7 +87,7 @@ def layer_decay_scales(params: Any, depth: int, decay: float, frozen: str = "") 
         return int(names[2]) + 1 if names[1] == "blocks" else 0
 
     def scale(path, leaf) -> float:
-        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        names = jax.tree_util.keystr(path, simple=True, separator=".").split(".")
         if frozen and names[0] == frozen:
             return 0.0
         return float(decay ** (depth + 1 - layer(names)))

@@ -22,21 +22,25 @@ MESH_AXES = ("dcn", "data", "fsdp")
 BATCH_AXES = MESH_AXES  # the global batch is split over every axis
 
 
+class MeshError(ValueError):
+    """``config.mesh`` does not fit the devices at hand."""
+
+
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Axis sizes from ``config.mesh``; one axis may be -1 for "all remaining devices"."""
     sizes = [cfg[name] for name in MESH_AXES]
     described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {described}")
+        raise MeshError(f"config.mesh: at most one axis may be -1, got {described}")
     bad = [n for n, s in zip(MESH_AXES, sizes, strict=True) if s == 0 or s < -1]
     if bad:
-        raise ValueError(f"config.mesh.{bad[0]}={cfg[bad[0]]}: expected >= 1, or -1 for the rest")
+        raise MeshError(f"config.mesh.{bad[0]}={cfg[bad[0]]}: expected >= 1, or -1 for the rest")
     known = math.prod(s for s in sizes if s != -1)
     if num_devices % known:
-        raise ValueError(f"config.mesh ({described}) does not divide {num_devices} devices")
+        raise MeshError(f"config.mesh ({described}) does not divide {num_devices} devices")
     sizes = [num_devices // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise MeshError(
             f"config.mesh ({described}) uses {math.prod(sizes)} devices, "
             f"but {num_devices} are present"
         )
@@ -46,10 +50,6 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, .
 def batch_shards(sizes: Mapping[str, int]) -> int:
     """Into how many shards a batch splits on a mesh of axis ``sizes`` (``mesh.shape``)."""
     return math.prod(sizes[axis] for axis in BATCH_AXES)
-
-
-class MeshError(ValueError):
-    """``config.mesh`` does not fit the devices at hand."""
 
 
 def create_mesh(
@@ -125,6 +125,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
     return jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp, min_size)), abstract_state
     )
+
+
+def create_sharded(init: Callable[[], Any], mesh: Mesh, min_size: int) -> tuple[Any, Any]:
+    """(``init()``, its shardings): the arrays are created in place, each in the sharding
+    ``state_shardings`` gives it (never whole on one device first)."""
+    shardings = state_shardings(jax.eval_shape(init), mesh, min_size)
+    return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def jit_in_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:

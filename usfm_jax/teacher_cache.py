@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
         validate(config)
         start_jax()
         info = build_cache(config, out, flags.FLAGS.batch)
-    except (ConfigError, ConversionError, PathError, ValueError) as e:
+    except (ConfigError, ConversionError, PathError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}: teacher targets {info['shape']} float16")
 

@@ -98,8 +98,7 @@ def init_state(
     """
     init = state_initializer(config, tx, features)
     graphdef = nnx.graphdef(abstract_model(config, features))
-    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
-    state = jax.jit(init, out_shardings=shardings)()
+    state, shardings = parallel.create_sharded(init, mesh, config.mesh.fsdp_min_size)
     return graphdef, state, shardings
 
 

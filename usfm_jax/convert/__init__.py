@@ -154,6 +154,48 @@ class Imported(NamedTuple):
     step: int
 
 
+class TorchWeights(NamedTuple):
+    """PyTorch weights read as our parameters, before any adaptation."""
+
+    params: dict[str, Any]  # {"encoder": ..., "projection"?: ...}
+    arch: Architecture
+    normalization: Normalization  # the input normalisation they were trained with
+    format: str
+    card: dict[str, Any]  # the card beside the file ({} if none)
+    notes: list[str]
+
+
+def read_torch_weights(
+    weights: str | epath.Path,
+    fmt: str = "auto",
+    *,
+    num_heads: int | None = None,
+    normalization: str | Normalization | None = None,
+    formats: tuple[str, ...] = FROM_TORCH,
+) -> TorchWeights:
+    """PyTorch weights (a file, or a directory with its card) in one of ``formats`` ("auto":
+    the card's, else detected from the keys), with the input normalisation they were trained
+    with: ``normalization``, else their card's, else the format's pipeline's."""
+    notes: list[str] = []
+    sd = read_state_dict(weights, notes)
+    card = read_card(weights) or {}
+    if fmt == "auto":
+        fmt = card.get("format") or detect_format(sd)
+        if fmt is None:
+            raise ConversionError(
+                f"{weights}: not a state dict of a known format {formats} "
+                f"(keys start {', '.join(list(sd)[:3])}); pass the format"
+            )
+    if fmt not in formats:
+        raise ConversionError(f"{weights}: format {fmt!r}; expected one of {formats}")
+    made_for = card.get("architecture", {})  # exact where the file has a card
+    heads = heads_for(num_heads, card, str(weights))
+    params, arch, more = from_torch(sd, fmt, heads, made_for.get("image_size"))
+    notes += more
+    source = weights_normalization(fmt, card, normalization, notes)
+    return TorchWeights(params, arch, source, fmt, card, notes)
+
+
 def import_torch_weights(
     weights: str | epath.Path,
     fmt: str = "auto",
@@ -170,20 +212,9 @@ def import_torch_weights(
     The weights' own normalisation is ``input_normalization``, else their card's, else the
     format's pipeline's (usfm: ImageNet, open-clip-visual: CLIP); for timm formats without a
     card, ImageNet's is assumed and noted."""
-    file_notes: list[str] = []
-    sd = read_state_dict(weights, file_notes)
-    card = read_card(weights) or {}
-    if fmt == "auto":
-        fmt = card.get("format") or detect_format(sd)
-        if fmt is None:
-            raise ConversionError(
-                f"{weights}: not a state dict of a known format {FROM_TORCH} "
-                f"(keys start {', '.join(list(sd)[:3])}); pass the format"
-            )
-    made_for = card.get("architecture", {})  # exact where the file has a card
-    num_heads = heads_for(num_heads, card, str(weights))
-    params, arch, notes = from_torch(sd, fmt, num_heads, made_for.get("image_size"))
-    source = weights_normalization(fmt, card, input_normalization, notes)
+    params, arch, source, fmt, card, notes = read_torch_weights(
+        weights, fmt, num_heads=num_heads, normalization=input_normalization
+    )
     if len(source.mean) not in (1, arch.in_chans):
         raise ConversionError(
             f"{weights}: the weights take {arch.in_chans} channel(s), but the input "
@@ -209,7 +240,7 @@ def import_torch_weights(
         image_size=image_size,
     )
     step = int(card.get("source", {}).get("step", 0))
-    notes = file_notes + notes + adapted
+    notes = notes + adapted
     return Imported({**params, "encoder": encoder}, arch, target, notes, fmt, step)
 
 

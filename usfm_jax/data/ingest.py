@@ -66,15 +66,17 @@ from absl import flags, logging
 
 from usfm_jax.cli import run_program
 from usfm_jax.data import readers
+from usfm_jax.data.layout import CARD, IGNORE, SPLITS, VERSION
 from usfm_jax.paths import PathError, work_directory
 
-VERSION = "1.0.0"
-SPLITS = ("train", "val", "test")
 FLAT_GROUP = "all"  # the organ / class of the files of a flat input folder
 # by name; a file with another suffix is taken when it starts with DICOM's preamble, else ignored
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *readers.DICOM_SUFFIXES)
 MANIFEST_COLUMNS = ("path", "organ", "patient_id", "study_id", "device", "center")
-IGNORE = 255  # the mask value that means "not labelled" (usfm_jax.finetune.data.IGNORE)
+
+
+class IngestError(ValueError):
+    """A mistake in the ingest's input or options; the message names the flag or file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,30 +101,30 @@ class Options:
 
     def __post_init__(self):
         if self.frame_stride < 1:
-            raise ValueError(f"--frame_stride must be >= 1, got {self.frame_stride}")
+            raise IngestError(f"--frame_stride must be >= 1, got {self.frame_stride}")
         if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"--max_frames must be >= 1 (0: every frame), got {self.max_frames}")
+            raise IngestError(f"--max_frames must be >= 1 (0: every frame), got {self.max_frames}")
         if self.resize < 0 or 0 < self.resize < readers.MIN_SIDE:  # smaller images are skipped
-            raise ValueError(
+            raise IngestError(
                 f"--resize must be 0 (keep the size) or at least {readers.MIN_SIDE} px, "
                 f"got {self.resize}"
             )
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise IngestError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.test_fraction < 1.0 - self.val_fraction:
-            raise ValueError(
+            raise IngestError(
                 f"--test_fraction must be in [0, 1 - val_fraction), got {self.test_fraction}"
             )
         for name in ("masks", "targets"):
             directory = getattr(self, name)
             if directory and not os.path.isdir(directory):
-                raise ValueError(f"--{name} {directory!r} is not a directory")
+                raise IngestError(f"--{name} {directory!r} is not a directory")
             if directory and self.crop != "none":
-                raise ValueError(
+                raise IngestError(
                     f"--{name} needs --crop none: pairs must stay aligned pixel for pixel"
                 )
         if not 0 <= self.png_compression <= 9:
-            raise ValueError(f"--png_compression must be in [0, 9], got {self.png_compression}")
+            raise IngestError(f"--png_compression must be in [0, 9], got {self.png_compression}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +168,7 @@ def list_items(input_path: str) -> tuple[list[Item], list[str]]:
         ignored = [os.path.join(input_path, f) for f in files if f not in top]
         groups = sorted(_folders(input_path))
         if top and groups:
-            raise ValueError(
+            raise IngestError(
                 f"--input {input_path!r} holds both files and folders: put the files in "
                 "folders (one per organ or class) or list them in a CSV manifest"
             )
@@ -194,8 +196,8 @@ def list_items(input_path: str) -> tuple[list[Item], list[str]]:
     if os.path.isfile(input_path) and input_path.lower().endswith(".csv"):
         return _read_manifest(input_path), []
     if not os.path.exists(input_path):
-        raise ValueError(f"--input {input_path!r} does not exist")
-    raise ValueError(f"--input {input_path!r} is neither a directory nor a .csv manifest")
+        raise IngestError(f"--input {input_path!r} does not exist")
+    raise IngestError(f"--input {input_path!r} is neither a directory nor a .csv manifest")
 
 
 def _is_candidate(path: str) -> bool:
@@ -222,13 +224,13 @@ def check_pairs(input_path: str, items: Sequence[Item], options: Options) -> Non
         if not directory:
             continue
         if os.path.isdir(input_path) and _inside(directory, input_path):
-            raise ValueError(
+            raise IngestError(
                 f"--{name} {directory!r} lies inside --input {input_path!r}: its files would be "
                 "ingested as images, and paired with themselves. Keep them in a folder of "
                 "their own that mirrors the input's layout (organ/.../stem.png)"
             )
         if absolute is not None:  # os.path.join(directory, key) would be the image itself
-            raise ValueError(
+            raise IngestError(
                 f"--{name} pairs files by their path relative to the manifest, and the manifest "
                 f"lists an absolute path ({absolute.key!r}): write the paths relative to the "
                 "manifest's folder"
@@ -294,16 +296,18 @@ def _read_manifest(path: str) -> list[Item]:
             rows = list(reader)
             header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"manifest {path} is not a UTF-8 CSV file ({e})") from None
+        raise IngestError(f"manifest {path} is not a UTF-8 CSV file ({e})") from None
     if not {"path", "organ"} <= set(header):
-        raise ValueError(f"manifest {path} needs a header with at least 'path' and 'organ' columns")
+        raise IngestError(
+            f"manifest {path} needs a header with at least 'path' and 'organ' columns"
+        )
     if not rows:
-        raise ValueError(f"manifest {path} has a header but no rows: list one file per row")
+        raise IngestError(f"manifest {path} has a header but no rows: list one file per row")
     items = []
     for line, row in enumerate(rows, start=2):
         row = {k: (v or "").strip() for k, v in row.items() if k}
         if not row["path"] or not row["organ"]:
-            raise ValueError(f"manifest {path}, line {line}: empty path or organ")
+            raise IngestError(f"manifest {path}, line {line}: empty path or organ")
         extra = {k: (row.get(k) or None) for k in MANIFEST_COLUMNS[2:]}
         items.append(Item(os.path.join(base, row["path"]), row["organ"], row["path"], **extra))
     return items
@@ -544,7 +548,7 @@ def ingest(
     complete: a failed or interrupted run leaves nothing to clean up, and an existing dataset
     it would overwrite stays until the new one is ready."""
     if not name.isidentifier() or name != name.lower():
-        raise ValueError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
+        raise IngestError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
     work_directory(output, "--output")  # a directory, or one that can be created
     target = os.path.join(output, name)
     if os.path.exists(target) and not overwrite:
@@ -556,7 +560,7 @@ def ingest(
             len(ignored), " ".join(s for s in IMAGE_SUFFIXES if s), ignored[0],
         )  # fmt: skip
     if not items:
-        raise ValueError(f"no image or DICOM file under {input_path}")
+        raise IngestError(f"no image or DICOM file under {input_path}")
     check_pairs(input_path, items, options)
     organs = sorted({item.organ for item in items})
     for group in _folders(input_path) - {*organs}:
@@ -592,7 +596,7 @@ def ingest(
             ignored=len(ignored), left_out=dropped, report=os.path.abspath(report),
         )  # fmt: skip
         staged = os.path.join(staging, name, VERSION)
-        with open(os.path.join(staged, "dataset_card.json"), "w") as f:
+        with open(os.path.join(staged, CARD), "w") as f:
             json.dump(portable_card(card), f, indent=2)
         # The dataset keeps path hashes only; the raw paths, for the user, stay in the report.
         hashed = [(salted_hash(s.key, options.salt), s.reason) for s in writer.skipped]
@@ -758,56 +762,56 @@ def portable_card(card: dict) -> dict:
     return written
 
 
-_INPUT = flags.DEFINE_string("input", None, "Directory (first level = organ) or CSV manifest.")
-_OUTPUT = flags.DEFINE_string("output", None, "TFDS data directory to write into.")
-_NAME = flags.DEFINE_string("name", None, "Dataset name (lower-case identifier).")
-_RESIZE = flags.DEFINE_integer("resize", 256, "Shorter side in pixels (0: keep).")
-_STRIDE = flags.DEFINE_integer("frame_stride", 1, "Keep every n-th frame of a cine loop.")
-_MAX_FRAMES = flags.DEFINE_integer(
-    "max_frames", 16, "At most this many frames per loop (0: every frame)."
-)
-_CROP = flags.DEFINE_enum("crop", "auto", ["auto", "regions", "bbox", "none"], "Scan-region crop.")
-_VAL = flags.DEFINE_float("val_fraction", 0.0, "Fraction of patients in the val split.")
-_TEST = flags.DEFINE_float("test_fraction", 0.0, "Fraction of patients in the test split.")
-_MASKS = flags.DEFINE_string(
-    "masks", "", "Segmentation masks (PNG class ids), paired by relative path and file stem."
-)
-_TARGETS = flags.DEFINE_string(
-    "targets", "", "Clean target images (enhancement pairs), paired like --masks."
-)
-_SALT = flags.DEFINE_string("salt", None, "Secret for the id hashes (default: $USFM_SALT or '').")
-_PNG = flags.DEFINE_integer(
-    "png_compression", 6, "PNG zlib level 0-9: 0 decodes ~2x faster, ~3x larger files."
-)
-_WORKERS = flags.DEFINE_integer(
-    "workers", None, "Worker processes (default: all cores).", lower_bound=1
-)
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of this name.")
+def define_flags() -> None:
+    """The command line (defined only when run as a program: others import this module)."""
+    flags.DEFINE_string("input", None, "Directory (first level = organ) or CSV manifest.")
+    flags.DEFINE_string("output", None, "TFDS data directory to write into.")
+    flags.DEFINE_string("name", None, "Dataset name (lower-case identifier).")
+    flags.DEFINE_integer("resize", 256, "Shorter side in pixels (0: keep).")
+    flags.DEFINE_integer("frame_stride", 1, "Keep every n-th frame of a cine loop.")
+    flags.DEFINE_integer("max_frames", 16, "At most this many frames per loop (0: every frame).")
+    flags.DEFINE_enum("crop", "auto", readers.CROP_MODES, "Scan-region crop.")
+    flags.DEFINE_float("val_fraction", 0.0, "Fraction of patients in the val split.")
+    flags.DEFINE_float("test_fraction", 0.0, "Fraction of patients in the test split.")
+    flags.DEFINE_string(
+        "masks", "", "Segmentation masks (PNG class ids), paired by relative path and file stem."
+    )
+    flags.DEFINE_string(
+        "targets", "", "Clean target images (enhancement pairs), paired like --masks."
+    )
+    flags.DEFINE_string("salt", None, "Secret for the id hashes (default: $USFM_SALT or '').")
+    flags.DEFINE_integer(
+        "png_compression", 6, "PNG zlib level 0-9: 0 decodes ~2x faster, ~3x larger files."
+    )
+    flags.DEFINE_integer("workers", None, "Worker processes (default: all cores).", lower_bound=1)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of this name.")
+    flags.mark_flags_as_required(["input", "output", "name"])
 
 
 def main(argv: list[str]) -> None:
     del argv  # parse_flags refuses positional arguments
+    f = flags.FLAGS
     try:
         options = Options(
-            resize=_RESIZE.value,
-            frame_stride=_STRIDE.value,
-            max_frames=_MAX_FRAMES.value or None,
-            crop=_CROP.value,
-            val_fraction=_VAL.value,
-            test_fraction=_TEST.value,
-            masks=_MASKS.value,
-            targets=_TARGETS.value,
-            png_compression=_PNG.value,
-            salt=_SALT.value if _SALT.value is not None else os.environ.get("USFM_SALT", ""),
+            resize=f.resize,
+            frame_stride=f.frame_stride,
+            max_frames=f.max_frames or None,
+            crop=f.crop,
+            val_fraction=f.val_fraction,
+            test_fraction=f.test_fraction,
+            masks=f.masks,
+            targets=f.targets,
+            png_compression=f.png_compression,
+            salt=f.salt if f.salt is not None else os.environ.get("USFM_SALT", ""),
         )
         if not options.salt:
             logging.warning(
                 "no --salt / $USFM_SALT: id hashes are unsalted (guessable for short ids)"
             )
         tfds.disable_progress_bar()  # the per-split bars of this module say more
-        card = ingest(_INPUT.value, _OUTPUT.value, _NAME.value, options,
-                      workers=_WORKERS.value, overwrite=_OVERWRITE.value)  # fmt: skip
-    except (ValueError, FileExistsError, NoUsableImages, PathError) as e:
+        card = ingest(f.input, f.output, f.name, options, workers=f.workers,
+                      overwrite=f.overwrite)  # fmt: skip
+    except (IngestError, FileExistsError, NoUsableImages, PathError) as e:
         sys.exit(f"error: {e}")
     keys = ("data_dir", "images", "files", "skipped_reasons", "splits_left_out")
     print(json.dumps({k: card[k] for k in keys}, indent=2))
@@ -816,5 +820,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["input", "output", "name"])
+    define_flags()
     run_program(main, lambda: "no dataset was written or replaced (one is, only once complete)")

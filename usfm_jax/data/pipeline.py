@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from usfm_jax import parallel
 from usfm_jax.data.augment import Augment, AugmentConfig
+from usfm_jax.data.layout import CARD
 from usfm_jax.data.mixing import mix_organs, organ_weights
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.paths import as_path
@@ -43,7 +44,6 @@ def cache_array(directory: str) -> str:
 
 
 SOURCES = ("synthetic", "tfds")
-CARD = "dataset_card.json"
 
 
 def parse_organ_weights(text: str) -> dict[str, float] | None:

@@ -34,15 +34,14 @@ from absl import logging
 
 from usfm_jax.data import pipeline, synthetic
 from usfm_jax.data.augment import resize_whole
+from usfm_jax.data.layout import IGNORE, SPLITS
 
 TASKS = ("classify", "segment", "enhance")
-SPLITS = ("train", "val", "test")
 DEGRADATIONS = ("none", "speckle", "gaussian", "downsample")
 # each kind's level when config.data.degradation_level is 0: fully developed speckle, noise of
 # std 0.1 on [0, 1] intensities, x2 super-resolution
 DEFAULT_LEVELS = {"speckle": 1.0, "gaussian": 0.1, "downsample": 2.0}
 SPECKLE_RANGE_DB = 50.0  # dynamic range of the display that synthesised speckle assumes
-IGNORE = 255  # mask value excluded from the loss and the metrics
 TARGET_KEY = {"classify": "label", "segment": "mask", "enhance": "target"}
 
 

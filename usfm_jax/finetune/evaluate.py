@@ -20,7 +20,8 @@ import PIL.ImageDraw
 from etils import epath
 from scipy import ndimage
 
-from usfm_jax.finetune.data import IGNORE, TARGET_KEY
+from usfm_jax.data.layout import IGNORE
+from usfm_jax.finetune.data import TARGET_KEY
 from usfm_jax.metrics import classification, image_quality, segmentation
 
 # The metric each task selects its best checkpoint by (higher is better), and the table's order.

@@ -136,8 +136,7 @@ def finetune(
             params["encoder"] = jax.tree.map(jnp.asarray, encoder_params)
         return fresh_state(params, tx, config.seed)
 
-    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, config.mesh.fsdp_min_size)
-    state = jax.jit(init, out_shardings=shardings)()
+    state, shardings = parallel.create_sharded(init, mesh, config.mesh.fsdp_min_size)
     train_step = parallel.jit_in_mesh(
         make_train_step(config, graphdef, tx, schedule), mesh,
         in_shardings=(shardings, parallel.batch_sharding(mesh)),

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from usfm_jax.finetune.data import IGNORE
+from usfm_jax.data.layout import IGNORE
 from usfm_jax.train_step import Batch, Metrics, TrainState, accumulate, apply_gradients
 
 

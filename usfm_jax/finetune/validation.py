@@ -22,8 +22,9 @@ from usfm_jax.config_validation import (
     require_kind,
 )
 from usfm_jax.convert import Architecture, Normalization
+from usfm_jax.data.layout import IGNORE
 from usfm_jax.data.pipeline import read_card
-from usfm_jax.finetune.data import DEGRADATIONS, IGNORE, TASKS
+from usfm_jax.finetune.data import DEGRADATIONS, TASKS
 from usfm_jax.finetune.evaluate import BASELINES, METRICS
 
 MODES = ("finetune", "linear_probe")

@@ -15,15 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from usfm_jax.convert import ConversionError, Normalization, weights_normalization
-from usfm_jax.convert.files import read_card, read_state_dict
-from usfm_jax.convert.formats import Architecture, detect_format, from_torch, heads_for
+from usfm_jax.convert import ConversionError, Normalization, read_torch_weights
+from usfm_jax.convert.formats import Architecture
 from usfm_jax.models.factory import DTYPES
 from usfm_jax.models.vit import VisionTransformer
 
 # Which features are the targets: the last block's tokens, the same after the final norm, or
 # those projected by the CLIP head (BiomedCLIP: 768 -> 512) applied to every token.
 TARGET_LAYERS = ("last_block", "final_norm", "projection")
+# A teacher is an open_clip visual tower (BiomedCLIP's) or a plain timm ViT.
+FORMATS = ("open-clip-visual", "timm-vit")
 
 
 class Teacher(nnx.Module):
@@ -94,20 +95,14 @@ def load_teacher(
     """A teacher from PyTorch weights: an open_clip checkpoint (its visual trunk and
     projection) or a timm ViT state dict. Weights are taken as they are (no folding); a key
     that is missing or of the wrong shape is an error naming it."""
-    file_notes: list[str] = []
-    sd = read_state_dict(path, file_notes)
-    card = read_card(path) or {}
-    if fmt == "auto":
-        fmt = card.get("format") or detect_format(sd) or "open-clip-visual"
-    if fmt not in ("open-clip-visual", "timm-vit"):
-        raise ConversionError(
-            f"teacher {path}: format {fmt!r}; a teacher is an open_clip visual tower "
-            "(open-clip-visual) or a plain timm ViT (timm-vit)"
+    try:
+        params, arch, expected, _, _, notes = read_torch_weights(
+            path, fmt, num_heads=num_heads, normalization=normalization, formats=FORMATS
         )
-    made_for = card.get("architecture", {})
-    heads = heads_for(num_heads, card, f"teacher {path}")  # a non-standard width needs it
-    params, arch, notes = from_torch(sd, fmt, heads, made_for.get("image_size"))
-    expected = weights_normalization(fmt, card, normalization, notes)
+    except ConversionError as e:  # say that the file is the teacher's, and which
+        raise ConversionError(
+            f"teacher {e}" if str(e).startswith(str(path)) else f"teacher {path}: {e}"
+        ) from None
     if layer == "projection" and "projection" not in params:
         raise ConversionError(
             f"teacher {path} has no projection (visual.head.proj.weight): target layer "
@@ -127,7 +122,7 @@ def load_teacher(
     if projection is not None:
         weights["projection"] = params["projection"]
     nnx.replace_by_pure_dict(state, weights)
-    return LoadedTeacher(graphdef, state, arch, expected, file_notes + notes)
+    return LoadedTeacher(graphdef, state, arch, expected, notes)
 
 
 def teacher_from_config(config: Any) -> LoadedTeacher:
