@@ -12,6 +12,7 @@ import pytest
 from conftest import DEMO_CLI, ROOT
 
 from usfm_jax import distributed
+from usfm_jax.export import load_params
 
 TOTAL = 12
 
@@ -85,6 +86,50 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_two_and_one(tmp
     assert sorted(resumed) == list(range(1, TOTAL + 1))
     for step in range(7, TOTAL + 1):
         np.testing.assert_allclose(resumed[step], one_process[step], rtol=1e-5, err_msg=f"{step}")
+
+
+# The demo recipe with its parameters sharded over 4 devices (fsdp): in two processes, each holds
+# shards the other does not, and writes them to a checkpoint file of its own.
+SHARDED = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=64"]
+
+
+def test_a_checkpoint_damaged_where_one_process_alone_reads_is_set_aside_by_both(tmp_path):
+    """Process 1's shard file of the step-4 checkpoint is cut: its read fails where process
+    0's succeeds. Both must agree that the checkpoint is unusable (before, each process's
+    orbax barrier met the other's fingerprint reduction and both aborted)."""
+    run = [*SHARDED, "--config.checkpoint.every=2", "--config.total_steps=6"]
+    _run(tmp_path, 2, 2, *run, "--stop_after=4")
+    for path in (tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_1" / "d").iterdir():
+        os.truncate(path, path.stat().st_size // 2)
+    _run(tmp_path, 2, 2, *run)
+    assert [name.split("-")[0] for name in os.listdir(tmp_path / "unusable_checkpoints")] == ["4"]
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 6
+    logs = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+    assert "checkpoints/4 is unusable (unreadable on another process)" in logs[0], logs[0][-3000:]
+    assert "checkpoints/4 is unusable (Exception: " in logs[1], logs[1][-3000:]
+
+
+def test_a_fine_tune_sharded_over_two_processes_matches_one(tmp_path):
+    """Selecting and exporting the best parameters gathers them from both processes (before:
+    a fetch of arrays spanning the other process's devices failed, and without fsdp the
+    export waited at a barrier only process 0 reached)."""
+    cmd = [
+        sys.executable, "-m", "usfm_jax.finetune", "--config=configs/finetune/classify.py:steps=4",
+        "--config.image_size=(32, 32)", "--config.model.width=32", "--config.model.depth=1",
+        "--config.model.num_heads=2", "--config.batch_size=8", "--config.eval_every=2",
+        "--config.log_every=2", "--config.data.num_train=16", "--config.data.num_val=8",
+        "--config.data.num_test=8", "--config.eval.num_overlays=1", *SHARDED,
+    ]  # fmt: skip
+    for n in (1, 2):
+        _launch([*cmd, f"--workdir={tmp_path}/run_{n}"], tmp_path / f"logs_{n}", n, 4 // n)
+    one, two = (json.loads((tmp_path / f"run_{n}" / "results.json").read_text()) for n in (1, 2))
+    assert two["best_step"] == one["best_step"]
+    for split in ("val", "test"):
+        for metric, value in one[split].items():
+            np.testing.assert_allclose(two[split][metric], value, rtol=1e-5, err_msg=metric)
+    best = [load_params(str(tmp_path / f"run_{n}" / "best")).params for n in (1, 2)]
+    for a, b in zip(jax.tree.leaves(best[0]), jax.tree.leaves(best[1]), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
 # Every process holds the same evaluation batch; the mesh's data axis alternates between the

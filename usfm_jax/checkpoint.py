@@ -90,16 +90,25 @@ def check_fingerprint(tree: Any, saved: dict[str, int], where: str) -> None:
         )
 
 
-def _all_processes(ok: bool) -> bool:
-    """True if ``ok`` on every process (so all processes take the same checkpoint)."""
-    return not _any_process(not ok)
+# A checkpoint read's outcome on one process, worst last.
+_READ, _DAMAGED, _ENVIRONMENT = 0, 1, 2
 
 
-def _any_process(flag: bool) -> bool:
-    """True if ``flag`` on some process."""
+def _every_process(value: int) -> np.ndarray:
+    """[processes]: every process's ``value`` (a collective: every process calls it)."""
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return np.asarray([value])
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value))).reshape(-1)
+
+
+def _item_handlers() -> dict[str, Any]:
+    """What a checkpoint holds, by item."""
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "fingerprint": ocp.JsonCheckpointHandler(),
+    }
 
 
 # Status codes (TensorStore's, XLA's, gRPC's) of failures of the reader, not of what it reads: a
@@ -171,12 +180,7 @@ class Checkpointer:
             preserve.append(_policies.EveryNSteps(cfg.keep_every))
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(),
-                "fingerprint": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers=_item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 save_decision_policy=_policies.AnySavePolicy(
                     [
@@ -188,6 +192,19 @@ class Checkpointer:
                 preservation_policy=_policies.AnyPreservationPolicy(preserve),
                 cleanup_tmp_directories=True,  # what a save killed midway left behind
                 enable_async_checkpointing=True,
+            ),
+        )
+        # Reads by this process alone: orbax's restore ends in a barrier of all processes, which
+        # a process whose read failed never reaches (the others then hang, or meet it in a
+        # collective of another shape and abort). Processes agree on a read's outcome after it.
+        self.reader = ocp.CheckpointManager(
+            self.directory,
+            item_handlers=_item_handlers(),
+            options=ocp.CheckpointManagerOptions(
+                create=False,  # never saves through (orbax's read_only warns at every start)
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=jax.process_index(), active_processes={jax.process_index()}
+                ),
             ),
         )
 
@@ -237,25 +254,31 @@ class Checkpointer:
         """(state, data) at the newest usable checkpoint; None if there is none."""
         unusable = []
         drop_closed_event_loop_noise()  # a damaged checkpoint's warning comes alone
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in sorted(self.reader.all_steps(), reverse=True):
             try:
                 self._check_compatible(step, target, config)
-                restored, problem = self._restore(step, target), None
+                restored, failure, outcome = self._read(step, target), None, _READ
             except IncompatibleCheckpoint:
                 raise
             except Exception as e:  # anything unreadable: fall back to the one before
-                restored, problem, failure = None, describe_error(e), e
-            else:
-                failure = None
-            environment = failure is not None and is_environment_failure(failure)
-            if _any_process(environment):  # not damage: keep it, and every newer one
+                restored, failure = None, e
+                outcome = _ENVIRONMENT if is_environment_failure(e) else _DAMAGED
+            problem = None if failure is None else describe_error(failure)
+            worst = int(_every_process(outcome).max())  # all processes take the same checkpoint
+            if worst == _ENVIRONMENT:  # not damage: keep it, and every newer one
                 raise CheckpointError(
                     f"could not read checkpoint {self.step_path(step)} "
-                    f"({problem if environment else 'failed on another process'}): a problem "
-                    "of this machine or the storage (memory, permission, network), not of the "
-                    "checkpoint, so nothing was set aside. Run again once it is solved."
+                    f"({problem if outcome == _ENVIRONMENT else 'failed on another process'}): "
+                    "a problem of this machine or the storage (memory, permission, network), "
+                    "not of the checkpoint, so nothing was set aside. Run again once it is "
+                    "solved."
                 ) from failure
-            if not _all_processes(problem is None):
+            if worst == _READ:  # the same global arrays everywhere: the same verdict
+                try:
+                    check_fingerprint(restored[0], restored[2], str(self.step_path(step)))
+                except CorruptCheckpoint as e:
+                    worst, problem = _DAMAGED, describe_error(e)
+            if worst == _DAMAGED:
                 problem = problem or "unreadable on another process"
                 logging.warning(
                     "checkpoint %s is unusable (%s); trying the one before it",
@@ -266,7 +289,7 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
-            restored_state, saved_config = restored
+            restored_state, saved_config, _ = restored
             changes = [] if config is None else config_changes(saved_config, config.to_dict())
             if changes and jax.process_index() == 0:
                 logging.warning(
@@ -295,7 +318,7 @@ class Checkpointer:
     def _check_compatible(
         self, step: int, target: Any, config: ml_collections.ConfigDict | None
     ) -> None:
-        metadata = self.manager.item_metadata(step)["state"]
+        metadata = self.reader.item_metadata(step)["state"]
         if metadata is None:
             raise CorruptCheckpoint("its state metadata is missing")
         saved, wanted = named_leaves(metadata), named_leaves(target)
@@ -326,7 +349,7 @@ class Checkpointer:
             return generic
         try:
             restore = ocp.args.Composite(config=ocp.args.JsonRestore())
-            saved = self.manager.restore(step, args=restore).config
+            saved = self.reader.restore(step, args=restore).config
         except Exception:  # the shapes already say enough
             return generic
         changes = config_changes(saved, config.to_dict())
@@ -334,16 +357,15 @@ class Checkpointer:
             return generic
         return f"It was written with another config ({'; '.join(changes)})."
 
-    def _restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """(state, the config saved with it)."""
+    def _read(self, step: int, target: Any) -> tuple[Any, dict[str, Any], dict[str, int]]:
+        """(state, the config and the fingerprint saved with it), read by this process alone."""
         items = {
             "state": ocp.args.StandardRestore(target),
             "config": ocp.args.JsonRestore(),
             "fingerprint": ocp.args.JsonRestore(),
         }
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        check_fingerprint(restored.state, restored.fingerprint, str(self.step_path(step)))
-        return restored.state, restored.config
+        restored = self.reader.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.config, restored.fingerprint
 
     def _restore_data(
         self, step: int, data: grain.DatasetIterator, data_changes: list[str]
@@ -363,11 +385,11 @@ class Checkpointer:
         else:
             try:
                 restore = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data))
-                self.manager.restore(step, args=restore)
+                self.reader.restore(step, args=restore)
                 reason = None
             except Exception as e:
                 reason = f"its data position is unreadable ({describe_error(e)})"
-        if not _all_processes(reason is None):  # all processes read the stream the same way
+        if _every_process(reason is not None).any():  # all processes read the stream alike
             reason = reason or "another process could not restore its data position"
         return reason
 
@@ -385,6 +407,7 @@ class Checkpointer:
                 )
         multihost_utils.sync_global_devices("usfm_jax: unusable checkpoints set aside")
         self.manager.reload()
+        self.reader.reload()
 
     def save(
         self,
@@ -423,6 +446,7 @@ class Checkpointer:
         """Waits for pending saves to finish."""
         self._checked(self.manager.wait_until_finished)
         self.manager.close()
+        self.reader.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -430,10 +454,11 @@ class Checkpointer:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _) -> None:
         """Closes; when the run stopped on an error, a save in flight still completes (the
         next run resumes from it), and a failure to write it is logged beside that error.
-        After Ctrl-C, which asks to stop at once, nothing is waited for."""
+        Nothing is waited for after Ctrl-C, which asks to stop at once, nor in a run of several
+        processes, where the others may never join the save's last barrier."""
         if kind is None:
             self.close()
-        elif not issubclass(kind, KeyboardInterrupt):
+        elif not issubclass(kind, KeyboardInterrupt) and jax.process_count() == 1:
             try:
                 self.close()
             except CheckpointError as e:

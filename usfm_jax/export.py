@@ -173,13 +173,17 @@ def write_export(
     out: str, params: dict[str, Any], config: dict[str, Any], **info: Any
 ) -> dict[str, Any]:
     """Writes ``params`` (numpy arrays) as an export directory that ``load_params`` reads;
-    ``info`` (source, step, ...) goes into export.json with the count and the fingerprint."""
+    ``info`` (source, step, ...) goes into export.json with the count and the fingerprint.
+    Written by the calling process alone: in a run of several, one process calls it."""
     destination = check_new_directory(out)
     try:
         make_directory(destination, "--out")
     except PathError as e:
         raise CheckpointError(str(e)) from None
-    with ocp.StandardCheckpointer() as checkpointer:
+    alone = ocp.options.MultiprocessingOptions(  # no barrier waiting for the other processes
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+    )
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
         checkpointer.save(destination / "params", params)
     (destination / "config.json").write_text(json.dumps(config, indent=2))
     info = {

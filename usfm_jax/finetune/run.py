@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from usfm_jax import parallel
 from usfm_jax.config_validation import check_encoder, check_workdir_kind
@@ -191,7 +192,7 @@ def finetune(
             improved = evaluate.is_better(select, scores[select], best_val.get(select))
             last_val = scores
             if improved:
-                best, best_step, best_val = jax.device_get(state.params), step, scores
+                best, best_step, best_val = _host_copy(state.params), step, scores
                 if is_main:
                     _save_best(root, best, config, step, scores)
             reporter.evaluation("val", scores, step, " (best)" if improved else "")
@@ -208,7 +209,7 @@ def finetune(
             "class): nothing to select by, so the last step's parameters are tested and "
             "exported to best/", select,
         )  # fmt: skip
-        best, best_step, best_val = jax.device_get(state.params), config.total_steps, last_val
+        best, best_step, best_val = _host_copy(state.params), config.total_steps, last_val
         selected_by = None
         if is_main:
             _save_best(root, best, config, best_step, best_val)
@@ -260,6 +261,12 @@ def results_markdown(results: dict[str, Any]) -> str:
         + (f" {skipped} steps skipped (non-finite).\n\n" if skipped else "\n\n")
     )
     return header + evaluate.markdown_table(rows, ["split", *names])
+
+
+def _host_copy(params: Any) -> Any:
+    """The parameters as numpy arrays on every process, gathered from the devices of all
+    processes (a collective: every process calls it); a copy the next, donating step keeps."""
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _save_best(
