@@ -373,7 +373,7 @@ def test_fsdp_step_equals_the_data_parallel_step():
     assert 1 / 8 <= on_device_0 / total < 1.05 / 8
     mesh = state.params["encoder"]["norm"]["scale"].sharding.mesh
     batch = global_batch(next(iter(create_pretrain_dataset(config))), mesh)
-    step_fn = create_training(config, mesh)[3]
+    step_fn = create_training(config, mesh).train_step
     hlo = step_fn.lower(state, batch).as_text()
     # activations stay split over the batch: one constraint per block (and its backward)
     assert hlo.count("sharding_constraint") >= config.model.depth

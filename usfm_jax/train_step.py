@@ -12,7 +12,7 @@ description of its precomputed targets).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -272,18 +272,19 @@ def create_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.G
     return loaded.graphdef, jax.device_put(loaded.params, shardings)
 
 
-def create_training(
-    config: ml_collections.ConfigDict, mesh: Mesh
-) -> tuple[
-    DualMIM | None,
-    nnx.GraphDef,
-    TrainState,
-    Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-    Any,
-]:
-    """Everything a run needs to step: the pixel objective (None without a pixel branch),
-    model graph, initial state, compiled step ``step(state, batch)`` (the teacher, if any,
-    bound to it), and the state's shardings (for restoring checkpoints onto this mesh)."""
+class Training(NamedTuple):
+    """Everything a run needs to step."""
+
+    objective: DualMIM | None  # the pixel objective; None without a pixel branch
+    graphdef: nnx.GraphDef
+    state: TrainState  # freshly initialised, sharded
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]  # compiled
+    shardings: Any  # the state's (for restoring checkpoints onto this mesh)
+
+
+def create_training(config: ml_collections.ConfigDict, mesh: Mesh) -> Training:
+    """The objective, model and initial state of ``config`` on ``mesh``, and its compiled step
+    ``train_step(state, batch)`` (the teacher, if any, bound to it)."""
     pixel = config.spatial.enabled or config.frequency.enabled
     objective = create_objective(config) if pixel else None
     representation = create_representation(config)
@@ -307,9 +308,10 @@ def create_training(
         config, graphdef, objective, tx, schedule, representation, teacher_graphdef
     )
     if teacher is None:
-        return objective, graphdef, state, jit_train_step(step, shardings, mesh), shardings
+        compiled = jit_train_step(step, shardings, mesh)
+        return Training(objective, graphdef, state, compiled, shardings)
     compiled = jit_train_step(step, shardings, mesh, jax.tree.map(lambda x: x.sharding, teacher))
-    return objective, graphdef, state, lambda s, b: compiled(s, b, teacher), shardings
+    return Training(objective, graphdef, state, lambda s, b: compiled(s, b, teacher), shardings)
 
 
 def make_preview(
