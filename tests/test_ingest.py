@@ -255,6 +255,46 @@ def test_a_failed_run_leaves_no_dataset_and_keeps_the_old_one(ingested, tmp_path
     assert sorted(os.listdir(tmp_path / "new")) == ["fresh", "fresh_skipped_paths.csv"]
 
 
+def test_an_overwrite_stopped_as_it_swaps_the_datasets_keeps_one(tmp_path, monkeypatch):
+    """Ctrl-C as the new dataset moves into place (before: after the old one was deleted, and
+    the new one was deleted with the staging folder: no dataset at all)."""
+    source = tmp_path / "in"
+    (source / "liver").mkdir(parents=True)
+    for i in range(3):
+        (source / "liver" / f"{i}.png").write_bytes(_png_bytes(generate(3, i, 48)[0]))
+    out = str(tmp_path / "out")
+    card = ingest(str(source), out, "swap", OPTIONS, workers=1)
+    move, moves = os.replace, []
+
+    def stopped(src, dst):  # the first move into place is where Ctrl-C lands
+        moves.append(dst)
+        if moves.count(dst) == 1 and dst == os.path.join(out, "swap"):
+            raise KeyboardInterrupt
+        move(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(str(source), out, "swap", OPTIONS, workers=1, overwrite=True)
+    monkeypatch.setattr(os, "replace", move)
+    assert len(_load(card)) == 3  # the old dataset, in its place
+    assert sorted(os.listdir(out)) == ["swap", "swap_skipped_paths.csv"]
+
+
+def test_a_split_past_tfds_memory_limit_is_written(tmp_path, monkeypatch):
+    """TFDS moves a split past its memory limit (1000 MiB) to temporary files through
+    TensorFlow, which is not installed; here the limit is 1 KiB, passed by three images."""
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1024)
+    source = tmp_path / "in"
+    (source / "liver").mkdir(parents=True)
+    for i in range(3):
+        (source / "liver" / f"{i}.png").write_bytes(_png_bytes(generate(5, i, 48)[0]))
+    card = ingest(str(source), str(tmp_path / "out"), "big", OPTIONS, workers=1)
+    assert len(_load(card)) == 3
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1024  # TFDS's own setting, put back
+
+
 def test_cli_exit_status(tmp_path):
     (tmp_path / "liver").mkdir()
     (tmp_path / "liver" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -41,9 +41,11 @@ once complete (a failed run leaves none). Pixels are not scrubbed: text burned i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -51,6 +53,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import shutil
+import signal
 import sys
 import types
 from collections import Counter
@@ -63,6 +66,7 @@ import pydicom
 import tensorflow_datasets as tfds
 import tqdm
 from absl import flags, logging
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from usfm_jax.cli import run_program
 from usfm_jax.data import readers
@@ -569,12 +573,18 @@ def ingest(
     for organ in sorted(o for o in organs if by_case[o.casefold()] > 1):
         logging.warning("organ %r differs from another only in case: they are two organs", organ)
     staging = os.path.join(output, f".{name}.incomplete")
+    replaced = os.path.join(staging, "replaced")  # the dataset --overwrite replaces, briefly
+    if os.path.exists(replaced) and not os.path.exists(target):  # a killed run's: put back
+        os.replace(replaced, target)
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run left
     try:
         # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX,
         # which is multithreaded and unsafe to fork, is loaded in this process (tests, notebooks).
         context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-        with context.Pool(workers or os.cpu_count() or 1) as pool:
+        # a terminal's Ctrl-C reaches the workers too: one dying holding the task queue's lock
+        # would leave the pool's shutdown waiting forever; the main process answers it alone
+        ignore_ctrl_c = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+        with context.Pool(workers or os.cpu_count() or 1, initializer=ignore_ctrl_c) as pool:
             patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
             splits = [assign_split(patient, options) for patient in patients]
             warn_about_splits(patients, splits, options)
@@ -603,13 +613,15 @@ def ingest(
         _write_csv(os.path.join(staged, "skipped.csv"), [("path_hash", "reason"), *hashed])
         staged_report = os.path.join(staging, os.path.basename(report))  # beside, not inside
         _write_csv(staged_report, [("path", "reason"), *rows])
-        if os.path.exists(target):  # replaced only now that the new dataset is complete
-            shutil.rmtree(target)
+        if os.path.exists(target):  # replaced only now that the new dataset is complete, and
+            os.replace(target, replaced)  # deleted only once the new one is in its place
         os.replace(os.path.join(staging, name), target)
         os.replace(staged_report, report)  # with its dataset, never before
         if os.path.exists(failed_report):  # an earlier failed run's: out of date
             os.remove(failed_report)
     finally:
+        if os.path.exists(replaced) and not os.path.exists(target):  # stopped between the moves
+            os.replace(replaced, target)
         shutil.rmtree(staging, ignore_errors=True)
     for organ in organs:
         if not any(card["images"][split].get(organ) for split in SPLITS):
@@ -661,6 +673,19 @@ def warn_about_splits(patients: Sequence[str], splits: Sequence[str], options: O
             )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _splits_in_memory() -> Iterator[None]:
+    """TFDS's writer moves a split past 1000 MiB to temporary files through TensorFlow, which
+    is not installed (a split of ~25k images at 256 px stopped the ingest there): each split is
+    kept in memory instead, at its encoded size (~40 KB an image at 256 px)."""
+    limit = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = sys.maxsize
+    try:
+        yield
+    finally:
+        tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
+
+
 def _build(
     name: str,
     data_dir: str,
@@ -688,7 +713,8 @@ def _build(
             data_dir=data_dir, file_format="array_record"
         )
         try:
-            builder.download_and_prepare()
+            with _splits_in_memory():
+                builder.download_and_prepare()
             return writer, dropped
         except AssertionError:  # "No examples were yielded."
             empty = [s for s in writer.finished if not sum(writer.counts[s].values())]
