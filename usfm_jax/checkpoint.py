@@ -151,15 +151,19 @@ def describe_error(error: BaseException) -> str:
 
 def drop_closed_event_loop_noise() -> None:
     """When a restore fails, TensorStore reads still in flight complete onto orbax's closed
-    event loop, each printing an 'Event loop is closed' traceback around the error or warning
-    that says what is damaged. Drops exactly those, process-wide; installed once."""
+    event loop, each printing an 'Event loop is closed' traceback, and orbax's other read
+    coroutines, closed unfinished, raise again: tracebacks around the error or warning that
+    says what is damaged. Drops exactly those, process-wide; installed once."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_event_loop_noise", False):
         return
 
     def hook(unraisable: Any) -> None:
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_read):
             previous(unraisable)
 
     hook.drops_closed_event_loop_noise = True
