@@ -101,6 +101,14 @@ def _every_process(value: int) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(value))).reshape(-1)
 
 
+def this_process_alone() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for reads and writes by the calling process alone: no barrier waits for
+    the other processes (which may never reach it)."""
+    return ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+    )
+
+
 def _item_handlers() -> dict[str, Any]:
     """What a checkpoint holds, by item."""
     return {
@@ -206,9 +214,7 @@ class Checkpointer:
             item_handlers=_item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 create=False,  # never saves through (orbax's read_only warns at every start)
-                multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    primary_host=jax.process_index(), active_processes={jax.process_index()}
-                ),
+                multiprocessing_options=this_process_alone(),
             ),
         )
 
@@ -279,7 +285,8 @@ class Checkpointer:
                 ) from failure
             if worst == _READ:  # the same global arrays everywhere: the same verdict
                 try:
-                    check_fingerprint(restored[0], restored[2], str(self.step_path(step)))
+                    where = str(self.step_path(step))
+                    check_fingerprint(restored.state, restored.fingerprint, where)
                 except CorruptCheckpoint as e:
                     worst, problem = _DAMAGED, describe_error(e)
             if worst == _DAMAGED:
@@ -293,8 +300,7 @@ class Checkpointer:
                 continue
             self._set_aside([s for s, _ in unusable])
             logging.info("resumed from %s", self.step_path(step))
-            restored_state, saved_config, _ = restored
-            changes = [] if config is None else config_changes(saved_config, config.to_dict())
+            changes = [] if config is None else config_changes(restored.config, config.to_dict())
             if changes and jax.process_index() == 0:
                 logging.warning(
                     "resuming from %s with a config that differs from the one it was written "
@@ -310,7 +316,7 @@ class Checkpointer:
                 )  # fmt: skip
                 data.close()
                 data = make_data(step)
-            return restored_state, data
+            return restored.state, data
         if unusable:
             details = "; ".join(f"{self.step_path(s)}: {p}" for s, p in unusable)
             raise CheckpointError(
@@ -361,15 +367,15 @@ class Checkpointer:
             return generic
         return f"It was written with another config ({'; '.join(changes)})."
 
-    def _read(self, step: int, target: Any) -> tuple[Any, dict[str, Any], dict[str, int]]:
-        """(state, the config and the fingerprint saved with it), read by this process alone."""
+    def _read(self, step: int, target: Any) -> Any:
+        """The checkpoint's ``.state``, and the ``.config`` and ``.fingerprint`` saved with it,
+        read by this process alone."""
         items = {
             "state": ocp.args.StandardRestore(target),
             "config": ocp.args.JsonRestore(),
             "fingerprint": ocp.args.JsonRestore(),
         }
-        restored = self.reader.restore(step, args=ocp.args.Composite(**items))
-        return restored.state, restored.config, restored.fingerprint
+        return self.reader.restore(step, args=ocp.args.Composite(**items))
 
     def _restore_data(
         self, step: int, data: grain.DatasetIterator, data_changes: list[str]

@@ -7,6 +7,7 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,13 @@ def exit_on_ctrl_c(run: Callable[[], Any], interrupted: Callable[[], str]) -> An
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED)
+
+
+def leave_ctrl_c_to_the_main_process(*_: object) -> None:
+    """In a worker process (grain's data workers, ingest's pool): a terminal's Ctrl-C reaches
+    the whole process group, and the main process answers it and stops its workers; a worker
+    answering too would print a traceback, or die holding a lock the shutdown waits on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def incomplete_output(flag: str) -> Callable[[], str]:

@@ -30,6 +30,7 @@ from usfm_jax.checkpoint import (
     describe_error,
     drop_closed_event_loop_noise,
     fingerprint,
+    this_process_alone,
 )
 from usfm_jax.cli import incomplete_output, run_program
 from usfm_jax.paths import PathError, as_path, make_directory, new_directory
@@ -180,10 +181,7 @@ def write_export(
         make_directory(destination, "--out")
     except PathError as e:
         raise CheckpointError(str(e)) from None
-    alone = ocp.options.MultiprocessingOptions(  # no barrier waiting for the other processes
-        primary_host=jax.process_index(), active_processes={jax.process_index()}
-    )
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
+    with ocp.StandardCheckpointer(multiprocessing_options=this_process_alone()) as checkpointer:
         checkpointer.save(destination / "params", params)
     (destination / "config.json").write_text(json.dumps(config, indent=2))
     info = {

@@ -45,7 +45,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import functools
 import hashlib
 import io
 import json
@@ -53,7 +52,6 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import shutil
-import signal
 import sys
 import types
 from collections import Counter
@@ -68,7 +66,7 @@ import tqdm
 from absl import flags, logging
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from usfm_jax.cli import run_program
+from usfm_jax.cli import leave_ctrl_c_to_the_main_process, run_program
 from usfm_jax.data import readers
 from usfm_jax.data.layout import CARD, IGNORE, SPLITS, VERSION
 from usfm_jax.paths import PathError, work_directory
@@ -574,17 +572,14 @@ def ingest(
         logging.warning("organ %r differs from another only in case: they are two organs", organ)
     staging = os.path.join(output, f".{name}.incomplete")
     replaced = os.path.join(staging, "replaced")  # the dataset --overwrite replaces, briefly
-    if os.path.exists(replaced) and not os.path.exists(target):  # a killed run's: put back
-        os.replace(replaced, target)
+    _put_back(replaced, target)  # a killed run's
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run left
     try:
         # Fork (cheap, works from interactive sessions) before TFDS starts threads, unless JAX,
         # which is multithreaded and unsafe to fork, is loaded in this process (tests, notebooks).
         context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
-        # a terminal's Ctrl-C reaches the workers too: one dying holding the task queue's lock
-        # would leave the pool's shutdown waiting forever; the main process answers it alone
-        ignore_ctrl_c = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
-        with context.Pool(workers or os.cpu_count() or 1, initializer=ignore_ctrl_c) as pool:
+        processes = workers or os.cpu_count() or 1
+        with context.Pool(processes, initializer=leave_ctrl_c_to_the_main_process) as pool:
             patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
             splits = [assign_split(patient, options) for patient in patients]
             warn_about_splits(patients, splits, options)
@@ -620,8 +615,7 @@ def ingest(
         if os.path.exists(failed_report):  # an earlier failed run's: out of date
             os.remove(failed_report)
     finally:
-        if os.path.exists(replaced) and not os.path.exists(target):  # stopped between the moves
-            os.replace(replaced, target)
+        _put_back(replaced, target)  # stopped between the two moves
         shutil.rmtree(staging, ignore_errors=True)
     for organ in organs:
         if not any(card["images"][split].get(organ) for split in SPLITS):
@@ -671,6 +665,12 @@ def warn_about_splits(patients: Sequence[str], splits: Sequence[str], options: O
                 "anonymised every patient to one id, give the ids in a manifest (patient_id)",
                 count, len(splits),
             )  # fmt: skip
+
+
+def _put_back(replaced: str, target: str) -> None:
+    """Moves the dataset an --overwrite set aside back, if no new one took its place."""
+    if os.path.exists(replaced) and not os.path.exists(target):
+        os.replace(replaced, target)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from usfm_jax import parallel
+from usfm_jax.cli import leave_ctrl_c_to_the_main_process
 from usfm_jax.data.augment import Augment, AugmentConfig
 from usfm_jax.data.layout import CARD
 from usfm_jax.data.mixing import mix_organs, organ_weights
@@ -290,17 +290,9 @@ def process_batches(
     if config.data.worker_count:
         ids = ids.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.worker_count),
-            worker_init_fn=_leave_interrupts_to_the_main_process,
+            worker_init_fn=leave_ctrl_c_to_the_main_process,
         )
     return ids
-
-
-def _leave_interrupts_to_the_main_process(worker_index: int, worker_count: int) -> None:
-    """In a data worker process: a terminal's Ctrl-C reaches the whole process group, and the
-    main process answers it (a checkpoint, then it closes its data stream and so the workers);
-    a worker of its own would only print a KeyboardInterrupt traceback."""
-    del worker_index, worker_count
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
