@@ -15,8 +15,6 @@ from typing import Any
 import ml_collections
 from absl import app, flags, logging
 
-from usfm_jax import cpu_runtime, distributed
-
 INTERRUPTED = 128 + 2  # the exit status of a program stopped by SIGINT, as shells report it
 
 
@@ -122,6 +120,9 @@ def start_jax(distributed_mode: str = "off") -> None:
     """What a program does before its first JAX computation: the CPU runtime settings (some
     must precede the backend's start), then joining the distributed runtime per
     ``distributed_mode`` (``usfm_jax.distributed.MODES``)."""
+    # imported here: programs without JAX (the ingest, which forks its workers) never load it
+    from usfm_jax import cpu_runtime, distributed
+
     try:
         cpu_runtime.execute_inline()
     except ValueError as e:  # a bad USFM_CPU_RUNTIME

@@ -25,8 +25,9 @@ decides).
 
 Output, in ``DATA_DIR/NAME/1.0.0``: the TFDS dataset (readable without TensorFlow through
 ``tfds.builder_from_directory(...).as_data_source(split)``), records grouped by organ in each
-split; ``dataset_card.json`` (per-organ counts and index ranges per split, options, what was
-skipped and why) and ``skipped.csv`` (path hash, reason) beside it. The raw paths of the skipped
+split and written as their files are read (``records``: memory stays flat);
+``dataset_card.json`` (per-organ counts and index ranges per split, options, what was skipped
+and why) and ``skipped.csv`` (path hash, reason) beside it. The raw paths of the skipped
 files, for the user to act on, go to ``DATA_DIR/NAME_skipped_paths.csv``, outside the dataset,
 written with it; a run that finds no usable image writes them to
 ``DATA_DIR/NAME_skipped_paths_failed_run.csv`` instead (an existing dataset's report stays).
@@ -41,7 +42,6 @@ once complete (a failed run leaves none). Pixels are not scrubbed: text burned i
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import datetime
@@ -53,7 +53,6 @@ import multiprocessing.pool
 import os
 import shutil
 import sys
-import types
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -64,10 +63,9 @@ import pydicom
 import tensorflow_datasets as tfds
 import tqdm
 from absl import flags, logging
-from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from usfm_jax.cli import leave_ctrl_c_to_the_main_process, run_program
-from usfm_jax.data import readers
+from usfm_jax.data import readers, records
 from usfm_jax.data.layout import CARD, IGNORE, SPLITS, VERSION
 from usfm_jax.paths import PathError, work_directory
 
@@ -75,6 +73,7 @@ FLAT_GROUP = "all"  # the organ / class of the files of a flat input folder
 # by name; a file with another suffix is taken when it starts with DICOM's preamble, else ignored
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *readers.DICOM_SUFFIXES)
 MANIFEST_COLUMNS = ("path", "organ", "patient_id", "study_id", "device", "center")
+DESCRIPTION = "Ultrasound images ingested by usfm_jax.data.ingest."
 
 
 class IngestError(ValueError):
@@ -428,7 +427,7 @@ def _read_pairs(item: Item, image: readers.ImageFile, options: Options) -> dict[
 
 
 class Writer:
-    """Streams the worker pool's results into TFDS split generators, counting as it goes."""
+    """Streams the worker pool's results, one split at a time, counting as it goes."""
 
     def __init__(self, items: Sequence[Item], splits: Sequence[str], organs: Sequence[str],
                  options: Options, pool: multiprocessing.pool.Pool):  # fmt: skip
@@ -441,17 +440,8 @@ class Writer:
         # frame was already in the dataset
         self.duplicates, self.files_used, self.files_all_duplicate = Counter(), Counter(), Counter()
         self.mask_values: set[int] = set()
-        self.finished: list[str] = []  # splits whose files have all been through, in order
 
-    def carry(self, other: Writer, splits: Sequence[str]) -> None:
-        """Takes over what ``other`` (an attempt that ended on an empty split) found about
-        ``splits``, which this writer does not write."""
-        self.skipped += [entry for entry in other.skipped if entry.split in splits]
-        for counter in ("duplicates", "files_used", "files_all_duplicate"):
-            for split in splits:
-                getattr(self, counter)[split] += getattr(other, counter)[split]
-
-    def examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    def examples(self, split: str) -> Iterator[dict[str, Any]]:
         """Examples of one split, grouped by organ (the items are sorted by organ)."""
         todo = [
             (i, item)
@@ -463,13 +453,13 @@ class Writer:
         results = self.pool.imap(process_file, jobs, chunksize=4)
         bar = tqdm.tqdm(zip(todo, results, strict=True), total=len(todo), unit="file",
                         desc=f"ingest {split}", dynamic_ncols=True)  # fmt: skip
-        for (index, item), (records, error) in bar:
+        for (_, item), (frames, error) in bar:
             if error is not None:
                 reason = error.replace(item.path, "<file>")
                 self.skipped.append(Skipped(item.key, item.path, reason, split))
                 continue
             used = False
-            for record in records:
+            for record in frames:
                 if record["content_hash"] in self.seen_hashes:
                     self.duplicates[split] += 1
                     continue
@@ -477,61 +467,29 @@ class Writer:
                 self.mask_values.update(record.pop("mask_values", ()))
                 self.counts[split][item.organ] += 1
                 used = True
-                yield f"{index:09d}-{record['frame']:05d}", {**record, "organ": item.organ}
+                yield {**record, "organ": item.organ}
             self.files_used[split] += used
             self.files_all_duplicate[split] += not used
-        self.finished.append(split)
 
 
-def _builder_class(name: str, organs: Sequence[str], writer: Writer) -> type:
-    """A TFDS builder class named ``name`` whose splits stream from ``writer``."""
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Ultrasound images ingested by usfm_jax.data.ingest.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-                    "organ": tfds.features.ClassLabel(names=list(organs)),
-                    "content_hash": tfds.features.Text(),
-                    "path_hash": tfds.features.Text(),
-                    "patient_hash": tfds.features.Text(),
-                    "study_hash": tfds.features.Text(),
-                    "device": tfds.features.Text(),
-                    "center": tfds.features.Text(),
-                    "frame": np.int32,
-                    "height": np.int32,
-                    "width": np.int32,
-                    **{
-                        field: tfds.features.Image(shape=(None, None, 1), encoding_format="png")
-                        for field in writer.options.pair_fields
-                    },
-                }
-            ),
-            disable_shuffling=True,  # keep records grouped by organ
-        )
-
-    def _split_generators(self, dl_manager):
-        # the small splits first: if one of them ends up empty, little work is redone
-        order = ("val", "test", "train")
-        return {split: writer.examples(split) for split in order if split in writer.splits}
-
-    def _generate_examples(self):  # unused: the split generators above are the examples
-        raise NotImplementedError
-
-    namespace = {
-        "name": name,
-        "VERSION": tfds.core.Version(VERSION),
-        "_info": _info,
-        "_split_generators": _split_generators,
-        "_generate_examples": _generate_examples,
-    }
-    return types.new_class(
-        f"Ingest_{name}",
-        (tfds.core.GeneratorBasedBuilder,),
-        {"skip_registration": True},
-        lambda ns: ns.update(namespace),
+def features(organs: Sequence[str], options: Options) -> tfds.features.FeaturesDict:
+    """What a record holds, as TFDS stores and decodes it."""
+    png = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+    return tfds.features.FeaturesDict(
+        {
+            "image": png,
+            "organ": tfds.features.ClassLabel(names=list(organs)),
+            "content_hash": tfds.features.Text(),
+            "path_hash": tfds.features.Text(),
+            "patient_hash": tfds.features.Text(),
+            "study_hash": tfds.features.Text(),
+            "device": tfds.features.Text(),
+            "center": tfds.features.Text(),
+            "frame": np.int32,
+            "height": np.int32,
+            "width": np.int32,
+            **{field: png for field in options.pair_fields},
+        }
     )
 
 
@@ -543,6 +501,7 @@ def ingest(
     *,
     workers: int | None = None,
     overwrite: bool = False,
+    shard_bytes: int = records.SHARD_BYTES,
 ) -> dict:
     """Runs the whole ingest; returns the dataset card (also written beside the dataset).
 
@@ -583,7 +542,10 @@ def ingest(
             patients = pool.map(patient_key, items, chunksize=64)  # DICOM headers, in parallel
             splits = [assign_split(patient, options) for patient in patients]
             warn_about_splits(patients, splits, options)
-            writer, dropped = _build(name, staging, items, splits, organs, options, pool)
+            writer = Writer(items, splits, organs, options, pool)
+            staged = os.path.join(staging, name, VERSION)
+            os.makedirs(staged)
+            dropped = _build(staged, name, writer, shard_bytes=shard_bytes)
         report = os.path.join(output, f"{name}_skipped_paths.csv")
         failed_report = os.path.join(output, f"{name}_skipped_paths_failed_run.csv")
         rows = [(s.path, s.reason) for s in writer.skipped]
@@ -600,7 +562,6 @@ def ingest(
             name, organs, options, writer, os.path.join(target, VERSION),
             ignored=len(ignored), left_out=dropped, report=os.path.abspath(report),
         )  # fmt: skip
-        staged = os.path.join(staging, name, VERSION)
         with open(os.path.join(staged, CARD), "w") as f:
             json.dump(portable_card(card), f, indent=2)
         # The dataset keeps path hashes only; the raw paths, for the user, stay in the report.
@@ -673,56 +634,31 @@ def _put_back(replaced: str, target: str) -> None:
         os.replace(replaced, target)
 
 
-@contextlib.contextmanager
-def _splits_in_memory() -> Iterator[None]:
-    """TFDS's writer moves a split past 1000 MiB to temporary files through TensorFlow, which
-    is not installed (a split of ~25k images at 256 px stopped the ingest there): each split is
-    kept in memory instead, at its encoded size (~40 KB an image at 256 px)."""
-    limit = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = sys.maxsize
-    try:
-        yield
-    finally:
-        tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
-
-
 def _build(
+    directory: str,
     name: str,
-    data_dir: str,
-    items: Sequence[Item],
-    splits: Sequence[str],
-    organs: Sequence[str],
-    options: Options,
-    pool: multiprocessing.pool.Pool,
-) -> tuple[Writer, list[str]]:
-    """Writes the TFDS dataset into ``data_dir``; returns its writer and the splits left out.
-
-    TFDS refuses a split that receives no example, and that is known only once all of its
-    files have been read; such a split (every file of it skipped) is then left out and the
-    others written again."""
-    dropped: list[str] = []
-    previous = None
-    while True:
-        kept = [split if split not in dropped else None for split in splits]
-        writer = Writer(items, kept, organs, options, pool)
-        if previous is not None:
-            writer.carry(previous, dropped)
-        if not any(kept):
-            return writer, dropped
-        builder = _builder_class(name, organs, writer)(
-            data_dir=data_dir, file_format="array_record"
-        )
-        try:
-            with _splits_in_memory():
-                builder.download_and_prepare()
-            return writer, dropped
-        except AssertionError:  # "No examples were yielded."
-            empty = [s for s in writer.finished if not sum(writer.counts[s].values())]
-            if not empty:
-                raise
-            dropped += empty
-            previous = writer
-            shutil.rmtree(data_dir, ignore_errors=True)
+    writer: Writer,
+    *,
+    shard_bytes: int,
+) -> list[str]:
+    """Writes the dataset's shards into ``directory`` as the files are read, then its metadata
+    if any split got an image; returns the splits left out (every file of theirs skipped)."""
+    structure = features(writer.organs, writer.options)
+    encode = records.Encoder(structure)
+    written, dropped = [], []
+    for split in SPLITS:
+        if split not in writer.splits:
+            continue
+        with records.SplitWriter(directory, name, split, shard_bytes) as shards:
+            for example in writer.examples(split):
+                shards.write(encode(example))
+        if shards.info is None:
+            dropped.append(split)
+        else:
+            written.append(shards.info)
+    if written:
+        records.write_metadata(directory, structure, written, DESCRIPTION, VERSION)
+    return dropped
 
 
 def dataset_card(
@@ -837,7 +773,7 @@ def main(argv: list[str]) -> None:
         tfds.disable_progress_bar()  # the per-split bars of this module say more
         card = ingest(f.input, f.output, f.name, options, workers=f.workers,
                       overwrite=f.overwrite)  # fmt: skip
-    except (IngestError, FileExistsError, NoUsableImages, PathError) as e:
+    except (IngestError, FileExistsError, NoUsableImages, PathError, records.WriteError) as e:
         sys.exit(f"error: {e}")
     keys = ("data_dir", "images", "files", "skipped_reasons", "splits_left_out")
     print(json.dumps({k: card[k] for k in keys}, indent=2))
