@@ -91,17 +91,21 @@ def test_arguments_are_checked():
         assert tiling.mlp_tiling == fused_mlp.MlpTiling(block_n=256)
 
 
-def test_input_pipeline_benchmark_checks_its_arguments_before_any_work():
-    script = str(ROOT / "benchmarks" / "input_pipeline.py")
-    cases = [
-        (["--threads", "0"], "--threads must be >= 1"),
-        (["--batches", "0"], "--batches must be >= 1"),
-        (["--resize", "100"], "--resize 100: the benchmark trains at 224 px"),
-    ]
-    for bad, error in cases:
-        done = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True,
-                              timeout=300, check=False)  # fmt: skip
-        assert done.returncode == 2 and error in done.stderr, done.stderr
+@pytest.mark.parametrize(
+    ("script", "bad", "error"),
+    [
+        ("input_pipeline.py", ["--threads", "0"], "--threads must be >= 1"),
+        ("input_pipeline.py", ["--batches", "0"], "--batches must be >= 1"),
+        ("input_pipeline.py", ["--resize", "100"], "--resize 100: the benchmark trains at 224 px"),
+        ("ingest.py", ["--images", "10", "0"], "--images must be >= 1"),
+        ("ingest.py", ["--workers", "0"], "--workers must be >= 1"),
+        ("ingest.py", ["--code", "/nonexistent"], "--code /nonexistent: no usfm_jax/data/ingest"),
+    ],
+)
+def test_data_benchmarks_check_their_arguments_before_any_work(script, bad, error):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *bad],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 2 and error in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
