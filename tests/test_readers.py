@@ -231,6 +231,14 @@ def test_high_bit_depth_window_minmax_and_monochrome1(tmp_path):
     _assert_close(frame, 255 - expected)
 
 
+def test_a_negative_rescale_slope_without_a_window_keeps_bright_what_the_values_make_bright():
+    values = np.array([[0, 1000, 2000, 4095], [3000, 500, 100, 2500]], np.uint16)
+    pixels = np.tile(values, (4, 4))  # 8 x 16
+    ds = _mono_dataset(pixels, "MONOCHROME2", 12, RescaleSlope=-1, RescaleIntercept=4095)
+    expected = np.round((4095.0 - pixels) / 4095.0 * 255.0).astype(np.uint8)
+    _assert_close(readers.dicom_to_gray(ds, pixels), expected)
+
+
 def test_low_bit_depth_is_stretched():
     pixels = np.tile(np.arange(64, dtype=np.uint8), (16, 1))  # 6 bits stored: 0..63
     ds = _mono_dataset(pixels, "MONOCHROME2", 6)
@@ -399,6 +407,41 @@ def test_jpeg_exif_orientation_is_applied(tmp_path):
     assert frame.shape == (64, 40)
     diff = np.abs(frame.astype(int) - np.rot90(gray, k=-1).astype(int))
     assert diff.mean() < 3  # lossy JPEG of speckle, but clearly the rotated image
+
+
+def test_an_mpo_camera_jpeg_is_its_first_picture_with_its_exif_rotation(tmp_path):
+    gray = _scan_like(40, 64)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "camera.jpg"  # an MPO: the picture, then a preview
+    preview = PIL.Image.fromarray(gray[::4, ::4])
+    PIL.Image.fromarray(gray).save(path, format="MPO", save_all=True, append_images=[preview],
+                                   exif=exif, quality=95)  # fmt: skip
+    assert PIL.Image.open(path).n_frames == 2
+    image = read_image_file(path, crop="none")
+    assert len(image.frames) == 1 and image.num_frames_in_file == 1
+    assert image.exif_orientation == 6 and image.frames[0].shape == (64, 40)
+    diff = np.abs(image.frames[0].astype(int) - np.rot90(gray, k=-1).astype(int))
+    assert diff.mean() < 3
+
+
+def test_tiff_orientation_is_applied_once_or_refused_when_pillow_misreads_it(tmp_path):
+    gray = _scan_like(40, 64)
+    for orientation, expected in [(3, np.rot90(gray, 2)), (4, gray[::-1])]:
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.tif"
+        PIL.Image.fromarray(gray).save(path, exif=exif)
+        image = read_image_file(path, crop="none")
+        np.testing.assert_array_equal(image.frames[0], expected)  # lossless: exact
+        assert image.exif_orientation == orientation  # known, for the check of pairs
+    for orientation in (5, 6, 7, 8):  # Pillow 13 scrambles these as it loads them
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.tif"
+        PIL.Image.fromarray(gray).save(path, exif=exif)
+        with pytest.raises(UnreadableError, match=f"TIFF with orientation {orientation} "):
+            read_image_file(path, crop="none")
 
 
 def test_16bit_png_is_min_max_scaled(tmp_path):

@@ -433,15 +433,17 @@ def _read_pil(path: str, stride: int, max_frames: int | None, crop: str) -> Imag
         raise UnreadableError(f"corrupt image header: {_short(e)}") from e
     with image:
         fmt = image.format or "image"
-        n_file = max(int(getattr(image, "n_frames", 1) or 1), 1)
+        # an MPO (a camera's JPEG) holds one picture; its other frames are previews or views
+        n_file = 1 if fmt == "MPO" else max(int(getattr(image, "n_frames", 1) or 1), 1)
         indices = _frame_indices(n_file, stride, max_frames)
         frames = []
         try:
+            # read before loading: Pillow applies a TIFF's orientation as it loads the pixels
+            orientation = exif_orientation(image) if n_file == 1 else 1  # as _pil_to_gray
             for frame in _pil_frames(image, indices):
                 frames.append(_pil_to_gray(frame, single=n_file == 1))
             if len(frames) != len(indices):
                 raise EOFError(f"{len(frames)} of {len(indices)} frames could be read")
-            orientation = exif_orientation(image) if n_file == 1 else 1  # as _pil_to_gray
         except UnreadableError:
             raise
         except Exception as e:  # truncated data (OSError), bad seek (EOFError), ...
@@ -464,10 +466,24 @@ def _pil_frames(image: PIL.Image.Image, indices: Sequence[int]) -> Iterator[PIL.
     last = max(indices)
     for i, frame in enumerate(PIL.ImageSequence.Iterator(image)):
         if i in wanted:
+            _refuse_transposed_tiff(frame)
             frame.load()  # decode now: truncated data raises here, not later
             yield frame
         if i >= last:
             return
+
+
+def _refuse_transposed_tiff(frame: PIL.Image.Image) -> None:
+    """Pillow (13.0) applies a TIFF's orientation as it loads it, and scrambles the pixels of
+    one that swaps rows and columns (orientation 5-8): such a frame is refused, not misread."""
+    if frame.format != "TIFF":
+        return
+    orientation = frame.getexif().get(PIL.ExifTags.Base.Orientation, 1)
+    if orientation in (5, 6, 7, 8):
+        raise UnreadableError(
+            f"TIFF with orientation {orientation} (rotated or transposed by 90 degrees): "
+            "Pillow cannot read it correctly; save it without the Orientation tag"
+        )
 
 
 def _pil_to_gray(frame: PIL.Image.Image, *, single: bool) -> np.ndarray:
@@ -606,7 +622,8 @@ def _monochrome_to_uint8(ds: pydicom.Dataset, pixels: np.ndarray, bits: int) -> 
                 return _round_uint8((np.asarray(values, np.float64) - lo) * (255.0 / (hi - lo)))
         except Exception:  # a malformed VOI module: fall back to min-max below
             pass
-    return _min_max(pixels)
+    # of the modality values: a negative rescale slope makes bright what is stored dark
+    return _min_max(apply_modality_lut(pixels, ds))
 
 
 # ----------------------------------------------------------------------------- misc
