@@ -391,6 +391,86 @@ def test_linked_folders_are_read_and_empty_organs_reported(tmp_path, caplog):
     assert "folder 'spleen' holds no image or DICOM file: it is not in the dataset" in warnings
 
 
+def _report(out, name: str) -> dict[bytes, str]:
+    """The skipped-paths report: path (as bytes on disk) -> reason."""
+    with open(os.path.join(out, f"{name}_skipped_paths.csv"), encoding="utf-8",
+              errors="surrogateescape", newline="") as f:  # fmt: skip
+        return {os.fsencode(r["path"]): r["reason"] for r in csv.DictReader(f)}
+
+
+def _deny(monkeypatch, function: str, folder: str) -> None:
+    """``os.<function>`` (scandir, listdir) of a folder named ``folder`` fails as it does for
+    another user's folder (this runs as root, who may read any)."""
+    real = getattr(os, function)
+
+    def denied(path="."):
+        if not isinstance(path, int) and os.path.basename(os.fspath(path)) == folder:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, function, denied)
+
+
+def test_what_the_input_holds_besides_images_is_left_and_reported(tmp_path, caplog, monkeypatch):
+    """A CD export's DICOMDIR and a README or LICENSE beside the organ folders, a broken link
+    and a folder that cannot be listed inside them: the run goes on, each reported."""
+    data = tmp_path / "data"
+    for organ in ("liver", "kidney", "locked"):
+        (data / organ).mkdir(parents=True)
+        (data / organ / "1.png").write_bytes(_png_bytes(generate(4, len(organ), 48)[0]))
+    (data / "README").write_text("exported 2026-11-01\n")
+    (data / "LICENSE").write_text("CC BY 4.0\n")
+    shutil.copy(get_testdata_file("DICOMDIR"), data / "DICOMDIR")
+    shutil.copy(get_testdata_file("DICOMDIR"), data / "liver" / "DICOMDIR")
+    os.symlink(tmp_path / "moved_away.png", data / "kidney" / "2.png")
+    _deny(monkeypatch, "scandir", "locked")
+    with caplog.at_level("WARNING", logger="absl"):
+        card = ingest(str(data), str(tmp_path / "out"), "export", OPTIONS, workers=1)
+    monkeypatch.undo()
+    assert card["images"]["train"] == {"kidney": 1, "liver": 1}
+    assert card["files"]["ignored"] == 6
+    dicomdir = "ignored: DICOMDIR, the index of a DICOM export (no image)"
+    assert _report(tmp_path / "out", "export") == {
+        os.fsencode(data / "README"): "ignored: neither an image nor a DICOM file",
+        os.fsencode(data / "LICENSE"): "ignored: neither an image nor a DICOM file",
+        os.fsencode(data / "DICOMDIR"): dicomdir,
+        os.fsencode(data / "liver" / "DICOMDIR"): dicomdir,
+        os.fsencode(data / "kidney" / "2.png"): "ignored: broken link",
+        os.fsencode(data / "locked"): "ignored: folder cannot be read (Permission denied)",
+    }
+    warnings = [r.getMessage() for r in caplog.records]
+    assert f"2 {dicomdir}, e.g. {data / 'DICOMDIR'}" in warnings
+    assert (
+        f"1 ignored: folder cannot be read (Permission denied), e.g. {data / 'locked'}" in warnings
+    )
+    assert not [w for w in warnings if "'locked' holds no image" in w]  # unread, not empty
+    (data / "stray.png").write_bytes(_png_bytes(generate(4, 5, 48)[0]))  # an image up there
+    with pytest.raises(IngestError, match=r"holds both files \('stray.png'\) and folders"):
+        ingest(str(data), str(tmp_path / "out2"), "export", OPTIONS, workers=1)
+    _deny(monkeypatch, "listdir", "data")
+    with pytest.raises(IngestError, match=f"--input '{data}' cannot be read: Permission denied"):
+        ingest(str(data), str(tmp_path / "out2"), "export", OPTIONS, workers=1)
+
+
+def test_file_names_that_are_not_utf8_are_read_and_reported_as_found(tmp_path):
+    """Linux file names are bytes; one from a Windows share may not be UTF-8."""
+    data = os.path.join(os.fsencode(tmp_path), b"data")
+    os.makedirs(os.path.join(data, b"liver"))
+    good = os.path.join(data, b"liver", b"f\xf6tus.png")  # Latin-1 "fötus"
+    cut = os.path.join(data, b"liver", b"c\xe9sar.png")
+    with open(good, "wb") as f:
+        f.write(_png_bytes(generate(4, 1, 48)[0]))
+    with open(cut, "wb") as f:
+        f.write(_png_bytes(generate(4, 2, 48)[0])[:100])
+    out = str(tmp_path / "out")
+    card = ingest(os.fsdecode(data), out, "latin", OPTIONS, workers=1)
+    assert card["images"]["train"] == {"liver": 1} and card["files"]["skipped"] == 1
+    (reason,) = _report(out, "latin").values()
+    assert list(_report(out, "latin")) == [cut] and reason.startswith("truncated or corrupt")
+    hashes = {r["path_hash"].decode() for r in _load(card)}
+    assert hashes == {salted_hash(os.fsdecode(b"liver/f\xf6tus.png"), SALT)}
+
+
 def test_splits_without_files_and_one_placeholder_patient_are_warned(caplog):
     options = Options(val_fraction=0.2, salt=SALT)
     patients = ["ANONYMOUS"] * 50

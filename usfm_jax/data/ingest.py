@@ -155,44 +155,54 @@ class NoUsableImages(RuntimeError):
 
 
 def salted_hash(value: str, salt: str) -> str:
-    """A pseudonym: the first 16 hex digits of SHA-256(salt, value)."""
-    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
+    """A pseudonym: the first 16 hex digits of SHA-256(salt, value). A path that is not UTF-8
+    (its bytes kept by Python as surrogates) is hashed as its bytes on disk."""
+    return hashlib.sha256(f"{salt}\x00{value}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def list_items(input_path: str) -> tuple[list[Item], list[str]]:
+def list_items(input_path: str) -> tuple[list[Item], list[tuple[str, str]]]:
     """Items from a directory tree (first level = organ) or a CSV manifest, in a stable order;
-    and the paths of the directory's files that are neither images nor DICOM (ignored)."""
+    and what of the directory is not read, as (path, reason): files neither images nor DICOM,
+    DICOMDIR indexes, broken links, folders that cannot be listed."""
     if os.path.isdir(input_path):
-        names = [f for f in sorted(os.listdir(input_path)) if not f.startswith(".")]
-        files = [f for f in names if os.path.isfile(os.path.join(input_path, f))]
-        top = [f for f in files if _is_candidate(os.path.join(input_path, f))]
-        ignored = [os.path.join(input_path, f) for f in files if f not in top]
+        try:
+            names = [f for f in sorted(os.listdir(input_path)) if not f.startswith(".")]
+        except OSError as e:
+            raise IngestError(f"--input {input_path!r} cannot be read: {e.strerror}") from e
+        files = [f for f in names if not os.path.isdir(os.path.join(input_path, f))]
         groups = sorted(_folders(input_path))
-        if top and groups:
+        if not groups:  # a flat folder: one group
+            items, ignored = [], []
+            for f in files:
+                _take(os.path.join(input_path, f), FLAT_GROUP, f, items, ignored)
+            return items, ignored
+        # beside organ folders: notes, licences, DICOMDIR are left; an image is an error
+        images = [f for f in files if _image_by_content(os.path.join(input_path, f))]
+        if images:
             raise IngestError(
-                f"--input {input_path!r} holds both files and folders: put the files in "
-                "folders (one per organ or class) or list them in a CSV manifest"
+                f"--input {input_path!r} holds both files ({images[0]!r}) and folders: put the "
+                "files in folders (one per organ or class) or list them in a CSV manifest"
             )
-        if top:  # a flat folder: one group
-            return [Item(os.path.join(input_path, f), FLAT_GROUP, f) for f in top], ignored
-        items, seen = [], set()
+        items, ignored = [], [(os.path.join(input_path, f), _why_not(f)) for f in files]
+
+        def unreadable(error: OSError) -> None:
+            ignored.append((error.filename, f"ignored: folder cannot be read ({error.strerror})"))
+
+        seen = set()
         for organ in groups:
             # linked folders are read (a dataset assembled from links), each real folder once
-            for root, dirs, files in os.walk(os.path.join(input_path, organ), followlinks=True):
+            for root, dirs, names in os.walk(
+                os.path.join(input_path, organ), onerror=unreadable, followlinks=True
+            ):
                 real = os.path.realpath(root)
                 if real in seen:  # a link back up the tree, or a second link to one folder
                     dirs[:] = []
                     continue
                 seen.add(real)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in sorted(files):
+                for f in sorted(n for n in names if not n.startswith(".")):
                     path = os.path.join(root, f)
-                    if f.startswith(".") or not os.path.isfile(path):
-                        continue
-                    if _is_candidate(path):
-                        items.append(Item(path, organ, os.path.relpath(path, input_path)))
-                    else:
-                        ignored.append(path)
+                    _take(path, organ, os.path.relpath(path, input_path), items, ignored)
         return items, ignored
     if os.path.isfile(input_path) and input_path.lower().endswith(".csv"):
         return _read_manifest(input_path), []
@@ -201,9 +211,44 @@ def list_items(input_path: str) -> tuple[list[Item], list[str]]:
     raise IngestError(f"--input {input_path!r} is neither a directory nor a .csv manifest")
 
 
+NOT_AN_IMAGE = "ignored: neither an image nor a DICOM file"
+
+
+def _take(path: str, group: str, key: str, items: list[Item], ignored: list) -> None:
+    """Adds the file ``path`` to ``items``, or to ``ignored`` with the reason."""
+    if not os.path.isfile(path):
+        what = "broken link" if os.path.islink(path) else "not a regular file"
+        ignored.append((path, f"ignored: {what}"))
+    elif _is_candidate(path):
+        items.append(Item(path, group, key))
+    else:
+        ignored.append((path, _why_not(path)))
+
+
+def _is_dicomdir(path: str) -> bool:
+    return os.path.basename(path).upper() == "DICOMDIR"
+
+
+def _why_not(path: str) -> str:
+    if _is_dicomdir(path):
+        return "ignored: DICOMDIR, the index of a DICOM export (no image)"
+    return NOT_AN_IMAGE
+
+
 def _is_candidate(path: str) -> bool:
     """An image or DICOM file by its suffix, or a DICOM file by its content (any name)."""
+    if _is_dicomdir(path):
+        return False
     return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES or readers.is_dicom_file(path)
+
+
+def _image_by_content(path: str) -> bool:
+    """An image by its suffix or a DICOM file by its preamble; not a README or LICENSE (no
+    suffix), which an organ folder would try to read as DICOM."""
+    if not os.path.isfile(path) or _is_dicomdir(path):
+        return False
+    suffix = os.path.splitext(path)[1].lower()
+    return (bool(suffix) and suffix in IMAGE_SUFFIXES) or readers.is_dicom_file(path)
 
 
 def paired_path(directory: str, key: str) -> str | None:
@@ -515,16 +560,19 @@ def ingest(
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     items, ignored = list_items(input_path)
-    if ignored:
-        logging.warning(
-            "%d file(s) ignored: neither an image suffix (%s) nor a DICOM preamble, e.g. %s",
-            len(ignored), " ".join(s for s in IMAGE_SUFFIXES if s), ignored[0],
-        )  # fmt: skip
+    for reason, count in Counter(reason for _, reason in ignored).items():
+        example = next(path for path, r in ignored if r == reason)
+        if reason == NOT_AN_IMAGE:
+            reason += f" (by suffix: {' '.join(s for s in IMAGE_SUFFIXES if s)}; or preamble)"
+        logging.warning("%d %s, e.g. %s", count, reason, example)
     if not items:
         raise IngestError(f"no image or DICOM file under {input_path}")
     check_pairs(input_path, items, options)
     organs = sorted({item.organ for item in items})
+    unreadable = {path for path, _ in ignored}  # reported as such, not as empty
     for group in _folders(input_path) - {*organs}:
+        if os.path.join(input_path, group) in unreadable:
+            continue
         logging.warning("folder %r holds no image or DICOM file: it is not in the dataset", group)
     by_case = Counter(organ.casefold() for organ in organs)
     for organ in sorted(o for o in organs if by_case[o.casefold()] > 1):
@@ -549,7 +597,7 @@ def ingest(
         report = os.path.join(output, f"{name}_skipped_paths.csv")
         failed_report = os.path.join(output, f"{name}_skipped_paths_failed_run.csv")
         rows = [(s.path, s.reason) for s in writer.skipped]
-        rows += [(p, "ignored: neither an image nor a DICOM file") for p in ignored]
+        rows += ignored
         if len(dropped) == len(set(splits)):  # the report of a dataset kept stays as it is
             _write_csv(failed_report, [("path", "reason"), *rows])
             raise NoUsableImages(f"no usable image; the reasons are in {failed_report}")
@@ -590,8 +638,9 @@ def ingest(
 
 
 def _write_csv(path: str, rows: Sequence[Sequence[Any]]) -> None:
-    """Writes ``rows`` (the header first) to the CSV file ``path``."""
-    with open(path, "w", newline="") as f:
+    """Writes ``rows`` (the header first) to the CSV file ``path``, in UTF-8; a file name that
+    is not UTF-8 is written as its bytes on disk, as found."""
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         csv.writer(f).writerows(rows)
 
 
