@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,13 @@ from pydicom.pixels import pixel_array
 
 from usfm_jax.data.ingest import (
     IngestError,
+    Item,
     NoUsableImages,
     Options,
     assign_split,
     ingest,
     list_items,
+    patient_key,
     salted_hash,
     warn_about_splits,
 )
@@ -198,6 +201,55 @@ def test_patients_never_straddle_splits(tmp_path):
     assert patients["train"] and patients["val"]
     assert not patients["train"] & patients["val"]
     assert len(patients["train"] | patients["val"]) == 10
+
+
+def test_dicom_files_without_patient_id_are_split_by_study(tmp_path):
+    """An export that blanks PatientID keeps StudyInstanceUID: a study is one patient's, so its
+    files go to one split together, not each its own way."""
+    ds = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm"))
+    ds.PatientID = ""
+    items = []
+    for i, study in enumerate(["1.2.3.4", "1.2.3.4", "1.2.3.5"]):
+        ds.StudyInstanceUID = study
+        ds.save_as(tmp_path / f"{i}.dcm")
+        items.append(Item(str(tmp_path / f"{i}.dcm"), "liver", f"{i}.dcm"))
+    png = tmp_path / "still.png"
+    png.write_bytes(_png_bytes(generate(3, 0, 64)[0]))
+    items.append(Item(str(png), "liver", "still.png", study_id="7"))  # a manifest's study id
+    items.append(Item(str(png), "liver", "still.png"))
+    keys = [patient_key(item) for item in items]
+    assert keys == ["study:1.2.3.4", "study:1.2.3.4", "study:1.2.3.5", "study:7", "file:still.png"]
+    ds.PatientID = "P1"
+    ds.save_as(tmp_path / "0.dcm")
+    assert patient_key(items[0]) == "P1"  # the patient, when known, first
+
+
+def test_a_manifest_listing_a_file_under_two_organs_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png_bytes(generate(3, 0, 64)[0]))
+    rows = [("path", "organ"), ("a.png", "liver"), ("b.png", "liver"), ("./a.png", "kidney")]
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    error = "lines 2 and 4 list './a.png' under two organs, 'liver' and 'kidney'"
+    with pytest.raises(IngestError, match=re.escape(error)):
+        list_items(str(tmp_path / "manifest.csv"))
+
+
+def test_an_organ_whose_patients_all_went_to_val_is_warned(tmp_path, caplog):
+    options = Options(resize=0, val_fraction=0.3, salt=SALT)
+    rows = [("path", "organ", "patient_id")]
+    patients = _patients_in("train", options, 3) + _patients_in("val", options, 1)
+    for i, (organ, patient) in enumerate(zip(["liver"] * 3 + ["spleen"], patients, strict=True)):
+        (tmp_path / f"{i}.png").write_bytes(_png_bytes(generate(5, i, 64)[0]))
+        rows.append((f"{i}.png", organ, patient))
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with caplog.at_level("WARNING", logger="absl"):
+        card = ingest(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), "rare", options)
+    assert card["images"]["train"] == {"liver": 3} and card["images"]["val"] == {"spleen": 1}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("organ 'spleen' has no image in train: all of its patients went to "
+                            "val") for w in warnings), warnings  # fmt: skip
+    assert not any("organ 'liver'" in w for w in warnings)
 
 
 def test_existing_output_is_refused_unless_overwritten(ingested, source_tree):

@@ -349,11 +349,18 @@ def _read_manifest(path: str) -> list[Item]:
         )
     if not rows:
         raise IngestError(f"manifest {path} has a header but no rows: list one file per row")
-    items = []
+    items, listed = [], {}  # listed: file -> (line, organ) of its first row
     for line, row in enumerate(rows, start=2):
         row = {k: (v or "").strip() for k, v in row.items() if k}
         if not row["path"] or not row["organ"]:
             raise IngestError(f"manifest {path}, line {line}: empty path or organ")
+        file = os.path.normpath(os.path.join(base, row["path"]))
+        first, organ = listed.setdefault(file, (line, row["organ"]))
+        if organ != row["organ"]:  # which is it? the first would win, unseen
+            raise IngestError(
+                f"manifest {path}: lines {first} and {line} list {row['path']!r} under two "
+                f"organs, {organ!r} and {row['organ']!r}"
+            )
         extra = {k: (row.get(k) or None) for k in MANIFEST_COLUMNS[2:]}
         items.append(Item(os.path.join(base, row["path"]), row["organ"], row["path"], **extra))
     return items
@@ -361,19 +368,23 @@ def _read_manifest(path: str) -> list[Item]:
 
 def patient_key(item: Item) -> str:
     """The identity that keeps a patient's images in one split: the manifest's patient id, else
-    the DICOM PatientID (header only), else the file itself."""
+    the DICOM PatientID (header only); without one (an export that blanks it), the study (the
+    manifest's study id, else StudyInstanceUID: a study is one patient's); else the file."""
     if item.patient_id:
         return item.patient_id
+    study = item.study_id
     try:
         ds = pydicom.dcmread(
-            item.path, stop_before_pixels=True, specific_tags=["PatientID"], force=True
-        )  # force: like the reader, accept DICOM files without the preamble
+            item.path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"],
+            force=True,
+        )  # force: like the reader, accept DICOM files without the preamble  # fmt: skip
         patient = str(ds.get("PatientID") or "").strip()
         if patient:
             return patient
+        study = study or str(ds.get("StudyInstanceUID") or "").strip()
     except Exception:  # not DICOM, or unreadable: the reader reports it later
         pass
-    return f"file:{item.key}"
+    return f"study:{study}" if study else f"file:{item.key}"
 
 
 def assign_split(patient: str, options: Options) -> str:
@@ -629,6 +640,12 @@ def ingest(
     for organ in organs:
         if not any(card["images"][split].get(organ) for split in SPLITS):
             logging.warning("organ %r: none of its files gave a usable image", organ)
+        elif card["images"]["train"] and not card["images"]["train"].get(organ):
+            logging.warning(
+                "organ %r has no image in train: all of its patients went to %s (too few "
+                "patients to split; pre-training and fine-tuning will not see it)", organ,
+                " and ".join(s for s in SPLITS if card["images"][s].get(organ)),
+            )  # fmt: skip
     if options.masks and not set(card["mask_values"]) - {0, IGNORE}:
         logging.warning(
             "the masks hold only the values %s: 0 is background and %d 'ignore', so there is "
