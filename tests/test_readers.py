@@ -181,6 +181,19 @@ def test_cine_ybr_stride_and_max_frames():
     assert len(read_image_file(path, frame_stride=50, crop="none").frames) == 3  # 0, 50, 100
 
 
+def test_an_uncompressed_cine_without_number_of_frames_keeps_every_frame(tmp_path):
+    """NumberOfFrames missing (a malformed export): the pixel data's length tells the frames."""
+    whole = read_image_file(_path("emri_small.dcm"), crop="none", max_frames=None)
+    assert len(whole.frames) == 10
+    ds = _read("emri_small.dcm")
+    del ds.NumberOfFrames
+    ds.save_as(tmp_path / "cine.dcm")
+    image = read_image_file(tmp_path / "cine.dcm", crop="none", max_frames=None, frame_stride=3)
+    assert image.num_frames_in_file == 10 and len(image.frames) == 4
+    for frame, index in zip(image.frames, (0, 3, 6, 9), strict=True):
+        np.testing.assert_array_equal(frame, whole.frames[index])
+
+
 def test_dicom_to_gray_default_assumes_pydicom_rgb_and_raw_ybr_uses_y():
     ds = _read("color3d_jpeg_baseline.dcm")
     rgb = pydicom.pixels.pixel_array(ds, index=3)

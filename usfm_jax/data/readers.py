@@ -33,6 +33,7 @@ as PNG give the same gray values):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -50,6 +51,7 @@ import pydicom.dataset
 import pydicom.errors
 import pydicom.uid
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import get_expected_length
 from scipy import ndimage
 
 CROP_MODES = ("auto", "regions", "bbox", "none")
@@ -364,6 +366,24 @@ def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
     return uid
 
 
+def _number_of_frames(ds: pydicom.Dataset, tsyntax: pydicom.uid.UID) -> int:
+    """NumberOfFrames; for uncompressed pixel data without it (a malformed cine export), the
+    whole frames its length holds (recorded in ``ds``), not just the first."""
+    try:
+        n = int(ds.get("NumberOfFrames") or 0)
+    except (TypeError, ValueError):
+        n = 0
+    if n >= 1:
+        return n
+    n = 1
+    if not tsyntax.is_encapsulated:
+        with contextlib.suppress(Exception):  # malformed geometry: the decoder will say so
+            n = max(len(ds.PixelData) // get_expected_length(ds, unit="bytes"), 1)
+        if n > 1:
+            ds.NumberOfFrames = n
+    return n
+
+
 def _read_dicom(ds: pydicom.Dataset, stride: int, max_frames: int | None, crop: str) -> ImageFile:
     if "PixelData" not in ds:
         sop = ds.get("SOPClassUID")
@@ -384,11 +404,7 @@ def _read_dicom(ds: pydicom.Dataset, stride: int, max_frames: int | None, crop: 
         missing = "; ".join(decoder.missing_dependencies) or "no plugin"
         raise UnreadableError(f"unsupported transfer syntax {ts_name}: missing codec ({missing})")
 
-    try:
-        n_file = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        n_file = 1
-    n_file = max(n_file, 1)
+    n_file = _number_of_frames(ds, tsyntax)
     indices = _frame_indices(n_file, stride, max_frames)
     frames = []
     try:
