@@ -234,6 +234,40 @@ def test_a_manifest_listing_a_file_under_two_organs_is_refused(tmp_path):
         list_items(str(tmp_path / "manifest.csv"))
 
 
+def test_an_image_in_val_and_in_train_stays_in_val(tmp_path, caplog):
+    """Exact copies under two patients: the evaluation split keeps its image, train drops its
+    copy; a split left with copies only says so."""
+    options = Options(resize=0, val_fraction=0.3, salt=SALT)
+    train, val = _patients_in("train", options, 2), _patients_in("val", options, 2)
+    image = _png_bytes(generate(5, 0, 64)[0])
+    rows = [("path", "organ", "patient_id")]
+    for name, patient, content in [
+        ("t0.png", train[0], image),
+        ("v0.png", val[0], image),
+        ("t1.png", train[1], _png_bytes(generate(5, 1, 64)[0])),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        rows.append((name, "liver", patient))  # fmt: skip
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    card = ingest(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), "copies", options)
+    assert card["images"]["val"] == {"liver": 1} and card["images"]["train"] == {"liver": 1}
+    assert card["duplicates_removed"] == 1
+    val_hash = salted_hash("v0.png", SALT)
+    assert [r["path_hash"].decode() for r in _load(card, "val")] == [val_hash]
+    # a val split of copies alone is left out, and the warning says why
+    rows = [rows[0], ("t0.png", "liver", train[0]), ("v0.png", "liver", val[0])]
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with caplog.at_level("WARNING", logger="absl"):
+        card = ingest(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), "copies2", options)
+    assert card["splits_left_out"] == ["train"] and card["images"]["val"] == {"liver": 1}
+    (warning,) = [r.getMessage() for r in caplog.records if "is left out" in r.getMessage()]
+    assert warning.startswith("split 'train' is left out: none of its files gave a new usable "
+                              "image (0 skipped")  # fmt: skip
+    assert warning.endswith("1 held only images already in another split)")
+
+
 def test_an_organ_whose_patients_all_went_to_val_is_warned(tmp_path, caplog):
     options = Options(resize=0, val_fraction=0.3, salt=SALT)
     rows = [("path", "organ", "patient_id")]
@@ -359,6 +393,11 @@ def test_cli_exit_status(tmp_path):
         ([f"--output={broken}/out"], f"--output {broken}/out: {broken} is a file, not a directory"),
         (["--workers=0"], "flag --workers=0: 0 is not a positive integer"),
         (["stray"], "unexpected arguments ['stray']: flags take the form --name=value"),
+        (
+            ["--name=_ds"],
+            "--name '_ds' must start with a lower-case letter and hold only a-z, "
+            "0-9 and _, e.g. 'thyroid_us'",
+        ),  # TFDS would not find its files
     ]:
         result = subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True,
                                 timeout=300, check=False)  # fmt: skip
@@ -475,12 +514,13 @@ def test_what_the_input_holds_besides_images_is_left_and_reported(tmp_path, capl
     shutil.copy(get_testdata_file("DICOMDIR"), data / "DICOMDIR")
     shutil.copy(get_testdata_file("DICOMDIR"), data / "liver" / "DICOMDIR")
     os.symlink(tmp_path / "moved_away.png", data / "kidney" / "2.png")
+    os.symlink(tmp_path / "unmounted", data / "spleen")  # an organ folder on a gone disk
     _deny(monkeypatch, "scandir", "locked")
     with caplog.at_level("WARNING", logger="absl"):
         card = ingest(str(data), str(tmp_path / "out"), "export", OPTIONS, workers=1)
     monkeypatch.undo()
     assert card["images"]["train"] == {"kidney": 1, "liver": 1}
-    assert card["files"]["ignored"] == 6
+    assert card["files"]["ignored"] == 7
     dicomdir = "ignored: DICOMDIR, the index of a DICOM export (no image)"
     assert _report(tmp_path / "out", "export") == {
         os.fsencode(data / "README"): "ignored: neither an image nor a DICOM file",
@@ -488,6 +528,7 @@ def test_what_the_input_holds_besides_images_is_left_and_reported(tmp_path, capl
         os.fsencode(data / "DICOMDIR"): dicomdir,
         os.fsencode(data / "liver" / "DICOMDIR"): dicomdir,
         os.fsencode(data / "kidney" / "2.png"): "ignored: broken link",
+        os.fsencode(data / "spleen"): "ignored: broken link",
         os.fsencode(data / "locked"): "ignored: folder cannot be read (Permission denied)",
     }
     warnings = [r.getMessage() for r in caplog.records]
@@ -521,6 +562,10 @@ def test_file_names_that_are_not_utf8_are_read_and_reported_as_found(tmp_path):
     assert list(_report(out, "latin")) == [cut] and reason.startswith("truncated or corrupt")
     hashes = {r["path_hash"].decode() for r in _load(card)}
     assert hashes == {salted_hash(os.fsdecode(b"liver/f\xf6tus.png"), SALT)}
+    os.makedirs(os.path.join(data, b"f\xf6tus"))  # an organ folder: its name is a label
+    shutil.copy(good, os.path.join(data, b"f\xf6tus", b"1.png"))
+    with pytest.raises(IngestError, match=r"organ folder b'f\\xf6tus' is not a UTF-8 name"):
+        ingest(os.fsdecode(data), out, "latin2", OPTIONS, workers=1)
 
 
 def test_splits_without_files_and_one_placeholder_patient_are_warned(caplog):

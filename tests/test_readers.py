@@ -252,6 +252,13 @@ def test_a_negative_rescale_slope_without_a_window_keeps_bright_what_the_values_
     _assert_close(readers.dicom_to_gray(ds, pixels), expected)
 
 
+def test_an_empty_rescale_is_left_out():
+    pixels = np.tile(np.array([[0, 1000, 4095, 2000]], np.uint16), (16, 4))
+    ds = _mono_dataset(pixels, "MONOCHROME2", 12, RescaleSlope="", RescaleIntercept="")
+    expected = np.round(pixels / 4095.0 * 255.0).astype(np.uint8)
+    _assert_close(readers.dicom_to_gray(ds, pixels), expected)
+
+
 def test_low_bit_depth_is_stretched():
     pixels = np.tile(np.arange(64, dtype=np.uint8), (16, 1))  # 6 bits stored: 0..63
     ds = _mono_dataset(pixels, "MONOCHROME2", 6)
@@ -448,6 +455,13 @@ def test_tiff_orientation_is_applied_once_or_refused_when_pillow_misreads_it(tmp
         image = read_image_file(path, crop="none")
         np.testing.assert_array_equal(image.frames[0], expected)  # lossless: exact
         assert image.exif_orientation == orientation  # known, for the check of pairs
+    pages = [PIL.Image.fromarray(gray), PIL.Image.fromarray(gray[::-1].copy())]
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 3
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:], exif=exif)
+    image = read_image_file(tmp_path / "pages.tif", crop="none")  # Pillow turns each page
+    assert image.exif_orientation == 3 and len(image.frames) == 2
+    np.testing.assert_array_equal(image.frames[0], np.rot90(gray, 2))
     for orientation in (5, 6, 7, 8):  # Pillow 13 scrambles these as it loads them
         exif = PIL.Image.Exif()
         exif[0x0112] = orientation

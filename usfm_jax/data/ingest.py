@@ -51,6 +51,7 @@ import json
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -177,13 +178,14 @@ def list_items(input_path: str) -> tuple[list[Item], list[tuple[str, str]]]:
                 _take(os.path.join(input_path, f), FLAT_GROUP, f, items, ignored)
             return items, ignored
         # beside organ folders: notes, licences, DICOMDIR are left; an image is an error
-        images = [f for f in files if _image_by_content(os.path.join(input_path, f))]
+        top = [os.path.join(input_path, f) for f in files]
+        images = [os.path.basename(p) for p in top if _image_by_content(p)]
         if images:
             raise IngestError(
                 f"--input {input_path!r} holds both files ({images[0]!r}) and folders: put the "
                 "files in folders (one per organ or class) or list them in a CSV manifest"
             )
-        items, ignored = [], [(os.path.join(input_path, f), _why_not(f)) for f in files]
+        items, ignored = [], [(path, _why_not(path)) for path in top]
 
         def unreadable(error: OSError) -> None:
             ignored.append((error.filename, f"ignored: folder cannot be read ({error.strerror})"))
@@ -216,10 +218,7 @@ NOT_AN_IMAGE = "ignored: neither an image nor a DICOM file"
 
 def _take(path: str, group: str, key: str, items: list[Item], ignored: list) -> None:
     """Adds the file ``path`` to ``items``, or to ``ignored`` with the reason."""
-    if not os.path.isfile(path):
-        what = "broken link" if os.path.islink(path) else "not a regular file"
-        ignored.append((path, f"ignored: {what}"))
-    elif _is_candidate(path):
+    if os.path.isfile(path) and _is_candidate(path):
         items.append(Item(path, group, key))
     else:
         ignored.append((path, _why_not(path)))
@@ -230,6 +229,9 @@ def _is_dicomdir(path: str) -> bool:
 
 
 def _why_not(path: str) -> str:
+    """Why ``path``, not an image or DICOM file to read, is left."""
+    if not os.path.isfile(path):
+        return "ignored: broken link" if os.path.islink(path) else "ignored: not a regular file"
     if _is_dicomdir(path):
         return "ignored: DICOMDIR, the index of a DICOM export (no image)"
     return NOT_AN_IMAGE
@@ -564,8 +566,11 @@ def ingest(
     The dataset is built in ``OUTPUT/.NAME.incomplete`` and moved to ``OUTPUT/NAME`` only once
     complete: a failed or interrupted run leaves nothing to clean up, and an existing dataset
     it would overwrite stays until the new one is ready."""
-    if not name.isidentifier() or name != name.lower():
-        raise IngestError(f"--name {name!r} must be a lower-case identifier, e.g. 'thyroid_us'")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):  # TFDS finds its files by such names
+        raise IngestError(
+            f"--name {name!r} must start with a lower-case letter and hold only a-z, 0-9 and _, "
+            "e.g. 'thyroid_us'"
+        )
     work_directory(output, "--output")  # a directory, or one that can be created
     target = os.path.join(output, name)
     if os.path.exists(target) and not overwrite:
@@ -580,6 +585,14 @@ def ingest(
         raise IngestError(f"no image or DICOM file under {input_path}")
     check_pairs(input_path, items, options)
     organs = sorted({item.organ for item in items})
+    for organ in organs:
+        try:
+            organ.encode("utf-8")
+        except UnicodeEncodeError:  # a folder's name from a non-UTF-8 file system
+            raise IngestError(
+                f"organ folder {os.fsencode(organ)!r} is not a UTF-8 name: rename it (the "
+                "name is the organ's label in the dataset)"
+            ) from None
     unreadable = {path for path, _ in ignored}  # reported as such, not as empty
     for group in _folders(input_path) - {*organs}:
         if os.path.join(input_path, group) in unreadable:
@@ -613,9 +626,11 @@ def ingest(
             _write_csv(failed_report, [("path", "reason"), *rows])
             raise NoUsableImages(f"no usable image; the reasons are in {failed_report}")
         for split in dropped:
+            copies = writer.files_all_duplicate[split]
             logging.warning(
-                "split %r is left out: none of its files gave a usable image (reasons in %s)",
-                split, report,
+                "split %r is left out: none of its files gave a new usable image (%d skipped, "
+                "reasons in %s; %d held only images already in another split)", split,
+                sum(s.split == split for s in writer.skipped), report, copies,
             )  # fmt: skip
         card = dataset_card(
             name, organs, options, writer, os.path.join(target, VERSION),
@@ -712,7 +727,9 @@ def _build(
     structure = features(writer.organs, writer.options)
     encode = records.Encoder(structure)
     written, dropped = [], []
-    for split in SPLITS:
+    # val and test first: an image found in an evaluation split and in train (exact copies
+    # under two patients) stays where it is evaluated, and train drops its copy
+    for split in ("val", "test", "train"):
         if split not in writer.splits:
             continue
         with records.SplitWriter(directory, name, split, shard_bytes) as shards:

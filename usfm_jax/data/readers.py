@@ -455,7 +455,8 @@ def _read_pil(path: str, stride: int, max_frames: int | None, crop: str) -> Imag
         frames = []
         try:
             # read before loading: Pillow applies a TIFF's orientation as it loads the pixels
-            orientation = exif_orientation(image) if n_file == 1 else 1  # as _pil_to_gray
+            # as _pil_to_gray turns a single frame; Pillow turns each page of a TIFF
+            orientation = exif_orientation(image) if n_file == 1 or fmt == "TIFF" else 1
             for frame in _pil_frames(image, indices):
                 frames.append(_pil_to_gray(frame, single=n_file == 1))
             if len(frames) != len(indices):
@@ -639,7 +640,12 @@ def _monochrome_to_uint8(ds: pydicom.Dataset, pixels: np.ndarray, bits: int) -> 
         except Exception:  # a malformed VOI module: fall back to min-max below
             pass
     # of the modality values: a negative rescale slope makes bright what is stored dark
-    return _min_max(apply_modality_lut(pixels, ds))
+    try:
+        return _min_max(apply_modality_lut(pixels, ds))
+    except UnreadableError:
+        raise
+    except Exception:  # an empty or malformed rescale / modality LUT: the stored values
+        return _min_max(pixels)
 
 
 # ----------------------------------------------------------------------------- misc
