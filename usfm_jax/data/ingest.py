@@ -179,7 +179,7 @@ def list_items(input_path: str) -> tuple[list[Item], list[tuple[str, str]]]:
             return items, ignored
         # beside organ folders: notes, licences, DICOMDIR are left; an image is an error
         top = [os.path.join(input_path, f) for f in files]
-        images = [os.path.basename(p) for p in top if _image_by_content(p)]
+        images = [os.path.basename(p) for p in top if _looks_like_an_image(p)]
         if images:
             raise IngestError(
                 f"--input {input_path!r} holds both files ({images[0]!r}) and folders: put the "
@@ -244,7 +244,7 @@ def _is_candidate(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES or readers.is_dicom_file(path)
 
 
-def _image_by_content(path: str) -> bool:
+def _looks_like_an_image(path: str) -> bool:
     """An image by its suffix or a DICOM file by its preamble; not a README or LICENSE (no
     suffix), which an organ folder would try to read as DICOM."""
     if not os.path.isfile(path) or _is_dicomdir(path):
