@@ -179,7 +179,7 @@ def list_items(input_path: str) -> tuple[list[Item], list[tuple[str, str]]]:
             return items, ignored
         # beside organ folders: notes, licences, DICOMDIR are left; an image is an error
         top = [os.path.join(input_path, f) for f in files]
-        images = [os.path.basename(p) for p in top if _looks_like_an_image(p)]
+        images = [os.path.basename(p) for p in top if _is_candidate(p, without_suffix=False)]
         if images:
             raise IngestError(
                 f"--input {input_path!r} holds both files ({images[0]!r}) and folders: put the "
@@ -218,7 +218,7 @@ NOT_AN_IMAGE = "ignored: neither an image nor a DICOM file"
 
 def _take(path: str, group: str, key: str, items: list[Item], ignored: list) -> None:
     """Adds the file ``path`` to ``items``, or to ``ignored`` with the reason."""
-    if os.path.isfile(path) and _is_candidate(path):
+    if _is_candidate(path):
         items.append(Item(path, group, key))
     else:
         ignored.append((path, _why_not(path)))
@@ -237,20 +237,15 @@ def _why_not(path: str) -> str:
     return NOT_AN_IMAGE
 
 
-def _is_candidate(path: str) -> bool:
-    """An image or DICOM file by its suffix, or a DICOM file by its content (any name)."""
-    if _is_dicomdir(path):
-        return False
-    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES or readers.is_dicom_file(path)
-
-
-def _looks_like_an_image(path: str) -> bool:
-    """An image by its suffix or a DICOM file by its preamble; not a README or LICENSE (no
-    suffix), which an organ folder would try to read as DICOM."""
+def _is_candidate(path: str, *, without_suffix: bool = True) -> bool:
+    """A file to read: an image or DICOM file by its suffix (one without suffix counts only
+    ``without_suffix``: not beside the organ folders, where README and LICENSE sit), or a DICOM
+    file by its preamble (any name). Never a DICOMDIR index."""
     if not os.path.isfile(path) or _is_dicomdir(path):
         return False
     suffix = os.path.splitext(path)[1].lower()
-    return (bool(suffix) and suffix in IMAGE_SUFFIXES) or readers.is_dicom_file(path)
+    by_name = suffix in IMAGE_SUFFIXES and (bool(suffix) or without_suffix)
+    return by_name or readers.is_dicom_file(path)
 
 
 def paired_path(directory: str, key: str) -> str | None:
@@ -593,9 +588,9 @@ def ingest(
                 f"organ folder {os.fsencode(organ)!r} is not a UTF-8 name: rename it (the "
                 "name is the organ's label in the dataset)"
             ) from None
-    unreadable = {path for path, _ in ignored}  # reported as such, not as empty
+    reported = {path for path, _ in ignored}  # e.g. an unreadable folder: not called empty
     for group in _folders(input_path) - {*organs}:
-        if os.path.join(input_path, group) in unreadable:
+        if os.path.join(input_path, group) in reported:
             continue
         logging.warning("folder %r holds no image or DICOM file: it is not in the dataset", group)
     by_case = Counter(organ.casefold() for organ in organs)

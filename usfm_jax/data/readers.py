@@ -454,8 +454,8 @@ def _read_pil(path: str, stride: int, max_frames: int | None, crop: str) -> Imag
         indices = _frame_indices(n_file, stride, max_frames)
         frames = []
         try:
-            # read before loading: Pillow applies a TIFF's orientation as it loads the pixels
-            # as _pil_to_gray turns a single frame; Pillow turns each page of a TIFF
+            # the orientation the frames are turned by (_pil_to_gray turns a single frame,
+            # Pillow every page of a TIFF as it loads it: so read it before loading)
             orientation = exif_orientation(image) if n_file == 1 or fmt == "TIFF" else 1
             for frame in _pil_frames(image, indices):
                 frames.append(_pil_to_gray(frame, single=n_file == 1))
@@ -639,13 +639,11 @@ def _monochrome_to_uint8(ds: pydicom.Dataset, pixels: np.ndarray, bits: int) -> 
                 return _round_uint8((np.asarray(values, np.float64) - lo) * (255.0 / (hi - lo)))
         except Exception:  # a malformed VOI module: fall back to min-max below
             pass
-    # of the modality values: a negative rescale slope makes bright what is stored dark
-    try:
-        return _min_max(apply_modality_lut(pixels, ds))
-    except UnreadableError:
-        raise
+    try:  # the modality values: a negative rescale slope makes bright what is stored dark
+        values = apply_modality_lut(pixels, ds)
     except Exception:  # an empty or malformed rescale / modality LUT: the stored values
-        return _min_max(pixels)
+        values = pixels
+    return _min_max(values)
 
 
 # ----------------------------------------------------------------------------- misc

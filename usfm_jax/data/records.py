@@ -61,7 +61,8 @@ class SplitWriter:
         self.shard_lengths: list[int] = []  # examples per shard, closed shards and the open one
         self.num_bytes = 0  # of serialized examples, as TFDS counts a split's size
         self.info: tfds.core.SplitInfo | None = None
-        self._writer = None
+        self._writer = None  # of the open shard
+        self._path = ""  # the open shard's file
         self._open_bytes = 0  # bytes written into the open shard
 
     def _partial(self, index: int) -> str:
@@ -70,12 +71,12 @@ class SplitWriter:
     def write(self, example: bytes) -> None:
         """Appends one serialized example (``Encoder``'s output) to the split."""
         if self._writer is None:
-            path = self._partial(len(self.shard_lengths))
-            self._writer = _checked(path, array_record_module.ArrayRecordWriter,
-                                    path, WRITER_OPTIONS)  # fmt: skip
+            self._path = self._partial(len(self.shard_lengths))
+            self._writer = _checked(self._path, array_record_module.ArrayRecordWriter,
+                                    self._path, WRITER_OPTIONS)  # fmt: skip
             self.shard_lengths.append(0)
             self._open_bytes = 0
-        _checked(self._partial(len(self.shard_lengths) - 1), self._writer.write, example)
+        _checked(self._path, self._writer.write, example)
         self.shard_lengths[-1] += 1
         self._open_bytes += len(example)
         self.num_bytes += len(example)
@@ -85,7 +86,7 @@ class SplitWriter:
     def _close_shard(self) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            _checked(self._partial(len(self.shard_lengths) - 1), writer.close)
+            _checked(self._path, writer.close)
 
     def __enter__(self) -> SplitWriter:
         return self
