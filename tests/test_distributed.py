@@ -32,24 +32,30 @@ def _run(workdir, processes: int, devices: int, *extra: str) -> None:
 def _launch(cmd: list[str], workdir, processes: int, devices: int) -> None:
     """Runs ``cmd`` as ``processes`` processes of one JAX runtime (``distributed.ENV``), with
     ``devices`` CPU devices each; their output goes to workdir/process_I.log."""
+    codes = _start([cmd] * processes, workdir, devices)
+    for i, code in enumerate(codes):
+        with open(os.path.join(workdir, f"process_{i}.log")) as f:
+            assert code == 0, f"process {i} of {processes}:\n" + f.read()[-3000:]
+
+
+def _start(cmds: list[list[str]], workdir, devices: int) -> list[int]:
+    """The exit codes of ``cmds[i]`` run as process i of one JAX runtime (one process: none)."""
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    processes = len(cmds)
     if processes > 1:
         env.update(USFM_COORDINATOR=f"127.0.0.1:{_free_port()}", USFM_NUM_PROCESSES=str(processes))
     procs, logs = [], []
-    for i in range(processes):
+    for i, cmd in enumerate(cmds):
         logs.append(open(os.path.join(workdir, f"process_{i}.log"), "w"))  # noqa: SIM115
         env_i = dict(env, USFM_PROCESS_ID=str(i)) if processes > 1 else env
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env_i, stdout=logs[i], stderr=logs[i]))
     try:
-        codes = [p.wait(timeout=600) for p in procs]
+        return [p.wait(timeout=600) for p in procs]
     finally:
         for p, log in zip(procs, logs, strict=True):
             p.kill()
             log.close()
-    for i, code in enumerate(codes):
-        with open(os.path.join(workdir, f"process_{i}.log")) as f:
-            assert code == 0, f"process {i} of {processes}:\n" + f.read()[-3000:]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -88,6 +94,24 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_two_and_one(tmp
         np.testing.assert_allclose(resumed[step], one_process[step], rtol=1e-5, err_msg=f"{step}")
 
 
+def test_processes_started_with_another_command_all_stop_naming_the_difference(tmp_path):
+    """Process 1 is given another learning rate and workdir: before, it trained replicated
+    parameters of its own, and both processes aborted at their first checkpoint, saying
+    nothing of why."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    base = [*DEMO_CLI, "--config.total_steps=4", f"--workdir={run}"]
+    other = [*base, "--config.optimizer.base_lr=0.5", f"--workdir={elsewhere}"]
+    assert _start([base, other], tmp_path, 2) == [1, 1]
+    for i in range(2):
+        last = (tmp_path / f"process_{i}.log").read_text().strip().splitlines()[-1]
+        assert last == (
+            "error: 1 of 2 processes were started with another command than process 0 (process "
+            f"1: config.optimizer.base_lr: 0.016 -> 0.5, workdir: '{run}' -> '{elsewhere}'): "
+            "give every process the same config, overrides and flags"
+        ), last
+    assert not run.exists() and not elsewhere.exists()
+
+
 # The demo recipe with its parameters sharded over 4 devices (fsdp): in two processes, each holds
 # shards the other does not, and writes them to a checkpoint file of its own.
 SHARDED = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=64"]
@@ -109,17 +133,20 @@ def test_a_checkpoint_damaged_where_one_process_alone_reads_is_set_aside_by_both
     assert "checkpoints/4 is unusable (Exception: " in logs[1], logs[1][-3000:]
 
 
+FINETUNE_CLI = [
+    sys.executable, "-m", "usfm_jax.finetune", "--config=configs/finetune/classify.py:steps=4",
+    "--config.image_size=(32, 32)", "--config.model.width=32", "--config.model.depth=1",
+    "--config.model.num_heads=2", "--config.batch_size=8", "--config.eval_every=2",
+    "--config.log_every=2", "--config.data.num_train=16", "--config.data.num_val=8",
+    "--config.data.num_test=8", "--config.eval.num_overlays=1",
+]  # fmt: skip
+
+
 def test_a_fine_tune_sharded_over_two_processes_matches_one(tmp_path):
     """Selecting and exporting the best parameters gathers them from both processes (before:
     a fetch of arrays spanning the other process's devices failed, and without fsdp the
     export waited at a barrier only process 0 reached)."""
-    cmd = [
-        sys.executable, "-m", "usfm_jax.finetune", "--config=configs/finetune/classify.py:steps=4",
-        "--config.image_size=(32, 32)", "--config.model.width=32", "--config.model.depth=1",
-        "--config.model.num_heads=2", "--config.batch_size=8", "--config.eval_every=2",
-        "--config.log_every=2", "--config.data.num_train=16", "--config.data.num_val=8",
-        "--config.data.num_test=8", "--config.eval.num_overlays=1", *SHARDED,
-    ]  # fmt: skip
+    cmd = [*FINETUNE_CLI, *SHARDED]
     for n in (1, 2):
         _launch([*cmd, f"--workdir={tmp_path}/run_{n}"], tmp_path / f"logs_{n}", n, 4 // n)
     one, two = (json.loads((tmp_path / f"run_{n}" / "results.json").read_text()) for n in (1, 2))
@@ -130,6 +157,14 @@ def test_a_fine_tune_sharded_over_two_processes_matches_one(tmp_path):
     best = [load_params(str(tmp_path / f"run_{n}" / "best")).params for n in (1, 2)]
     for a, b in zip(jax.tree.leaves(best[0]), jax.tree.leaves(best[1]), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fine_tune_whose_processes_differ_stops_on_every_process(tmp_path):
+    cmd = [*FINETUNE_CLI, f"--workdir={tmp_path / 'run'}"]
+    assert _start([cmd, [*cmd, "--config.label_fraction=0.5"]], tmp_path, 2) == [1, 1]
+    for i in range(2):
+        log = (tmp_path / f"process_{i}.log").read_text()
+        assert "process 1: config.label_fraction: 1.0 -> 0.5)" in log, log[-2000:]
 
 
 # Every process holds the same evaluation batch; the mesh's data axis alternates between the

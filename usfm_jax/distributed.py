@@ -14,10 +14,16 @@ Must run before anything touches a JAX backend.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+
+from usfm_jax.checkpoint import config_changes
 
 MODES = ("auto", "on", "off")
 ENV = ("USFM_COORDINATOR", "USFM_NUM_PROCESSES", "USFM_PROCESS_ID")
@@ -80,3 +86,26 @@ def initialize(mode: str = "auto") -> None:
         jax.device_count(),
         jax.devices()[0].platform,
     )
+
+
+def check_same_run(run: dict[str, Any]) -> None:
+    """Raises DistributedError on every process unless every process was given the same
+    ``run`` (its config, workdir, ...: what the command line says). A host started with
+    another command would otherwise train replicated parameters of its own, unnoticed, or
+    wait forever in a collective the others never reach. Each process calls it."""
+    if jax.process_count() == 1:
+        return
+    mine = np.frombuffer(json.dumps(run, sort_keys=True, default=str).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(mine.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: mine.size] = mine
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, bytes]
+    runs = [json.loads(row[:size].tobytes()) for row, size in zip(every, sizes, strict=True)]
+    differing = [(i, config_changes(runs[0], r)) for i, r in enumerate(runs) if r != runs[0]]
+    if differing:
+        shown = "; ".join(f"process {i}: {', '.join(c[:3])}" for i, c in differing[:3])
+        raise DistributedError(
+            f"{len(differing)} of {len(runs)} processes were started with another command "
+            f"than process 0 ({shown}{'; ...' if len(differing) > 3 else ''}): give every "
+            "process the same config, overrides and flags"
+        )

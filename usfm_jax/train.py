@@ -48,6 +48,9 @@ def train(
     """Runs pre-training (resuming from the workdir's latest checkpoint if there is one);
     returns the metrics of the last logging window. ``stop_after`` ends this invocation after
     that many steps, with a checkpoint (a time-sliced job)."""
+    distributed.check_same_run(
+        {"config": config.to_dict(), "workdir": workdir, "stop_after": stop_after}
+    )
     validate(config, jax.device_count())
     root = work_directory(workdir)  # local, or gs://...
     check_workdir_kind(root, "pre-training")

@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from usfm_jax import parallel
+from usfm_jax import distributed, parallel
 from usfm_jax.config_validation import check_encoder, check_workdir_kind
 from usfm_jax.convert import Architecture, Normalization
 from usfm_jax.data.pipeline import (
@@ -98,6 +98,7 @@ def finetune(
     """Runs one fine-tuning; returns the results written to ``workdir/results.json``.
     ``overrides``: the command line's ``--config.FIELD`` values, checked against what
     ``config.init`` brings (``check_init_overrides``)."""
+    distributed.check_same_run({"config": config.to_dict(), "workdir": workdir})
     validate_finetune(config, jax.device_count())
     root = work_directory(workdir)
     check_workdir_kind(root, "fine-tuning")
