@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pydicom
+import pydicom.encaps
 import pydicom.uid
 import pytest
 from pydicom.data import get_testdata_file
@@ -192,6 +193,39 @@ def test_an_uncompressed_cine_without_number_of_frames_keeps_every_frame(tmp_pat
     assert image.num_frames_in_file == 10 and len(image.frames) == 4
     for frame, index in zip(image.frames, (0, 3, 6, 9), strict=True):
         np.testing.assert_array_equal(frame, whole.frames[index])
+
+
+@pytest.mark.parametrize("table", ["none", "basic", "extended"])
+def test_a_jpeg_cine_without_number_of_frames_keeps_every_frame(tmp_path, table):
+    """Encapsulated: the offset table's entries, or without one the fragments that begin a
+    JPEG frame. (A JPEG 2000 frame in three fragments, US1_J2KR.dcm, stays one frame: see
+    test_pydicom_files_are_what_the_tests_assume.)"""
+    ds = _read("color3d_jpeg_baseline.dcm")
+    whole = read_image_file(_path("color3d_jpeg_baseline.dcm"), crop="none", max_frames=None)
+    frames = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=120))
+    if table == "extended":
+        ds.PixelData, offsets, lengths = pydicom.encaps.encapsulate_extended(frames)
+        ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = offsets, lengths
+    else:
+        ds.PixelData = pydicom.encaps.encapsulate(frames, has_bot=table == "basic")
+    del ds.NumberOfFrames
+    ds.save_as(tmp_path / "cine.dcm")
+    image = read_image_file(tmp_path / "cine.dcm", crop="none", max_frames=None, frame_stride=50)
+    assert image.num_frames_in_file == 120 and len(image.frames) == 3
+    for frame, index in zip(image.frames, (0, 50, 100), strict=True):
+        np.testing.assert_array_equal(frame, whole.frames[index])
+
+
+def test_an_rle_cine_without_number_of_frames_keeps_every_frame(tmp_path):
+    """RLE has one fragment per frame, and no marker to tell."""
+    ds = _read("emri_small.dcm")
+    ds.compress(pydicom.uid.RLELossless)
+    del ds.NumberOfFrames
+    ds.save_as(tmp_path / "cine.dcm")
+    image = read_image_file(tmp_path / "cine.dcm", crop="none", max_frames=None)
+    whole = read_image_file(_path("emri_small.dcm"), crop="none", max_frames=None)
+    assert image.num_frames_in_file == 10
+    np.testing.assert_array_equal(np.stack(image.frames), np.stack(whole.frames))
 
 
 def test_dicom_to_gray_default_assumes_pydicom_rgb_and_raw_ybr_uses_y():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import struct
@@ -48,6 +49,7 @@ import PIL.ImageOps
 import PIL.ImageSequence
 import pydicom
 import pydicom.dataset
+import pydicom.encaps
 import pydicom.errors
 import pydicom.uid
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
@@ -366,9 +368,17 @@ def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
     return uid
 
 
+# How an encoded frame begins: JPEG family (SOI: baseline, lossless, JPEG-LS), JPEG 2000 and
+# HTJ2K codestreams (SOC SIZ), JP2 files (signature box). A fragment that begins otherwise
+# continues the frame before it.
+_FRAME_STARTS = (b"\xff\xd8", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+
+
 def _number_of_frames(ds: pydicom.Dataset, tsyntax: pydicom.uid.UID) -> int:
-    """NumberOfFrames; for uncompressed pixel data without it (a malformed cine export), the
-    whole frames its length holds (recorded in ``ds``), not just the first."""
+    """NumberOfFrames; without it (a malformed cine export), the frames the pixel data holds
+    (recorded in ``ds``), not just the first: as many whole frames as its length holds if
+    uncompressed; if encapsulated, the offset table's entries or, without one, the fragments
+    that begin a frame (every fragment for RLE, which has one per frame)."""
     try:
         n = int(ds.get("NumberOfFrames") or 0)
     except (TypeError, ValueError):
@@ -376,11 +386,21 @@ def _number_of_frames(ds: pydicom.Dataset, tsyntax: pydicom.uid.UID) -> int:
     if n >= 1:
         return n
     n = 1
-    if not tsyntax.is_encapsulated:
-        with contextlib.suppress(Exception):  # malformed geometry: the decoder will say so
-            n = max(len(ds.PixelData) // get_expected_length(ds, unit="bytes"), 1)
-        if n > 1:
-            ds.NumberOfFrames = n
+    with contextlib.suppress(Exception):  # malformed pixel data: the decoder will say so
+        if not tsyntax.is_encapsulated:
+            n = len(ds.PixelData) // get_expected_length(ds, unit="bytes")
+        elif "ExtendedOffsetTable" in ds:
+            n = len(ds.ExtendedOffsetTable) // 8  # 64-bit offsets
+        else:
+            buffer = io.BytesIO(ds.PixelData)
+            n = len(pydicom.encaps.parse_basic_offsets(buffer))  # leaves buffer past the table
+            if not n:
+                fragments = pydicom.encaps.generate_fragments(buffer)
+                rle = tsyntax == pydicom.uid.RLELossless
+                n = sum(rle or f.startswith(_FRAME_STARTS) for f in fragments)
+        n = max(n, 1)
+    if n > 1:
+        ds.NumberOfFrames = n
     return n
 
 
