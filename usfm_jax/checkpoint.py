@@ -13,6 +13,7 @@ aside (moved, never deleted), and the one before it is used.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import re
 import signal
@@ -159,9 +160,11 @@ def describe_error(error: BaseException) -> str:
 
 def drop_closed_event_loop_noise() -> None:
     """When a restore fails, TensorStore reads still in flight complete onto orbax's closed
-    event loop, each printing an 'Event loop is closed' traceback, and orbax's other read
-    coroutines, closed unfinished, raise again: tracebacks around the error or warning that
-    says what is damaged. Drops exactly those, process-wide; installed once."""
+    event loop, each printing an 'Event loop is closed' traceback; orbax's other read
+    coroutines, closed unfinished, raise again; and its failed read tasks, collected later,
+    are logged by asyncio as 'Task exception was never retrieved' (in the middle of the run
+    that goes on from an older checkpoint): tracebacks around the error or warning that says
+    what is damaged. Drops exactly those, process-wide; installed once."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_event_loop_noise", False):
         return
@@ -170,12 +173,22 @@ def drop_closed_event_loop_noise() -> None:
         error = unraisable.exc_value
         closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
-        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-        if not (closed_loop or orbax_read):
+        if not (closed_loop or (code is not None and _is_orbax(code.co_filename))):
             previous(unraisable)
+
+    def orbax_task_noise(record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        unretrieved = message.startswith("Task exception was never retrieved")
+        return not (unretrieved and _is_orbax(message.partition("\n")[2].partition(">")[0]))
 
     hook.drops_closed_event_loop_noise = True
     sys.unraisablehook = hook
+    std_logging.getLogger("asyncio").addFilter(orbax_task_noise)
+
+
+def _is_orbax(where: str) -> bool:
+    """Whether a source path (or a task's repr) is orbax's."""
+    return f"{os.sep}orbax{os.sep}" in where
 
 
 class Checkpointer:
