@@ -474,6 +474,14 @@ def test_export_holds_the_parameters_alone_bit_for_bit(tmp_path):
         export_params(str(tmp_path / "run"), str(tmp_path / "export"))
     with pytest.raises(CheckpointError, match=r"no step 2 in .*; it has steps \[1, 3\]"):
         load_params(str(tmp_path / "run"), step=2)
+    # a step set aside as unusable (as the restore names it) can still be read, for inspection
+    aside = tmp_path / "run" / checkpoint.UNUSABLE_DIR / "3-20261125-042646"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "3", aside)
+    for step in (None, 3):
+        inspected = load_params(str(aside), step=step)
+        assert inspected.step == 3 and np.array_equal(
+            inspected.params["encoder"]["cls_token"], full["params"]["encoder"]["cls_token"]
+        )
 
 
 @pytest.mark.parametrize(
