@@ -9,12 +9,14 @@ gray images: max abs difference < 1e-4 in float32.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_config
+from etils import epath
 from flax import nnx
 
 from usfm_jax import train
@@ -30,7 +33,9 @@ from usfm_jax.convert import (
     Architecture,
     ConversionError,
     Normalization,
+    files,
     import_torch_weights,
+    read_torch_weights,
     torch_to_export,
 )
 from usfm_jax.convert.adapt import (
@@ -42,7 +47,12 @@ from usfm_jax.convert.adapt import (
     resample_rel_pos_table,
 )
 from usfm_jax.convert.cards import build_timm_model, make_card, timm_spec
-from usfm_jax.convert.files import read_state_dict, write_card, write_state_dict
+from usfm_jax.convert.files import (
+    read_state_dict,
+    write_card,
+    write_state_dict,
+    write_weights_and_card,
+)
 from usfm_jax.convert.formats import (
     BLOCK_TABLE,
     SHARED_TABLE,
@@ -681,6 +691,7 @@ def test_a_file_with_raw_and_ema_weights_gives_the_emas_and_says_so(tmp_path):
 
 def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
     (tmp_path / "taken.safetensors").write_bytes(b"keep me")
+    (tmp_path / "taken.json").write_text("{}")  # its card, which taken.pth's would overwrite
     cases = [
         (f"to-torch --checkpoint {tmp_path / 'none'} --format usfm --out {tmp_path / 'x.pth'}",
          "no checkpoint at"),
@@ -690,6 +701,8 @@ def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
          "no weights file at"),
         (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path / 'x.onnx'}",
          "name it *.safetensors"),
+        (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path / 'taken.pth'}",
+         f"its card would be {tmp_path / 'taken.json'}, which exists (another file's card?)"),
         (f"to-torch --checkpoint {tmp_path} --format usfm --out {tmp_path}/taken.safetensors/x.pth",
          f"--out {tmp_path}/taken.safetensors/x.pth: {tmp_path}/taken.safetensors is a file, not"),
     ]  # fmt: skip
@@ -699,9 +712,31 @@ def test_cli_errors_are_one_line_and_nothing_is_overwritten(tmp_path):
         assert done.stderr.startswith("error: ") and message in done.stderr
         assert done.stderr.count("\n") == 1, done.stderr  # no traceback
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+    assert (tmp_path / "taken.json").read_text() == "{}" and not (tmp_path / "taken.pth").exists()
     (tmp_path / "notes.pth").write_text("hello")  # text, not a pickle
     with pytest.raises(ConversionError, match=r"notes\.pth as PyTorch weights: not a PyTorch w"):
         read_state_dict(tmp_path / "notes.pth")
+
+
+def test_a_failed_write_leaves_neither_file_and_a_damaged_card_is_named(tmp_path, monkeypatch):
+    arch = _arch("vit", (64, 2, 2), image=64)
+    state, _ = to_torch(_random_params(arch), arch, "timm-vit")
+    card = make_card(
+        fmt="timm-vit", arch=arch, normalization=OURS, dropped=[], adapted=[], source={}
+    )
+    with pytest.raises(ConversionError, match=r"cannot write /proc/m\.safetensors: No such"):
+        write_weights_and_card(state, card, epath.Path("/proc/m.safetensors"))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files, "write_card", mock.Mock(side_effect=full))  # the disk fills
+    with pytest.raises(ConversionError, match=r"m\.pth: No space left on device"):
+        write_weights_and_card(state, card, epath.Path(tmp_path / "m.pth"))
+    assert os.listdir(tmp_path) == []  # the weights written before are removed
+    monkeypatch.undo()
+    write_weights_and_card(state, card, epath.Path(tmp_path / "m.pth"))
+    assert read_torch_weights(tmp_path / "m.pth").arch.num_heads == 2  # from the card
+    (tmp_path / "m.json").write_text('{"format": "timm-vit",')  # cut short
+    with pytest.raises(ConversionError, match=r"cannot read the card .*m\.json of .*m\.pth: "):
+        read_torch_weights(tmp_path / "m.pth")
 
 
 def test_card_says_how_to_load(tmp_path):

@@ -16,11 +16,11 @@ from etils import epath
 from usfm_jax.convert.adapt import Normalization, adapt_encoder, parse_normalization
 from usfm_jax.convert.cards import make_card
 from usfm_jax.convert.files import (
+    card_path,
     check_weights_name,
     read_card,
     read_state_dict,
-    write_card,
-    write_state_dict,
+    write_weights_and_card,
 )
 from usfm_jax.convert.formats import (
     FROM_TORCH,
@@ -114,6 +114,11 @@ def checkpoint_to_torch(
         new_file(out, "--out")
     except PathError as e:
         raise ConversionError(str(e)) from None
+    if (card := card_path(destination)).exists():  # m.safetensors and m.pth share m.json
+        raise ConversionError(
+            f"--out {out}: its card would be {card}, which exists (another file's card?); "
+            "choose another file name"
+        )
     loaded = load_params(checkpoint, step, weights)
     if "encoder" not in loaded.params:
         raise ConversionError(f"{loaded.source} holds no encoder (keys {sorted(loaded.params)})")
@@ -132,7 +137,6 @@ def checkpoint_to_torch(
     )
     state, dropped = to_torch(params, arch, fmt)
     dropped += [f"{key}.* (not the encoder's)" for key in loaded.params if key != "encoder"]
-    write_state_dict(state, destination)
     card = make_card(
         fmt=fmt,
         arch=arch,
@@ -141,7 +145,7 @@ def checkpoint_to_torch(
         adapted=adapted,
         source={"checkpoint": loaded.source, "step": loaded.step, "weights": loaded.weights},
     )
-    write_card(card, destination)
+    write_weights_and_card(state, card, destination)
     return card
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -121,10 +122,34 @@ def write_card(card: Mapping[str, Any], weights: str | epath.Path) -> epath.Path
     return path
 
 
+def write_weights_and_card(
+    state_dict: Mapping[str, np.ndarray], card: Mapping[str, Any], weights: epath.Path
+) -> None:
+    """Writes both, or neither: a failed write (a full disk, a read-only mount) is a
+    ConversionError, and what it had begun is removed (the files did not exist before)."""
+    try:
+        write_state_dict(state_dict, weights)
+        write_card(card, weights)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        for path in (weights, card_path(weights)):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ConversionError(f"cannot write {weights}: {reason}") from e
+
+
 def read_card(weights: str | epath.Path) -> dict[str, Any] | None:
     """The card beside ``weights``, if there is one."""
     path = card_path(weights)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"cannot read the card {path} of {weights}: {e}") from e
+    if not isinstance(card, dict):
+        raise ConversionError(f"the card {path} of {weights} is not a JSON object")
+    return card
 
 
 def _reason(error: Exception) -> str:
