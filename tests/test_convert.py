@@ -508,6 +508,37 @@ def test_a_number_of_heads_that_cannot_be_right_is_refused():
         heads_for(8, card, "w")  # a silent override would give wrong features
 
 
+def test_what_the_shapes_cannot_tell_is_noted_and_can_be_given(tmp_path):
+    """A plain ViT of width 192 with 6 heads (the standard is 3), made for 64x256 images (4x16
+    patches: as many positions as 8x8), without a card: both guesses are said, and the CLI's
+    --num-heads / --source-image-size give features equal to timm's."""
+    arch = _arch("vit", (192, 1, 6)).replace(image_size=(64, 256))
+    params = _random_params(arch)
+    state, _ = to_torch(params, arch, "timm-vit")
+    write_state_dict(state, tmp_path / "vit.safetensors")
+    guessed = read_torch_weights(tmp_path / "vit.safetensors", normalization=OURS)
+    assert guessed.arch.num_heads == 3 and guessed.arch.image_size == (128, 128)
+    assert guessed.notes[:2] == [
+        "num_heads=3 assumed (the standard for width 192); if the weights were trained with "
+        "another, pass it (convert: --num-heads)",
+        "a square grid of 8x8 patches assumed (128x128 images); if the weights were made for "
+        "another shape, pass it (convert: --source-image-size HxW)",
+    ]
+    done = _cli(
+        f"from-torch --weights {tmp_path / 'vit.safetensors'} --num-heads 6 "
+        f"--source-image-size 64x256 --input-normalization 0.5/0.25 --out {tmp_path / 'export'}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "assumed" not in done.stdout, done.stdout
+    model = load_pretrained(str(tmp_path / "export"))
+    gray = np.random.default_rng(1).uniform(0, 1, (2, 64, 256, 1)).astype(np.float32)
+    tokens = np.asarray(model(jnp.asarray((gray - 0.5) / 0.25)))
+    _assert_close(tokens, _torch_tokens(_load_timm(state, arch, "timm-vit"), gray, OURS))
+    (tmp_path / "vit.json").write_text('{"architecture": {"image_size": [64, 256]}}')
+    with pytest.raises(ConversionError, match=r"source image size \(64, 64\), but its card says"):
+        read_torch_weights(tmp_path / "vit.safetensors", source_image_size=(64, 64))
+
+
 def test_wrong_architecture_errors_name_the_first_mismatching_key(tmp_path):
     beit = _arch("beit", (64, 2, 2), image=64)
     vit = _arch("vit", (64, 2, 2), image=64)

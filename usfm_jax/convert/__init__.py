@@ -174,12 +174,15 @@ def read_torch_weights(
     fmt: str = "auto",
     *,
     num_heads: int | None = None,
+    source_image_size: tuple[int, int] | None = None,
     normalization: str | Normalization | None = None,
     formats: tuple[str, ...] = FROM_TORCH,
 ) -> TorchWeights:
     """PyTorch weights (a file, or a directory with its card) in one of ``formats`` ("auto":
     the card's, else detected from the keys), with the input normalisation they were trained
-    with: ``normalization``, else their card's, else the format's pipeline's."""
+    with: ``normalization``, else their card's, else the format's pipeline's. Without a card,
+    ``num_heads`` and ``source_image_size`` (the size they were made for) say what the shapes
+    cannot: the heads of a plain ViT, a grid of patches that is not square."""
     notes: list[str] = []
     sd = read_state_dict(weights, notes)
     card = read_card(weights) or {}
@@ -192,9 +195,13 @@ def read_torch_weights(
             )
     if fmt not in formats:
         raise ConversionError(f"{weights}: format {fmt!r}; expected one of {formats}")
-    made_for = card.get("architecture", {})  # exact where the file has a card
+    carded = card.get("architecture", {}).get("image_size")  # exact where the file has a card
+    if source_image_size and carded and tuple(source_image_size) != tuple(carded):
+        raise ConversionError(
+            f"{weights}: source image size {source_image_size}, but its card says {carded}"
+        )
     heads = heads_for(num_heads, card, str(weights))
-    params, arch, more = from_torch(sd, fmt, heads, made_for.get("image_size"))
+    params, arch, more = from_torch(sd, fmt, heads, carded or source_image_size)
     notes += more
     source = weights_normalization(fmt, card, normalization, notes)
     return TorchWeights(params, arch, source, fmt, card, notes)
@@ -205,6 +212,7 @@ def import_torch_weights(
     fmt: str = "auto",
     *,
     num_heads: int | None = None,
+    source_image_size: tuple[int, int] | None = None,
     image_size: tuple[int, int] | None = None,
     in_chans: int | None = None,
     input_normalization: str | Normalization | None = None,
@@ -217,7 +225,11 @@ def import_torch_weights(
     format's pipeline's (usfm: ImageNet, open-clip-visual: CLIP); for timm formats without a
     card, ImageNet's is assumed and noted."""
     params, arch, source, fmt, card, notes = read_torch_weights(
-        weights, fmt, num_heads=num_heads, normalization=input_normalization
+        weights,
+        fmt,
+        num_heads=num_heads,
+        source_image_size=source_image_size,
+        normalization=input_normalization,
     )
     if len(source.mean) not in (1, arch.in_chans):
         raise ConversionError(

@@ -69,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "--format", default="auto", choices=(*FROM_TORCH, "auto"), help="default: auto (detected)"
     )
     back.add_argument("--out", required=True, help="new export directory")
-    back.add_argument("--num-heads", type=int, help="heads of a plain ViT of non-standard width")
+    back.add_argument(
+        "--num-heads", type=int, help="heads of a plain ViT, if no card says (default: width's)"
+    )
+    back.add_argument(
+        "--source-image-size",
+        type=_image_size,
+        help="N or HxW the weights were made for, if no card says (default: a square grid)",
+    )
     back.add_argument(
         "--input-normalization",
         help="the weights' own input normalisation if no card says it (default: the format's)",
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.format,
                 args.out,
                 num_heads=args.num_heads,
+                source_image_size=args.source_image_size,
                 input_normalization=args.input_normalization,
                 **options,
             )

@@ -292,7 +292,7 @@ def from_torch(
             notes.append(f"ignored {len(mae)} MAE decoder keys (decoder*, mask_token)")
     sd = _without_classifier(sd, notes)
     index_buffers = {k: sd.pop(k) for k in list(sd) if k.endswith(INDEX_BUFFER)}
-    arch = _infer_architecture(sd, fmt, num_heads, image_size)
+    arch = _infer_architecture(sd, fmt, num_heads, image_size, notes)
     _check_index_buffers(index_buffers, arch, notes)
     flat = {}
     torch_name = {}
@@ -403,8 +403,14 @@ def heads_for(num_heads: int | None, card: Mapping[str, Any], source: str) -> in
 
 
 def _infer_architecture(
-    sd: Mapping[str, Any], fmt: str, num_heads: int | None, image_size: tuple[int, int] | None
+    sd: Mapping[str, Any],
+    fmt: str,
+    num_heads: int | None,
+    image_size: tuple[int, int] | None,
+    notes: list[str],
 ) -> Architecture:
+    """The architecture the weights' shapes tell; what they cannot tell and was assumed (a
+    plain ViT's heads, a square grid) is added to ``notes``."""
     cls = _require_key(sd, "cls_token", fmt)
     proj = _require_key(sd, "patch_embed.proj.weight", fmt)
     fc1 = _require_key(sd, "blocks.0.mlp.fc1.weight", fmt)
@@ -423,6 +429,11 @@ def _infer_architecture(
                 "(convert: --num-heads; fine-tuning: --config.init_num_heads; a URFM teacher: "
                 "--config.teacher.num_heads)"
             )
+        if num_heads is None:  # the weights cannot tell, and a wrong guess loads silently
+            notes.append(
+                f"num_heads={heads} assumed (the standard for width {width}); if the weights "
+                "were trained with another, pass it (convert: --num-heads)"
+            )
     else:
         variant = "beit"
         key = SHARED_TABLE if fmt == "usfm" else BLOCK_TABLE.format(0)
@@ -435,6 +446,12 @@ def _infer_architecture(
     else:  # a square grid, unless told otherwise
         side = math.isqrt(positions)
         grid = (side, side) if variant == "vit" else ((side + 1) // 2,) * 2
+        if grid[0] * grid[1] > 1:  # 4x16 patches hold as many positions as 8x8
+            notes.append(
+                f"a square grid of {grid[0]}x{grid[1]} patches assumed "
+                f"({grid[0] * patch}x{grid[1] * patch} images); if the weights were made for "
+                "another shape, pass it (convert: --source-image-size HxW)"
+            )
     made = Architecture(variant, width, depth, heads, patch, in_chans, (0, 0))
     expected = grid[0] * grid[1] if variant == "vit" else (2 * grid[0] - 1) * (2 * grid[1] - 1)
     if positions != expected:
