@@ -233,6 +233,11 @@ def test_checkpoint_round_trip_through_the_cli(tmp_path):
     config.total_steps = 3
     train.train(config, str(tmp_path / "run"), stop_after=2)
     out = tmp_path / "usfm.safetensors"
+    done = _cli(f"to-torch --checkpoint {tmp_path / 'run'} --format usfm --in-chans 1 --out {out}")
+    assert done.returncode == 1 and done.stderr == (
+        "error: --in-chans 1: the normalisation usfm defaults to (imagenet's) has 3 channels; "
+        "pass --normalization for 1 channel(s), e.g. 0.5/0.25\n"
+    )
     done = _cli(
         f"to-torch --checkpoint {tmp_path / 'run'} --format usfm --normalization 0.5/0.25 "
         f"--in-chans 1 --out {out}"
@@ -398,6 +403,10 @@ def test_open_clip_visual_trunk_imports_and_matches_timm(tmp_path):
     gray = _gray(2, 224)
     tokens = _flax_tokens(arch, imported.params["encoder"], gray, imported.normalization)
     _assert_close(tokens, _torch_tokens(trunk, gray, PRESETS["clip"]))
+    # a projection with a bias (open_clip's proj_bias=True) would lose it: refused, named
+    torch.save({**sd, "visual.head.proj.bias": torch.randn(32)}, tmp_path / "biased.bin")
+    with pytest.raises(ConversionError, match=r"neither its trunk nor .*\(visual\.head\.proj\.b"):
+        import_torch_weights(tmp_path / "biased.bin", "open-clip-visual")
 
 
 # ----------------------------------------------------------------------------------------

@@ -127,6 +127,13 @@ def checkpoint_to_torch(
     source = Normalization.from_json(config["normalization"])
     defaults = FORMAT_DEFAULTS.get(fmt, {})
     target = _normalization(normalization or defaults.get("normalization")) or source
+    chans = in_chans or defaults.get("in_chans") or arch.in_chans
+    if normalization is None and len(target.mean) not in (1, chans):
+        raise ConversionError(
+            f"--in-chans {chans}: the normalisation {fmt} defaults to "
+            f"({defaults.get('normalization', 'the checkpoint')}'s) has {len(target.mean)} "
+            f"channels; pass --normalization for {chans} channel(s), e.g. 0.5/0.25"
+        )
     params, arch, adapted = _adapt(
         loaded.params["encoder"],
         arch,

@@ -373,6 +373,16 @@ def _open_clip_trunk(
             f"(keys start {_first_keys(sd)})"
         )
     trunk = {k[len(OPEN_CLIP_TRUNK) :]: v for k, v in sd.items() if k.startswith(OPEN_CLIP_TRUNK)}
+    unread = [
+        k
+        for k in sd
+        if k.startswith("visual.") and not k.startswith(OPEN_CLIP_TRUNK) and k != OPEN_CLIP_PROJ
+    ]
+    if unread:  # the image features would come out without them
+        raise ConversionError(
+            f"the visual tower has keys that are neither its trunk nor a linear projection "
+            f"without bias ({_first_keys(dict.fromkeys(unread))}): not supported"
+        )
     extra = {}
     if OPEN_CLIP_PROJ in sd:
         extra["projection"] = {"kernel": np.ascontiguousarray(sd[OPEN_CLIP_PROJ].T)}
