@@ -56,6 +56,17 @@ def test_augmentations_off_equal_center_resize(square):
     assert not np.shares_memory(same, square)
 
 
+def test_augmentations_off_give_one_view_whatever_the_rounding(square):
+    """A 256 x 257 frame (as near-square scans come out of ``ingest --resize 256``): its whole
+    area at ratio 1 rounds to 256 x 256, one column short. The view must not shift by that
+    column from draw to draw: teacher targets cached from one draw must fit every other."""
+    image = square[:256, :257]
+    views = {augment(image, _rng(seed), AugmentConfig((256, 256), **OFF)).tobytes()
+             for seed in range(20)}  # fmt: skip
+    assert len(views) == 1
+    assert crop_box((256, 257), _rng(3), (1.0, 1.0), (1.0, 1.0)) == (0, 0, 256, 256)
+
+
 def test_center_resize_keeps_the_centre_at_the_target_aspect(wide):
     # 260 x 390 to a square: the central 260 x 260 columns [65, 325).
     np.testing.assert_array_equal(center_resize(wide, (260, 260)), wide[:, 65:325])

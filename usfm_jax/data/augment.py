@@ -139,6 +139,8 @@ def crop_box(
 
     Up to 10 draws of an area fraction in ``scale`` and a log-uniform aspect ratio (width /
     height) in ``ratio``; if none fits, the largest centred crop with a ratio inside ``ratio``.
+    A crop of the whole area (``scale`` (1, 1)) is centred: its offset could only move by the
+    rounding of its sides, which would make a fixed view (``deterministic``) vary by a pixel.
     """
     height, width = shape
     area = height * width
@@ -151,6 +153,8 @@ def crop_box(
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
+            if scale == (1.0, 1.0):  # drawn all the same: the stream's draws do not change
+                top, left = (height - h) // 2, (width - w) // 2
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
