@@ -162,11 +162,19 @@ def test_bad_representation_settings_name_the_field(teacher_64, overrides, match
         validate(config, 8)
 
 
-def test_teacher_of_another_patch_grid_is_a_clear_error(teacher_64):
+def test_teacher_of_another_patch_grid_is_a_clear_error(teacher_64, tmp_path):
+    """Live, and when its features are cached: a 32x128 student (2x8 patches) has as many
+    tokens as the 4x4 teacher, and a cache of them was accepted, misaligned."""
+    from usfm_jax.teacher_cache import build_cache
+
     config = _urfm_config(teacher_64)
     config.image_size = (96, 96)
     with pytest.raises(ConfigError, match=r"teacher .* 4x4 grid .* the student's is 6x6"):
         create_teacher(config, parallel.create_mesh(config.mesh))
+    config.image_size = (32, 128)
+    with pytest.raises(ConfigError, match=r"teacher .* 4x4 grid .* the student's is 2x8"):
+        build_cache(config, str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_teacher_of_another_patch_grid_is_one_line_on_the_command_line(tmp_path, teacher_64):
@@ -355,6 +363,12 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
         check_cache(config)
     (dataset / "dataset_card.json").write_text(json.dumps({"created": "2026-01-01T00:00:00"}))
     check_cache(config)
+    card = tmp_path / "teacher.json"  # a card beside the weights: it may set heads, input
+    card.write_text(json.dumps({"normalization": {"mean": [0.4], "std": [0.3]}}))
+    with pytest.raises(ValueError, match=r"made with the SHA-256 of the teacher's card .*=None"):
+        check_cache(config)
+    card.unlink()
+    check_cache(config)
     config.teacher.num_heads = 4  # the teacher's attention splits its width another way
     with pytest.raises(ValueError, match=r"made with config\.teacher\.num_heads=2, this run has 4"):
         check_cache(config)
@@ -381,6 +395,39 @@ def test_cache_identity_follows_teacher_bytes_and_dataset(tmp_path, teacher_64):
         f.truncate(1000)
     with pytest.raises(ValueError, match=r"targets\.npy is damaged \(.*\): rebuild the cache"):
         check_cache(config)
+
+
+def test_a_cache_of_augmented_views_is_refused_in_one_line(tmp_path, teacher_64):
+    """Ingested data with the default (random) augmentation: refused before the teacher
+    is loaded, in one line (it was a traceback)."""
+    import subprocess
+    import sys
+
+    import PIL.Image
+
+    from usfm_jax.data.ingest import Options, ingest
+
+    for organ in ("liver", "kidney"):
+        (tmp_path / "exports" / organ).mkdir(parents=True)
+        for i in range(3):
+            image = SyntheticUltrasound(6, (64, 64), seed=i)[i]["image"][..., 0]
+            PIL.Image.fromarray(image).save(tmp_path / "exports" / organ / f"{i}.png")
+    card = ingest(str(tmp_path / "exports"), str(tmp_path / "tfds"), "few",
+                  Options(resize=0, crop="none"), workers=1)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "usfm_jax.teacher_cache", "--config",
+         "configs/pretrain/urfm_vitb16.py:demo", f"--config.teacher.path={teacher_64}",
+         "--config.teacher.num_heads=2", "--config.data.source=tfds",
+         f"--config.data.tfds_dir={card['data_dir']}", f"--out={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: teacher targets can be precomputed only for views that never change")
+    ), done.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 def test_only_identity_augmentation_is_deterministic():

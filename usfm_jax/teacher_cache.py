@@ -11,8 +11,8 @@ features (before the target normalisation, which stays a training setting) of ev
 float16 [num_records, N, E] in ``targets.npy`` (memory-mapped by the input pipeline, a local
 path), and ``cache.json`` saying what made them. The teacher runs data-parallel over the
 process's devices. Training refuses a cache made by another teacher (its bytes: the SHA-256 of
-the file), layer, normalisation or dtype, image size or data (an ingested dataset also when
-ingested again in place).
+the file, and of the card beside it), layer, normalisation or dtype, image size or data (an
+ingested dataset also when ingested again in place).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from tqdm import tqdm
 from usfm_jax.cli import incomplete_output, run_program, start_jax
 from usfm_jax.config_validation import ConfigError, field_value, require_kind, validate
 from usfm_jax.convert import ConversionError
-from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
-from usfm_jax.models.teacher import teacher_from_config
+from usfm_jax.convert.files import card_path
+from usfm_jax.data.pipeline import CACHE_ARRAY, check_fixed_views, read_card, record_source
+from usfm_jax.models.teacher import grid_mismatch, teacher_from_config
 from usfm_jax.paths import PathError, make_directory, new_directory
 from usfm_jax.reporting import quiet_library_logs
 
@@ -60,12 +61,12 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
             split=d.split,
             augment=d.augment.to_dict(),
         )
-    with open(t.path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    card = card_path(t.path)  # where the teacher's heads, normalisation, grid may come from
     description = {
         "teacher": {
             "path": os.path.abspath(t.path),
-            "sha256": digest,
+            "sha256": _sha256(t.path),
+            "card_sha256": _sha256(card) if card.exists() else None,
             "format": t.format,
             "num_heads": t.num_heads,
             "layer": t.layer,
@@ -76,6 +77,11 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "data": data,
     }
     return json.loads(json.dumps(description))  # tuples as lists, as read back from cache.json
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def build_cache(
@@ -94,6 +100,8 @@ def build_cache(
     batch = -(-batch // len(devices)) * len(devices)
     destination = new_directory(out)
     loaded = teacher_from_config(config)
+    if problem := grid_mismatch(config, loaded.arch):  # the tokens would not line up
+        raise ConfigError(problem)
     params = jax.device_put(loaded.params, NamedSharding(mesh, PartitionSpec()))  # replicated
     teacher = nnx.merge(loaded.graphdef, params)
     forward = jax.jit(lambda t, x: t(x.astype(np.float32) / 255.0))
@@ -127,6 +135,7 @@ _SETTING = {
     "data.seed": "config.seed",
     "data.created": "the dataset's creation time (dataset_card.json)",
     "teacher.sha256": "the teacher file's SHA-256",
+    "teacher.card_sha256": "the SHA-256 of the teacher's card (the JSON file beside it)",
     "teacher.dtype": "config.teacher.dtype (or config.model.dtype)",
 }
 
@@ -189,9 +198,10 @@ def main(argv: list[str]) -> None:
         config.teacher.targets = ""  # validate the rest: the cache is what we build
         config.probe.every = 0  # pre-training's probes play no part in the cache
         validate(config)
+        check_fixed_views(config)  # before the teacher is loaded
         start_jax()
         info = build_cache(config, out, flags.FLAGS.batch)
-    except (ConfigError, ConversionError, PathError) as e:
+    except (ConfigError, ConversionError, PathError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}: teacher targets {info['shape']} float16")
 

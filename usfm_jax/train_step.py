@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from usfm_jax import parallel
 from usfm_jax.config_validation import ConfigError
 from usfm_jax.models.factory import create_pretrain_model
-from usfm_jax.models.teacher import teacher_from_config
+from usfm_jax.models.teacher import grid_mismatch, teacher_from_config
 from usfm_jax.objectives.dual import BRANCHES, DualMIM, create_objective
 from usfm_jax.objectives.pixel import denormalize_patches
 from usfm_jax.objectives.representation import RepresentationMIM, create_representation
@@ -260,14 +260,8 @@ def create_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.G
     """The frozen teacher of ``config.teacher``, its weights placed on the mesh (sharded like
     parameters); its patch grid must be the student's."""
     loaded = teacher_from_config(config)
-    grid = loaded.arch.grid
-    student = tuple(s // config.model.patch_size for s in config.image_size)
-    if grid != student:
-        raise ConfigError(
-            f"teacher {config.teacher.path} has a {grid[0]}x{grid[1]} grid of patches "
-            f"({loaded.arch.image_size[0]} px, patch {loaded.arch.patch_size}); the student's "
-            f"is {student[0]}x{student[1]}: choose config.image_size / model.patch_size to match"
-        )
+    if problem := grid_mismatch(config, loaded.arch):
+        raise ConfigError(problem)
     shardings = parallel.state_shardings(loaded.params, mesh, config.mesh.fsdp_min_size)
     return loaded.graphdef, jax.device_put(loaded.params, shardings)
 

@@ -125,6 +125,20 @@ def load_teacher(
     return LoadedTeacher(graphdef, state, arch, expected, notes)
 
 
+def grid_mismatch(config: Any, teacher: Architecture) -> str | None:
+    """Why ``teacher``'s features cannot be the targets of ``config``'s student (its patch grid
+    is another: the tokens would not line up), or None."""
+    grid = teacher.grid
+    student = tuple(s // config.model.patch_size for s in config.image_size)
+    if grid == student:
+        return None
+    return (
+        f"teacher {config.teacher.path} has a {grid[0]}x{grid[1]} grid of patches "
+        f"({teacher.image_size[0]} px, patch {teacher.patch_size}); the student's is "
+        f"{student[0]}x{student[1]}: choose config.image_size / model.patch_size to match"
+    )
+
+
 def teacher_from_config(config: Any) -> LoadedTeacher:
     """The teacher a run's ``config.teacher`` names, in ``teacher.dtype`` (default the
     model's) and the model's attention and LayerNorm implementations."""
