@@ -145,6 +145,10 @@ def test_mae_student_ignores_the_masked_patches(teacher_64):
         ({"model.variant": "beit"}, r"config\.model\.variant='beit'.*absolute positions"),
         ({"representation.loss": "l3"}, r"config\.representation\.loss='l3'"),
         ({"representation.ratio": 1.0}, r"config\.representation\.ratio=1\.0"),
+        (  # 16 mask patches: 0.95 rounds up to all of them
+            {"representation.ratio": 0.95},
+            r"ratio=0\.95: masks all 16 mask patches \(16 px\) .* at most 0\.9375",
+        ),
         ({"representation.mask_patch_size": 24}, r"representation\.mask_patch_size=24"),
         ({"teacher.layer": "logits"}, r"config\.teacher\.layer='logits'"),
         (  # 32 USFM views per micro-batch split over 8 devices, but 4 images do not

@@ -221,6 +221,14 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
     _require(r.weight > 0, "representation.weight", r.weight, "expected > 0")
     _require(r.beta > 0, "representation.beta", r.beta, "expected > 0")
     _check_mask_patch_size(config, "representation")
+    units = math.prod(s // r.mask_patch_size for s in config.image_size)
+    _require(
+        math.ceil(r.ratio * units) < units,
+        "representation.ratio",
+        r.ratio,
+        f"masks all {units} mask patches ({r.mask_patch_size} px) of the image, leaving the "
+        f"student nothing to see: expected at most {(units - 1) / units:.4g}",
+    )
     if r.student == "mae":
         _require(
             config.model.variant == "vit",
