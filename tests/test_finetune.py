@@ -190,7 +190,8 @@ def test_encoder_intermediates():
     outs = encoder.intermediates(x, feature_layers(4))
     assert len(outs) == 4 and feature_layers(4) == (0, 1, 2, 3)
     np.testing.assert_allclose(outs[-1], encoder(x, final_norm=False), atol=1e-5)
-    assert feature_layers(12) == (2, 5, 8, 11)
+    assert feature_layers(12) == (3, 5, 7, 11)  # BEiT's out_indices, USFM's blocks 4, 6, 8, 12
+    assert feature_layers(24) == (7, 11, 15, 23)
     with pytest.raises(ValueError, match="must increase"):
         encoder.intermediates(x, (2, 1))
 
@@ -551,6 +552,9 @@ def test_finetune_config_errors():
         finetune(tiny_finetune_config("classify", **{"data.degradation": "speckle"}), "/x")
     with pytest.raises(ConfigError, match=r"data\.degradation_level=0\.3: is used only with"):
         finetune(tiny_finetune_config("enhance", **{"data.degradation_level": 0.3}), "/x")
+    speckle = {"data.degradation": "speckle", "data.degradation_level": 5.0}  # black pixels
+    with pytest.raises(ConfigError, match=r"degradation_level=5\.0: expected in \(0, 1\] for spe"):
+        finetune(tiny_finetune_config("enhance", **speckle), "/x")
     with pytest.raises(ConfigError, match=r"data\.tfds_dir='/d': is set, but data\.source="):
         finetune(tiny_finetune_config("segment", **{"data.tfds_dir": "/d"}), "/x")
 
@@ -614,6 +618,10 @@ def test_a_selection_metric_undefined_on_val_keeps_the_last_step_and_says_so(tmp
     assert results["selected_by"] is None and results["best_step"] == config.total_steps
     assert np.isnan(results["val"]["auc"]) and "accuracy" in results["val"]  # the last val
     assert load_params(str(tmp_path / "best")).step == config.total_steps
+    for name in ("results.json", "best/export.json", "best/config.json"):  # strict JSON
+        text = (tmp_path / name).read_text()
+        json.loads(text, parse_constant=lambda token, name=name: pytest.fail(f"{name}: {token}"))
+    assert json.loads((tmp_path / "best" / "export.json").read_text())["val"]["auc"] is None
     markdown = (tmp_path / "results.md").read_text()
     assert "last step 6 (the selection metric was undefined on val)" in markdown
 

@@ -24,6 +24,7 @@ from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.optim import create_optimizer
 from usfm_jax.probe import (
     OrganProbe,
+    held_out_halves,
     knn_predict,
     linear_probe_predict,
     probe_encoder,
@@ -66,6 +67,32 @@ def test_probe_set_is_held_out_and_labelled():
     training = SyntheticUltrasound(10, (32, 48), seed=config.seed)
     assert not any(np.array_equal(images[i], training[i]["image"]) for i in range(10))
     assert set(labels) <= set(range(6)) and len(set(labels)) > 1
+
+
+def test_held_out_halves_keep_each_patient_study_or_clip_in_one_half():
+    """Frames of one cine (one file) or images of one patient in both halves let the probes
+    score by recognising them (1.0 on data whose organ carries no signal)."""
+    rng = np.random.default_rng(0)
+    records = []
+    for clip in range(60):  # 8 frames a clip; 40 clips of 10 patients, 10 of studies alone
+        patient = f"p{clip // 4}" if clip < 40 else ""
+        study = f"s{clip}" if 40 <= clip < 50 else ""
+        for _ in range(8):
+            records.append({"patient_hash": patient, "study_hash": study, "path_hash": f"f{clip}"})
+    order = rng.permutation(len(records))  # the split's record order is not the clips'
+    records = [records[i] for i in order]
+
+    def groups(indices):
+        return {next(r[k] for k in ("patient_hash", "study_hash", "path_hash") if r[k])
+                for r in (records[i] for i in indices)}  # fmt: skip
+
+    for seed in range(5):
+        fit, test = held_out_halves(records, 200, 80, seed)
+        assert len(fit) == 200 and len(test) == 80 and len(set(fit + test)) == 280
+        assert not groups(fit) & groups(test)
+    assert held_out_halves(records, 200, 80, 0) == held_out_halves(records, 200, 80, 0)
+    one_patient = [{**r, "patient_hash": "p0"} for r in records]
+    assert held_out_halves(one_patient, 200, 80, 0) == (held_out_halves(records, 200, 0, 0)[0], [])
 
 
 def test_organ_probe_scores_mean_pooled_encoder_features():

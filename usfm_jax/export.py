@@ -34,7 +34,7 @@ from usfm_jax.checkpoint import (
 )
 from usfm_jax.cli import incomplete_output, run_program
 from usfm_jax.paths import PathError, as_path, make_directory, new_directory
-from usfm_jax.reporting import library_logs_below, quiet_library_logs
+from usfm_jax.reporting import library_logs_below, quiet_library_logs, strict_json
 
 
 class Parameters(NamedTuple):
@@ -189,13 +189,13 @@ def write_export(
         raise CheckpointError(str(e)) from None
     with ocp.StandardCheckpointer(multiprocessing_options=this_process_alone()) as checkpointer:
         checkpointer.save(destination / "params", params)
-    (destination / "config.json").write_text(json.dumps(config, indent=2))
+    (destination / "config.json").write_text(strict_json(config, indent=2))
     info = {
         **info,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "fingerprint": fingerprint({"params": params}),
     }
-    (destination / "export.json").write_text(json.dumps(info, indent=2))
+    (destination / "export.json").write_text(strict_json(info, indent=2))  # val scores: NaN
     return info
 
 

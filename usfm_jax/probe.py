@@ -10,7 +10,8 @@ so a run shows its representations improving, not only its loss.
 
 Held-out images: for the synthetic source, images of another seed than the training set's; for
 ingested data, a seeded sample of the ``config.probe.split`` split (default ``val``), resized
-whole to the training size.
+whole to the training size, whose fitting and testing halves share no patient (else study,
+else file: no cine's frames in both).
 
 The same probes of a finished run, an export or PyTorch weights (anything ``--config.init``
 of fine-tuning takes), e.g. to compare encoders on one's own labelled organs::
@@ -30,7 +31,7 @@ linear_steps}``, ``batch_size``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,7 +51,7 @@ from usfm_jax.cli import run_program, start_jax
 from usfm_jax.config_validation import ConfigError, check_data_source, check_probe, field_value
 from usfm_jax.convert import ConversionError
 from usfm_jax.data import pipeline
-from usfm_jax.data.augment import center_resize
+from usfm_jax.data.augment import resize_whole
 from usfm_jax.data.synthetic import SyntheticUltrasound
 from usfm_jax.metrics.classification import accuracy, balanced_accuracy
 from usfm_jax.paths import PathError, as_path, new_file
@@ -76,15 +77,45 @@ def probe_set(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray
                 f"config.probe: the {p.split!r} split holds {len(records)} images, fewer than "
                 f"num_train + num_test = {n}"
             )
-        order = np.random.default_rng(config.seed).permutation(len(records))[:n]
+        fit, test = held_out_halves(records, p.num_train, p.num_test, config.seed)
+        if len(fit) < p.num_train or len(test) < p.num_test:
+            raise ValueError(
+                f"config.probe: the {p.split!r} split gives {len(fit)} images to fit the "
+                f"probes and {len(test)} of other patients (or files) to test them, fewer than "
+                f"num_train = {p.num_train} / num_test = {p.num_test}: lower them"
+            )
         examples = []
-        for i in order:
-            record = records[int(i)]
-            image = center_resize(pipeline.decode_image(record["image"]), size)
+        for i in fit + test:
+            record = records[i]
+            image = resize_whole(pipeline.decode_image(record["image"]), size)
             examples.append({"image": image[..., None], "organ": record["organ"]})
     images = np.stack([e["image"] for e in examples])
     labels = np.asarray([int(e["organ"]) for e in examples])
     return images, labels
+
+
+def held_out_halves(
+    records: Sequence[Mapping[str, Any]], num_train: int, num_test: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices of the records that fit the probes (``num_train``) and of those that test them
+    (up to ``num_test``), drawn in a seeded order: each group (a patient, else a study, else a
+    file: the frames of one cine) joins one half, the less filled when it first comes, so that
+    the probes cannot score by recognising it."""
+    fit: list[int] = []
+    test: list[int] = []
+    half_of: dict[Any, list[int]] = {}
+    for i in map(int, np.random.default_rng(seed).permutation(len(records))):
+        if len(fit) == num_train and len(test) == num_test:
+            break
+        record = records[i]
+        keys = ("patient_hash", "study_hash", "path_hash")
+        group = next(((k, record[k]) for k in keys if record.get(k)), i)  # none: its own
+        if group not in half_of:  # a new group joins the half that is less filled
+            half_of[group] = test if len(test) * num_train < len(fit) * num_test else fit
+        half = half_of[group]
+        if len(half) < (num_train if half is fit else num_test):
+            half.append(i)
+    return fit, test
 
 
 def knn_predict(

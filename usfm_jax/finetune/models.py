@@ -136,7 +136,11 @@ class LinearDecoder(nnx.Module):
 
 
 def feature_layers(depth: int) -> tuple[int, ...]:
-    """The four blocks a UPerNet reads: the ends of the four quarters of the encoder."""
+    """The four blocks a UPerNet reads (0-based): BEiT's and USFM's, the ends of the first
+    third, half, two thirds and the whole encoder (blocks 4, 6, 8, 12 of ViT-B; 8, 12, 16, 24
+    of ViT-L), where they are four distinct blocks; else the ends of its four quarters."""
+    if depth % 6 == 0:
+        return (depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1)
     return tuple(sorted({max(0, depth * q // 4 - 1) for q in (1, 2, 3, 4)}))
 
 

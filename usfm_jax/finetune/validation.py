@@ -62,6 +62,9 @@ def validate_finetune(config: ml_collections.ConfigDict, num_devices: int | None
         low = 1.0 if d.degradation == "downsample" else 0.0
         _require(level == 0 or level > low, "data.degradation_level", level,
                  f"expected > {low:g} for {d.degradation} (0: its default)")  # fmt: skip
+        if d.degradation == "speckle":  # beyond 1 the mixture goes negative: black pixels
+            _require(level <= 1, "data.degradation_level", level,
+                     "expected in (0, 1] for speckle (0: its default)")  # fmt: skip
     if d.source == "tfds":
         _check_labels(config, card)
     for field in ("num_threads", "prefetch", "worker_count"):
