@@ -261,11 +261,19 @@ def _check_representation(config: ml_collections.ConfigDict) -> None:
     if t.targets:
         from usfm_jax.teacher_cache import check_cache  # it imports this module
 
+        check_cacheable_views(config)
         try:
-            check_fixed_views(config)
             check_cache(config)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def check_cacheable_views(config: ml_collections.ConfigDict) -> None:
+    """Teacher targets can be cached only for views that never change (``check_fixed_views``)."""
+    try:
+        check_fixed_views(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_training_probe(config: ml_collections.ConfigDict) -> None:

@@ -61,7 +61,7 @@ def find_checkpoint(path: str, step: int | None = None) -> epath.Path:
             "weights load with usfm_jax.pretrained.load_pretrained)"
         )
     if (root / "params").exists() or (root / "state").exists():
-        if step is not None and root.name.partition("-")[0] != str(step):
+        if step is not None and step_of(root) != step:
             raise CheckpointError(f"{path} is the checkpoint of one step; do not pass a step")
         return root
     if (root / "checkpoints").exists():
@@ -131,15 +131,19 @@ def read_record(source: epath.Path) -> Record:
                 return Record(info["step"], config, info["fingerprint"])
             read_json = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore
             config, saved = read_json(source / "config"), read_json(source / "fingerprint")
-            return Record(step_of(source), config, saved)
+            step = step_of(source)
+            if step is None:
+                raise ValueError(f"{source.name!r} is not the name of a step's directory")
+            return Record(step, config, saved)
         except Exception as e:
             raise CheckpointError(f"cannot read {source}: {describe_error(e)}") from e
 
 
-def step_of(step_directory: epath.Path) -> int:
-    """The step of a step directory: its name, as orbax writes it (``400``), or as an unusable
-    checkpoint is set aside (``400-20261125-042646``)."""
-    return int(step_directory.name.partition("-")[0])
+def step_of(directory: epath.Path) -> int | None:
+    """The step a directory's name says, as orbax writes it (``400``) or as an unusable
+    checkpoint is set aside (``400-20261125-042646``); None for another name (an export's)."""
+    head = directory.name.partition("-")[0]
+    return int(head) if head.isdigit() else None
 
 
 def _load_params(source: epath.Path, weights: str) -> Parameters:

@@ -58,6 +58,8 @@ from usfm_jax.paths import PathError, as_path, new_file
 from usfm_jax.pretrained import load_pretrained, torch_weights_file
 from usfm_jax.reporting import quiet_library_logs, strict_json
 
+# what ties ingested records together, the strongest first: a patient, a study, a file (cine)
+GROUP_KEYS = ("patient_hash", "study_hash", "path_hash")
 HELD_OUT_SEED_OFFSET = 7919  # synthetic probe images: seed + this, never the training seed
 
 
@@ -108,8 +110,7 @@ def held_out_halves(
         if len(fit) == num_train and len(test) == num_test:
             break
         record = records[i]
-        keys = ("patient_hash", "study_hash", "path_hash")
-        group = next(((k, record[k]) for k in keys if record.get(k)), i)  # none: its own
+        group = next(((k, record[k]) for k in GROUP_KEYS if record.get(k)), i)  # none: its own
         if group not in half_of:  # a new group joins the half that is less filled
             half_of[group] = test if len(test) * num_train < len(fit) * num_test else fit
         half = half_of[group]

@@ -35,10 +35,16 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from usfm_jax.cli import incomplete_output, run_program, start_jax
-from usfm_jax.config_validation import ConfigError, field_value, require_kind, validate
+from usfm_jax.config_validation import (
+    ConfigError,
+    check_cacheable_views,
+    field_value,
+    require_kind,
+    validate,
+)
 from usfm_jax.convert import ConversionError
 from usfm_jax.convert.files import card_path
-from usfm_jax.data.pipeline import CACHE_ARRAY, check_fixed_views, read_card, record_source
+from usfm_jax.data.pipeline import CACHE_ARRAY, read_card, record_source
 from usfm_jax.models.teacher import grid_mismatch, teacher_from_config
 from usfm_jax.paths import PathError, make_directory, new_directory
 from usfm_jax.reporting import quiet_library_logs
@@ -198,10 +204,10 @@ def main(argv: list[str]) -> None:
         config.teacher.targets = ""  # validate the rest: the cache is what we build
         config.probe.every = 0  # pre-training's probes play no part in the cache
         validate(config)
-        check_fixed_views(config)  # before the teacher is loaded
+        check_cacheable_views(config)  # before the teacher is loaded
         start_jax()
         info = build_cache(config, out, flags.FLAGS.batch)
-    except (ConfigError, ConversionError, PathError, ValueError) as e:
+    except (ConfigError, ConversionError, PathError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}: teacher targets {info['shape']} float16")
 
